@@ -1,0 +1,36 @@
+"""User-facing errors and the command-line wrapper that prints them as one line."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class OccError(Exception):
+    """A problem with the user's input or setup, worded so the message alone says what to do.
+
+    Messages name the file (and line, where there is one), what is wrong, and how to fix it.
+    Command-line entry points print it as one ``error: ...`` line and exit with status 2.
+    """
+
+
+def where(path, line: int | None = None) -> str:
+    """``file:line`` (or ``file``) for error messages."""
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def cli(main: Callable[..., int | None]) -> Callable[..., int | None]:
+    """Wrap a command's ``main`` so an OccError ends the program with a one-line message."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except OccError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper

@@ -1,0 +1,169 @@
+"""Conversation and preference records: the files every stage reads and writes.
+
+Conversation record (InternVL fine-tuning JSONL)::
+
+    {"id": str, "image": path | [paths], "conversations": [{"from": "human"|"gpt", "value": str}, ...],
+     "meta": {...}}   # meta is optional, never shown to the model
+
+Preference record::
+
+    {"id": str, "image": path | [paths], "question": str, "chosen": str, "rejected": str, "meta": {...}}
+
+Image paths are relative to a dataset root. Each ``<image>`` placeholder in the human turns takes
+one image, in order. The reference implementation's preference file has no ``id`` and no
+placeholder in its question; reading fills ``id`` from the image name and keeps every original
+field as it was.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+from occmllm import fileio
+from occmllm.errors import OccError, where
+from occmllm.questions import IMAGE_TOKEN
+
+ROLES = ("human", "gpt")
+
+
+def images_of(record: dict) -> list[str]:
+    """The record's image paths as a list (``image`` may be one path or a list)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return list(image) if isinstance(image, list) else [image]
+
+
+def count_placeholders(record: dict) -> int:
+    return sum(turn["value"].count(IMAGE_TOKEN) for turn in record["conversations"] if turn["from"] == "human")
+
+
+def validate_conversation(record: dict, context: str) -> dict:
+    """Check one conversation record's structure; returns it unchanged. ``context`` is
+    ``file:line`` for the message."""
+    if "id" not in record or not isinstance(record["id"], (str, int)):
+        raise OccError(f"{context}: record has no string 'id'")
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise OccError(f"{context}: record {record['id']!r} has no 'conversations' list")
+    for k, turn in enumerate(conv):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise OccError(f"{context}: turn {k} of record {record['id']!r} must be "
+                           '{"from": "human"|"gpt", "value": str}')
+        if turn["from"] != ROLES[k % 2]:
+            raise OccError(f"{context}: record {record['id']!r} turn {k} is from {turn['from']!r}; turns must "
+                           "alternate human, gpt, starting with human")
+    images = images_of(record)
+    if not images:
+        raise OccError(f"{context}: record {record['id']!r} has no 'image'; every record needs at least one")
+    if not all(isinstance(p, str) and p for p in images):
+        raise OccError(f"{context}: record {record['id']!r} 'image' must be a path or a list of paths")
+    n = count_placeholders(record)
+    if n == 0:
+        raise OccError(f"{context}: record {record['id']!r} has no {IMAGE_TOKEN} placeholder in its human "
+                       f"turns; add one where the image goes")
+    if n != len(images):
+        raise OccError(f"{context}: record {record['id']!r} has {n} {IMAGE_TOKEN} placeholder(s) for "
+                       f"{len(images)} image(s); each placeholder takes exactly one image")
+    if "meta" in record and not isinstance(record["meta"], dict):
+        raise OccError(f"{context}: record {record['id']!r} 'meta' must be an object")
+    return record
+
+
+def validate_preference(record: dict, context: str) -> dict:
+    """Check one preference record; fills ``id`` from the first image's file name when absent
+    (the reference file has none). Returns the record."""
+    for key in ("image", "question", "chosen", "rejected"):
+        if key not in record:
+            raise OccError(f"{context}: preference record has no {key!r}")
+    for key in ("question", "chosen", "rejected"):
+        if not isinstance(record[key], str):
+            raise OccError(f"{context}: preference {key!r} must be a string")
+    images = images_of(record)
+    if not images or not all(isinstance(p, str) and p for p in images):
+        raise OccError(f"{context}: preference 'image' must be a path or a list of paths")
+    if record["question"].count(IMAGE_TOKEN) > len(images):
+        raise OccError(f"{context}: preference question has more {IMAGE_TOKEN} placeholders than images")
+    if record["chosen"].strip() == record["rejected"].strip():
+        raise OccError(f"{context}: preference chosen and rejected are the same ({record['chosen']!r}); "
+                       "a pair must differ")
+    if "id" not in record:
+        record = {"id": Path(images[0]).stem, **record}
+    return record
+
+
+def check_images(record: dict, root: str | os.PathLike, context: str) -> list[Path]:
+    """Resolve the record's images under ``root`` and check each exists and decodes fully
+    (a truncated file fails here, not mid-training)."""
+    paths = []
+    for rel in images_of(record):
+        path = fileio.resolve_in_root(root, rel, context)
+        if not path.is_file():
+            raise OccError(f"{context}: image {rel!r} not found under {root}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except (OSError, SyntaxError) as exc:
+            raise OccError(f"{context}: image {rel!r} cannot be read ({exc}); re-export or remove it") from None
+        paths.append(path)
+    return paths
+
+
+def read_records(path: str | os.PathLike, kind: str = "conversation", root: str | os.PathLike | None = None,
+                 verify_images: bool = False) -> list[dict]:
+    """Read and validate a JSONL file of ``kind`` ("conversation" or "preference").
+
+    With ``root``, image paths are checked to stay inside it; with ``verify_images`` they must
+    also exist and decode. Errors name the file and line; nothing is skipped.
+    """
+    validate = {"conversation": validate_conversation, "preference": validate_preference}[kind]
+    records, seen = [], {}
+    for lineno, rec in fileio.iter_jsonl(path):
+        ctx = where(path, lineno)
+        rec = validate(rec, ctx)
+        if root is not None:
+            if verify_images:
+                check_images(rec, root, ctx)
+            else:
+                for rel in images_of(rec):
+                    fileio.resolve_in_root(root, rel, ctx)
+        if kind == "conversation":
+            if rec["id"] in seen:
+                raise OccError(f"{ctx}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
+            seen[rec["id"]] = lineno
+        records.append(rec)
+    if not records:
+        raise OccError(f"{path}: no records; the file is empty")
+    return records
+
+
+# --- InternVL meta JSON ----------------------------------------------------------------------
+
+def write_meta(path: str | os.PathLike, name: str, root: str | os.PathLike, annotation: str | os.PathLike,
+               length: int, repeat_time: float = 1.0) -> None:
+    """InternVL's dataset meta file: ``{name: {root, annotation, data_augment, repeat_time, length}}``.
+    Paths are written relative to the meta file's folder so the set can be moved as a whole."""
+    base = Path(path).parent.resolve()
+    fileio.write_json(path, {name: {
+        "root": os.path.relpath(Path(root).resolve(), base),
+        "annotation": os.path.relpath(Path(annotation).resolve(), base),
+        "data_augment": False, "repeat_time": repeat_time, "length": length}})
+
+
+def iter_meta(path: str | os.PathLike) -> Iterator[tuple[str, Path, Path, float]]:
+    """``(name, root, annotation, repeat_time)`` for each dataset of an InternVL meta JSON;
+    relative paths are taken from the meta file's folder."""
+    meta = fileio.read_json(path)
+    if not isinstance(meta, dict) or not meta:
+        raise OccError(f"{path}: an InternVL meta file is an object of datasets, each with root and annotation")
+    base = Path(path).parent
+    for name, entry in meta.items():
+        if not isinstance(entry, dict) or "root" not in entry or "annotation" not in entry:
+            raise OccError(f"{path}: dataset {name!r} needs 'root' and 'annotation'")
+        repeat = entry.get("repeat_time", 1)
+        if not isinstance(repeat, (int, float)) or repeat <= 0:
+            raise OccError(f"{path}: dataset {name!r} repeat_time must be a positive number")
+        yield name, base / entry["root"], base / entry["annotation"], float(repeat)

@@ -1,0 +1,23 @@
+"""Stage 1 data: the category question (Q1), one record per view of a split.
+
+    python -m step1_sft.make_data --data DATA --out OUT.jsonl [--split train]
+"""
+from __future__ import annotations
+
+import sys
+
+from data_tools import builders
+from occmllm.errors import cli
+
+
+@cli
+def main(argv=None) -> int:
+    args = builders.stage_parser("python -m step1_sft.make_data", __doc__).parse_args(argv)
+    dataset = builders.load_dataset(args.data)
+    recs = builders.step1_records(dataset.split(args.split))
+    builders.report(builders.write_stage(recs, args.out, dataset, f"step1_{args.split}"), recs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

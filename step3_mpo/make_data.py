@@ -1,0 +1,31 @@
+"""Stage 3 data: preference pairs from a model's own answers to Q1.
+
+Clarity pairs (Q6: the truthful Yes./No. about whether the model's answer was right, balanced by
+undersampling) and category pairs (the truth over the model's wrong answer).
+
+    python -m step3_mpo.make_data --data DATA --predictions PRED --out OUT.jsonl [--checkpoint NAME]
+"""
+from __future__ import annotations
+
+import sys
+
+from data_tools import builders
+from occmllm.errors import cli
+
+
+@cli
+def main(argv=None) -> int:
+    parser = builders.stage_parser("python -m step3_mpo.make_data", __doc__)
+    parser.add_argument("--predictions", required=True, help="the model's answers on this split")
+    parser.add_argument("--checkpoint", help="which checkpoint's answers, when the file has several")
+    parser.add_argument("--no-category-pairs", action="store_true", help="clarity pairs only")
+    args = parser.parse_args(argv)
+    dataset = builders.load_dataset(args.data)
+    recs = builders.step3_pairs(dataset.split(args.split), args.predictions, args.checkpoint, args.seed,
+                                category_pairs=not args.no_category_pairs)
+    builders.report(builders.write_stage(recs, args.out, dataset, f"step3_{args.split}", kind="preference"), recs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Bad input gives a clear one-line error naming the file (and line), and leaves no output."""
+import json
+
+import pytest
+from PIL import Image
+
+from data_tools import builders
+from data_tools.dataset import load_dataset
+from occmllm import fileio, records
+from occmllm.errors import OccError
+
+GOOD = {"id": "a", "image": "img/a.png",
+        "conversations": [{"from": "human", "value": "What's the object in the hand?\n<image>"},
+                          {"from": "gpt", "value": "The object is jar."}]}
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(tmp_path / "img/a.png")
+    return tmp_path
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_good_record_reads(root):
+    path = _write(root / "ok.jsonl", [json.dumps(GOOD)])
+    assert records.read_records(path, root=root, verify_images=True) == [GOOD]
+
+
+def test_malformed_line_names_file_and_line(root):
+    path = _write(root / "bad.jsonl", [json.dumps(GOOD), "", '{"id": "b", "image": '])
+    with pytest.raises(OccError, match=r"bad\.jsonl:3: not valid JSON"):
+        records.read_records(path)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r["conversations"][0].update(value="What's the object in the hand?"), "no <image> placeholder"),
+    (lambda r: r.update(image=["img/a.png", "img/a.png"]), "1 <image> placeholder"),
+    (lambda r: r.pop("image"), "has no 'image'"),
+    (lambda r: r["conversations"].reverse(), "must alternate"),
+    (lambda r: r.update(conversations=[]), "no 'conversations'"),
+])
+def test_structural_errors(root, change, message):
+    rec = json.loads(json.dumps(GOOD))
+    change(rec)
+    path = _write(root / "bad.jsonl", [json.dumps(GOOD | {"id": "z"}), json.dumps(rec)])
+    with pytest.raises(OccError, match=rf"bad\.jsonl:2: .*{message}"):
+        records.read_records(path)
+
+
+@pytest.mark.parametrize("image,message", [
+    ("../outside.png", "escapes the dataset root"),
+    ("/etc/passwd", "is absolute"),
+    ("img/missing.png", "not found"),
+])
+def test_image_path_errors(root, image, message):
+    path = _write(root / "bad.jsonl", [json.dumps(GOOD | {"image": image})])
+    with pytest.raises(OccError, match=rf"bad\.jsonl:1: .*{message}"):
+        records.read_records(path, root=root, verify_images=True)
+
+
+def test_truncated_image(root):
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(root / "img/t.jpg", quality=95)
+    data = (root / "img/t.jpg").read_bytes()
+    (root / "img/t.jpg").write_bytes(data[: len(data) // 2])
+    path = _write(root / "bad.jsonl", [json.dumps(GOOD | {"image": "img/t.jpg"})])
+    with pytest.raises(OccError, match=r"bad\.jsonl:1: image 'img/t.jpg' cannot be read"):
+        records.read_records(path, root=root, verify_images=True)
+
+
+def test_preference_same_chosen_and_rejected(root):
+    rec = {"image": "img/a.png", "question": "Is it clear?", "chosen": "Yes.", "rejected": "Yes."}
+    path = _write(root / "pref.jsonl", [json.dumps(rec)])
+    with pytest.raises(OccError, match="pref.jsonl:1: preference chosen and rejected are the same"):
+        records.read_records(path, kind="preference")
+
+
+def test_empty_file(root):
+    path = _write(root / "empty.jsonl", [])
+    with pytest.raises(OccError, match="empty"):
+        records.read_records(path)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    def gen():
+        yield {"a": 1}
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        fileio.write_jsonl(tmp_path / "out.jsonl", gen())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_file_with_bad_record_leaves_no_output(synth, tmp_path):
+    ds = load_dataset(synth)
+    recs = builders.step1_records(ds.split("train"))
+    recs[3]["image"] = "../../escape.png"
+    out = tmp_path / "step1.jsonl"
+    with pytest.raises(OccError, match="escapes the dataset root"):
+        builders.write_stage(recs, out, ds, "step1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_meta_json_round_trip(synth, tmp_path):
+    ds = load_dataset(synth)
+    out = builders.write_stage(builders.step1_records(ds.split("train")), tmp_path / "s1.jsonl", ds, "step1")
+    (name, root, annotation, repeat), = records.iter_meta(tmp_path / "s1.meta.json")
+    assert name == "step1" and root.resolve() == synth.resolve() and annotation.resolve() == out.resolve()
+    assert repeat == 1.0
+    recs = records.read_records(annotation, root=root, verify_images=True)
+    assert len(recs) == len(ds.split("train"))

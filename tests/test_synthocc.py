@@ -1,0 +1,153 @@
+"""SynthOcc: geometry, masks, depth, occlusion, exact shapes, splits and determinism."""
+import filecmp
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from data_tools import synthocc
+from data_tools.dataset import load_dataset
+from occmllm.questions import CATEGORIES, CATEGORY_ATTRIBUTES
+
+
+def _png(root, rel):
+    return np.asarray(Image.open(root / rel))
+
+
+def test_layout_and_manifest(synth):
+    ds = load_dataset(synth)
+    info = json.loads((synth / "dataset.json").read_text())
+    assert len(ds.views) == 16 * 4 == info["views"]
+    assert {v["category"] for v in ds.views} == set(CATEGORIES)
+    splits = json.loads((synth / "splits.json").read_text())
+    scenes = [s for name in ("train", "val", "test") for s in splits[name]]
+    assert len(scenes) == len(set(scenes)) == 16  # every scene in exactly one split
+    for v in ds.views:
+        assert v["split"] in splits and v["scene"] in splits[v["split"]]
+        assert v["attributes"] == CATEGORY_ATTRIBUTES[v["category"]]
+        for key in synthocc.VIEW_FILES:
+            rel = v["image"] if key == "rgb" else v[key]
+            assert not rel.startswith("/") and (synth / rel).is_file()
+
+
+def test_masks_depth_and_occlusion_agree(synth):
+    ds = load_dataset(synth)
+    scale = json.loads((synth / "dataset.json").read_text())["depth_scale"]
+    for v in ds.views:
+        amodal = _png(synth, v["mask_amodal"]) > 0
+        visible = _png(synth, v["mask_visible"]) > 0
+        hand = _png(synth, v["mask_hand"]) > 0
+        depth = _png(synth, v["depth"]).astype(float) / scale
+        depth_obj = _png(synth, v["depth_object"]).astype(float) / scale
+        # visible = amodal minus the pixels the hand covers
+        assert np.array_equal(visible, amodal & ~hand)
+        # depth is set exactly where something (object or hand) is seen
+        assert np.array_equal(depth > 0, visible | hand)
+        assert np.array_equal(depth_obj > 0, amodal)
+        # where the object is visible, the scene depth is the object's; where the hand hides it,
+        # the hand is in front of it
+        assert np.allclose(depth[visible], depth_obj[visible])
+        hidden = amodal & hand
+        assert np.all(depth[hidden] <= depth_obj[hidden])  # equal where a finger touches it
+        # occlusion ratio = 1 - visible / amodal area
+        assert v["occlusion"] == pytest.approx(1 - visible.sum() / amodal.sum(), abs=1e-6)
+        # the image without the hand differs from the one with it only where the hand is
+        rgb, rgb_nohand = _png(synth, v["image"]), _png(synth, v["rgb_nohand"])
+        assert np.array_equal(rgb[~hand], rgb_nohand[~hand])
+
+
+def test_occlusion_spreads(synth):
+    occ = np.array([v["occlusion"] for v in load_dataset(synth).views])
+    assert occ.min() < 0.05 and occ.max() >= 0.8
+
+
+def test_exact_sdf_matches_mesh(synth):
+    rng = np.random.default_rng(0)
+    for scene_dir in sorted((synth / "scenes").iterdir())[:8]:
+        scene = json.loads((scene_dir / "scene.json").read_text())
+        mesh = trimesh.load(scene_dir / "object.ply", process=False)
+        assert mesh.is_watertight
+        # points near and around the surface
+        pts = np.concatenate([mesh.sample(600, seed=1) + rng.normal(0, 0.01, (600, 3)),
+                              rng.uniform(mesh.bounds[0] - 0.02, mesh.bounds[1] + 0.02, (600, 3))])
+        d = synthocc.scene_sdf(scene, pts)
+        far = np.abs(d) > 0.003  # beyond the mesh's marching-cubes error
+        inside = mesh.contains(pts[far])
+        assert np.mean(inside == (d[far] < 0)) > 0.995, scene["scene"]
+        assert (d < 0).any() and (d > 0).any()
+        # on the surface the SDF is ~0 (within marching-cubes error)
+        assert np.abs(synthocc.scene_sdf(scene, mesh.vertices)).max() < 0.003
+
+
+def test_shapes_keep_their_attributes_and_sizes():
+    """Every family keeps its documented geometric attributes (round, long, thin) and size."""
+    from data_tools import sdf, shapes
+    rng = np.random.default_rng(0)
+    for cat in CATEGORIES:
+        for _ in range(6):
+            shape, mesh = shapes.make_object(cat, rng, 0.0025)
+            ext = np.sort(mesh.extents)[::-1]
+            attrs = CATEGORY_ATTRIBUTES[cat]
+            assert 0.05 <= ext[0] <= 0.25, (cat, ext)
+            assert (ext[0] >= 2.3 * ext[1]) == attrs["long"], (cat, ext)
+            assert (ext[2] < 0.015) == attrs["thin"], (cat, ext)
+            # round: a solid of revolution about z, so its SDF is unchanged by a turn about z
+            pts = rng.uniform(-0.1, 0.1, (500, 3))
+            c, s = np.cos(1.0), np.sin(1.0)
+            turned = pts @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).T
+            change = np.abs(sdf.evaluate(shape, pts) - sdf.evaluate(shape, turned)).max()
+            assert (change < 1e-6) == attrs["round"], (cat, change)
+
+
+def _same_tree(a, b):
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    match, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files_a], shallow=False)
+    assert not mismatch and not errors, mismatch[:5]
+
+
+def test_deterministic_whatever_the_workers(tmp_path):
+    s = synthocc.Settings(scenes=3, views=2, seed=11)
+    a = synthocc.generate(tmp_path / "a", s, workers=1, progress=False)
+    b = synthocc.generate(tmp_path / "b", s, workers=2, progress=False)
+    _same_tree(a, b)
+    c = synthocc.generate(tmp_path / "c", synthocc.Settings(scenes=3, views=2, seed=12), workers=1, progress=False)
+    assert (a / "scenes/s00000/rgb_00.png").read_bytes() != (c / "scenes/s00000/rgb_00.png").read_bytes()
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    s = synthocc.Settings(scenes=3, views=2, seed=5)
+    reference = synthocc.generate(tmp_path / "ref", s, progress=False)
+    real = synthocc.generate_scene
+    calls = []
+
+    def flaky(index, *args, **kw):
+        calls.append(index)
+        if index == 2 and len(calls) < 4:
+            raise KeyboardInterrupt
+        return real(index, *args, **kw)
+
+    monkeypatch.setattr(synthocc, "generate_scene", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        synthocc.generate(tmp_path / "out", s, progress=False)
+    assert not (tmp_path / "out").exists()  # nothing half-done under the final name
+    assert (tmp_path / "out.partial/scenes/s00001/scene.json").is_file()
+    synthocc.generate(tmp_path / "out", s, progress=False)
+    assert calls == [0, 1, 2, 2]  # scenes 0 and 1 were not redone
+    assert not (tmp_path / "out.partial").exists()
+    _same_tree(reference, tmp_path / "out")
+
+
+def test_cli_help_and_errors(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "data_tools.synthocc", *a], capture_output=True, text=True)
+    out = run("--help")
+    assert out.returncode == 0 and "--scenes" in out.stdout and "--seed" in out.stdout
+    (tmp_path / "exists").mkdir()
+    out = run("--out", str(tmp_path / "exists"), "--scenes", "1")
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "already exists" in out.stderr
+    assert out.stderr.count("\n") == 1  # one line, no traceback
