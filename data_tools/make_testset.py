@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
+from data_tools.dataset import load_dataset
 from occmllm.errors import cli
 
 
@@ -16,7 +17,7 @@ def main(argv=None) -> int:
     parser.set_defaults(split="test")
     parser.add_argument("--questions", default="Q1,Q2,Q3,Q4,Q5", help="question ids in order [Q1,Q2,Q3,Q4,Q5]")
     args = parser.parse_args(argv)
-    dataset = builders.load_dataset(args.data)
+    dataset = load_dataset(args.data)
     recs = builders.test_records(dataset.split(args.split), tuple(q.strip() for q in args.questions.split(",")))
     builders.report(builders.write_stage(recs, args.out, dataset, f"test_{args.split}"), recs)
     return 0

@@ -7,13 +7,14 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
+from data_tools.dataset import load_dataset
 from occmllm.errors import cli
 
 
 @cli
 def main(argv=None) -> int:
     args = builders.stage_parser("python -m step1_sft.make_data", __doc__).parse_args(argv)
-    dataset = builders.load_dataset(args.data)
+    dataset = load_dataset(args.data)
     recs = builders.step1_records(dataset.split(args.split))
     builders.report(builders.write_stage(recs, args.out, dataset, f"step1_{args.split}"), recs)
     return 0

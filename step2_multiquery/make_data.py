@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
+from data_tools.dataset import load_dataset
 from occmllm.errors import cli
 
 
@@ -17,7 +18,7 @@ def main(argv=None) -> int:
     parser = builders.stage_parser("python -m step2_multiquery.make_data", __doc__)
     builders.add_clarity_arguments(parser)
     args = parser.parse_args(argv)
-    dataset = builders.load_dataset(args.data)
+    dataset = load_dataset(args.data)
     views = dataset.split(args.split)
     recs = builders.step2_records(views, builders.clarity_labels(args, views))
     builders.report(builders.write_stage(recs, args.out, dataset, f"step2_{args.split}"), recs)

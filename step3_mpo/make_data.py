@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
+from data_tools.dataset import load_dataset
 from occmllm.errors import cli
 
 
@@ -20,7 +21,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="which checkpoint's answers, when the file has several")
     parser.add_argument("--no-category-pairs", action="store_true", help="clarity pairs only")
     args = parser.parse_args(argv)
-    dataset = builders.load_dataset(args.data)
+    dataset = load_dataset(args.data)
     recs = builders.step3_pairs(dataset.split(args.split), args.predictions, args.checkpoint, args.seed,
                                 category_pairs=not args.no_category_pairs)
     builders.report(builders.write_stage(recs, args.out, dataset, f"step3_{args.split}", kind="preference"), recs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
+from data_tools.dataset import load_dataset
 from occmllm import fileio
 from occmllm.errors import OccError, cli
 
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plan-fraction", type=float, default=0.25, help="share of views with a Q0 record [0.25]")
     parser.add_argument("--no-balance", action="store_true", help="keep all views instead of balancing clarity")
     args = parser.parse_args(argv)
-    dataset = builders.load_dataset(args.data)
+    dataset = load_dataset(args.data)
     views = dataset.split(args.split)
     clear = builders.clarity_labels(args, views)
     recs = builders.step4_records(views, clear, args.renders, args.seed, args.plan_fraction,
