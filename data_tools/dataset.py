@@ -45,9 +45,7 @@ def load_dataset(folder: str | os.PathLike) -> Dataset:
         raise OccError(f"{folder}: no manifest.jsonl; generate a dataset with `python -m data_tools.synthocc` "
                        "or convert one with data_tools.obman / data_tools.dexycb")
     info = fileio.read_json(folder / "dataset.json") if (folder / "dataset.json").is_file() else {}
-    root = Path(info.get("root", folder))
-    if not root.is_absolute():
-        root = folder / root
+    root = folder / info["root"] if "root" in info else folder  # an absolute "root" replaces folder
     views, seen = [], set()
     for lineno, rec in fileio.iter_jsonl(manifest):
         ctx = where(manifest, lineno)

@@ -1,7 +1,9 @@
 """Stage JSONL builders on a small SynthOcc set, through their command-line entry points."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -11,6 +13,8 @@ from data_tools.dataset import load_dataset
 from occmllm import records
 from occmllm.errors import OccError
 from occmllm.questions import Q0, Q0_PLAN, Q1, Q6, category_answer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(module, *args):
@@ -124,3 +128,12 @@ def test_testset(synth, tmp_path):
         "Describe the object in the hand."]
     with pytest.raises(OccError, match="Q1-Q5"):
         builders.test_records(load_dataset(synth).split("test"), ("Q6",))
+
+
+def test_relative_data_path(synth, tmp_path):
+    """A dataset given by a relative path (as `make demo` does) resolves its images once."""
+    out = subprocess.run([sys.executable, "-m", "data_tools.renders", "--data", synth.name, "--split", "test",
+                          "--out", "renders/rel", "--no-progress"], capture_output=True, text=True,
+                         cwd=synth.parent, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert len(list((synth / "renders/rel").glob("*.png"))) == len(load_dataset(synth).split("test"))
