@@ -207,8 +207,8 @@ def make_hand(category: str, half_extent: np.ndarray, rng: np.random.Generator) 
     shape = [dict(type="round_box", center=palm_center.tolist(), half=[palm_t / 2, palm_len / 2, palm_w / 2],
                   rounding=0.009 * s, rotation=palm_rot.tolist())]
     wrist = palm_center - v * palm_len / 2
-    shape.append(dict(type="capsule", a=wrist.tolist(), b=(wrist - v * 0.07 - u * 0.02).tolist(),
-                      radius=0.026 * s))
+    shape.append(dict(type="capsule", a=wrist.tolist(), b=(wrist - v * 0.035 - u * 0.01).tolist(),
+                      radius=0.022 * s))
 
     a_f, b_f = ex + finger_r + gap, ey + finger_r + gap
 

@@ -31,8 +31,15 @@ from occmllm.render import Camera, RayCaster, lambert
 
 FORMAT_VERSION = 1
 DEPTH_SCALE = 10000.0  # depth PNG value / DEPTH_SCALE = metres (0.1 mm steps, up to 6.5 m)
-OBJECT_CELL = 0.0025   # marching-cubes cell for objects (m)
+OBJECT_CELL = 0.0025   # marching-cubes cell for objects (m) at 224 px
 HAND_CELL = 0.004
+
+
+def mesh_cells(size: int) -> tuple[float, float]:
+    """Object and hand marching-cubes cells for an image size: smaller images show less detail,
+    so meshes coarsen with the pixel footprint (up to 2x; thin parts keep 32 samples across)."""
+    factor = min(2.0, max(1.0, 224 / size))
+    return OBJECT_CELL * factor, HAND_CELL * factor
 
 # One palette for every category, so colour never tells the category.
 OBJECT_COLOURS = {
@@ -42,6 +49,7 @@ OBJECT_COLOURS = {
 }
 SKIN_TONES = [(255, 219, 172), (241, 194, 125), (224, 172, 105), (198, 134, 66), (141, 85, 36), (90, 56, 37)]
 PATTERNS = ("plain", "band", "stripes", "checker")
+PATTERN_WEIGHTS = (0.4, 0.2, 0.2, 0.2)
 VIEW_FILES = ("rgb", "rgb_nohand", "mask_amodal", "mask_visible", "mask_hand", "depth", "depth_object")
 
 
@@ -126,9 +134,10 @@ def generate_scene(index: int, category: str, split: str, settings: Settings, sc
     (seed, index, category) alone."""
     rng = np.random.default_rng([settings.seed, index])
     sid = scene_id(index)
-    object_shape, object_mesh = shapes.make_object(category, rng, OBJECT_CELL)
+    object_cell, hand_cell = mesh_cells(settings.size)
+    object_shape, object_mesh = shapes.make_object(category, rng, object_cell)
     hand_shape = shapes.make_hand(category, object_mesh.extents / 2, rng)
-    hand_mesh = shapes.mesh_shape(hand_shape, HAND_CELL)
+    hand_mesh = shapes.mesh_shape(hand_shape, hand_cell)
 
     # Random pose of the object-with-hand: a tilt about a horizontal axis, then a spin about z.
     tilt = math.radians(rng.uniform(0.0, 50.0))
@@ -144,7 +153,7 @@ def generate_scene(index: int, category: str, split: str, settings: Settings, sc
     second = str(rng.choice([c for c in OBJECT_COLOURS if c != colour]))
     base_rgb, second_rgb = _jitter(rng, OBJECT_COLOURS[colour]), _jitter(rng, OBJECT_COLOURS[second])
     skin = _jitter(rng, SKIN_TONES[rng.integers(len(SKIN_TONES))], 8)
-    kind = str(rng.choice(PATTERNS))
+    kind = str(rng.choice(PATTERNS, p=PATTERN_WEIGHTS))
     half_z = float(object_mesh.extents.max()) / 2
     pattern = {"kind": kind, "colour": second, "center": float(rng.uniform(-0.3, 0.3) * half_z),
                "width": float(rng.uniform(0.15, 0.3) * half_z), "period": float(rng.uniform(0.012, 0.03))}
@@ -156,7 +165,7 @@ def generate_scene(index: int, category: str, split: str, settings: Settings, sc
     radius = float(np.linalg.norm(object_mesh.vertices, axis=1).max())
     distance = radius / math.tan(math.atan(settings.size / 2 / settings.focal)) * rng.uniform(1.1, 1.35)
     # Small objects would put the camera inside the forearm: keep it clear of the whole hand.
-    distance = max(distance, float(np.linalg.norm(hand_mesh.vertices, axis=1).max()) + 0.06)
+    distance = max(distance, float(np.linalg.norm(hand_mesh.vertices, axis=1).max()) + 0.03)
     light = np.array([rng.uniform(-0.6, 0.6), rng.uniform(-0.9, -0.3), -1.0])  # camera frame
 
     both = RayCaster([object_mesh, hand_mesh])

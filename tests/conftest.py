@@ -26,3 +26,25 @@ def synth(tmp_path_factory) -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests on tiny models (still run by make test)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny InternVL checkpoint (32 px tiles, 4 image tokens) built offline."""
+    from occmllm.tiny import build
+    return build(tmp_path_factory.mktemp("models") / "tiny", image_size=32, vision_hidden=32, vision_layers=2,
+                 text_hidden=64, text_layers=2)
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> Path:
+    """8 scenes x 2 views at 64 px, with stage-1 and test files (and their meta JSON)."""
+    from data_tools import builders
+    from data_tools.dataset import load_dataset
+    from data_tools.synthocc import Settings, generate
+    out = generate(tmp_path_factory.mktemp("synth_small") / "data", Settings(scenes=8, views=2, seed=1, size=64,
+                   focal=80.0), progress=False)
+    ds = load_dataset(out)
+    builders.write_stage(builders.step1_records(ds.split(None)), out / "stages/step1.jsonl", ds, "step1")
+    builders.write_stage(builders.test_records(ds.split("test")), out / "stages/test.jsonl", ds, "test")
+    return out

@@ -1,0 +1,133 @@
+"""From conversation records to model inputs: chat template, image tokens, and the loss mask.
+
+The recipe's records use ``<image>`` placeholders (one image each). Here they become InternVL's
+``<img><IMG_CONTEXT>...</img>`` runs, sized by how many tiles the image processor cut the image
+into, and the conversation is rendered with the checkpoint's own chat template.
+
+Loss mask (InternVL 2.5's): only assistant turns are supervised, their answer tokens and the
+end-of-turn token, never the prompt, the images or the role headers. With ``{% generation %}``
+markers in the chat template the tokenizer reports these positions; for a template without them
+each assistant turn is found by rendering the prefix with and without that turn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from occmllm.questions import IMAGE_TOKEN
+
+IGNORE_INDEX = -100
+
+
+def to_messages(conversations: list[dict]) -> list[dict]:
+    """Records' ``{"from": "human"|"gpt", "value"}`` turns as chat-template messages."""
+    role = {"human": "user", "gpt": "assistant"}
+    return [{"role": role[t["from"]], "content": t["value"]} for t in conversations]
+
+
+def load_images(paths) -> list[Image.Image]:
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor  # (total tiles, 3, H, W)
+
+
+class ConversationEncoder:
+    """Turns (images, conversation turns) into token ids, labels and pixel values for one model."""
+
+    def __init__(self, processor, max_length: int | None = None):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_length = max_length
+        template = self.tokenizer.chat_template or ""
+        self.has_generation_markers = "{% generation %}" in template or "{%- generation %}" in template
+
+    # -- images -------------------------------------------------------------------------------
+    def pixel_values(self, images: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
+        """Tiles of every image, concatenated, and how many tiles each image gave."""
+        out = self.processor.image_processor(images=images, return_tensors="pt")
+        pixels = out["pixel_values"]
+        num_patches = out.get("num_patches")
+        if num_patches is None:  # one tile per image when tiling is off
+            num_patches = [1] * len(images)
+        return pixels, [int(n) for n in num_patches]
+
+    def image_run(self, tiles: int) -> str:
+        p = self.processor
+        return p.start_image_token + p.image_token * (p.image_seq_length * tiles) + p.end_image_token
+
+    def expand(self, messages: list[dict], tiles: list[int]) -> list[dict]:
+        """Replace each ``<image>`` in order by its image-token run."""
+        it = iter(tiles)
+        out = []
+        for m in messages:
+            parts = m["content"].split(IMAGE_TOKEN)
+            text = parts[0]
+            for part in parts[1:]:
+                text += self.image_run(next(it)) + part
+            out.append({"role": m["role"], "content": text})
+        return out
+
+    # -- training -----------------------------------------------------------------------------
+    def _assistant_mask(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        if self.has_generation_markers:
+            enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+            return list(enc["input_ids"]), list(enc["assistant_masks"])
+        ids = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        mask = [0] * len(ids)
+        eot = tok.convert_tokens_to_ids("<|im_end|>")
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(tok.apply_chat_template(messages[:k], tokenize=True, return_dict=True,
+                                                add_generation_prompt=True)["input_ids"])
+            end = len(tok.apply_chat_template(messages[: k + 1], tokenize=True, return_dict=True)["input_ids"])
+            while end > start and ids[end - 1] != eot:  # drop the newline after the end-of-turn token
+                end -= 1
+            mask[start:end] = [1] * (end - start)
+        return ids, mask
+
+    def encode(self, images: list[Image.Image], conversations: list[dict]) -> Encoded:
+        pixels, tiles = self.pixel_values(images)
+        messages = self.expand(to_messages(conversations), tiles)
+        ids, mask = self._assistant_mask(messages)
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise ValueError(f"conversation of {len(ids)} tokens exceeds max_length {self.max_length}")
+        return Encoded(ids, labels, pixels)
+
+    # -- generation ---------------------------------------------------------------------------
+    def prompt_ids(self, images_tiles: list[int], conversations: list[dict]) -> list[int]:
+        """Token ids of a conversation ending with a user turn, plus the assistant header."""
+        messages = self.expand(to_messages(conversations), images_tiles)
+        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                       add_generation_prompt=True)["input_ids"])
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str, value_for_labels: int | None = None):
+    """Pad to a rectangle; returns (ids, attention_mask) tensors. ``side`` is "left" for
+    generation (so every prompt ends at the last column) and "right" for training."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id if value_for_labels is None else value_for_labels,
+                     dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if side == "left":
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        else:
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+    return ids, mask

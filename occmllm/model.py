@@ -1,0 +1,101 @@
+"""Loading InternVL checkpoints (transformers-native "-hf" layout) with an image-only processor.
+
+Works the same for a downloaded InternVL2.5 / InternVL3 / InternVL3.5 "-hf" folder and for the
+tiny offline model of ``occmllm.tiny``. No ``trust_remote_code``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration, InternVLProcessor
+
+from occmllm.errors import OccError
+
+CONVERT_HINT = ("convert it with transformers' models/internvl/convert_internvl_weights_to_hf.py, or download "
+                "the '-hf' release (e.g. OpenGVLab/InternVL3-1B-hf)")
+
+
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """InternVL's processor without the video slot.
+
+    The stock processor builds a video processor, which needs torchvision; this recipe only
+    feeds images, and torchvision cannot sit beside CPU torch here. Tiling is
+    GotOcr2ImageProcessorPil's (dynamic patches up to ``max_patches`` plus a thumbnail). Saved
+    folders name the stock class, so they load with ``AutoProcessor`` where torchvision exists.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None,
+                 **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                         chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike, image_seq_length: int | None = None) -> "ImageOnlyInternVLProcessor":
+        path = Path(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = GotOcr2ImageProcessorPil.from_pretrained(path)
+        if image_seq_length is None:
+            cfg = path / "processor_config.json"
+            image_seq_length = json.loads(cfg.read_text()).get("image_seq_length", 256) if cfg.is_file() else 256
+        return cls(image_processor, tokenizer, image_seq_length=image_seq_length,
+                   chat_template=getattr(tokenizer, "chat_template", None))
+
+    def save_pretrained(self, save_directory, **kwargs):
+        out = super().save_pretrained(save_directory, **kwargs)
+        for name in ("processor_config.json", "tokenizer_config.json"):
+            cfg = Path(save_directory) / name
+            if cfg.is_file():
+                data = json.loads(cfg.read_text())
+                if "processor_class" in data:
+                    data["processor_class"] = "InternVLProcessor"
+                    cfg.write_text(json.dumps(data, indent=2) + "\n")
+        return out
+
+
+def check_checkpoint(path: str | os.PathLike) -> dict:
+    """The folder's config if it is a transformers-native InternVL checkpoint; a clear error if not."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise OccError(f"{path}: checkpoint folder not found")
+    if not config_file.is_file():
+        raise OccError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type == "internvl":
+        return config
+    if model_type == "internvl_chat" or "InternVLChatModel" in json.dumps(config.get("auto_map", {})):
+        raise OccError(f"{path}: InternVL checkpoint in the original remote-code layout (InternVLChatModel); "
+                       + CONVERT_HINT)
+    raise OccError(f"{path}: not an InternVL checkpoint (model_type {model_type!r}); "
+                   "expected a transformers InternVLForConditionalGeneration folder")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_attention(device: torch.device) -> str:
+    """flash-attention 2 on a GPU where it is installed, PyTorch SDPA otherwise."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               attention: str | None = None) -> tuple[InternVLForConditionalGeneration, ImageOnlyInternVLProcessor]:
+    """Model (eval mode, on ``device``) and processor from a checkpoint folder. Defaults: the GPU
+    if there is one, bf16 there and fp32 on CPU."""
+    check_checkpoint(path)
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = InternVLForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=attention or default_attention(device))
+    model.to(device).eval()
+    return model, ImageOnlyInternVLProcessor.from_folder(path)

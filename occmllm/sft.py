@@ -1,0 +1,216 @@
+"""Supervised fine-tuning of InternVL on conversation records (stages 1, 2 and 4).
+
+The HF Trainer does the training (single process, torchrun + DeepSpeed ZeRO-1/2/3, checkpoints,
+resume); this module supplies the dataset, the collator with InternVL's loss mask, freezing,
+optional LoRA on the language model (merged into the saved model), and the stage's YAML config.
+
+    python -m occmllm.sft --config step1_sft/config.yaml [--flag value ...]
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
+
+from occmllm import records
+from occmllm.augment import augment
+from occmllm.config import parse_config
+from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images, pad_batch
+from occmllm.errors import OccError, cli
+from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint, default_attention
+
+LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="outputs/demo/models/tiny",
+                                    metadata={"help": "InternVL checkpoint folder (the previous stage's output)"})
+    freeze_vision: bool = field(default=False, metadata={"help": "freeze the vision tower"})
+    freeze_projector: bool = field(default=False, metadata={"help": "freeze the vision-language projector"})
+    freeze_llm: bool = field(default=False, metadata={"help": "freeze the language model (and its head)"})
+    use_lora: bool = field(default=False, metadata={"help": "LoRA on the language model's linear layers"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa | flash_attention_2 | eager"})
+
+
+@dataclass
+class DataArguments:
+    train_data: str = field(default="outputs/demo/stages/step1_train.jsonl",
+                            metadata={"help": "conversation JSONL or InternVL meta JSON (root, annotation, repeat_time)"})
+    data_root: str | None = field(default=None, metadata={
+        "help": "image root for a JSONL (default: from the JSONL's .meta.json beside it)"})
+    max_length: int = field(default=4096, metadata={"help": "longest conversation in tokens"})
+    augment: bool = field(default=False, metadata={"help": "random crop, flip and hue (for models trained from scratch)"})
+    resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint in output_dir"})
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def load_training_records(train_data: str | os.PathLike, data_root: str | None = None) -> list[tuple[Path, dict]]:
+    """``(image root, record)`` pairs from a JSONL or an InternVL meta JSON, with repeat_time applied
+    (a fraction keeps that share of the records, deterministically)."""
+    path = Path(train_data)
+    if path.suffix == ".json":
+        out = []
+        for _name, root, annotation, repeat in records.iter_meta(path):
+            recs = records.read_records(annotation, root=root)
+            whole, frac = int(repeat), repeat - int(repeat)
+            out += [(root, r) for r in recs] * whole + [(root, r) for r in recs[: int(round(frac * len(recs)))]]
+        return out
+    if data_root is None:
+        meta = path.with_name(path.stem + ".meta.json")
+        if not meta.is_file():
+            raise OccError(f"{path}: no --data_root given and no {meta.name} beside it to say where images are")
+        (_name, root, _annotation, _repeat), *_ = records.iter_meta(meta)
+    else:
+        root = Path(data_root)
+    return [(root, r) for r in records.read_records(path, root=root)]
+
+
+class ConversationDataset(Dataset):
+    """Encodes one record per item: images loaded (and augmented), template applied, labels masked."""
+
+    def __init__(self, items: list[tuple[Path, dict]], encoder: ConversationEncoder, augment_images: bool = False,
+                 seed: int = 0):
+        self.items, self.encoder, self.augment, self.seed = items, encoder, augment_images, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        root, rec = self.items[index]
+        paths = [records.fileio.resolve_in_root(root, p, rec["id"]) for p in records.images_of(rec)]
+        try:
+            images = load_images(paths)
+        except OSError as exc:
+            raise OccError(f"record {rec['id']}: cannot read image ({exc})") from None
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            images = [augment(im, rng) for im in images]
+        enc = self.encoder.encode(images, rec["conversations"])
+        return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": enc.pixel_values}
+
+
+@dataclass
+class Collator:
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict]) -> dict:
+        ids, mask = pad_batch([b["input_ids"] for b in batch], self.pad_token_id, "right")
+        labels, _ = pad_batch([b["labels"] for b in batch], self.pad_token_id, "right", value_for_labels=IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "pixel_values": torch.cat([b["pixel_values"] for b in batch])}
+
+
+class EpochSetter(TrainerCallback):
+    """New augmentation draws every epoch, still deterministic."""
+
+    def __init__(self, dataset: ConversationDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.epoch = int(state.epoch or 0)
+
+
+class SaveProcessor(TrainerCallback):
+    """Every checkpoint folder gets the processor, so each loads by path in inference.py."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                self.processor.save_pretrained(folder)
+
+
+# --- model -----------------------------------------------------------------------------------
+
+def freeze(model: InternVLForConditionalGeneration, vision: bool, projector: bool, llm: bool) -> None:
+    parts = [(vision, model.model.vision_tower), (projector, model.model.multi_modal_projector),
+             (llm, model.model.language_model), (llm, model.lm_head)]
+    for frozen, module in parts:
+        if frozen:
+            module.requires_grad_(False)
+
+
+def add_lora(model, args: ModelArguments):
+    """LoRA adapters on the language model's attention and MLP projections only."""
+    from peft import LoraConfig, get_peft_model
+    target = r".*language_model.*\.(" + "|".join(LLM_LINEAR) + r")$"
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=target, bias="none")
+    return get_peft_model(model, config)
+
+
+def build_model(args: ModelArguments, training: TrainingArguments):
+    check_checkpoint(args.model_name_or_path)
+    dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = InternVLForConditionalGeneration.from_pretrained(
+        args.model_name_or_path, dtype=dtype, attn_implementation=args.attn_implementation or default_attention(device))
+    freeze(model, args.freeze_vision, args.freeze_projector, args.freeze_llm)
+    if args.use_lora:
+        if args.freeze_llm:
+            raise OccError("use_lora adapts the language model: it cannot also be frozen (freeze_llm)")
+        model = add_lora(model, args)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise OccError("every part of the model is frozen: nothing to train")
+    return model
+
+
+def save_final(trainer: Trainer, processor, output_dir: str) -> None:
+    """The stage's checkpoint: a plain InternVL folder (LoRA merged in) with its processor."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        merged = model.merge_and_unload()
+        if trainer.args.should_save:
+            merged.save_pretrained(output_dir)
+    else:
+        trainer.save_model(output_dir)
+    if trainer.args.should_save:
+        processor.save_pretrained(output_dir)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments) -> Path:
+    items = load_training_records(data_args.train_data, data_args.data_root)
+    processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
+    encoder = ConversationEncoder(processor, max_length=data_args.max_length)
+    dataset = ConversationDataset(items, encoder, data_args.augment, training.seed)
+    model = build_model(model_args, training)
+    trainer = Trainer(model=model, args=training, train_dataset=dataset,
+                      data_collator=Collator(processor.tokenizer.pad_token_id),
+                      callbacks=[EpochSetter(dataset), SaveProcessor(processor)])
+    resume = data_args.resume and any(Path(training.output_dir).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    save_final(trainer, processor, training.output_dir)
+    return Path(training.output_dir)
+
+
+def run(argv=None, default_config: Path | None = None) -> Path:
+    model_args, data_args, training = parse_config((ModelArguments, DataArguments, TrainingArguments), argv,
+                                                   default_config)
+    out = train(model_args, data_args, training)
+    if training.should_save:
+        print(f"saved the stage checkpoint to {out}")
+    return out
+
+
+@cli
+def main(argv=None, default_config: Path | None = None) -> int:
+    run(argv, default_config)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Build a tiny InternVL checkpoint offline: small ViT, small Qwen2 text model, a byte-level BPE
+tokenizer trained on the question set, and a chat template with ``{% generation %}`` markers.
+
+The folder is a normal checkpoint (``save_pretrained``, safetensors): every command that takes a
+real InternVL "-hf" checkpoint takes it too. Sized so the demo learns SynthOcc on 2 CPU cores.
+
+    python -m occmllm.tiny --out DIR [--image-size 96] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
+                          InternVLVisionConfig, PreTrainedTokenizerFast, Qwen2Config)
+
+from occmllm import questions as q
+from occmllm.errors import OccError, cli
+from occmllm.fileio import atomic_path
+from occmllm.model import ImageOnlyInternVLProcessor
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+
+# Qwen2 / InternVL 2.5 chat format; the generation markers let tokenizers report which tokens the
+# assistant wrote (its answer and the end-of-turn token), which is the training loss mask.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] }}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    from data_tools.synthocc import OBJECT_COLOURS
+    texts = [*q.QUESTIONS.values(), q.Q0_PLAN, q.YES, q.NO, "user\n", "assistant\n", "system\n"]
+    texts += [q.category_answer(c) for c in q.CATEGORIES]
+    texts += [q.description(c, colour) for c in q.CATEGORIES for colour in OBJECT_COLOURS]
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus() * 8, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+
+
+def build(out: Path, image_size: int = 96, patch_size: int = 8, vision_hidden: int = 96, vision_layers: int = 4,
+          text_hidden: int = 128, text_layers: int = 2, seed: int = 0) -> Path:
+    if image_size % (2 * patch_size):
+        raise OccError(f"--image-size {image_size} must be a multiple of 2 x --patch-size ({2 * patch_size}) "
+                       "for InternVL's 2x2 pixel shuffle")
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    vision = InternVLVisionConfig(
+        hidden_size=vision_hidden, num_hidden_layers=vision_layers, num_attention_heads=4,
+        intermediate_size=4 * vision_hidden, image_size=[image_size, image_size], patch_size=[patch_size, patch_size],
+        use_absolute_position_embeddings=True, layer_scale_init_value=0.1, norm_type="layer_norm")
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                            projector_hidden_act="gelu", vision_feature_layer=-1,
+                            vision_feature_select_strategy="default")
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tokens_per_tile = (image_size // patch_size) ** 2 // 4
+    image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size},
+                                               crop_to_patches=False, max_patches=1)
+    processor = ImageOnlyInternVLProcessor(image_processor, tokenizer, image_seq_length=tokens_per_tile,
+                                           chat_template=CHAT_TEMPLATE)
+    with atomic_path(out) as tmp:
+        tmp.unlink()
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return out
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m occmllm.tiny", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    p.add_argument("--image-size", type=int, default=96, help="tile size in pixels [96]")
+    p.add_argument("--patch-size", type=int, default=8, help="ViT patch size [8]")
+    p.add_argument("--vision-hidden", type=int, default=96)
+    p.add_argument("--vision-layers", type=int, default=4)
+    p.add_argument("--text-hidden", type=int, default=128)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.out.exists():
+        raise OccError(f"{args.out} already exists; choose another --out or remove it")
+    build(args.out, args.image_size, args.patch_size, args.vision_hidden, args.vision_layers, args.text_hidden,
+          args.text_layers, args.seed)
+    n = sum(t.numel() for t in InternVLForConditionalGeneration.from_pretrained(args.out).parameters())
+    print(f"wrote tiny InternVL ({n / 1e6:.2f}M parameters) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Model loading, the loss mask, a training step, LoRA merging, freezing and the stage-1 script."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
+from occmllm.errors import OccError
+from occmllm.model import check_checkpoint, load_model
+from occmllm.questions import Q1, Q6
+from occmllm.sft import Collator, ModelArguments, add_lora, freeze
+
+ROOT = Path(__file__).resolve().parents[1]
+Q1_Q6 = [{"from": "human", "value": Q1}, {"from": "gpt", "value": "The object is jar."},
+         {"from": "human", "value": Q6}, {"from": "gpt", "value": "No."}]
+
+
+def _image():
+    from PIL import Image
+    return Image.new("RGB", (40, 40), (120, 30, 200))
+
+
+def test_load_tiny_model(tiny_model):
+    model, processor = load_model(tiny_model)
+    assert model.config.model_type == "internvl" and model.dtype == torch.float32
+    assert processor.image_seq_length == 4 and processor.tokenizer.eos_token == "<|im_end|>"
+    enc = ConversationEncoder(processor)
+    pixels, tiles = enc.pixel_values([_image()])
+    assert pixels.shape == (1, 3, 32, 32) and tiles == [1]
+    ids = enc.prompt_ids(tiles, Q1_Q6[:1])
+    assert ids.count(model.config.image_token_id) == 4  # one image of 4 tokens
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > len(ids)
+
+
+def test_label_mask_supervises_answers_and_end_of_turn_only(tiny_model):
+    _, processor = load_model(tiny_model)
+    enc = ConversationEncoder(processor)
+    e = enc.encode([_image()], Q1_Q6)
+    supervised = [processor.tokenizer.decode([t]) for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE_INDEX]
+    print("supervised tokens:", supervised)
+    assert "".join(supervised) == "The object is jar.<|im_end|>No.<|im_end|>"
+    assert supervised[-1] == "<|im_end|>" and supervised.count("<|im_end|>") == 2
+    # labels equal the ids where supervised
+    assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(e.input_ids, e.labels))
+    # the fallback for chat templates without {% generation %} markers finds the same tokens
+    enc.has_generation_markers = False
+    assert enc.encode([_image()], Q1_Q6).labels == e.labels
+
+
+def test_one_training_step_lowers_the_loss(tiny_model):
+    torch.manual_seed(0)
+    model, processor = load_model(tiny_model)
+    model.train()
+    enc = ConversationEncoder(processor)
+    items = [enc.encode([_image()], Q1_Q6) for _ in range(4)]
+    batch = Collator(processor.tokenizer.pad_token_id)(
+        [{"input_ids": i.input_ids, "labels": i.labels, "pixel_values": i.pixel_values} for i in items])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = model(**batch).loss
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(**batch).loss
+    assert after.item() < before.item() - 1e-3
+
+
+def test_lora_merge_matches_adapter_logits(tiny_model):
+    torch.manual_seed(0)
+    model, processor = load_model(tiny_model)
+    peft_model = add_lora(model, ModelArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    assert names and all("language_model" in n for n in names)  # adapters on the LLM only
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:  # B starts at zero; make the adapter do something
+            p.data.normal_(0, 0.05)
+    enc = ConversationEncoder(processor)
+    e = enc.encode([_image()], Q1_Q6)
+    inputs = dict(input_ids=torch.tensor([e.input_ids]), pixel_values=e.pixel_values)
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(**inputs).logits
+        merged = peft_model.merge_and_unload()(**inputs).logits
+        base, _ = load_model(tiny_model)
+        plain = base(**inputs).logits
+    assert torch.allclose(adapted, merged, atol=1e-4)
+    assert not torch.allclose(adapted, plain, atol=1e-3)  # the adapter changed the model
+
+
+def test_freeze_switches(tiny_model):
+    model, _ = load_model(tiny_model)
+    freeze(model, vision=True, projector=False, llm=True)
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert not any(p.requires_grad for p in model.model.language_model.parameters())
+    assert all(p.requires_grad for p in model.model.multi_modal_projector.parameters())
+
+
+def test_checkpoint_errors(tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert/config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(OccError, match="not an InternVL checkpoint"):
+        check_checkpoint(tmp_path / "bert")
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote/config.json").write_text(json.dumps(
+        {"model_type": "internvl_chat", "auto_map": {"AutoModel": "modeling_internvl_chat.InternVLChatModel"}}))
+    with pytest.raises(OccError, match="remote-code layout.*convert"):
+        check_checkpoint(tmp_path / "remote")
+    with pytest.raises(OccError, match="not found"):
+        check_checkpoint(tmp_path / "missing")
+
+
+def _train(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, "-m", "step1_sft.train", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env)
+
+
+def test_unknown_yaml_key_is_one_line_error(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("learning_rate: 0.001\nlearnin_rate: 0.1\n")
+    out = _train("--config", str(cfg))
+    assert out.returncode == 2 and out.stderr == f"error: {cfg}: unknown key learnin_rate; see --help for the valid options\n"
+
+
+def test_stage1_trains_saves_and_resumes(tiny_model, synth_small, tmp_path):
+    common = ["--model_name_or_path", str(tiny_model), "--train_data", str(synth_small / "stages/step1.jsonl"),
+              "--output_dir", str(tmp_path / "ckpt"), "--per_device_train_batch_size", "4",
+              "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true"]
+    out = _train(*common, "--max_steps", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "ckpt/checkpoint-2/processor_config.json").is_file()
+    model, _ = load_model(tmp_path / "ckpt")  # the stage checkpoint loads as a plain InternVL folder
+    out = _train(*common, "--max_steps", "4", "--resume", "true")
+    assert out.returncode == 0, out.stderr[-2000:]
+    state = json.loads((tmp_path / "ckpt/checkpoint-4/trainer_state.json").read_text())
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps == [1, 2, 3, 4]  # steps 1-2 come from the first run: resumed, not restarted
+
+
+def test_stage1_lora_saves_merged_model(tiny_model, synth_small, tmp_path):
+    out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(synth_small / "stages/step1.jsonl"),
+                 "--output_dir", str(tmp_path / "lora"), "--use_lora", "true", "--lora_r", "4", "--max_steps", "1",
+                 "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm", "true")
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = json.loads((tmp_path / "lora/config.json").read_text())
+    assert config["model_type"] == "internvl" and not (tmp_path / "lora/adapter_config.json").exists()
+    load_model(tmp_path / "lora")
+
+
+@pytest.mark.slow
+def test_two_process_deepspeed_zero2(tiny_model, synth_small, tmp_path):
+    """torchrun --nproc_per_node 2, gloo, DeepSpeed ZeRO-2 through the stage launcher."""
+    import os
+    env = {**os.environ, "NPROC": "2", "DEEPSPEED": "zero2", "PYTHON": sys.executable,
+           "MASTER_PORT": "29731", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", "step1_sft/run.sh", "--model_name_or_path", str(tiny_model),
+                          "--train_data", str(synth_small / "stages/step1.jsonl"), "--output_dir", str(tmp_path / "ds"),
+                          "--max_steps", "3", "--per_device_train_batch_size", "2", "--save_strategy", "no",
+                          "--logging_steps", "1", "--disable_tqdm", "true"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    load_model(tmp_path / "ds")
