@@ -2,8 +2,9 @@
 
 - the reference's predictions: a JSON object ``{id: "The object is X."}``;
 - the reference's wrong-answer list: a JSON list ``[{"answer": id}, ...]`` of ids answered wrongly;
-- this project's ``predictions.jsonl`` (written by inference.py): lines with ``id``,
-  ``question_id``, ``prediction`` and ``checkpoint``.
+- this project's ``predictions.jsonl`` (written by inference.py): one line per sample and
+  checkpoint with ``id``, ``checkpoint``, ``mode`` and ``answers`` (``{"Q1": ..., ...}``); the
+  plain-mode Q1 answer is the one used.
 
 The result says, for each view id of a dataset, whether the model named the right category.
 """
@@ -50,13 +51,15 @@ def read_predictions(path: str | os.PathLike, checkpoint: str | None = None) -> 
         answers: dict[str, str] = {}
         checkpoints = set()
         for lineno, rec in fileio.iter_jsonl(path):
-            if "id" not in rec or "prediction" not in rec:
-                raise OccError(f"{path}:{lineno}: a predictions line needs 'id' and 'prediction'")
-            if rec.get("question_id", "Q1") != "Q1" or rec.get("mode", "plain") != "plain":
+            answer = rec.get("answers", {}).get("Q1") if isinstance(rec.get("answers"), dict) else None
+            if "id" not in rec or answer is None:
+                raise OccError(f"{path}:{lineno}: a predictions line needs 'id' and an 'answers' object with 'Q1' "
+                               "(as inference.py writes)")
+            if rec.get("mode", "plain") != "plain":
                 continue
             checkpoints.add(rec.get("checkpoint"))
             if checkpoint is None or rec.get("checkpoint") == checkpoint:
-                answers[str(rec["id"])] = rec["prediction"]
+                answers[str(rec["id"])] = answer
         if checkpoint is None and len(checkpoints) > 1:
             raise OccError(f"{path}: holds several checkpoints ({', '.join(sorted(map(str, checkpoints)))}); "
                            "choose one with --checkpoint")

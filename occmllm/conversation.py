@@ -71,6 +71,9 @@ class ConversationEncoder:
         it = iter(tiles)
         out = []
         for m in messages:
+            if m["role"] != "user":  # images are only in the user's turns; answers stay as written
+                out.append(m)
+                continue
             parts = m["content"].split(IMAGE_TOKEN)
             text = parts[0]
             for part in parts[1:]:

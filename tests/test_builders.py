@@ -137,3 +137,19 @@ def test_relative_data_path(synth, tmp_path):
                          cwd=synth.parent, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert len(list((synth / "renders/rel").glob("*.png"))) == len(load_dataset(synth).split("test"))
+
+
+def test_predictions_from_inference_jsonl(synth, tmp_path):
+    """Q6 labels from this project's own predictions.jsonl (one checkpoint chosen of two)."""
+    views = load_dataset(synth).split("train")
+    lines = []
+    for name, wrong_every in (("a", 2), ("b", 3)):
+        for k, v in enumerate(views):
+            cat = v["category"] if k % wrong_every else ("jar" if v["category"] != "jar" else "can")
+            lines.append({"checkpoint": name, "mode": "plain", "id": v["id"],
+                          "answers": {"Q1": category_answer(cat)}, "final": category_answer(cat)})
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(OccError, match="several checkpoints"):
+        builders.clarity_from_predictions(views, tmp_path / "predictions.jsonl")
+    clear = builders.clarity_from_predictions(views, tmp_path / "predictions.jsonl", checkpoint="b")
+    assert [clear[v["id"]] for v in views] == [k % 3 != 0 for k in range(len(views))]

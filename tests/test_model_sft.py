@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
+from occmllm.conversation import IGNORE_INDEX, ConversationEncoder
 from occmllm.errors import OccError
 from occmllm.model import check_checkpoint, load_model
 from occmllm.questions import Q1, Q6

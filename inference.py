@@ -1,0 +1,427 @@
+"""Checkpoint-by-checkpoint inference on a labelled test set, and its accuracy report.
+
+    python inference.py --checkpoint NAME=PATH [--checkpoint NAME=PATH ...] --data TEST.jsonl --out DIR
+                        [--data-root ROOT] [--batch-size 16] [--max-new-tokens 32] [--mode plain]
+                        [--limit N] [--device cpu|cuda]
+    python inference.py --score-reference PRED.json --data TEST.jsonl --out DIR [--name NAME]
+
+Each record's human turns are asked in order, each with the model's own earlier answers in the
+history (the first carries the image placeholder); the reference answers and ``meta`` are read
+only for scoring. Generation is greedy and batched across records, one turn at a time, with left
+padding. Checkpoints run in the order given.
+
+Files in DIR:
+  predictions.jsonl   one line per checkpoint, mode and record, appended as each batch finishes:
+                      {"checkpoint", "mode", "id", "answers": {"Q1": ..., ...}, "final", "question_ids"}.
+                      Lines come in a fixed order (checkpoints as given, records in test-file order),
+                      so a run that was interrupted and is started again with the same arguments
+                      finishes the same file an uninterrupted run writes.
+  timing.jsonl        generation seconds per batch (kept out of the predictions so they stay reproducible)
+  run.json            the settings the predictions were made with (a resumed run must match them)
+  report.json, report.md, accuracy.png, accuracy_vs_occlusion.png, confusion.png   (occmllm.report)
+
+``--score-reference`` scores a predictions file in the reference implementation's format
+(``{id: "The object is X."}``) against the Q1 answers of the test set and writes the same report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from occmllm import fileio, records, report
+from occmllm.errors import OccError, cli
+from occmllm.questions import IMAGE_TOKEN
+
+PREDICTIONS, TIMING, RUN = "predictions.jsonl", "timing.jsonl", "run.json"
+SEED = 0
+
+
+# --- what the model may see --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sample:
+    """A test record stripped to what generation may use: its id, image files and questions.
+    Reference answers and ``meta`` are not here, so they cannot reach the model."""
+    id: str | int
+    images: tuple[Path, ...]
+    questions: tuple[tuple[str, str, str], ...]  # (key, question id, human turn text) in order, as report.turns_of
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for key, _, _ in self.questions]
+
+    @property
+    def question_ids(self) -> list[str]:
+        return [qid for _, qid, _ in self.questions]
+
+
+def sample_of(record: dict, root: Path) -> Sample:
+    images = tuple(fileio.resolve_in_root(root, rel, f"record {record['id']!r}") for rel in records.images_of(record))
+    return Sample(record["id"], images, tuple((t.key, t.qid, t.question) for t in report.turns_of(record)))
+
+
+# --- batched greedy generation ----------------------------------------------------------------
+
+@dataclass
+class Prompt:
+    conversation: list[dict]   # human/gpt turns ending with a human turn
+    pixel_values: object       # (tiles, 3, H, W) tensor of the images its placeholders take, or None
+    tiles: list[int]           # tiles per image
+
+
+class Generator:
+    """One checkpoint: greedy answers for a batch of prompts (left padded, stop at end of turn)."""
+
+    def __init__(self, model, processor, max_new_tokens: int):
+        from occmllm.conversation import ConversationEncoder
+        self.model, self.processor = model, processor
+        self.encoder = ConversationEncoder(processor)
+        self.tokenizer = processor.tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:  # some tokenizers define no pad token; any id works under the mask
+            self.pad_id = self.tokenizer.eos_token_id
+        # stop at the tokenizer's end of turn and at any end token the checkpoint's generation config adds
+        extra = getattr(model.generation_config, "eos_token_id", None)
+        extra = extra if isinstance(extra, list) else [extra]
+        self.eos_ids = list(dict.fromkeys(e for e in [self.tokenizer.eos_token_id, *extra] if e is not None))
+
+    def images(self, paths) -> tuple[object, list[int]]:
+        from occmllm.conversation import load_images
+        return self.encoder.pixel_values(load_images(paths))
+
+    def __call__(self, prompts: list[Prompt]) -> list[str]:
+        import torch
+
+        from occmllm.conversation import pad_batch
+        device = self.model.device
+        ids = [self.encoder.prompt_ids(p.tiles, p.conversation) for p in prompts]
+        input_ids, attention_mask = pad_batch(ids, self.pad_id, "left")  # (batch, width); prompts end at the right
+        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None and len(p.pixel_values)]
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        if pixels:  # tiles in prompt order, matching the image-token runs in input_ids
+            inputs["pixel_values"] = torch.cat(pixels).to(device=device, dtype=self.model.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                                      pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
+        new = out[:, input_ids.shape[1]:]
+        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+# --- modes: each answers a batch of samples -> [{"answers": {key: text}, "final": text}] -----------
+
+def run_plain(generate: Generator, batch: list[Sample]) -> list[dict]:
+    """Ask every question of each sample in order, multi-turn with the model's own answers; the
+    final answer is the category question's."""
+    encoded = [generate.images(s.images) for s in batch]  # (pixels, tiles) per sample, computed once
+    history: list[list[dict]] = [[] for _ in batch]
+    answers: list[dict] = [{} for _ in batch]
+    for turn in range(max(len(s.questions) for s in batch)):
+        active = [i for i, s in enumerate(batch) if turn < len(s.questions)]
+        prompts = []
+        for i in active:
+            history[i].append({"from": "human", "value": batch[i].questions[turn][2]})
+            used = sum(t["value"].count(IMAGE_TOKEN) for t in history[i] if t["from"] == "human")
+            pixels, tiles = encoded[i]
+            prompts.append(Prompt(list(history[i]), pixels[: sum(tiles[:used])] if used else None, tiles[:used]))
+        for i, text in zip(active, generate(prompts)):
+            answers[i][batch[i].questions[turn][0]] = text
+            # the history takes the answer as it is, except a literal "<image>" in it, which the
+            # encoder would take for an image placeholder
+            history[i].append({"from": "gpt", "value": text.replace(IMAGE_TOKEN, "")})
+    return [{"answers": a, "final": a[report.final_key(s.keys)]} for s, a in zip(batch, answers)]
+
+
+# --mode NAME -> its function; "cot" and "dual" join here as functions beside run_plain
+MODE_RUNNERS = {"plain": run_plain}
+
+
+# --- the predictions file ----------------------------------------------------------------------
+
+def read_lines(path: Path, repair: bool) -> list[dict]:
+    """Complete lines of an appended JSONL file. A last line without its newline is what a kill
+    mid-write leaves: it is dropped (and, with ``repair``, cut from the file so appending goes on
+    from a clean end). A malformed complete line is an error: the file was edited or mixed."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        print(f"{path}: dropping an unfinished last line (interrupted run); it is computed again", file=sys.stderr)
+        if repair:
+            with open(path, "r+b") as fh:
+                fh.truncate(end)
+    out = []
+    for lineno, line in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            raise OccError(f"{path}:{lineno}: not a JSON object; the file is damaged: remove it (or use another "
+                           "--out) to start over")
+        out.append(rec)
+    return out
+
+
+def done_predictions(path: Path) -> dict[tuple, dict]:
+    """``{(checkpoint, mode, id): line}`` of a predictions file (after dropping an unfinished last line)."""
+    done = {}
+    for k, rec in enumerate(read_lines(path, repair=True), start=1):
+        if not {"checkpoint", "mode", "id", "answers", "final"} <= rec.keys():
+            raise OccError(f"{path}:{k}: not a predictions line (needs checkpoint, mode, id, answers, final)")
+        key = (rec["checkpoint"], rec["mode"], rec["id"])
+        if key in done:
+            raise OccError(f"{path}:{k}: duplicate prediction for {key}; the file was edited or mixed from "
+                           "several runs: remove it (or use another --out) to start over")
+        done[key] = rec
+    return done
+
+
+def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: list[tuple[str, Path]],
+                       resuming: bool) -> None:
+    """Record the settings in run.json; a resumed run must use the same ones, or its predictions
+    would mix answers made differently."""
+    path = out / RUN
+    settings = {"data": str(data.resolve()), "max_new_tokens": max_new_tokens,
+                "checkpoints": {name: str(p.resolve()) for name, p in checkpoints}}
+    if resuming and path.is_file():
+        old = fileio.read_json(path)
+        problems = [f"--{k.replace('_', '-')} was {old.get(k)!r}, now {settings[k]!r}"
+                    for k in ("data", "max_new_tokens") if old.get(k) != settings[k]]
+        for name, p in settings["checkpoints"].items():
+            if old.get("checkpoints", {}).get(name, p) != p:
+                problems.append(f"checkpoint {name!r} was {old['checkpoints'][name]}, now {p}")
+        if problems:
+            raise OccError(f"{out / PREDICTIONS} holds predictions made with other settings ({'; '.join(problems)}); "
+                           "use another --out, or remove the folder to start over")
+        settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
+    fileio.write_json(path, settings)
+
+
+def timings(path: Path) -> dict[tuple[str, str], tuple[float, int]]:
+    """``{(checkpoint, mode): (seconds, samples)}`` summed over the batches of timing.jsonl."""
+    out: dict = {}
+    for rec in read_lines(path, repair=True):
+        key = (rec.get("checkpoint"), rec.get("mode"))
+        seconds, n = out.get(key, (0.0, 0))
+        out[key] = (seconds + float(rec.get("seconds", 0.0)), n + int(rec.get("n", 0)))
+    return out
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+def parse_checkpoints(specs: list[str]) -> list[tuple[str, Path]]:
+    out, names = [], set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise OccError(f"--checkpoint {spec!r}: expected NAME=PATH, e.g. --checkpoint base=models/tiny")
+        if name in names:
+            raise OccError(f"--checkpoint {spec!r}: the name {name!r} is given twice; each checkpoint needs its own")
+        names.add(name)
+        out.append((name, Path(path)))
+    return out
+
+
+def dataset_root(data: Path, given: Path | None) -> Path:
+    """--data-root, else the root named by the InternVL meta JSON beside the test file."""
+    if given is not None:
+        if not given.is_dir():
+            raise OccError(f"--data-root {given}: folder not found")
+        return given
+    meta = data.with_name(data.stem + ".meta.json")
+    if not meta.is_file():
+        raise OccError(f"{data}: no {meta.name} beside it to name the dataset root; pass --data-root")
+    entries = list(records.iter_meta(meta))
+    roots = [root for _, root, annotation, _ in entries if annotation.resolve() == data.resolve()]
+    if not roots and len(entries) == 1:
+        roots = [entries[0][1]]
+    if len(roots) != 1:
+        raise OccError(f"{meta}: does not name {data.name} as its annotation; pass --data-root")
+    return roots[0]
+
+
+def load_test(data: Path, root: Path | None, limit: int | None) -> list[dict]:
+    """Validated test records (the first ``limit``); with ``root``, every image of them must exist and decode."""
+    if not data.is_file():
+        raise OccError(f"{data}: test file not found")
+    recs = records.read_records(data, root=root)
+    recs = recs[:limit] if limit is not None else recs
+    if root is not None:
+        for k, rec in enumerate(recs):
+            records.check_images(rec, root, f"{data} record {k + 1} ({rec['id']!r})")
+    return recs
+
+
+# --- the two commands -----------------------------------------------------------------------------
+
+def run_inference(args) -> Path:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from occmllm.model import check_checkpoint, default_device, load_model
+
+    checkpoints = parse_checkpoints(args.checkpoint)
+    if not args.data.is_file():
+        raise OccError(f"{args.data}: test file not found")
+    for _, path in checkpoints:  # every checkpoint before running any
+        check_checkpoint(path)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise OccError("--device cuda: no CUDA device is available here; use --device cpu")
+    root = dataset_root(args.data, args.data_root)
+    test = load_test(args.data, root, args.limit)
+    samples = [sample_of(rec, root) for rec in test]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    pred_path, timing_path = args.out / PREDICTIONS, args.out / TIMING
+    done = done_predictions(pred_path)
+    read_lines(timing_path, repair=True)  # cut an unfinished line before appending
+    check_run_settings(args.out, args.data, args.max_new_tokens, checkpoints, resuming=bool(done))
+    hf_logging.disable_progress_bar()
+    runner = MODE_RUNNERS[args.mode]
+    device = torch.device(args.device) if args.device else default_device()
+    with open(pred_path, "a", encoding="utf-8") as pred_fh, open(timing_path, "a", encoding="utf-8") as time_fh:
+        for name, path in checkpoints:
+            todo = [s for s in samples if (name, args.mode, s.id) not in done]
+            if not todo:
+                print(f"{name} ({args.mode}): all {len(samples)} samples already in {pred_path}")
+                continue
+            print(f"{name} ({args.mode}): {len(todo)} of {len(samples)} samples to run, batches of {args.batch_size}",
+                  flush=True)
+            torch.manual_seed(SEED)
+            # fp32 on CPU; on a GPU load_model's default (bf16)
+            try:
+                model, processor = load_model(path, device=device,
+                                              dtype=torch.float32 if device.type == "cpu" else None)
+            except (OSError, ValueError) as exc:  # missing or damaged weights / tokenizer files
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise OccError(f"{path}: cannot load checkpoint {name!r} ({first}); the predictions so far are "
+                               f"kept in {pred_path}") from None
+            generate = Generator(model, processor, args.max_new_tokens)
+            for start in range(0, len(todo), args.batch_size):
+                batch = todo[start: start + args.batch_size]
+                t0 = time.perf_counter()
+                results = runner(generate, batch)
+                seconds = time.perf_counter() - t0
+                lines = [{"checkpoint": name, "mode": args.mode, "id": s.id, "answers": r["answers"],
+                          "final": r["final"], "question_ids": s.question_ids}
+                         for s, r in zip(batch, results)]
+                # one write per batch, flushed and synced: a kill leaves at most one unfinished line
+                pred_fh.write("".join(fileio.dumps(line) + "\n" for line in lines))
+                pred_fh.flush()
+                os.fsync(pred_fh.fileno())
+                for line in lines:
+                    done[(name, args.mode, line["id"])] = line
+                time_fh.write(fileio.dumps({"checkpoint": name, "mode": args.mode, "n": len(batch),
+                                            "seconds": round(seconds, 4)}) + "\n")
+                time_fh.flush()
+                print(f"  {name}: {start + len(batch)}/{len(todo)} ({len(batch) / seconds:.2f} samples/s)", flush=True)
+            del model, processor, generate
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    spent = timings(timing_path)
+    runs = []
+    for name, _ in checkpoints:
+        seconds, timed = spent.get((name, args.mode), (None, None))
+        runs.append({"checkpoint": name, "mode": args.mode, "seconds": seconds, "timed": timed,
+                     "predictions": {s.id: done[(name, args.mode, s.id)] for s in samples}})
+    return finish(args.out, report.build_report(args.data, test, runs), pred_path)
+
+
+def score_reference(args) -> Path:
+    from data_tools.predictions import read_predictions
+    if args.score_reference.suffix == ".jsonl":
+        raise OccError(f"{args.score_reference}: --score-reference takes the reference format {{id: \"The object "
+                       "is X.\"}} (a .json file); this project's predictions.jsonl is reported by inference itself")
+    preds = read_predictions(args.score_reference)
+    if preds.wrong_ids is not None:
+        raise OccError(f"{args.score_reference}: a list of wrongly answered ids has no answers to score; "
+                       "give a {id: answer} file")
+    test = load_test(args.data, None, args.limit)
+    no_q1 = [r["id"] for r in test if "Q1" not in [t.key for t in report.turns_of(r)]]
+    if no_q1:
+        raise OccError(f"{args.data}: record {no_q1[0]!r} (and {len(no_q1) - 1} more) asks no category question "
+                       "(Q1); reference predictions answer only Q1")
+    ids = {str(r["id"]) for r in test}
+    matched = ids & preds.answers.keys()
+    if not matched:
+        raise OccError(f"{args.score_reference}: none of its {len(preds.answers)} ids are in {args.data} "
+                       f"(e.g. {next(iter(sorted(preds.answers)), None)!r} vs {str(test[0]['id'])!r}); "
+                       "it answers another test set")
+    if len(matched) < len(ids):
+        missing = sorted(ids - matched)
+        raise OccError(f"{args.score_reference}: answers only {len(matched)} of the {len(ids)} test records of "
+                       f"{args.data} (missing e.g. {missing[0]!r}); score it on the test set it was made for, "
+                       "or pass --limit")
+    predictions = {r["id"]: {"answers": {"Q1": preds.answers[str(r["id"])]}, "final": preds.answers[str(r["id"])]}
+                   for r in test}
+    name = args.name or args.score_reference.stem
+    runs = [{"checkpoint": name, "mode": "reference", "predictions": predictions}]
+    extra = len(preds.answers) - len(matched)
+    if extra:
+        print(f"{args.score_reference}: {extra} ids are not in the test set and are not scored")
+    return finish(args.out, report.build_report(args.data, test, runs))
+
+
+def finish(out: Path, rep: dict, predictions: Path | None = None) -> Path:
+    """Write the report, then print its table and where every file is."""
+    paths = report.write_report(out, rep)
+    if predictions is not None:
+        paths["predictions"] = predictions
+    print()
+    print(report.markdown_table(rep))
+    print()
+    for kind, path in paths.items():
+        print(f"{kind + ':':16s}{path}")
+    return paths["json"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python inference.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", action="append", metavar="NAME=PATH",
+                      help="a checkpoint folder to run, under a name for the report; repeat for several (run in order)")
+    what.add_argument("--score-reference", type=Path, metavar="PRED.json",
+                      help="score a reference-format predictions file {id: \"The object is X.\"} instead")
+    p.add_argument("--data", required=True, type=Path, help="labelled test JSONL (e.g. from data_tools.make_testset)")
+    p.add_argument("--out", required=True, type=Path, help="run folder for predictions.jsonl and the report")
+    p.add_argument("--data-root", type=Path,
+                   help="dataset root the image paths are relative to [the root in <data stem>.meta.json]")
+    p.add_argument("--batch-size", type=int, default=16, help="records per generation batch [16]")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens [32]")
+    p.add_argument("--mode", choices=sorted(MODE_RUNNERS), default="plain", help="how questions are asked [plain]")
+    p.add_argument("--limit", type=int, help="only the first N test records")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="[cuda when available, else cpu]")
+    p.add_argument("--name", help="--score-reference: the row's name in the report [the file's stem]")
+    return p
+
+
+@cli
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise OccError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.score_reference is not None:
+        score_reference(args)
+    else:
+        if args.name is not None:
+            raise OccError("--name goes with --score-reference; checkpoints are named by --checkpoint NAME=PATH")
+        run_inference(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Scoring answers against a labelled test set, and the report files: report.json, report.md, plots.
+
+Shared by ``inference.py`` and any tool that scores answers (e.g. the reference implementation's
+``{id: "The object is X."}`` files), so every number in the project is computed one way.
+
+Inputs are the test records (conversation records whose ``gpt`` turns are the reference answers
+and whose ``meta`` carries ``occlusion`` and ``category``) and, per checkpoint and mode, one
+prediction per record: ``{"answers": {key: text}, "final": text}``. ``key`` is the question id
+of a human turn (``"Q1"``, ...; a question asked twice in a record gets ``"Q1#2"``; a question
+outside the question set is ``"T<turn number>"``), as :func:`turns_of` names them.
+
+``report.json``::
+
+    {"test_file": str, "n": int,                      # records scored
+     "q1_majority_class": str | null, "q1_majority_rate": float | null, "q1_chance_rate": 1/8,
+     "occlusion_bins": [[0.0, 0.2], ..., [0.8, 1.0]],
+     "rows": [{"checkpoint": str, "mode": str, "n": int,
+               "accuracy": {key: float}, "correct": {key: int}, "answered": {key: int},
+               "final_accuracy": float, "final_correct": int,
+               "by_occlusion": [{"range": [lo, hi] | null, "n": int, "correct": int, "accuracy": float | null}],
+               "seconds": float | null, "samples_per_s": float | null}],
+     "confusion": {"checkpoint": str, "mode": str, "truth": [categories], "predicted": [categories + "(none)"],
+                   "matrix": [[count]]} | null}
+
+Bins are [lo, hi) except the last, [0.8, 1.0]; a record without ``meta.occlusion`` falls in a
+bin with ``range`` null, so the bins' ``n`` always sum to the row's ``n``. An empty bin has
+accuracy null.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from occmllm import fileio
+from occmllm.errors import OccError
+from occmllm.questions import CATEGORIES, is_correct, parse_category, question_id
+
+OCCLUSION_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+NO_CATEGORY = "(none)"
+FILES = {"json": "report.json", "markdown": "report.md", "accuracy_plot": "accuracy.png",
+         "occlusion_plot": "accuracy_vs_occlusion.png", "confusion_plot": "confusion.png"}
+
+
+# --- the questions of a record ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Turn:
+    key: str               # unique within the record: "Q1", "Q2", ..., "Q1#2" for a repeat, "T3" off the set
+    qid: str               # question id used for scoring ("Q1", ..., or "T3")
+    question: str          # the human turn's text
+    reference: str | None  # the gpt turn after it (None when the record ends with the question)
+
+
+def turns_of(record: dict) -> list[Turn]:
+    """The human turns of a (validated) conversation record, with their reference answers."""
+    conv = record["conversations"]
+    seen: Counter = Counter()
+    out = []
+    for k in range(0, len(conv), 2):
+        text = conv[k]["value"]
+        qid = question_id(text) or f"T{k // 2 + 1}"
+        seen[qid] += 1
+        key = qid if seen[qid] == 1 else f"{qid}#{seen[qid]}"
+        out.append(Turn(key, qid, text, conv[k + 1]["value"] if k + 1 < len(conv) else None))
+    return out
+
+
+def final_key(keys: list[str]) -> str:
+    """Which answer is the final one: the (first) category question Q1's, else the first turn's."""
+    return "Q1" if "Q1" in keys else keys[0]
+
+
+def truth_category(record: dict) -> str | None:
+    """The record's category: its Q1 reference answer parsed, else ``meta.category``."""
+    for turn in turns_of(record):
+        if turn.qid == "Q1" and turn.reference is not None:
+            category = parse_category(turn.reference)
+            if category is not None:
+                return category
+    category = (record.get("meta") or {}).get("category")
+    return category if isinstance(category, str) else None
+
+
+def occlusion_bin(record: dict) -> int | None:
+    """Index of the record's occlusion bin, None when it has no occlusion ratio in [0, 1]."""
+    x = (record.get("meta") or {}).get("occlusion")
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x <= 1.0:
+        return None
+    return min(bisect.bisect_right(OCCLUSION_EDGES, x) - 1, len(OCCLUSION_EDGES) - 2)
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+def _rate(correct: int, n: int) -> float | None:
+    return correct / n if n else None
+
+
+def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict, seconds: float | None = None,
+              timed: int | None = None) -> dict:
+    """One report row. ``predictions`` maps each record id to ``{"answers": {key: text}, "final": text}``;
+    every record needs one. ``seconds`` is the generation time of ``timed`` samples (for samples/s)."""
+    missing = [r["id"] for r in records if r["id"] not in predictions]
+    if missing:
+        raise OccError(f"checkpoint {checkpoint!r} ({mode}): no prediction for {len(missing)} of {len(records)} "
+                       f"test records (e.g. {missing[0]!r})")
+    asked = {key for r in records for key in predictions[r["id"]]["answers"]}
+    correct: Counter = Counter()
+    scored: Counter = Counter()
+    final_correct = 0
+    nbins = len(OCCLUSION_EDGES) - 1
+    bin_n, bin_correct = [0] * (nbins + 1), [0] * (nbins + 1)  # the last slot: no occlusion ratio
+    for rec in records:
+        pred = predictions[rec["id"]]
+        turns = turns_of(rec)
+        for turn in turns:
+            if turn.key in asked and turn.reference is not None:
+                scored[turn.key] += 1
+                correct[turn.key] += is_correct(turn.qid, pred["answers"].get(turn.key, ""), turn.reference)
+        fin = next(t for t in turns if t.key == final_key([t.key for t in turns]))
+        ok = fin.reference is not None and is_correct(fin.qid, pred["final"], fin.reference)
+        final_correct += ok
+        b = occlusion_bin(rec)
+        b = nbins if b is None else b
+        bin_n[b] += 1
+        bin_correct[b] += ok
+    keys = sorted(scored, key=_key_order)
+    by_occlusion = [{"range": [OCCLUSION_EDGES[i], OCCLUSION_EDGES[i + 1]], "n": bin_n[i], "correct": bin_correct[i],
+                     "accuracy": _rate(bin_correct[i], bin_n[i])} for i in range(nbins)]
+    if bin_n[nbins]:
+        by_occlusion.append({"range": None, "n": bin_n[nbins], "correct": bin_correct[nbins],
+                             "accuracy": _rate(bin_correct[nbins], bin_n[nbins])})
+    n = len(records)
+    return {"checkpoint": checkpoint, "mode": mode, "n": n,
+            "accuracy": {k: correct[k] / scored[k] for k in keys},
+            "correct": {k: correct[k] for k in keys}, "answered": {k: scored[k] for k in keys},
+            "final_accuracy": _rate(final_correct, n), "final_correct": final_correct,
+            "by_occlusion": by_occlusion,
+            "seconds": round(seconds, 4) if seconds is not None else None,
+            "samples_per_s": round(timed / seconds, 4) if seconds and timed else None}
+
+
+def _key_order(key: str):
+    qid, _, repeat = key.partition("#")
+    return (qid[0], int(qid[1:]) if qid[1:].isdigit() else 0, int(repeat or 1))
+
+
+def confusion(row_name: tuple[str, str], records: list[dict], predictions: dict) -> dict:
+    """Category confusion matrix of the final answers: rows the true category, columns the named one."""
+    truths = [truth_category(r) for r in records]
+    extra = sorted({t for t in truths if t is not None} - set(CATEGORIES))
+    truth_labels = [*CATEGORIES, *extra]
+    predicted_labels = [*truth_labels, NO_CATEGORY]
+    matrix = [[0] * len(predicted_labels) for _ in truth_labels]
+    for rec, truth in zip(records, truths):
+        if truth is None:
+            continue
+        guess = parse_category(predictions[rec["id"]]["final"])
+        col = predicted_labels.index(guess) if guess in predicted_labels else len(predicted_labels) - 1
+        matrix[truth_labels.index(truth)][col] += 1
+    return {"checkpoint": row_name[0], "mode": row_name[1], "truth": truth_labels, "predicted": predicted_labels,
+            "matrix": matrix}
+
+
+def build_report(test_file: str | os.PathLike, records: list[dict], runs: list[dict]) -> dict:
+    """The whole report. ``runs``: in row order, dicts with ``checkpoint``, ``mode``, ``predictions``
+    and optionally ``seconds`` and ``timed`` (see :func:`score_row`). The confusion matrix is the
+    last plain-mode run's (the last run's when none is plain)."""
+    if not records:
+        raise OccError(f"{test_file}: no test records to score")
+    rows = [score_row(r["checkpoint"], r["mode"], records, r["predictions"], r.get("seconds"), r.get("timed"))
+            for r in runs]
+    truths = Counter(t for t in map(truth_category, records) if t is not None)
+    majority = truths.most_common(1)[0] if truths else None
+    conf = None
+    if runs:
+        last = next((r for r in reversed(runs) if r["mode"] == "plain"), runs[-1])
+        conf = confusion((last["checkpoint"], last["mode"]), records, last["predictions"])
+    return {"test_file": str(test_file), "n": len(records),
+            "q1_majority_class": majority[0] if majority else None,
+            "q1_majority_rate": majority[1] / len(records) if majority else None,
+            "q1_chance_rate": 1 / len(CATEGORIES),
+            "occlusion_bins": [[OCCLUSION_EDGES[i], OCCLUSION_EDGES[i + 1]] for i in range(len(OCCLUSION_EDGES) - 1)],
+            "rows": rows, "confusion": conf}
+
+
+# --- markdown ----------------------------------------------------------------------------------
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _bin_label(rng) -> str:
+    if rng is None:
+        return "occ ?"
+    lo, hi = rng
+    return f"occ [{lo:.1f},{hi:.1f}{']' if hi >= OCCLUSION_EDGES[-1] else ')'}"
+
+
+def markdown_table(report: dict) -> str:
+    """Rows = checkpoint x mode; columns = per-question accuracy, final accuracy, occlusion bins, samples/s."""
+    rows = report["rows"]
+    keys = sorted({k for r in rows for k in r["accuracy"]}, key=_key_order)
+    bins = []
+    for r in rows:
+        for b in r["by_occlusion"]:
+            if b["range"] not in bins:
+                bins.append(b["range"])
+    header = ["checkpoint", "mode", "n", *keys, "final", *(_bin_label(b) for b in bins), "samples/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for r in rows:
+        occ = {tuple(b["range"]) if b["range"] else None: b for b in r["by_occlusion"]}
+        cells = [r["checkpoint"], r["mode"], str(r["n"]), *(_fmt(r["accuracy"].get(k)) for k in keys),
+                 _fmt(r["final_accuracy"])]
+        for rng in bins:
+            b = occ.get(tuple(rng) if rng else None)
+            cells.append("-" if b is None or not b["n"] else f"{b['accuracy']:.3f} ({b['n']})")
+        cells.append("-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.2f}")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    maj = report["q1_majority_rate"]
+    text = [f"# Accuracy on {report['test_file']}", "",
+            f"{report['n']} test records. Q1 chance rate {report['q1_chance_rate']:.3f}; majority class "
+            + (f"{report['q1_majority_class']} at {maj:.3f}." if maj is not None else "unknown."),
+            "", markdown_table(report), "",
+            ("Accuracy is the fraction of answers scored right (category questions by the category named, yes/no "
+             "questions by polarity); `final` is the answer to the category question; occlusion bins show the final "
+             "accuracy and, in brackets, the number of records. Plots: "
+             f"`{FILES['accuracy_plot']}`, `{FILES['occlusion_plot']}`, `{FILES['confusion_plot']}`."), ""]
+    return "\n".join(text)
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+def _figure(width: float, height: float):
+    # The object-oriented API: no pyplot global state and no display backend (Agg renders the PNG).
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def plot_accuracy(report: dict, path: Path) -> None:
+    """Grouped bars: per question (and the final answer), one bar per checkpoint/mode."""
+    rows = report["rows"]
+    keys = sorted({k for r in rows for k in r["accuracy"]}, key=_key_order)
+    groups = [*keys, "final"]
+    fig, ax = _figure(max(5.0, 1.0 + 0.9 * len(groups) * max(1, len(rows)) ** 0.5), 3.6)
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        values = [r["accuracy"].get(k) for k in keys] + [r["final_accuracy"]]
+        xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=f"{r['checkpoint']} ({r['mode']})")
+    if report["q1_majority_rate"] is not None:
+        ax.axhline(report["q1_majority_rate"], color="grey", ls="--", lw=1, label="Q1 majority class")
+    ax.axhline(report["q1_chance_rate"], color="grey", ls=":", lw=1, label="Q1 chance")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy per question")
+    ax.legend(fontsize="small")
+    fig.savefig(path, format="png")
+
+
+def plot_occlusion(report: dict, path: Path) -> None:
+    """Final accuracy against occlusion ratio (bin centres), one line per checkpoint/mode."""
+    fig, ax = _figure(5.5, 3.6)
+    for r in report["rows"]:
+        pts = [((b["range"][0] + b["range"][1]) / 2, b["accuracy"]) for b in r["by_occlusion"]
+               if b["range"] is not None and b["n"]]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{r['checkpoint']} ({r['mode']})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xticks(OCCLUSION_EDGES)
+    ax.set_xlabel("occlusion ratio (1 - visible / amodal area)")
+    ax.set_ylabel("final accuracy")
+    ax.set_title("Accuracy against occlusion")
+    if report["rows"]:
+        ax.legend(fontsize="small")
+    fig.savefig(path, format="png")
+
+
+def plot_confusion(report: dict, path: Path) -> None:
+    conf = report["confusion"]
+    fig, ax = _figure(6.0, 5.0)
+    if conf is None:
+        ax.text(0.5, 0.5, "no predictions", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        matrix = conf["matrix"]
+        image = ax.imshow(matrix, cmap="Blues")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        top = max((max(row) for row in matrix), default=0)
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                if count:
+                    ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                            color="white" if count > top / 2 else "black")
+        ax.set_xticks(range(len(conf["predicted"])), conf["predicted"], rotation=45, ha="right")
+        ax.set_yticks(range(len(conf["truth"])), conf["truth"])
+        ax.set_xlabel("named in the final answer")
+        ax.set_ylabel("true category")
+        ax.set_title(f"Categories: {conf['checkpoint']} ({conf['mode']})")
+    fig.savefig(path, format="png")
+
+
+def write_report(out_dir: str | os.PathLike, report: dict) -> dict[str, Path]:
+    """Write report.json, report.md and the three plots into ``out_dir``. Every file is rendered to
+    a temporary name first and all of them replace their targets only once all are done, so a
+    failure leaves no partial report. Returns the paths by kind."""
+    out_dir = Path(out_dir)
+    paths = {kind: out_dir / name for kind, name in FILES.items()}
+    with contextlib.ExitStack() as stack:  # exits in reverse: every file renamed only if all succeeded
+        tmp = {kind: stack.enter_context(fileio.atomic_path(p)) for kind, p in paths.items()}
+        tmp["json"].write_text(json.dumps(report, ensure_ascii=False, indent=2, allow_nan=False) + "\n",
+                               encoding="utf-8")
+        tmp["markdown"].write_text(markdown(report), encoding="utf-8")
+        plot_accuracy(report, tmp["accuracy_plot"])
+        plot_occlusion(report, tmp["occlusion_plot"])
+        plot_confusion(report, tmp["confusion_plot"])
+    return paths

@@ -1,0 +1,247 @@
+"""inference.py and occmllm.report: batched greedy answers, resuming, scoring, reports, bad input."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import inference
+from occmllm import report
+from occmllm.questions import CATEGORIES, category_answer, is_correct
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _noisy_copy(src: Path, dst: Path, seed: int) -> Path:
+    """The tiny checkpoint with its weights shaken and its end-of-turn token made likelier: random
+    models of occmllm.tiny answer every prompt with the same newline; this one gives answers that
+    vary with the image and the history and end at different lengths (what padding must survive)."""
+    from transformers import InternVLForConditionalGeneration
+    shutil.copytree(src, dst)
+    model = InternVLForConditionalGeneration.from_pretrained(src)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+        model.get_input_embeddings().weight[model.config.text_config.eos_token_id] *= 3.0
+    model.save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models are dominated by thread hand-offs; one thread is faster and immune to busy cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model, tmp_path_factory):
+    base = tmp_path_factory.mktemp("inference_models")
+    return {"a": _noisy_copy(tiny_model, base / "a", 1), "b": _noisy_copy(tiny_model, base / "b", 2)}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """16 scenes x 2 views at 64 px; test.jsonl asks Q1-Q5 about every view (32 records)."""
+    from data_tools import builders
+    from data_tools.dataset import load_dataset
+    from data_tools.synthocc import Settings, generate
+    out = generate(tmp_path_factory.mktemp("inference_data") / "data", Settings(scenes=16, views=2, seed=0, size=64),
+                   progress=False)
+    ds = load_dataset(out)
+    builders.write_stage(builders.test_records(ds.split(None)), out / "test.jsonl", ds, "test")
+    return out
+
+
+def run(*argv) -> None:
+    assert inference.main([str(a) for a in argv]) == 0
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def batched(models, dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("batched")
+    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", out, "--batch-size", 8)
+    return out
+
+
+def test_batched_and_one_by_one_give_the_same_answers(batched, models, dataset, tmp_path):
+    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", tmp_path, "--batch-size", 1)
+    preds = lines(batched / "predictions.jsonl")
+    assert len(preds) == 32 and [p["id"] for p in preds] == [p["id"] for p in lines(dataset / "test.jsonl")]
+    finals = [p["final"] for p in preds]
+    # the check means something only if answers differ between samples and in length (early stops)
+    assert len(set(finals)) > 16
+    assert len({len(a) for p in preds for a in p["answers"].values()}) > 10
+    assert all(p["question_ids"] == ["Q1", "Q2", "Q3", "Q4", "Q5"] and p["final"] == p["answers"]["Q1"] for p in preds)
+    assert (tmp_path / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
+
+
+def test_answers_do_not_depend_on_reference_answers_or_meta(batched, models, dataset, tmp_path):
+    recs = lines(dataset / "test.jsonl")
+    for rec in recs:  # wrong reference answers and meta: generation must not see them
+        rec["meta"] = {"category": "knife", "occlusion": 0.0}
+        for turn in rec["conversations"]:
+            if turn["from"] == "gpt":
+                turn["value"] = "The object is knife."
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run("--checkpoint", f"a={models['a']}", "--data", tmp_path / "t.jsonl", "--data-root", dataset,
+        "--out", tmp_path / "run", "--batch-size", 8)
+    assert (tmp_path / "run/predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
+
+
+def test_an_interrupted_run_resumes_to_the_same_file(models, dataset, tmp_path):
+    args = ["--checkpoint", f"a={models['a']}", "--checkpoint", f"b={models['b']}", "--data", dataset / "test.jsonl",
+            "--limit", 10, "--batch-size", 4]
+    run(*args, "--out", tmp_path / "full")
+    full = (tmp_path / "full/predictions.jsonl").read_bytes()
+    rows = full.splitlines(keepends=True)
+    assert len(rows) == 20 and [json.loads(r)["checkpoint"] for r in rows] == ["a"] * 10 + ["b"] * 10
+    for k in (0, 13):  # killed in the first checkpoint's first batch, and in the second checkpoint
+        out = tmp_path / f"resumed{k}"
+        out.mkdir()
+        (out / "predictions.jsonl").write_bytes(b"".join(rows[:k]) + rows[k][: len(rows[k]) // 2])
+        run(*args, "--out", out)
+        assert (out / "predictions.jsonl").read_bytes() == full
+        run(*args, "--out", out)  # all done: nothing is added
+        assert (out / "predictions.jsonl").read_bytes() == full
+    # a resumed run with other generation settings would mix answers: refused
+    with pytest.raises(SystemExit) as exc:
+        inference.main([str(a) for a in [*args, "--out", tmp_path / "full", "--max-new-tokens", 5]])
+    assert exc.value.code == 2
+
+
+def _independent_scores(preds: list[dict], recs: list[dict]):
+    by_id = {r["id"]: r for r in recs}
+    correct, total, final = {}, {}, []
+    for p in preds:
+        conv = by_id[p["id"]]["conversations"]
+        for k, qid in enumerate(p["question_ids"]):
+            ok = is_correct(qid, p["answers"][qid], conv[2 * k + 1]["value"])
+            correct[qid] = correct.get(qid, 0) + ok
+            total[qid] = total.get(qid, 0) + 1
+        final.append((by_id[p["id"]]["meta"]["occlusion"], is_correct("Q1", p["final"], conv[1]["value"])))
+    return {q: correct[q] / total[q] for q in total}, final
+
+
+def test_report_matches_an_independent_count(batched, models, dataset, tmp_path):
+    batched = Path(shutil.copytree(batched, tmp_path / "run"))
+    recs = lines(dataset / "test.jsonl")
+    preds = lines(batched / "predictions.jsonl")
+    # make some answers right (as if the model knew), so the counts are not all zero
+    for k, (p, r) in enumerate(zip(preds, recs)):
+        for j, qid in enumerate(p["question_ids"]):
+            if (k + j) % 3 == 0:
+                p["answers"][qid] = r["conversations"][2 * j + 1]["value"].lower()
+        p["final"] = p["answers"]["Q1"]
+    (batched / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", batched)  # all done: report only
+    rep = json.loads((batched / "report.json").read_text())
+    accuracy, final = _independent_scores(preds, recs)
+    (row,) = rep["rows"]
+    assert row["checkpoint"] == "a" and row["mode"] == "plain" and row["n"] == 32
+    assert row["accuracy"] == pytest.approx(accuracy) and set(row["accuracy"]) == {"Q1", "Q2", "Q3", "Q4", "Q5"}
+    assert 0 < row["final_accuracy"] < 1
+    assert row["final_accuracy"] == pytest.approx(sum(ok for _, ok in final) / 32) == row["accuracy"]["Q1"]
+    assert sum(b["n"] for b in row["by_occlusion"]) == 32
+    for b in row["by_occlusion"]:
+        lo, hi = b["range"]
+        inside = [ok for occ, ok in final if lo <= occ < hi or (hi == 1.0 and occ == 1.0)]
+        assert b["n"] == len(inside)
+        assert b["accuracy"] == (pytest.approx(sum(inside) / len(inside)) if inside else None)
+    assert row["samples_per_s"] > 0
+    cats = [r["meta"]["category"] for r in recs]
+    assert rep["q1_majority_rate"] == pytest.approx(max(map(cats.count, CATEGORIES)) / 32)
+    assert rep["q1_chance_rate"] == 1 / 8 and rep["test_file"].endswith("test.jsonl")
+    assert sum(map(sum, rep["confusion"]["matrix"])) == 32
+    for name in ("report.md", "accuracy.png", "accuracy_vs_occlusion.png", "confusion.png"):
+        assert (batched / name).stat().st_size > 0
+    assert "| a | plain | 32 |" in (batched / "report.md").read_text()
+    assert not list(batched.glob(".*.tmp"))
+
+
+def test_score_reference(dataset, tmp_path):
+    recs = lines(dataset / "test.jsonl")
+    cats = [r["meta"]["category"] for r in recs]
+    wrong = {c: CATEGORIES[(CATEGORIES.index(c) + 1) % 8] for c in CATEGORIES}
+    answers = {r["id"]: category_answer(c if k < 12 else wrong[c]) for k, (r, c) in enumerate(zip(recs, cats))}
+    answers["not_in_the_test_set"] = "The object is jar."
+    (tmp_path / "pred.json").write_text(json.dumps(answers))
+    run("--score-reference", tmp_path / "pred.json", "--data", dataset / "test.jsonl", "--out", tmp_path / "r",
+        "--name", "sft1")
+    (row,) = json.loads((tmp_path / "r/report.json").read_text())["rows"]
+    assert row["checkpoint"] == "sft1" and row["mode"] == "reference" and row["n"] == 32
+    assert row["accuracy"] == {"Q1": 12 / 32} and row["final_accuracy"] == 12 / 32
+    # ids from another test set, or too few of this one
+    (tmp_path / "other.json").write_text(json.dumps({"00000000": "The object is jar."}))
+    del answers[recs[5]["id"]]
+    (tmp_path / "few.json").write_text(json.dumps(answers))
+    for name, says in (("other.json", "none of its 1 ids"), ("few.json", "answers only 31 of the 32")):
+        with pytest.raises(SystemExit) as exc:
+            inference.main(["--score-reference", str(tmp_path / name), "--data", str(dataset / "test.jsonl"),
+                            "--out", str(tmp_path / name.replace(".", "_"))])
+        assert exc.value.code == 2
+        assert not (tmp_path / name.replace(".", "_") / "report.json").exists()
+
+
+def _bad_test_files(dataset: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
+    recs = lines(dataset / "test.jsonl")[:3]
+
+    def write(name, records):
+        (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+        return tmp / name
+
+    missing = json.loads(json.dumps(recs))
+    missing[2]["image"] = "scenes/s99999/rgb_00.png"
+    two = json.loads(json.dumps(recs))
+    two[1]["conversations"][2]["value"] += "\n<image>"
+    return {"missing image": (write("missing.jsonl", missing), "not found"),
+            "placeholders": (write("two.jsonl", two), "2 <image> placeholder(s) for 1 image(s)"),
+            "empty": (write("empty.jsonl", []), "empty")}
+
+
+def test_bad_input_is_one_line_and_leaves_no_report(models, dataset, tmp_path, capsys):
+    not_internvl = tmp_path / "bert"
+    not_internvl.mkdir()
+    (not_internvl / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    test = dataset / "test.jsonl"
+    cases = {"not InternVL": (["--checkpoint", f"a={models['a']}", "--checkpoint", f"b={not_internvl}",
+                               "--data", test], "not an InternVL checkpoint"),
+             "NAME=PATH": (["--checkpoint", str(models["a"]), "--data", test], "expected NAME=PATH")}
+    for case, (data, says) in _bad_test_files(dataset, tmp_path).items():
+        cases[case] = (["--checkpoint", f"a={models['a']}", "--data", data, "--data-root", dataset], says)
+    for case, (argv, says) in cases.items():
+        out = tmp_path / case.replace(" ", "_")
+        with pytest.raises(SystemExit) as exc:
+            inference.main([str(a) for a in [*argv, "--out", out]])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2, case
+        assert err.startswith("error: ") and "\n" not in err and says in err, (case, err)
+        assert not (out / "report.json").exists() and not (out / "predictions.jsonl").exists(), case
+
+
+def test_command_line(models, tmp_path):
+    help_text = subprocess.run([sys.executable, "inference.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert help_text.returncode == 0 and "--score-reference" in help_text.stdout
+    bad = subprocess.run([sys.executable, "inference.py", "--checkpoint", "a:" + str(models["a"]), "--data",
+                          str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "o")],
+                         cwd=ROOT, capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_occlusion_bins_edges():
+    def rec(x):
+        return {"meta": {"occlusion": x}}
+    assert [report.occlusion_bin(rec(x)) for x in (0.0, 0.19999, 0.2, 0.4, 0.6, 0.8, 0.99, 1.0)] == \
+        [0, 0, 1, 2, 3, 4, 4, 4]
+    assert report.occlusion_bin({"meta": {}}) is None and report.occlusion_bin({}) is None
