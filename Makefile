@@ -20,7 +20,7 @@ test: $(VENV)/.installed
 
 # The pipeline on the embedded default: synthetic data, tiny offline model, CPU.
 # Everything goes under outputs/demo/; each line is a command you can run on its own.
-DEMO_SCENES ?= 2000
+DEMO_SCENES ?= 3200
 DEMO_VIEWS ?= 2
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)/data $(DEMO)/data.partial $(DEMO)/models $(DEMO)/checkpoints $(DEMO)/report
