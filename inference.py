@@ -137,8 +137,72 @@ def run_plain(generate: Generator, batch: list[Sample]) -> list[dict]:
     return [{"answers": a, "final": a[report.final_key(s.keys)]} for s, a in zip(batch, answers)]
 
 
-# --mode NAME -> its function; "cot" and "dual" join here as functions beside run_plain
-MODE_RUNNERS = {"plain": run_plain}
+class RenderCache:
+    """Reconstruction renders of test views, made on first use and kept as ``DIR/<id>.png``.
+
+    The reconstruction model reads the view's image, its visible-object and hand masks and its
+    depth (the dataset manifest's inputs for that id); nothing about the answer."""
+
+    def __init__(self, checkpoint: Path, root: Path, folder: Path, resolution: int, device: str):
+        from data_tools.dataset import load_dataset
+        from reconstruction.reconstruct import Reconstructor, depth_scale_of
+        self.reconstructor = Reconstructor(checkpoint, resolution, device)
+        dataset = load_dataset(root)
+        self.root, self.lines, self.depth_scale = dataset.root, dataset.by_id(), depth_scale_of(root)
+        self.folder = folder
+
+    def paths(self, samples: list[Sample]) -> list[Path]:
+        from PIL import Image
+
+        from reconstruction.reconstruct import render
+        from reconstruction.views import load_view
+        out = [self.folder / f"{s.id}.png" for s in samples]
+        todo = [s for s, path in zip(samples, out) if not path.is_file()]
+        missing = [s.id for s in todo if str(s.id) not in self.lines]
+        if missing:
+            raise OccError(f"{self.root}/manifest.jsonl: no view {missing[0]!r} to reconstruct; CoT mode needs the "
+                           "test records' dataset (its masks and depth)")
+        if todo:
+            views = [load_view(self.root, self.lines[str(s.id)], self.depth_scale) for s in todo]
+            for view, rec in zip(views, self.reconstructor(views)):
+                with fileio.atomic_path(self.folder / f"{rec.id}.png", suffix=".png") as tmp:
+                    Image.fromarray(render(rec, view.camera)).save(tmp, format="PNG")
+        return out
+
+
+def run_cot(generate: Generator, batch: list[Sample], renders: RenderCache) -> list[dict]:
+    """Chain of thought: ask Q1, then Q6 (is the object clear?); where the model answers ``No.``,
+    reconstruct the object, render it, and ask Q1 again with the render as a second image. The
+    final answer is the last Q1 answer. Only the model's own answers decide anything."""
+    from occmllm.questions import Q1, Q6, parse_yes_no
+    encoded = [generate.images(s.images[:1]) for s in batch]
+    history: list[list[dict]] = [[{"from": "human", "value": Q1}] for _ in batch]
+    first = generate([Prompt(list(h), pixels, tiles) for h, (pixels, tiles) in zip(history, encoded)])
+    for h, text in zip(history, first):
+        h += [{"from": "gpt", "value": text.replace(IMAGE_TOKEN, "")}, {"from": "human", "value": Q6}]
+    clear = generate([Prompt(list(h), pixels, tiles) for h, (pixels, tiles) in zip(history, encoded)])
+    unclear = [i for i, text in enumerate(clear) if parse_yes_no(text) is False]
+    second: dict[int, str] = {}
+    if unclear:
+        paths = renders.paths([batch[i] for i in unclear])
+        prompts = []
+        for i, path in zip(unclear, paths):
+            history[i] += [{"from": "gpt", "value": clear[i].replace(IMAGE_TOKEN, "")},
+                           {"from": "human", "value": Q1}]
+            pixels, tiles = generate.images([batch[i].images[0], path])
+            prompts.append(Prompt(list(history[i]), pixels, tiles))
+        second = dict(zip(unclear, generate(prompts)))
+    out = []
+    for i in range(len(batch)):
+        answers = {"Q1": first[i], "Q6": clear[i]}
+        if i in second:
+            answers["Q1#2"] = second[i]
+        out.append({"answers": answers, "final": second.get(i, first[i])})
+    return out
+
+
+# --mode NAME -> its function(generate, batch, context); "dual" joins here
+MODE_RUNNERS = {"plain": lambda generate, batch, context: run_plain(generate, batch), "cot": run_cot}
 
 
 # --- the predictions file ----------------------------------------------------------------------
@@ -186,16 +250,22 @@ def done_predictions(path: Path) -> dict[tuple, dict]:
 
 
 def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: list[tuple[str, Path]],
-                       resuming: bool) -> None:
+                       resuming: bool, recon: Path | None = None) -> None:
     """Record the settings in run.json; a resumed run must use the same ones, or its predictions
-    would mix answers made differently."""
+    would mix answers made differently (and the cached renders would be another model's)."""
     path = out / RUN
     settings = {"data": str(data.resolve()), "max_new_tokens": max_new_tokens,
-                "checkpoints": {name: str(p.resolve()) for name, p in checkpoints}}
-    if resuming and path.is_file():
-        old = fileio.read_json(path)
+                "checkpoints": {name: str(p.resolve()) for name, p in checkpoints},
+                "recon": str(recon.resolve()) if recon is not None else None}
+    old = fileio.read_json(path) if path.is_file() else {}
+    if old.get("recon") and settings["recon"] is None:
+        settings["recon"] = old["recon"]
+    if (resuming or old.get("recon")) and path.is_file():
+        keys = ["data", "max_new_tokens"] if resuming else []
+        if old.get("recon") and recon is not None:
+            keys.append("recon")
         problems = [f"--{k.replace('_', '-')} was {old.get(k)!r}, now {settings[k]!r}"
-                    for k in ("data", "max_new_tokens") if old.get(k) != settings[k]]
+                    for k in keys if old.get(k) != settings[k]]
         for name, p in settings["checkpoints"].items():
             if old.get("checkpoints", {}).get(name, p) != p:
                 problems.append(f"checkpoint {name!r} was {old['checkpoints'][name]}, now {p}")
@@ -285,9 +355,15 @@ def run_inference(args) -> Path:
     pred_path, timing_path = args.out / PREDICTIONS, args.out / TIMING
     done = done_predictions(pred_path)
     read_lines(timing_path, repair=True)  # cut an unfinished line before appending
-    check_run_settings(args.out, args.data, args.max_new_tokens, checkpoints, resuming=bool(done))
+    check_run_settings(args.out, args.data, args.max_new_tokens, checkpoints, resuming=bool(done), recon=args.recon)
     hf_logging.disable_progress_bar()
     runner = MODE_RUNNERS[args.mode]
+    context = None
+    if args.mode == "cot":
+        if args.recon is None:
+            raise OccError("--mode cot needs --recon CKPT: a reconstruction model (python -m reconstruction.train)")
+        context = RenderCache(args.recon, root, args.out / "renders", args.recon_resolution,
+                              args.device or str(default_device()))
     device = torch.device(args.device) if args.device else default_device()
     with open(pred_path, "a", encoding="utf-8") as pred_fh, open(timing_path, "a", encoding="utf-8") as time_fh:
         for name, path in checkpoints:
@@ -310,7 +386,7 @@ def run_inference(args) -> Path:
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start: start + args.batch_size]
                 t0 = time.perf_counter()
-                results = runner(generate, batch)
+                results = runner(generate, batch, context)
                 seconds = time.perf_counter() - t0
                 lines = [{"checkpoint": name, "mode": args.mode, "id": s.id, "answers": r["answers"],
                           "final": r["final"], "question_ids": s.question_ids}
@@ -329,12 +405,16 @@ def run_inference(args) -> Path:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    # one row per checkpoint and mode in the folder (a later run in another mode adds its rows)
     spent = timings(timing_path)
+    ids = [s.id for s in samples]
+    pairs = list(dict.fromkeys((c, m) for c, m, _ in done))
     runs = []
-    for name, _ in checkpoints:
-        seconds, timed = spent.get((name, args.mode), (None, None))
-        runs.append({"checkpoint": name, "mode": args.mode, "seconds": seconds, "timed": timed,
-                     "predictions": {s.id: done[(name, args.mode, s.id)] for s in samples}})
+    for name, mode in pairs:
+        if all((name, mode, i) in done for i in ids):
+            seconds, timed = spent.get((name, mode), (None, None))
+            runs.append({"checkpoint": name, "mode": mode, "seconds": seconds, "timed": timed,
+                         "predictions": {i: done[(name, mode, i)] for i in ids}})
     return finish(args.out, report.build_report(args.data, test, runs), pred_path)
 
 
@@ -400,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset root the image paths are relative to [the root in <data stem>.meta.json]")
     p.add_argument("--batch-size", type=int, default=16, help="records per generation batch [16]")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens [32]")
-    p.add_argument("--mode", choices=sorted(MODE_RUNNERS), default="plain", help="how questions are asked [plain]")
+    p.add_argument("--mode", choices=sorted(MODE_RUNNERS), default="plain",
+                   help="plain: the test questions in order; cot: Q1, Q6 and, where the model says the object is "
+                        "unclear, Q1 again on a 3D reconstruction render [plain]")
+    p.add_argument("--recon", type=Path, help="--mode cot: reconstruction model folder")
+    p.add_argument("--recon-resolution", type=int, default=64, help="--mode cot: marching-cubes grid per axis [64]")
     p.add_argument("--limit", type=int, help="only the first N test records")
     p.add_argument("--device", choices=("cpu", "cuda"), help="[cuda when available, else cpu]")
     p.add_argument("--name", help="--score-reference: the row's name in the report [the file's stem]")

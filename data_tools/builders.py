@@ -90,23 +90,33 @@ def _undersample(items: list, key, seed: int) -> list:
     return [it for i, it in enumerate(items) if i in keep]
 
 
+# The clarity question as the reference's preference file writes it: a trailing newline and no
+# <image> placeholder (the image goes in front, InternVL's rule for a question without one).
+REFERENCE_CLARITY_QUESTION = Q6 + "\n"
+
+
 def step3_pairs(views: list[dict], predictions_path, checkpoint: str | None = None, seed: int = 0,
-                category_pairs: bool = True) -> list[dict]:
+                category_pairs: bool = True, reference_clarity: bool = False) -> list[dict]:
     """Stage 3 preference pairs from a model's own Q1 answers.
 
     Clarity pairs: Q6 with the truthful answer (``No.`` where the model's category was wrong)
     chosen, balanced between ``Yes.`` and ``No.`` by undersampling. Category pairs: for each wrong
     answer, the true answer chosen over the model's answer.
+
+    ``reference_clarity`` writes the pairs as the reference's ``train_Q1_Q6_balanced_dpo`` file:
+    clarity pairs only, its question text (``REFERENCE_CLARITY_QUESTION``). Its labels follow the
+    same rule as here (an id in its wrong-answer list has ``No.`` chosen), so they are not changed.
     """
     preds = read_predictions(predictions_path, checkpoint)
     correct = preds.correctness({v["id"]: v["category"] for v in views})
+    question = REFERENCE_CLARITY_QUESTION if reference_clarity else Q6 + "\n<image>"
     clarity = []
     for v in views:
         ok = correct[v["id"]]
-        clarity.append({"id": f"{v['id']}#clarity", "image": v["image"], "question": Q6 + "\n<image>",
+        clarity.append({"id": f"{v['id']}#clarity", "image": v["image"], "question": question,
                         "chosen": yes_no(ok), "rejected": yes_no(not ok), "meta": view_meta(v, correct=ok)})
     pairs = _undersample(clarity, key=lambda r: r["chosen"] == YES, seed=seed)
-    if category_pairs:
+    if category_pairs and not reference_clarity:
         for v in views:
             answer = preds.answers.get(v["id"])
             if not correct[v["id"]] and answer is not None and answer.strip() != category_answer(v["category"]):

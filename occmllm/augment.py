@@ -9,5 +9,11 @@ import numpy as np
 from PIL import Image
 
 
-def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+def flip_draw(rng: np.random.Generator) -> bool:
+    """Whether to flip: a fair coin."""
+    return bool(rng.random() < 0.5)
+
+
+def hflip(image: Image.Image) -> Image.Image:
+    return image.transpose(Image.FLIP_LEFT_RIGHT)
+

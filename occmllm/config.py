@@ -42,8 +42,6 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None, default_
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", type=Path, default=default_config,
                         help=f"YAML file of defaults for any flag below [{default_config}]")
-    if "-h" in rest or "--help" in rest:
-        parser.parse_args(["--help"])
     yaml_flags: list[str] = []
     if known.config is not None:
         path = known.config
@@ -63,6 +61,10 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None, default_
             raise OccError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                            f"see --help for the valid options")
         yaml_flags = _yaml_as_flags(values)
+        # --help shows the config's values as the defaults (the flags above still set them)
+        parser.set_defaults(**{key: value for key, value in values.items() if value is not None})
+    if "-h" in rest or "--help" in rest:
+        parser.parse_args(["--help"])
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(yaml_flags + rest, return_remaining_strings=True)
     except ValueError as exc:

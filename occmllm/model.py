@@ -57,12 +57,14 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
         return out
 
 
-def check_checkpoint(path: str | os.PathLike) -> dict:
-    """The folder's config if it is a transformers-native InternVL checkpoint; a clear error if not."""
+def check_checkpoint(path: str | os.PathLike, missing_hint: str | None = None) -> dict:
+    """The folder's config if it is a transformers-native InternVL checkpoint; a clear error if not.
+    ``missing_hint`` is added to the error for a folder that does not exist (e.g. which stage
+    writes it: ``occmllm.stages.missing_checkpoint_hint``)."""
     path = Path(path)
     config_file = path / "config.json"
     if not path.is_dir():
-        raise OccError(f"{path}: checkpoint folder not found")
+        raise OccError(f"{path}: checkpoint folder not found" + (f"; {missing_hint}" if missing_hint else ""))
     if not config_file.is_file():
         raise OccError(f"{path}: not a Hugging Face checkpoint (no config.json)")
     config = json.loads(config_file.read_text())

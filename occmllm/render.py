@@ -139,11 +139,36 @@ def render_rgb(caster: RayCaster, camera: Camera, colours, background=(0.5, 0.5,
     (RGB in [0, 1], one per mesh) under a light given in camera coordinates (default: from the
     upper left, towards the camera side)."""
     hits = caster.render(camera)
+    palette = np.array([np.broadcast_to(np.asarray(c, dtype=np.float64), (3,)) for c in colours]).reshape(-1, 3)
+    coloured = (hits.label >= 0) & (hits.label < len(palette))
+    return _shade_over_background(camera, hits, coloured, palette[hits.label[coloured]], background, light_cam)
+
+
+def render_vertex_colours(caster: RayCaster, camera: Camera, vertex_colours: np.ndarray,
+                          background=(0.5, 0.5, 0.5), light_cam=(0.3, -0.6, -1.0)) -> np.ndarray:
+    """A shaded (H, W, 3) uint8 image of the caster's mesh 0 with per-vertex RGB colours in [0, 1]
+    ((V, 3), e.g. colours predicted with a reconstruction), interpolated across each triangle with
+    the barycentric coordinates of the hit; lit as in ``render_rgb``. Other meshes occlude it but
+    are not drawn (their pixels show the background)."""
+    mesh = caster.meshes[0]
+    vertex_colours = np.asarray(vertex_colours, dtype=np.float64)
+    if vertex_colours.shape != (len(mesh.vertices), 3):
+        raise ValueError(f"render_vertex_colours: need ({len(mesh.vertices)}, 3) colours, got {vertex_colours.shape}")
+    hits = caster.render(camera)
+    coloured = hits.label == 0
+    albedo = np.zeros((int(coloured.sum()), 3))
+    if len(albedo):
+        faces = mesh.faces[hits.face[coloured]]
+        barycentric = trimesh.triangles.points_to_barycentric(mesh.vertices[faces], hits.location[coloured])
+        albedo = np.einsum("nk,nkc->nc", barycentric, vertex_colours[faces])
+    return _shade_over_background(camera, hits, coloured, np.clip(albedo, 0.0, 1.0), background, light_cam)
+
+
+def _shade_over_background(camera: Camera, hits: Hits, coloured: np.ndarray, albedo: np.ndarray,
+                           background, light_cam) -> np.ndarray:
+    """Lambert-shade the ``coloured`` pixels (albedo one row per such pixel) over a flat background."""
     light_world = camera.world_to_cam[:3, :3].T @ np.asarray(light_cam, dtype=np.float64)
     rgb = np.tile(np.asarray(background, dtype=np.float64), (len(hits.label), 1))
-    for i, colour in enumerate(colours):
-        sel = hits.label == i
-        if sel.any():
-            rgb[sel] = lambert(np.broadcast_to(np.asarray(colour, dtype=np.float64), (int(sel.sum()), 3)),
-                               hits.normal[sel], light_world)
+    if coloured.any():
+        rgb[coloured] = lambert(albedo, hits.normal[coloured], light_world)
     return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8).reshape(camera.height, camera.width, 3)

@@ -18,7 +18,9 @@ outside the question set is ``"T<turn number>"``), as :func:`turns_of` names the
                "accuracy": {key: float}, "correct": {key: int}, "answered": {key: int},
                "final_accuracy": float, "final_correct": int,
                "by_occlusion": [{"range": [lo, hi] | null, "n": int, "correct": int, "accuracy": float | null}],
-               "seconds": float | null, "samples_per_s": float | null}],
+               "seconds": float | null, "samples_per_s": float | null,
+               "cot": {"no_rate", "calibration", "no_when_wrong", "yes_when_right",      # chain-of-thought rows only
+                       "wrong_to_right", "right_to_wrong"}}],
      "confusion": {"checkpoint": str, "mode": str, "truth": [categories], "predicted": [categories + "(none)"],
                    "matrix": [[count]]} | null}
 
@@ -38,7 +40,7 @@ from pathlib import Path
 
 from occmllm import fileio
 from occmllm.errors import OccError
-from occmllm.questions import CATEGORIES, is_correct, parse_category, question_id
+from occmllm.questions import CATEGORIES, is_correct, parse_category, parse_yes_no, question_id
 
 OCCLUSION_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 NO_CATEGORY = "(none)"
@@ -135,13 +137,38 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
         by_occlusion.append({"range": None, "n": bin_n[nbins], "correct": bin_correct[nbins],
                              "accuracy": _rate(bin_correct[nbins], bin_n[nbins])})
     n = len(records)
-    return {"checkpoint": checkpoint, "mode": mode, "n": n,
+    extra = {"cot": cot_stats(records, predictions)} if all("Q6" in predictions[r["id"]]["answers"]
+                                                            for r in records) else {}
+    return {"checkpoint": checkpoint, "mode": mode, "n": n, **extra,
             "accuracy": {k: correct[k] / scored[k] for k in keys},
             "correct": {k: correct[k] for k in keys}, "answered": {k: scored[k] for k in keys},
             "final_accuracy": _rate(final_correct, n), "final_correct": final_correct,
             "by_occlusion": by_occlusion,
             "seconds": round(seconds, 4) if seconds is not None else None,
             "samples_per_s": round(timed / seconds, 4) if seconds and timed else None}
+
+
+def cot_stats(records: list[dict], predictions: dict) -> dict:
+    """Chain-of-thought figures: how often the model said the object is unclear (Q6 ``No.``), how
+    well that matched its first answer being wrong, and what the render changed."""
+    said_no = wrong = no_when_wrong = yes_when_right = wrong_to_right = right_to_wrong = 0
+    for rec in records:
+        answers = predictions[rec["id"]]["answers"]
+        truth = truth_category(rec)
+        first_right = truth is not None and parse_category(answers.get("Q1", "")) == truth
+        no = parse_yes_no(answers["Q6"]) is False
+        said_no += no
+        wrong += not first_right
+        no_when_wrong += no and not first_right
+        yes_when_right += (not no) and first_right
+        if "Q1#2" in answers:
+            second_right = truth is not None and parse_category(answers["Q1#2"]) == truth
+            wrong_to_right += second_right and not first_right
+            right_to_wrong += first_right and not second_right
+    n = len(records)
+    return {"no_rate": _rate(said_no, n), "calibration": _rate(no_when_wrong + yes_when_right, n),
+            "no_when_wrong": _rate(no_when_wrong, wrong), "yes_when_right": _rate(yes_when_right, n - wrong),
+            "wrong_to_right": wrong_to_right, "right_to_wrong": right_to_wrong}
 
 
 def _key_order(key: str):
@@ -224,6 +251,20 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def cot_table(report: dict) -> str:
+    rows = [r for r in report["rows"] if "cot" in r]
+    if not rows:
+        return ""
+    lines = ["| checkpoint | mode | said No. | calibration | No. when wrong | Yes. when right | render: wrong->right "
+             "| render: right->wrong |", "|" + " --- |" * 8]
+    for r in rows:
+        c = r["cot"]
+        lines.append(f"| {r['checkpoint']} | {r['mode']} | {_fmt(c['no_rate'])} | {_fmt(c['calibration'])} | "
+                     f"{_fmt(c['no_when_wrong'])} | {_fmt(c['yes_when_right'])} | {c['wrong_to_right']} | "
+                     f"{c['right_to_wrong']} |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     maj = report["q1_majority_rate"]
     text = [f"# Accuracy on {report['test_file']}", "",
@@ -234,6 +275,11 @@ def markdown(report: dict) -> str:
              "questions by polarity); `final` is the answer to the category question; occlusion bins show the final "
              "accuracy and, in brackets, the number of records. Plots: "
              f"`{FILES['accuracy_plot']}`, `{FILES['occlusion_plot']}`, `{FILES['confusion_plot']}`."), ""]
+    if cot_table(report):
+        text += ["## Chain of thought", "",
+                 ("Q1 is the first answer and `final` the answer after the render. `said No.`: the share of samples "
+                  "the model called unclear (Q6); calibration: the share where it said `No.` exactly when its first "
+                  "answer was wrong; the last columns count answers the render changed."), "", cot_table(report), ""]
     return "\n".join(text)
 
 

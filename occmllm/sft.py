@@ -18,11 +18,12 @@ from torch.utils.data import Dataset
 from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
 
 from occmllm import records
-from occmllm.augment import augment
+from occmllm.augment import flip_draw, hflip
 from occmllm.config import parse_config
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images, pad_batch
 from occmllm.errors import OccError, cli
 from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint, default_attention
+from occmllm.stages import missing_checkpoint_hint, stage_of
 
 LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -48,20 +49,25 @@ class DataArguments:
     data_root: str | None = field(default=None, metadata={
         "help": "image root for a JSONL (default: from the JSONL's .meta.json beside it)"})
     max_length: int = field(default=4096, metadata={"help": "longest conversation in tokens"})
-    augment: bool = field(default=False, metadata={"help": "random crop, flip and hue (for models trained from scratch)"})
+    augment: bool = field(default=False, metadata={"help": "random horizontal flips (for models trained from scratch)"})
+    cache_encoded: bool = field(default=False, metadata={
+        "help": "keep every encoded sample (tokens, labels, pixels) in memory after its first epoch: "
+                "no image decoding or preprocessing after that; for datasets that fit in RAM"})
     resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint in output_dir"})
 
 
 # --- data ------------------------------------------------------------------------------------
 
-def load_training_records(train_data: str | os.PathLike, data_root: str | None = None) -> list[tuple[Path, dict]]:
+def load_training_records(train_data: str | os.PathLike, data_root: str | None = None, kind: str = "conversation",
+                          verify_images: bool = False) -> list[tuple[Path, dict]]:
     """``(image root, record)`` pairs from a JSONL or an InternVL meta JSON, with repeat_time applied
-    (a fraction keeps that share of the records, deterministically)."""
+    (a fraction keeps that share of the records, deterministically). ``kind`` and
+    ``verify_images`` are ``records.read_records``'s."""
     path = Path(train_data)
     if path.suffix == ".json":
         out = []
         for _name, root, annotation, repeat in records.iter_meta(path):
-            recs = records.read_records(annotation, root=root)
+            recs = records.read_records(annotation, kind, root=root, verify_images=verify_images)
             whole, frac = int(repeat), repeat - int(repeat)
             out += [(root, r) for r in recs] * whole + [(root, r) for r in recs[: int(round(frac * len(recs)))]]
         return out
@@ -72,32 +78,52 @@ def load_training_records(train_data: str | os.PathLike, data_root: str | None =
         (_name, root, _annotation, _repeat), *_ = records.iter_meta(meta)
     else:
         root = Path(data_root)
-    return [(root, r) for r in records.read_records(path, root=root)]
+    return [(root, r) for r in records.read_records(path, kind, root=root, verify_images=verify_images)]
 
 
 class ConversationDataset(Dataset):
-    """Encodes one record per item: images loaded (and augmented), template applied, labels masked."""
+    """Encodes one record per item: images loaded (and flipped), template applied, labels masked.
+
+    With ``cache``, the first encoding of each record is kept, and later epochs only flip its
+    pixel tensor where augmentation asks for it (a flip commutes with resizing and normalising;
+    an image cut into several tiles is encoded again, since its tiles would also change places).
+    Without a cache, image decoding and preprocessing took about half of a stage-1 step on the
+    demo model."""
 
     def __init__(self, items: list[tuple[Path, dict]], encoder: ConversationEncoder, augment_images: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, cache: bool = False):
         self.items, self.encoder, self.augment, self.seed = items, encoder, augment_images, seed
         self.epoch = 0
+        self._cache: dict[int, object] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict:
+    def _encode(self, index: int, flip: bool):
         root, rec = self.items[index]
         paths = [records.fileio.resolve_in_root(root, p, rec["id"]) for p in records.images_of(rec)]
         try:
             images = load_images(paths)
         except OSError as exc:
             raise OccError(f"record {rec['id']}: cannot read image ({exc})") from None
-        if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            images = [augment(im, rng) for im in images]
-        enc = self.encoder.encode(images, rec["conversations"])
-        return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": enc.pixel_values}
+        if flip:
+            images = [hflip(im) for im in images]
+        return self.encoder.encode(images, rec["conversations"])
+
+    def __getitem__(self, index: int) -> dict:
+        flip = self.augment and flip_draw(np.random.default_rng([self.seed, self.epoch, index]))
+        if self._cache is None:
+            enc = self._encode(index, flip)
+            pixels = enc.pixel_values
+        else:
+            enc = self._cache.get(index)
+            if enc is None:
+                enc = self._cache[index] = self._encode(index, False)
+            pixels = enc.pixel_values
+            if flip:
+                one_tile_each = len(pixels) == len(records.images_of(self.items[index][1]))
+                pixels = pixels.flip(-1) if one_tile_each else self._encode(index, True).pixel_values
+        return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
 
 
 @dataclass
@@ -186,30 +212,51 @@ def train(model_args: ModelArguments, data_args: DataArguments, training: Traini
     items = load_training_records(data_args.train_data, data_args.data_root)
     processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
     encoder = ConversationEncoder(processor, max_length=data_args.max_length)
-    dataset = ConversationDataset(items, encoder, data_args.augment, training.seed)
+    dataset = ConversationDataset(items, encoder, data_args.augment, training.seed, data_args.cache_encoded)
     model = build_model(model_args, training)
     trainer = Trainer(model=model, args=training, train_dataset=dataset,
                       data_collator=Collator(processor.tokenizer.pad_token_id),
                       callbacks=[EpochSetter(dataset), SaveProcessor(processor)])
-    resume = data_args.resume and any(Path(training.output_dir).glob("checkpoint-*"))
+    return fit(trainer, processor, data_args.resume)
+
+
+def fit(trainer: Trainer, processor, resume: bool) -> Path:
+    """Train (with ``resume``, from the last checkpoint in output_dir if there is one) and save the
+    stage checkpoint there."""
+    out = trainer.args.output_dir
+    resume = resume and any(Path(out).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
-    save_final(trainer, processor, training.output_dir)
-    return Path(training.output_dir)
+    save_final(trainer, processor, out)
+    return Path(out)
 
 
-def run(argv=None, default_config: Path | None = None) -> Path:
-    model_args, data_args, training = parse_config((ModelArguments, DataArguments, TrainingArguments), argv,
-                                                   default_config)
-    out = train(model_args, data_args, training)
-    if training.should_save:
+def run_stage(train_fn, dataclass_types: tuple, argv=None, default_config: Path | None = None) -> Path:
+    """A stage's command: its config and flags parsed into ``dataclass_types`` (model arguments
+    first, training arguments last), its starting checkpoint checked (a missing one names the stage
+    that writes it), then ``train_fn(*arguments)``."""
+    model_args, *rest = parse_config(dataclass_types, argv, default_config)
+    check_checkpoint(model_args.model_name_or_path, missing_checkpoint_hint(stage_of(default_config)))
+    out = train_fn(model_args, *rest)
+    if rest[-1].should_save:
         print(f"saved the stage checkpoint to {out}")
     return out
 
 
-@cli
-def main(argv=None, default_config: Path | None = None) -> int:
-    run(argv, default_config)
-    return 0
+def stage_commands(train_fn, dataclass_types: tuple):
+    """A stage's ``run(argv, default_config) -> checkpoint folder`` and its command-line ``main``
+    (errors as one line), both by ``run_stage``."""
+    def run(argv=None, default_config: Path | None = None) -> Path:
+        return run_stage(train_fn, dataclass_types, argv, default_config)
+
+    @cli
+    def main(argv=None, default_config: Path | None = None) -> int:
+        run(argv, default_config)
+        return 0
+
+    return run, main
+
+
+run, main = stage_commands(train, (ModelArguments, DataArguments, TrainingArguments))
 
 
 if __name__ == "__main__":

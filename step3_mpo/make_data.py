@@ -4,6 +4,7 @@ Clarity pairs (Q6: the truthful Yes./No. about whether the model's answer was ri
 undersampling) and category pairs (the truth over the model's wrong answer).
 
     python -m step3_mpo.make_data --data DATA --predictions PRED --out OUT.jsonl [--checkpoint NAME]
+        [--no-category-pairs] [--reference-clarity]
 """
 from __future__ import annotations
 
@@ -20,10 +21,16 @@ def main(argv=None) -> int:
     parser.add_argument("--predictions", required=True, help="the model's answers on this split")
     parser.add_argument("--checkpoint", help="which checkpoint's answers, when the file has several")
     parser.add_argument("--no-category-pairs", action="store_true", help="clarity pairs only")
+    parser.add_argument("--reference-clarity", action="store_true",
+                        help="reproduce the reference's pairs (v1/train_Q1_Q6_balanced_dpo): clarity pairs only, "
+                             "with its question text 'Is it clear to identify the object in the hand?\\n' and no "
+                             "<image> placeholder (training puts the image in front). Chosen/rejected follow the "
+                             "reference's rule, which is also the default one: No. chosen where the model's Q1 "
+                             "answer was wrong, Yes. where it was right")
     args = parser.parse_args(argv)
     dataset = load_dataset(args.data)
     recs = builders.step3_pairs(dataset.split(args.split), args.predictions, args.checkpoint, args.seed,
-                                category_pairs=not args.no_category_pairs)
+                                category_pairs=not args.no_category_pairs, reference_clarity=args.reference_clarity)
     builders.report(builders.write_stage(recs, args.out, dataset, f"step3_{args.split}", kind="preference"), recs)
     return 0
 

@@ -15,6 +15,17 @@ def fixtures() -> Path:
     return FIXTURES
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: tiny models are dominated by thread hand-offs, and one thread is faster and
+    immune to busy cores. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Path:
     """A small SynthOcc set shared by the data tests (16 scenes x 4 views)."""
@@ -48,3 +59,18 @@ def synth_small(tmp_path_factory) -> Path:
     builders.write_stage(builders.step1_records(ds.split(None)), out / "stages/step1.jsonl", ds, "step1")
     builders.write_stage(builders.test_records(ds.split("test")), out / "stages/test.jsonl", ds, "test")
     return out
+
+
+SMALL_RECON = dict(widths=[8, 16], local_width=8, global_width=16, hidden=32, layers=2, fourier=2)
+
+
+@pytest.fixture(scope="session")
+def recon_model(synth, tmp_path_factory) -> Path:
+    """A small reconstruction model trained for a few steps on ``synth`` (mechanics, not quality)."""
+    from reconstruction.model import ReconConfig
+    from reconstruction.train import ReconTrainArguments, train
+    out = tmp_path_factory.mktemp("recon") / "model"
+    args = ReconTrainArguments(data=str(synth), output_dir=str(out), steps=6, batch_size=2, sdf_points=128,
+                               eikonal_points=16, colour_points=32, silhouette_rays=16, ray_samples=8, save_steps=3,
+                               log_steps=3, progress=False)
+    return train(args, ReconConfig(**SMALL_RECON))

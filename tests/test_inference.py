@@ -14,6 +14,8 @@ from occmllm.questions import CATEGORIES, category_answer, is_correct
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _noisy_copy(src: Path, dst: Path, seed: int) -> Path:
     """The tiny checkpoint with its weights shaken and its end-of-turn token made likelier: random
@@ -31,13 +33,6 @@ def _noisy_copy(src: Path, dst: Path, seed: int) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are dominated by thread hand-offs; one thread is faster and immune to busy cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -164,3 +164,23 @@ def test_two_process_deepspeed_zero2(tiny_model, synth_small, tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     load_model(tmp_path / "ds")
+
+
+def test_cached_dataset_gives_the_uncached_items(tiny_model, synth_small):
+    """The encoded-sample cache (flip applied to the cached pixels) matches encoding afresh."""
+    from occmllm.conversation import ConversationEncoder
+    from occmllm.model import ImageOnlyInternVLProcessor
+    from occmllm.sft import ConversationDataset, load_training_records
+    items = load_training_records(synth_small / "stages/step1.jsonl")[:6]
+    encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(tiny_model))
+    fresh = ConversationDataset(items, encoder, augment_images=True, seed=3)
+    cached = ConversationDataset(items, encoder, augment_images=True, seed=3, cache=True)
+    flips = 0
+    for epoch in range(3):
+        fresh.epoch = cached.epoch = epoch
+        for i in range(len(items)):
+            a, b = fresh[i], cached[i]
+            assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+            torch.testing.assert_close(a["pixel_values"], b["pixel_values"], atol=1e-5, rtol=0)
+            flips += not torch.equal(a["pixel_values"], cached._cache[i].pixel_values)
+    assert 0 < flips < 18  # some draws flipped, some did not

@@ -1,0 +1,89 @@
+"""Reconstruction throughput: reconstructions per second (encode + mesh extraction + render).
+
+Runs a trained reconstruction model on test views, one view at a time as chain-of-thought
+inference does, and times each part; then the same views with dense mesh extraction, for the
+coarse-to-fine saving. Prints a table, then one JSON line with the figures.
+
+    python benchmarks/bench_recon.py [--checkpoint outputs/demo/recon/model] [--data outputs/demo/data]
+                                     [--views 32] [--resolution 96]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from data_tools.dataset import load_dataset  # noqa: E402
+from occmllm.errors import OccError  # noqa: E402
+from reconstruction.model import view_batch  # noqa: E402
+from reconstruction.reconstruct import Reconstructor, depth_scale_of, render  # noqa: E402
+from reconstruction.views import load_view  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def run(reconstructor: Reconstructor, views) -> dict:
+    """Per view: the encoder alone, the whole reconstruction (encoder + mesh extraction + colours),
+    and the render; extraction time is the difference of the first two."""
+    encode = reconstruct = draw = 0.0
+    evaluations = 0
+    for view in views:
+        with torch.inference_mode():
+            _, t = timed(lambda: reconstructor.model.encode(view_batch([view])))
+        encode += t
+        (rec,), t = timed(lambda: reconstructor([view]))
+        reconstruct += t
+        evaluations += rec.evaluations
+        _, t = timed(lambda: render(rec, view.camera))
+        draw += t
+    n = len(views)
+    return {"views": n, "encode_ms": round(1000 * encode / n, 1),
+            "extract_ms": round(1000 * (reconstruct - encode) / n, 1), "render_ms": round(1000 * draw / n, 1),
+            "evaluations": evaluations // n, "per_s": round(n / (reconstruct + draw), 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=Path("outputs/demo/recon/model"))
+    p.add_argument("--data", type=Path, default=Path("outputs/demo/data"))
+    p.add_argument("--views", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=96)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        dataset = load_dataset(args.data)
+        scale = depth_scale_of(args.data)
+        lines = dataset.split("test")[: args.views]
+        views = [load_view(dataset.root, line, scale) for line in lines]
+        rows = {}
+        for mode in ("coarse_to_fine", "dense"):
+            reconstructor = Reconstructor(args.checkpoint, args.resolution, mode=mode)
+            run(reconstructor, views[:2])  # warm-up
+            rows[mode] = run(reconstructor, views)
+    except OccError as exc:
+        sys.exit(f"error: {exc} (train a model first: make demo)")
+    print(f"{'extraction':>15} {'views':>6} {'encode ms':>10} {'extract ms':>11} {'render ms':>10} "
+          f"{'SDF evals':>10} {'recon/s':>8}")
+    for mode, r in rows.items():
+        print(f"{mode:>15} {r['views']:>6} {r['encode_ms']:>10} {r['extract_ms']:>11} {r['render_ms']:>10} "
+              f"{r['evaluations']:>10} {r['per_s']:>8}")
+    c2f, dense = rows["coarse_to_fine"], rows["dense"]
+    print(json.dumps({"benchmark": "reconstruction", "cores": os.cpu_count(), "resolution": args.resolution,
+                      "size": views[0].size[0], "reconstructions_per_s": c2f["per_s"],
+                      "evaluation_ratio_dense_over_c2f": round(dense["evaluations"] / max(c2f["evaluations"], 1), 2),
+                      "speedup_c2f_over_dense": round(c2f["per_s"] / dense["per_s"], 2), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Self-correction RL for the chain of thought (stage 4): policy gradient on sampled chains.
+
+The chain is the one ``inference.py --mode cot`` runs: attempt 1 = Q1 with the image; then Q6
+(is the object clear?); where the model answers No, attempt 2 = Q1 again with the reconstruction
+render as a second image. For each training view, K chains are sampled from the current policy
+and each gets a reward (SCoRe-style; ``score_chain``):
+
+    r = w_correct [final answer right] + w_cal [Q6 parsed, and No exactly when attempt 1 was wrong]
+        + w_fix [attempt 1 wrong and attempt 2 right]
+
+The loss over the batch's sampled answer tokens T (attempt 1, the Q6 answer, attempt 2, each
+with its end-of-turn token; never prompt, question or image tokens) is
+
+    L = 1/|T| sum_{t in T} [ -A(t) log pi(y_t | y_<t, images)  +  beta k3_t ]
+    A = (r - mean of the K chains' rewards) [/ their std]           (GRPO's group baseline)
+    k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1     (pi_ref: a frozen copy of the start)
+
+with log pi computed by one teacher-forced forward pass over exactly the token ids the policy
+sampled (no decode / re-encode), at the sampling temperature. One rollout per optimizer step, so
+GRPO's importance ratio is 1 and its clipping never acts: the gradient is REINFORCE's with the
+group mean as baseline.
+
+Why not TRL's GRPOTrainer: its rollouts are one completion after a prompt (or tool calls parsed
+from the completion); this chain asks a second question, and on a sampled "No." inserts a second
+image mid-conversation, which neither its prompt/completion split nor its forward pass (pixel
+values of the dataset images only, placed by TRL's own message formatting) can express. So this
+module writes the rollout, the rewards and the loss by hand, and the HF Trainer runs the loop
+(AdamW, schedule, accumulation, logging, checkpoints, DDP / DeepSpeed ZeRO-1/2).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from occmllm import fileio, records
+from occmllm.conversation import ConversationEncoder, load_images, pad_batch
+from occmllm.errors import OccError
+from occmllm.model import ImageOnlyInternVLProcessor
+from occmllm.questions import CATEGORIES, IMAGE_TOKEN, Q1, Q6, parse_category, parse_yes_no, question_id
+from occmllm.sft import DataArguments, ModelArguments, SaveProcessor, build_model, fit, load_training_records
+
+
+@dataclass
+class SelfCorrectArguments:
+    rl_data: str | None = field(default=None, metadata={
+        "help": "stage-4 JSONL (or meta JSON) whose Q1 records give the views (default: train_data)"})
+    renders: str | None = field(default="renders/oracle", metadata={
+        "help": "render folder under the dataset root (<view id>.png) for views whose record has no second image"})
+    rl_steps: int = field(default=200, metadata={"help": "optimizer steps of the RL phase"})
+    rl_images_per_step: int = field(default=4, metadata={"help": "views per step and device"})
+    rl_group_size: int = field(default=4, metadata={"help": "K: chains sampled per view (the group of the baseline)"})
+    rl_learning_rate: float = 1e-4
+    rl_warmup_steps: int = 0
+    rl_save_steps: int = field(default=0, metadata={"help": "checkpoint every N RL steps (0: only the final model)"})
+    rl_temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss uses the same)"})
+    rl_max_new_tokens: int = field(default=24, metadata={"help": "longest sampled answer in tokens"})
+    kl_beta: float = field(default=0.02, metadata={"help": "weight of the k3 KL to the frozen start (0: no reference)"})
+    reward_correct: float = field(default=1.0, metadata={"help": "reward for a right final answer"})
+    reward_calibration: float = field(default=0.5, metadata={
+        "help": "reward for a Q6 answer that is No exactly when attempt 1 was wrong"})
+    reward_fix: float = field(default=0.5, metadata={"help": "reward for attempt 1 wrong and attempt 2 right"})
+    scale_advantages: bool = field(default=True, metadata={"help": "divide advantages by the group's reward std"})
+
+
+# --- views -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class View:
+    """One training image: what the chain may show the model, and the category it is scored on."""
+    id: str
+    image: Path
+    render: Path      # the reconstruction render; the image itself where the view has none
+    category: str
+
+
+def load_views(train_data, data_root: str | None = None, renders: str | None = None) -> list[View]:
+    """Views from a stage JSONL: each record whose first question is Q1 (others, e.g. the Q0 plan
+    records, are not chains and are counted, not used). The category comes from ``meta`` or the
+    record's Q1 answer; the render is the record's second image, else ``renders/<id>.png``."""
+    views, not_chains, no_render = [], 0, 0
+    for root, rec in load_training_records(train_data, data_root):
+        turns = rec["conversations"]
+        if question_id(turns[0]["value"]) != "Q1":
+            not_chains += 1
+            continue
+        context = f"{train_data} record {rec['id']!r}"
+        category = (rec.get("meta") or {}).get("category") or parse_category(turns[1]["value"])
+        if category not in CATEGORIES:
+            raise OccError(f"{context}: no category to score against (meta.category, or a Q1 answer naming one "
+                           f"of {', '.join(CATEGORIES)})")
+        paths = [fileio.resolve_in_root(root, p, context) for p in records.images_of(rec)]
+        render = paths[1] if len(paths) > 1 else None
+        if render is None and renders:
+            candidate = fileio.resolve_in_root(root, f"{renders.rstrip('/')}/{rec['id']}.png", context)
+            render = candidate if candidate.is_file() else None
+        if render is None:
+            no_render += 1
+        views.append(View(str(rec["id"]), paths[0], render or paths[0], category))
+    if not views:
+        raise OccError(f"{train_data}: no record starts with the category question (Q1); self-correction needs "
+                       "stage-4 chain records (python -m step4_selfconsistency.make_data)")
+    note = f"self-correction: {len(views)} views from {train_data}"
+    if not_chains:
+        note += f"; {not_chains} records without a Q1 first turn (Q0 plans) not used"
+    if no_render:
+        note += f"; {no_render} views have no render and show their own image again on attempt 2"
+    print(note, flush=True)
+    return views
+
+
+# --- rollouts ----------------------------------------------------------------------------------
+
+@dataclass
+class Chain:
+    view: View
+    ids: list[int] = field(default_factory=list)      # the conversation's tokens, as the policy saw and wrote them
+    sampled: list[int] = field(default_factory=list)  # positions in ids of tokens the policy sampled
+    answers: list[str] = field(default_factory=list)  # attempt 1, the Q6 answer, attempt 2 (when asked)
+    pixel_values: torch.Tensor | None = None          # tiles of the images the conversation holds
+
+    @property
+    def images(self) -> list[Path]:
+        return [self.view.image, self.view.render] if self.asks_again else [self.view.image]
+
+    @property
+    def asks_again(self) -> bool:
+        """The model said the object is not clear: attempt 2 follows (or followed) on the render."""
+        return len(self.answers) >= 2 and parse_yes_no(self.answers[1]) is False
+
+    def history(self) -> list[dict]:
+        """The conversation as record turns (answers as decoded text)."""
+        questions = [Q1, Q6, Q1]
+        turns = []
+        for q, a in zip(questions, self.answers):
+            turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a.replace(IMAGE_TOKEN, "")}]
+        return turns
+
+
+class ChainSampler:
+    """Samples chains with a policy, batched with left padding, keeping the exact token ids."""
+
+    def __init__(self, processor, max_new_tokens: int = 24, temperature: float = 1.0, eos_ids: list[int] | None = None):
+        if temperature <= 0:
+            raise OccError(f"rl_temperature must be positive (sampling), got {temperature}")
+        self.encoder = ConversationEncoder(processor)
+        self.tokenizer = processor.tokenizer
+        self.eot = self.tokenizer.eos_token_id
+        self.eos_ids = list(dict.fromkeys([self.eot, *(eos_ids or [])]))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        # image tokens are never sampled (a stray one would claim image features that do not exist);
+        # the loss takes the same renormalised distribution (sampled_log_probs)
+        image_tokens = (processor.image_token, processor.start_image_token, processor.end_image_token,
+                        getattr(processor, "video_token", None))
+        unk = self.tokenizer.unk_token_id
+        self.suppressed = sorted({i for i in (self.tokenizer.convert_tokens_to_ids(t) for t in image_tokens if t)
+                                  if i is not None and i != unk})
+
+    def pixels(self, views: list[View]) -> dict[str, tuple[torch.Tensor, list[int]]]:
+        """Tiles of [image, render] per view, and the tile count of each."""
+        return {v.id: self.encoder.pixel_values(load_images([v.image, v.render])) for v in views}
+
+    def next_turn(self, chain: Chain, question: str, tiles: list[int]) -> list[int]:
+        """The chain's ids followed by ``question`` as the next user turn and the assistant header.
+        Only the template's tokens after the last answer's end-of-turn token are added, so every
+        token the policy sampled stays as it was."""
+        full = self.encoder.prompt_ids(tiles, chain.history() + [{"from": "human", "value": question}])
+        if not chain.ids:
+            return full
+        ends = [i for i, t in enumerate(full) if t == self.eot]
+        if len(ends) < 2:
+            raise OccError("the chat template does not close user and assistant turns with the end-of-turn token "
+                           f"{self.tokenizer.eos_token!r}; self-correction cannot continue a sampled chain")
+        return chain.ids + full[ends[-2] + 1:]
+
+    def generate(self, model, prompts: list[list[int]], pixels: list[torch.Tensor]) -> list[list[int]]:
+        """Sampled answer tokens per prompt, up to and including the end-of-turn token (none when
+        the answer ran out of ``max_new_tokens``)."""
+        input_ids, attention_mask = pad_batch(prompts, self.pad_id, "left")  # (n, width)
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                 pixel_values=torch.cat(pixels).to(device=model.device, dtype=model.dtype),
+                                 do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
+                                 repetition_penalty=1.0, num_beams=1, max_new_tokens=self.max_new_tokens,
+                                 suppress_tokens=self.suppressed, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
+        answers = []
+        for row in out[:, input_ids.shape[1]:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), None)
+            answers.append(row[:end] if end is not None else row)
+        return answers
+
+    def _turn(self, model, chains: list[Chain], question: str, pixels: dict, images: int) -> None:
+        if not chains:
+            return
+        prompts = []
+        for c in chains:
+            all_pixels, tiles = pixels[c.view.id]
+            prompts.append(self.next_turn(c, question, tiles[:images]))
+            c.pixel_values = all_pixels[: sum(tiles[:images])]
+        for c, prompt, answer in zip(chains, prompts, self.generate(model, prompts, [c.pixel_values for c in chains])):
+            c.sampled += range(len(prompt), len(prompt) + len(answer))
+            c.ids = prompt + answer
+            if not answer or answer[-1] not in self.eos_ids:  # cut off: close the turn (not sampled, not trained)
+                c.ids.append(self.eot)
+            c.answers.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
+
+    def sample(self, model, views: list[View], k: int) -> list[Chain]:
+        """K chains per view (view-major: chains[i*k:(i+1)*k] are view i's)."""
+        was_training = model.training
+        model.eval()
+        try:
+            pixels = self.pixels(views)
+            chains = [Chain(v) for v in views for _ in range(k)]
+            self._turn(model, chains, Q1, pixels, images=1)
+            self._turn(model, chains, Q6, pixels, images=1)
+            self._turn(model, [c for c in chains if c.asks_again], Q1, pixels, images=2)
+        finally:
+            model.train(was_training)
+        return chains
+
+
+# --- rewards and advantages ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RewardWeights:
+    correct: float = 1.0
+    calibration: float = 0.5
+    fix: float = 0.5
+
+
+def chain_outcome(chain: Chain) -> dict[str, bool]:
+    """What the chain did: attempt 1 right, Q6 answered (and No), attempt 2 asked, final right."""
+    first_right = parse_category(chain.answers[0]) == chain.view.category
+    clear = parse_yes_no(chain.answers[1]) if len(chain.answers) > 1 else None
+    second = len(chain.answers) > 2
+    final_right = parse_category(chain.answers[-1] if second else chain.answers[0]) == chain.view.category
+    return {"first_right": first_right, "q6_parsed": clear is not None, "said_no": clear is False,
+            "asked_again": second, "final_right": final_right}
+
+
+def score_chain(chain: Chain, weights: RewardWeights = RewardWeights()) -> float:
+    """The SCoRe-style reward: right final answer, a calibrated Q6 (an unparsable one earns
+    nothing), and a fix (attempt 1 wrong, attempt 2 right)."""
+    o = chain_outcome(chain)
+    calibrated = o["q6_parsed"] and o["said_no"] == (not o["first_right"])
+    fixed = not o["first_right"] and o["asked_again"] and o["final_right"]
+    return weights.correct * o["final_right"] + weights.calibration * calibrated + weights.fix * fixed
+
+
+def group_advantages(rewards: torch.Tensor, k: int, scale: bool) -> torch.Tensor:
+    """Reward minus the mean of its view's K chains (optionally over their std); (n,) -> (n,)."""
+    groups = rewards.view(-1, k)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+# --- the loss ----------------------------------------------------------------------------------
+
+@dataclass
+class ChainBatch:
+    input_ids: torch.Tensor       # (n, L) right padded
+    attention_mask: torch.Tensor  # (n, L)
+    pixel_values: torch.Tensor    # (tiles of every chain's images in order, 3, H, W)
+    sampled: torch.Tensor         # (n, L) bool: tokens the policy sampled (the loss's tokens)
+    temperature: float = 1.0      # the sampling distribution: logits / temperature,
+    suppressed: tuple = ()        # without these token ids
+
+
+def chain_batch(chains: list[Chain], sampler: ChainSampler) -> ChainBatch:
+    ids, attention_mask = pad_batch([c.ids for c in chains], sampler.pad_id, "right")
+    sampled = torch.zeros_like(ids, dtype=torch.bool)
+    for row, c in enumerate(chains):
+        sampled[row, c.sampled] = True
+    return ChainBatch(ids, attention_mask, torch.cat([c.pixel_values for c in chains]), sampled, sampler.temperature,
+                      tuple(sampler.suppressed))
+
+
+def sampled_log_probs(model, batch: ChainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi of the sampled tokens by one teacher-forced pass, under the distribution they were
+    sampled from: ``(logp, mask)``, both (n, P) over the P columns where any chain has a sampled
+    token (logits only there: the vocabulary of a real InternVL is 150k wide). Entries where
+    ``mask`` is False are 0."""
+    core = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model; the forward goes through the wrapper
+    device, dtype = core.device, core.dtype
+    columns = batch.sampled.any(dim=0).nonzero().squeeze(1)  # (P,) token positions
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                pixel_values=batch.pixel_values.to(device=device, dtype=dtype),
+                logits_to_keep=(columns - 1).to(device))  # the logits at t-1 predict the token at t
+    logits = out.logits.float() / batch.temperature               # (n, P, vocab)
+    if batch.suppressed:
+        logits[..., list(batch.suppressed)] = float("-inf")
+    targets = batch.input_ids[:, columns].to(device)              # (n, P)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    mask = batch.sampled[:, columns].to(device)
+    return torch.where(mask, logp, torch.zeros_like(logp)), mask
+
+
+def policy_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, ref_logp: torch.Tensor | None = None,
+                beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, kl)``: -mean over sampled tokens of advantage x log pi, plus beta x the mean k3
+    estimate of KL(pi || pi_ref) on the same tokens (kl is 0 without a reference)."""
+    n = mask.sum().clamp(min=1)
+    loss = -(advantages.to(logp.device)[:, None] * logp).sum() / n
+    kl = torch.zeros((), device=logp.device)
+    if ref_logp is not None:
+        delta = torch.where(mask, ref_logp - logp, torch.zeros_like(logp))
+        kl = (torch.exp(delta) - delta - 1).sum() / n
+        loss = loss + beta * kl
+    return loss, kl
+
+
+# --- training ----------------------------------------------------------------------------------
+
+RewardFn = Callable[[Chain], float]
+
+
+class SelfCorrectTrainer(Trainer):
+    """The HF Trainer with a rollout-and-policy-gradient ``compute_loss``; each batch is a list of
+    views (``{"views": [...]}``)."""
+
+    def __init__(self, *, sampler: ChainSampler, rl_args: SelfCorrectArguments, reward_fn: RewardFn,
+                 ref_model=None, **kwargs):
+        super().__init__(data_collator=lambda views: {"views": views}, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the loss is a mean per step: the Trainer divides by accumulation
+        self.sampler, self.rl_args, self.reward_fn = sampler, rl_args, reward_fn
+        self.ref_model = ref_model.to(self.args.device) if ref_model is not None else None
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise OccError("self-correction samples with the whole model on each device: use DeepSpeed ZeRO-1 or "
+                           "ZeRO-2 (or none), not ZeRO-3")
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        k = self.rl_args.rl_group_size
+        chains = self.sampler.sample(self.accelerator.unwrap_model(model), inputs["views"], k)
+        rewards = torch.tensor([self.reward_fn(c) for c in chains], dtype=torch.float32)
+        advantages = group_advantages(rewards, k, self.rl_args.scale_advantages)
+        batch = chain_batch(chains, self.sampler)
+        logp, mask = sampled_log_probs(model, batch)
+        ref_logp = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_logp, _ = sampled_log_probs(self.ref_model, batch)
+        loss, kl = policy_loss(logp, mask, advantages, ref_logp, self.rl_args.kl_beta)
+        outcomes = [chain_outcome(c) for c in chains]
+        self._metrics["reward"].append(rewards.mean().item())
+        self._metrics["kl"].append(kl.item())
+        for key in ("first_right", "said_no", "final_right"):
+            self._metrics[key].append(sum(o[key] for o in outcomes) / len(outcomes))
+        self._metrics["answer_tokens"].append(mask.sum().item() / len(chains))
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:  # training logs get the mean rollout figures since the last log
+            logs = {**logs, **{f"rl/{k}": round(sum(v) / len(v), 4) for k, v in self._metrics.items()}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+
+def rl_training_arguments(training: TrainingArguments, rl: SelfCorrectArguments) -> TrainingArguments:
+    """The RL phase's Trainer settings: the stage's, with the RL phase's steps, batch and rate."""
+    if rl.rl_group_size < 2:
+        raise OccError(f"rl_group_size must be at least 2 (the group mean is the baseline), got {rl.rl_group_size}")
+    save = {"save_strategy": "steps", "save_steps": rl.rl_save_steps} if rl.rl_save_steps > 0 else {
+        "save_strategy": "no"}
+    return replace(training, max_steps=rl.rl_steps, learning_rate=rl.rl_learning_rate,
+                   per_device_train_batch_size=rl.rl_images_per_step, warmup_steps=rl.rl_warmup_steps,
+                   remove_unused_columns=False, **save)
+
+
+def evaluate(model, sampler: ChainSampler, views: list[View], k: int, reward_fn: RewardFn, seed: int = 0) -> dict:
+    """Mean reward and outcome rates of K chains per view, sampled with a fixed seed (the global
+    random state is left as it was)."""
+    devices = [model.device.index or 0] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        chains = sampler.sample(model, views, k)
+    outcomes = [chain_outcome(c) for c in chains]
+    out = {"reward": sum(reward_fn(c) for c in chains) / len(chains)}
+    for key in ("first_right", "said_no", "final_right"):
+        out[key] = sum(o[key] for o in outcomes) / len(outcomes)
+    return out
+
+
+def reference_model(path, policy):
+    """The KL reference: the starting checkpoint loaded again, frozen (occmllm.mpo's)."""
+    from occmllm.mpo import reference_model as load_frozen  # imports TRL: only when a reference is wanted
+    return load_frozen(path, policy)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, rl_args: SelfCorrectArguments,
+          training: TrainingArguments, reward_fn: RewardFn | None = None) -> Path:
+    """Self-correction RL from ``model_args.model_name_or_path`` into ``training.output_dir`` (a
+    plain InternVL folder with its processor). ``reward_fn`` defaults to ``score_chain`` with the
+    configured weights."""
+    if rl_args.rl_steps < 1:
+        raise OccError(f"rl_steps must be at least 1 for the RL phase, got {rl_args.rl_steps}")
+    views = load_views(rl_args.rl_data or data_args.train_data, data_args.data_root, rl_args.renders)
+    args = rl_training_arguments(training, rl_args)
+    processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
+    model = build_model(model_args, args)
+    extra_eos = getattr(model.generation_config, "eos_token_id", None)
+    sampler = ChainSampler(processor, rl_args.rl_max_new_tokens, rl_args.rl_temperature,
+                           extra_eos if isinstance(extra_eos, list) else [extra_eos] if extra_eos is not None else [])
+    if reward_fn is None:
+        weights = RewardWeights(rl_args.reward_correct, rl_args.reward_calibration, rl_args.reward_fix)
+        reward_fn = lambda chain: score_chain(chain, weights)  # noqa: E731
+    ref = reference_model(model_args.model_name_or_path, model) if rl_args.kl_beta > 0 else None
+    trainer = SelfCorrectTrainer(model=model, args=args, train_dataset=views, sampler=sampler, rl_args=rl_args,
+                                 reward_fn=reward_fn, ref_model=ref, callbacks=[SaveProcessor(processor)])
+    steps_per_epoch = math.ceil(len(views) / (args.per_device_train_batch_size * args.world_size))
+    print(f"self-correction: {args.max_steps} steps of {args.per_device_train_batch_size} views x "
+          f"{rl_args.rl_group_size} chains ({args.max_steps / steps_per_epoch:.2f} passes over the views)", flush=True)
+    return fit(trainer, processor, data_args.resume)

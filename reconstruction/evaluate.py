@@ -1,0 +1,158 @@
+"""Evaluate a reconstruction model on held-out views against the true object surfaces.
+
+    python -m reconstruction.evaluate --checkpoint CKPT --data DATA [--split test] --out metrics.json
+                                      [--sheet sheet.png] [--limit N]
+
+Protocol: the reconstructed mesh (world frame, metres; the model works in the input camera's
+frame with depth, so no alignment is applied) and the true object mesh are each sampled with
+10,000 points uniformly on the surface. Chamfer = the mean of the two directed mean
+nearest-neighbour distances, in millimetres; F-score at 5 and 10 mm from precision (predicted
+points within the threshold of the truth) and recall (true points within it of the prediction);
+silhouette IoU = the reconstruction's silhouette in the input view against the object's amodal
+mask. An empty reconstruction scores F = 0 and no Chamfer.
+
+Baseline, "visible only": the object pixels the hand does not cover, back-projected with the
+depth map, i.e. exactly the visible surface and nothing else (its silhouette is the visible mask).
+
+metrics.json: ``chamfer``, ``fscore_5mm``, ``fscore_10mm``, ``silhouette_iou`` (means), ``n``,
+``by_occlusion`` (bins with ``n`` and the same means), ``baseline`` (the same for the
+baseline), ``samples`` (per view), ``protocol``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import trimesh
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from data_tools.dataset import load_dataset
+from data_tools.synthocc import OBJECT_COLOURS
+from occmllm import fileio
+from occmllm.errors import OccError, cli
+from occmllm.render import RayCaster, render_rgb
+from reconstruction.metrics import by_occlusion, mean_metrics, sample_surface, silhouette_iou, surface_metrics
+from reconstruction.reconstruct import Reconstructor, add_common_arguments, depth_scale_of, render
+from reconstruction.views import backproject, load_view, to_world
+
+SURFACE_SAMPLES = 10_000
+KEYS = ("chamfer", "fscore_5mm", "fscore_10mm", "silhouette_iou")
+PROTOCOL = ("10k points uniformly on each surface, world frame, metres, no alignment; chamfer = mean of the two "
+            "directed mean nearest-neighbour distances in mm; F-score from precision and recall at 5 and 10 mm; "
+            "silhouette IoU against the amodal mask in the input view. Baseline: visible object pixels "
+            "back-projected with depth.")
+
+
+def _scores(pred_points: np.ndarray, true_points: np.ndarray, silhouette: np.ndarray, amodal: np.ndarray) -> dict:
+    m = surface_metrics(pred_points, true_points)
+    return {"chamfer": m["chamfer_mm"], "fscore_5mm": m["fscore_5mm"], "fscore_10mm": m["fscore_10mm"],
+            "silhouette_iou": silhouette_iou(silhouette, amodal)}
+
+
+def _summary(rows: list[dict]) -> dict:
+    return {"n": len(rows), **mean_metrics(rows, KEYS), "by_occlusion": by_occlusion(rows, keys=KEYS)}
+
+
+def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | None, batch_size: int = 8,
+             progress: bool = True, sheet: Path | None = None) -> dict:
+    dataset = load_dataset(data)
+    scale = depth_scale_of(data)
+    lines = dataset.split(split)
+    lines = lines[:limit] if limit else lines
+    for key in ("mesh", "mask_amodal"):
+        if key not in lines[0]:
+            raise OccError(f"{data}: manifest lines lack {key!r}; evaluation needs the true object meshes and masks")
+    ours, baseline, sheet_cells = [], [], []
+    true_cache: dict[str, tuple[trimesh.Trimesh, np.ndarray]] = {}
+    for start in tqdm(range(0, len(lines), batch_size), desc="evaluate", unit="batch", disable=not progress):
+        chunk = lines[start: start + batch_size]
+        views = [load_view(dataset.root, line, scale) for line in chunk]
+        for line, view, rec in zip(chunk, views, reconstructor(views)):
+            if line["mesh"] not in true_cache:
+                true_cache.clear()
+                mesh = trimesh.load(fileio.resolve_in_root(dataset.root, line["mesh"], line["id"]), process=False)
+                true_cache[line["mesh"]] = (mesh, sample_surface(mesh, SURFACE_SAMPLES, seed=1))
+            true_mesh, true_points = true_cache[line["mesh"]]
+            with Image.open(fileio.resolve_in_root(dataset.root, line["mask_amodal"], line["id"])) as im:
+                amodal = np.asarray(im.convert("L")) > 127
+            shape = amodal.shape
+            pred_sil = (RayCaster([rec.mesh]).render(view.camera).label >= 0).reshape(shape)
+            pred_points = sample_surface(rec.mesh, SURFACE_SAMPLES, seed=2)
+            meta = {"id": line["id"], "category": line["category"], "occlusion": line["occlusion"]}
+            ours.append({**meta, **_scores(pred_points, true_points, pred_sil, amodal), "empty": rec.empty,
+                         "evaluations": rec.evaluations})
+            visible_points = to_world(backproject(view.visible, view.depth, view.camera.intrinsics), view.camera)
+            baseline.append({**meta, **_scores(visible_points, true_points, view.visible, amodal)})
+            if sheet is not None:
+                colour = tuple(c / 255 for c in OBJECT_COLOURS.get(line.get("colour"), (200, 200, 200)))
+                truth = render_rgb(RayCaster([true_mesh]), view.camera, [colour])
+                sheet_cells.append((ours[-1], baseline[-1], view.rgb, truth, render(rec, view.camera)))
+    result = {"protocol": PROTOCOL, "checkpoint": None, "data": str(data), "split": split, **_summary(ours),
+              "baseline": {"name": "visible only (back-projected visible depth)", **_summary(baseline)},
+              "empty_reconstructions": sum(r["empty"] for r in ours), "samples": ours,
+              "baseline_samples": baseline}
+    if sheet is not None:
+        contact_sheet(sheet_cells, sheet)
+    return result
+
+
+def contact_sheet(cells: list, out: Path, rows: int = 5, per_row: int = 4) -> Path:
+    """Input | true object | reconstruction, for views spread over occlusion bins (one row per bin)."""
+    edges = np.linspace(0, 1.0001, rows + 1)
+    size = cells[0][2].shape[0]
+    cell_w, cell_h = 3 * size + 6, size + 30
+    sheet = Image.new("RGB", (per_row * cell_w + 4, rows * cell_h + 20), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), "each cell: input | true object | reconstruction render   (rows: occlusion bins)", fill=(0, 0, 0))
+    for r in range(rows):
+        members = [c for c in cells if edges[r] <= c[0]["occlusion"] < edges[r + 1]]
+        members = [members[i] for i in np.linspace(0, len(members) - 1, min(per_row, len(members))).round().astype(int)] \
+            if members else []
+        for k, (ours, base, rgb, truth, recon) in enumerate(members):
+            x, y = 2 + k * cell_w, 20 + r * cell_h
+            sheet.paste(Image.fromarray(np.concatenate([rgb, truth, recon], axis=1)), (x, y))
+            draw.text((x, y + size + 2), f"{ours['id']} {ours['category']} occ {ours['occlusion']:.2f}", fill=(0, 0, 0))
+            draw.text((x, y + size + 14), f"F@10 ours {ours['fscore_10mm']:.2f} visible-only {base['fscore_10mm']:.2f}",
+                      fill=(0, 0, 0))
+    with fileio.atomic_path(out, suffix=".png") as tmp:
+        sheet.save(tmp, format="PNG")
+    return out
+
+
+def table(result: dict) -> str:
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}"
+    lines = ["| rows | n | chamfer (mm) ours / visible-only | F@5mm ours / visible-only | F@10mm ours / visible-only |",
+             "|---|---|---|---|---|"]
+    pairs = [("all", result, result["baseline"])] + [
+        (b["bin"], b, bb) for b, bb in zip(result["by_occlusion"], result["baseline"]["by_occlusion"])]
+    for name, a, b in pairs:
+        lines.append(f"| {name} | {a['n']} | {fmt(a['chamfer'])} / {fmt(b['chamfer'])} | "
+                     f"{fmt(a['fscore_5mm'])} / {fmt(b['fscore_5mm'])} | {fmt(a['fscore_10mm'])} / {fmt(b['fscore_10mm'])} |")
+    return "\n".join(lines)
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reconstruction.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p)
+    p.add_argument("--split", default="test", help="held-out split [test]")
+    p.add_argument("--out", required=True, type=Path, help="metrics.json to write")
+    p.add_argument("--sheet", type=Path, help="also write a contact sheet PNG here")
+    args = p.parse_args(argv)
+    reconstructor = Reconstructor(args.checkpoint, args.resolution, args.device)
+    result = evaluate(reconstructor, args.data, args.split, args.limit, progress=not args.no_progress,
+                      sheet=args.sheet)
+    result["checkpoint"] = str(args.checkpoint)
+    fileio.write_json(args.out, result)
+    print(table(result))
+    print(f"wrote {args.out}" + (f" and {args.sheet}" if args.sheet else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

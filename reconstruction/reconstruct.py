@@ -1,0 +1,184 @@
+"""Reconstruct the held object from single views and render it: the "3D reconstructed image" the
+vision-language model reads.
+
+    python -m reconstruction.reconstruct --checkpoint CKPT --data DATA [--split test | --records TEST.jsonl]
+                                         [--out renders/recon] [--resolution 96] [--limit N]
+
+Renders go to ``DATA/<out>/<view id>.png`` (``data_tools.builders.render_path``), shaded and
+coloured by the model's colour head, seen from the input camera; existing renders are kept, so
+an interrupted run resumes. A view whose reconstruction is empty (the SDF never crosses zero) is
+reported and rendered as a blank image; the batch goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+from PIL import Image
+from tqdm import tqdm
+
+from data_tools.builders import render_path
+from data_tools.dataset import load_dataset
+from occmllm import fileio
+from occmllm.errors import OccError, cli
+from occmllm.render import Camera, RayCaster, render_vertex_colours
+from reconstruction.extract import extract_mesh
+from reconstruction.model import load_reconstructor, view_batch
+from reconstruction.views import CUBE_HALF, ViewInput, cube_centre, load_view, to_world
+
+BACKGROUND = (0.5, 0.5, 0.5)
+KEEP_COMPONENT = 0.1  # drop floating pieces smaller than this fraction of the largest piece
+
+
+@dataclass
+class Reconstruction:
+    id: str
+    mesh: trimesh.Trimesh        # world frame, metres; empty when the SDF never crosses zero
+    vertex_colours: np.ndarray   # (V, 3) in [0, 1]
+    evaluations: int             # SDF evaluations spent on mesh extraction
+
+    @property
+    def empty(self) -> bool:
+        return len(self.mesh.faces) == 0
+
+
+def keep_main_pieces(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """The connected pieces with at least ``KEEP_COMPONENT`` of the largest piece's faces."""
+    if len(mesh.faces) == 0:
+        return mesh
+    pieces = mesh.split(only_watertight=False)
+    if len(pieces) <= 1:
+        return mesh
+    biggest = max(len(p.faces) for p in pieces)
+    return trimesh.util.concatenate([p for p in pieces if len(p.faces) >= KEEP_COMPONENT * biggest])
+
+
+class Reconstructor:
+    """A trained model and the settings for turning its SDF into meshes."""
+
+    def __init__(self, checkpoint: str | Path, resolution: int = 96, device: str = "cpu", mode: str = "coarse_to_fine"):
+        self.model = load_reconstructor(checkpoint, device)
+        self.device, self.resolution, self.mode = torch.device(device), resolution, mode
+
+    @torch.inference_mode()
+    def __call__(self, views: list[ViewInput]) -> list[Reconstruction]:
+        batch = view_batch(views, self.device)
+        enc = self.model.encode(batch)
+        out = []
+        for i, view in enumerate(views):
+            centre = batch["centre"][i].cpu().numpy().astype(np.float64)
+
+            def sdf_fn(points: np.ndarray, i=i) -> np.ndarray:
+                pts = torch.as_tensor(points, dtype=torch.float32, device=self.device)[None]
+                return self.model.query(_select(enc, i), pts)[0][0].cpu().numpy()
+
+            mesh, evaluations = extract_mesh(sdf_fn, centre - CUBE_HALF, centre + CUBE_HALF, self.resolution,
+                                             self.mode, coarse=min(24, self.resolution))
+            mesh = keep_main_pieces(mesh)
+            colours = np.zeros((len(mesh.vertices), 3))
+            if len(mesh.vertices):
+                pts = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=self.device)[None]
+                colours = self.model.query(_select(enc, i), pts)[1][0].cpu().numpy().astype(np.float64)
+                mesh = trimesh.Trimesh(to_world(np.asarray(mesh.vertices), view.camera), mesh.faces, process=False)
+            out.append(Reconstruction(view.id, mesh, colours, evaluations))
+        return out
+
+
+def _select(enc, i: int):
+    """The i-th view of an encoded batch, as a batch of one."""
+    from dataclasses import fields, replace
+    return replace(enc, **{f.name: getattr(enc, f.name)[i: i + 1] for f in fields(enc)
+                           if isinstance(getattr(enc, f.name), torch.Tensor)},
+                   feature_maps=[m[i: i + 1] for m in enc.feature_maps])
+
+
+def render(rec: Reconstruction, camera: Camera) -> np.ndarray:
+    """(H, W, 3) uint8 view of the reconstruction; the plain background when it is empty."""
+    if rec.empty:
+        return np.full((camera.height, camera.width, 3), round(BACKGROUND[0] * 255), dtype=np.uint8)
+    return render_vertex_colours(RayCaster([rec.mesh]), camera, rec.vertex_colours, background=BACKGROUND)
+
+
+def depth_scale_of(data: Path) -> float:
+    info = fileio.read_json(Path(data) / "dataset.json") if (Path(data) / "dataset.json").is_file() else {}
+    if not info.get("depth_scale"):
+        raise OccError(f"{data}/dataset.json: no depth_scale; reconstruction needs a dataset with depth maps")
+    return float(info["depth_scale"])
+
+
+def select_views(dataset, split: str | None, records_file: Path | None, limit: int | None) -> list[dict]:
+    """Manifest lines to reconstruct: a split's, or those whose ids a records JSONL names."""
+    if records_file is not None:
+        by_id = dataset.by_id()
+        lines = []
+        for lineno, rec in fileio.iter_jsonl(records_file):
+            if str(rec.get("id")) not in by_id:
+                raise OccError(f"{records_file}:{lineno}: id {rec.get('id')!r} is not a view of {dataset.folder}")
+            lines.append(by_id[str(rec["id"])])
+    else:
+        lines = dataset.split(split)
+    return lines[:limit] if limit else lines
+
+
+def reconstruct_views(reconstructor: Reconstructor, dataset, lines: list[dict], out: str, batch_size: int = 8,
+                      progress: bool = True) -> dict:
+    """Render every view's reconstruction into ``DATA/out``; returns counts (done, skipped, empty)."""
+    scale = depth_scale_of(dataset.folder)
+    todo = [line for line in lines
+            if not fileio.resolve_in_root(dataset.root, render_path(out, line["id"]), "render").is_file()]
+    counts = {"rendered": 0, "kept": len(lines) - len(todo), "empty": []}
+    bar = tqdm(total=len(todo), desc="reconstruct", unit="view", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start: start + batch_size]
+        views = [load_view(dataset.root, line, scale) for line in chunk]
+        for view, rec in zip(views, reconstructor(views)):
+            if rec.empty:
+                counts["empty"].append(rec.id)
+                print(f"view {rec.id}: the reconstruction is empty (the SDF never crosses zero); "
+                      "rendering a blank image", file=sys.stderr)
+            target = fileio.resolve_in_root(dataset.root, render_path(out, rec.id), "render")
+            with fileio.atomic_path(target, suffix=".png") as tmp:
+                Image.fromarray(render(rec, view.camera)).save(tmp, format="PNG")
+            counts["rendered"] += 1
+        bar.update(len(chunk))
+    bar.close()
+    return counts
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every command that runs a reconstruction model shares."""
+    p.add_argument("--checkpoint", required=True, type=Path, help="reconstruction model folder")
+    p.add_argument("--data", required=True, type=Path, help="dataset folder (manifest.jsonl with masks and depth)")
+    p.add_argument("--resolution", type=int, default=96, help="marching-cubes grid per axis [96]")
+    p.add_argument("--limit", type=int, help="only the first N views")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reconstruction.reconstruct", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--split", default="test", help="views of this split [test]")
+    which.add_argument("--records", type=Path, help="the views whose ids this JSONL names (e.g. a test file)")
+    p.add_argument("--out", default="renders/recon", help="folder under the dataset root [renders/recon]")
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args(argv)
+    reconstructor = Reconstructor(args.checkpoint, args.resolution, args.device)
+    dataset = load_dataset(args.data)
+    lines = select_views(dataset, args.split, args.records, args.limit)
+    counts = reconstruct_views(reconstructor, dataset, lines, args.out, args.batch_size, not args.no_progress)
+    print(f"rendered {counts['rendered']} views into {dataset.root / args.out} ({counts['kept']} already there, "
+          f"{len(counts['empty'])} empty reconstructions)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

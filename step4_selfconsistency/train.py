@@ -1,0 +1,57 @@
+"""Stage 4 training from the stage-3 checkpoint, in two phases (``config.yaml`` beside this file):
+
+1. chain-of-thought SFT on the stage-4 records (``occmllm.sft``) into ``sft_output_dir``;
+2. self-correction RL from that checkpoint (``occmllm.selfcorrect``) into ``output_dir``.
+
+    python -m step4_selfconsistency.train [--config step4_selfconsistency/config.yaml] [--flag value ...]
+
+``--phases sft`` or ``--phases rl`` runs one phase (the RL phase alone starts from
+``--model_name_or_path``).
+"""
+import gc
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from occmllm import selfcorrect, sft
+from occmllm.errors import OccError
+
+PHASES = ("sft", "rl")
+
+
+@dataclass
+class PhaseArguments:
+    phases: str = field(default="sft,rl", metadata={"help": "which phases to run: sft,rl (in that order), sft or rl"})
+    sft_output_dir: str | None = field(default=None, metadata={
+        "help": "where the chain-of-thought SFT phase saves its checkpoint [<output_dir>_cot_sft]"})
+
+
+def parse_phases(text: str) -> list[str]:
+    phases = [p.strip() for p in text.split(",") if p.strip()]
+    if phases not in (["sft", "rl"], ["sft"], ["rl"]):
+        raise OccError(f"--phases {text!r}: expected sft,rl, sft or rl")
+    return phases
+
+
+def train(model_args: sft.ModelArguments, data_args: sft.DataArguments, phase_args: PhaseArguments,
+          rl_args: selfcorrect.SelfCorrectArguments, training: TrainingArguments) -> Path:
+    phases = parse_phases(phase_args.phases)
+    out = Path(model_args.model_name_or_path)
+    if "sft" in phases:
+        sft_dir = phase_args.sft_output_dir or f"{training.output_dir.rstrip('/')}_cot_sft"
+        out = sft.train(model_args, data_args, replace(training, output_dir=sft_dir))
+        gc.collect()  # the SFT phase's model and optimizer state go before the RL phase loads its two models
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if "rl" in phases:
+        out = selfcorrect.train(replace(model_args, model_name_or_path=str(out)), data_args, rl_args, training)
+    return out
+
+
+run, main = sft.stage_commands(train, (sft.ModelArguments, sft.DataArguments, PhaseArguments,
+                                       selfcorrect.SelfCorrectArguments, sft.TrainingArguments))
+
+if __name__ == "__main__":
+    main(default_config=Path(__file__).with_name("config.yaml"))

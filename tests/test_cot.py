@@ -1,0 +1,110 @@
+"""Chain-of-thought inference: Q1, Q6 and, for views the model calls unclear, Q1 again on a
+reconstruction render; no ground truth may steer it."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import inference
+from occmllm.questions import Q1, Q6, category_answer
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture(scope="module")
+def cot_setup(tiny_model, synth, tmp_path_factory):
+    """A tiny InternVL taught for a few steps to answer Q6 (``No.`` for views more than 30%
+    occluded), so both branches of the chain run; and a test file over ``synth``'s test views."""
+    from data_tools import builders
+    from data_tools.dataset import load_dataset
+    from occmllm.sft import run
+    work = tmp_path_factory.mktemp("cot")
+    ds = load_dataset(synth)
+    views = ds.split(None)
+    recs = [{"id": v["id"], "image": v["image"],
+             "conversations": [{"from": "human", "value": Q1}, {"from": "gpt", "value": category_answer(v["category"])},
+                               {"from": "human", "value": Q6},
+                               {"from": "gpt", "value": "No." if v["occlusion"] > 0.3 else "Yes."}]}
+            for v in views]
+    builders.write_stage(recs, work / "train.jsonl", ds, "cot_train")
+    builders.write_stage(builders.test_records(ds.split("test")), work / "test.jsonl", ds, "test")
+    model = run(["--model_name_or_path", str(tiny_model), "--train_data", str(work / "train.jsonl"),
+                 "--output_dir", str(work / "ckpt"), "--num_train_epochs", "6", "--per_device_train_batch_size", "8",
+                 "--learning_rate", "0.003", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+                 "--disable_tqdm", "true", "--logging_steps", "50"], None)
+    return work, model
+
+
+def _run(argv):
+    torch.manual_seed(0)
+    assert inference.main(argv) == 0
+
+
+def _predictions(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_cot_takes_no_ground_truth_and_reports_its_figures(cot_setup, recon_model, tmp_path):
+    work, model = cot_setup
+    # the same test file with every answer and label removed
+    stripped = work / "stripped.jsonl"
+    lines = []
+    for line in (work / "test.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rec.pop("meta", None)
+        for turn in rec["conversations"]:
+            if turn["from"] == "gpt":
+                turn["value"] = ""
+        lines.append(json.dumps(rec))
+    stripped.write_text("\n".join(lines) + "\n")
+    stripped.with_name("stripped.meta.json").write_text(
+        (work / "test.meta.json").read_text().replace("test.jsonl", "stripped.jsonl"))
+
+    common = ["--checkpoint", f"m={model}", "--mode", "cot", "--recon", str(recon_model), "--recon-resolution", "24",
+              "--batch-size", "4"]
+    _run([*common, "--data", str(work / "test.jsonl"), "--out", str(tmp_path / "full")])
+    _run([*common, "--data", str(stripped), "--out", str(tmp_path / "stripped")])
+    full, bare = _predictions(tmp_path / "full"), _predictions(tmp_path / "stripped")
+    assert full == bare
+
+    unclear = [p for p in full if p["answers"]["Q6"] == "No."]
+    assert unclear, "the render branch must run"
+    for p in full:  # the render is asked about exactly when the model said No., and its answer is final
+        assert ("Q1#2" in p["answers"]) == (p["answers"]["Q6"] == "No.")
+        assert p["final"] == p["answers"].get("Q1#2", p["answers"]["Q1"])
+    renders = sorted(x.stem for x in (tmp_path / "full/renders").glob("*.png"))
+    assert renders == sorted(p["id"] for p in unclear)
+
+    row = json.loads((tmp_path / "full/report.json").read_text())["rows"][0]
+    assert row["mode"] == "cot"
+    assert row["cot"]["no_rate"] == pytest.approx(len(unclear) / len(full))
+    assert "Chain of thought" in (tmp_path / "full/report.md").read_text()
+
+
+def test_no_render_unless_the_model_says_no(tiny_model, cot_setup, recon_model, tmp_path):
+    """The untrained model never answers Q6 with a parsable No.: nothing is reconstructed."""
+    work, _ = cot_setup
+    _run(["--checkpoint", f"base={tiny_model}", "--data", str(work / "test.jsonl"), "--out", str(tmp_path),
+          "--mode", "cot", "--recon", str(recon_model), "--recon-resolution", "24"])
+    preds = _predictions(tmp_path)
+    assert preds and all("Q1#2" not in p["answers"] and p["final"] == p["answers"]["Q1"] for p in preds)
+    assert not list((tmp_path / "renders").glob("*.png"))
+
+
+def test_plain_and_cot_rows_share_one_report(cot_setup, recon_model, tmp_path):
+    work, model = cot_setup
+    out = tmp_path / "both"
+    _run(["--checkpoint", f"m={model}", "--data", str(work / "test.jsonl"), "--out", str(out), "--limit", "6"])
+    _run(["--checkpoint", f"m={model}", "--data", str(work / "test.jsonl"), "--out", str(out), "--limit", "6",
+          "--mode", "cot", "--recon", str(recon_model), "--recon-resolution", "24"])
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert [(r["checkpoint"], r["mode"]) for r in rows] == [("m", "plain"), ("m", "cot")]
+
+
+def test_cot_needs_a_reconstruction_model(cot_setup, tmp_path, capsys):
+    work, model = cot_setup
+    with pytest.raises(SystemExit) as exc:
+        inference.main(["--checkpoint", f"m={model}", "--data", str(work / "test.jsonl"), "--out", str(tmp_path),
+                        "--mode", "cot"])
+    assert exc.value.code == 2 and "--recon" in capsys.readouterr().err

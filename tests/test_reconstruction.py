@@ -1,0 +1,179 @@
+"""The reconstruction model, its supervision, the reconstruct / evaluate commands and their errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from data_tools.dataset import load_dataset
+from occmllm.errors import OccError
+from reconstruction import evaluate as evaluate_cmd
+from reconstruction import reconstruct as reconstruct_cmd
+from reconstruction.model import ReconConfig, SDFReconstructor, load_reconstructor, view_batch
+from reconstruction.reconstruct import Reconstructor
+from reconstruction.supervision import TrainingViews, silhouette_rays
+from reconstruction.train import ReconTrainArguments, collate, losses, train
+from reconstruction.views import CUBE_HALF, cube_centre, load_view
+
+from conftest import SMALL_RECON as SMALL  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def views(synth) -> TrainingViews:
+    return TrainingViews(load_dataset(synth), "train")
+
+
+@pytest.fixture(scope="module")
+def trained(recon_model) -> Path:
+    return recon_model
+
+
+def test_bank_sdf_sign_matches_the_mesh_and_colours_come_from_the_object(views):
+    scene = views.views[0]["scene"]
+    bank = views.bank(scene)
+    mesh = trimesh.load(views.root / views.views[0]["mesh"], process=False)
+    far = np.abs(bank.sdf) > 0.003  # away from the surface, where the mesh's facets cannot disagree
+    inside = mesh.contains(bank.points[far][:400])
+    assert np.array_equal(inside, bank.sdf[far][:400] < 0)
+    assert len(bank.surface) > 100 and (bank.colour >= 0).all() and (bank.colour <= 1).all()
+
+
+def test_silhouette_rays_ignore_hand_pixels_and_stay_in_the_cube(views):
+    rng = np.random.default_rng(0)
+    scene = views.scenes[views.views[0]["scene"]]
+    target, other = views.view(scene[0]), views.view(scene[1])
+    centre = cube_centre(target)
+    points, silhouette, weight = silhouette_rays(target, other, centre, 256, 8, rng)
+    assert points.shape == (256, 8, 3) and silhouette.shape == weight.shape == (256,)
+    hit = weight > 0
+    assert np.all(np.abs(points[hit] - centre) <= CUBE_HALF + 1e-4)
+    # re-draw the same pixels to check the weights: zero exactly where the other view's hand is
+    rng = np.random.default_rng(0)
+    h, w = other.size
+    region = other.visible | other.hand
+    ys, xs = np.nonzero(region)
+    y0, y1 = max(ys.min() - 8, 0), min(ys.max() + 8, h - 1)
+    x0, x1 = max(xs.min() - 8, 0), min(xs.max() + 8, w - 1)
+    py = np.concatenate([rng.integers(y0, y1 + 1, 128), rng.integers(0, h, 128)])
+    px = np.concatenate([rng.integers(x0, x1 + 1, 128), rng.integers(0, w, 128)])
+    on_hand = other.hand[py, px]
+    assert on_hand.any() and (weight[on_hand] == 0).all()
+    assert np.array_equal(silhouette, other.visible[py, px].astype(np.float32))
+
+
+def test_model_shapes_and_save_load_round_trip(views, tmp_path):
+    torch.manual_seed(0)
+    model = SDFReconstructor(ReconConfig(**SMALL)).eval()
+    batch = view_batch([views.view(v) for v in views.views[:2]])
+    points = batch["centre"][:, None] + torch.randn(2, 50, 3) * 0.05
+    with torch.no_grad():
+        sdf, colour = model.query(model.encode(batch), points)
+    assert sdf.shape == (2, 50) and colour.shape == (2, 50, 3)
+    model.save(tmp_path / "m")
+    again = load_reconstructor(tmp_path / "m")
+    with torch.no_grad():
+        sdf2, colour2 = again.query(again.encode(batch), points)
+    assert torch.equal(sdf, sdf2) and torch.equal(colour, colour2)
+
+
+def test_a_few_steps_lower_every_loss_on_a_fixed_batch(views):
+    torch.manual_seed(0)
+    model = SDFReconstructor(ReconConfig(**SMALL))
+    args = ReconTrainArguments(sdf_points=256, eikonal_points=32, colour_points=64, silhouette_rays=32, ray_samples=8)
+    rng = np.random.default_rng(0)
+    batch = collate([views.item(i, rng, 256, 64, 32, 8) for i in range(4)], "cpu")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = {k: float(v.detach()) for k, v in losses(model, batch, args).items()}
+    for _ in range(40):
+        parts = losses(model, batch, args)
+        opt.zero_grad()
+        parts["total"].backward()
+        opt.step()
+    last = {k: float(v.detach()) for k, v in losses(model, batch, args).items()}
+    print(first, last)
+    for key in ("sdf", "silhouette", "colour", "total"):
+        assert last[key] < first[key], key
+
+
+def test_training_writes_a_loadable_model_and_resumes(trained, synth, tmp_path):
+    assert (trained / "config.json").is_file() and (trained / "model.safetensors").is_file()
+    log = [json.loads(x) for x in (trained / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [3, 6]
+    assert not trained.with_name(trained.name + ".partial").exists()
+    load_reconstructor(trained)
+    # an interrupted run leaves OUTPUT.partial; starting again continues from its step
+    out = tmp_path / "m"
+    args = ReconTrainArguments(data=str(synth), output_dir=str(out), steps=2, batch_size=1, sdf_points=64,
+                               eikonal_points=8, colour_points=16, silhouette_rays=8, ray_samples=4, save_steps=1,
+                               log_steps=1, progress=False)
+    train(args, ReconConfig(**SMALL))
+    partial = out.with_name("m.partial")
+    args.steps = 4
+    from reconstruction.train import _save_last  # what a run killed after step 2 of 4 leaves behind
+    model = load_reconstructor(out).train()
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    _save_last(partial, model, opt, sched, 2, np.random.default_rng(0), [{"step": 1}, {"step": 2}])
+    train(args, ReconConfig(**SMALL))
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_reconstruct_writes_one_render_per_view_and_resumes(trained, synth, capsys):
+    argv = ["--checkpoint", str(trained), "--data", str(synth), "--split", "test", "--out", "renders/t",
+            "--resolution", "24", "--no-progress"]
+    assert reconstruct_cmd.main(argv) == 0
+    test_ids = [v["id"] for v in load_dataset(synth).split("test")]
+    written = sorted(p.stem for p in (synth / "renders/t").glob("*.png"))
+    assert written == sorted(test_ids)
+    assert reconstruct_cmd.main(argv) == 0
+    assert f"({len(test_ids)} already there" in capsys.readouterr().out
+
+
+def test_an_empty_reconstruction_renders_blank_and_the_batch_goes_on(trained, synth, tmp_path, capsys):
+    model = load_reconstructor(trained)
+    with torch.no_grad():
+        model.sdf_head.weight.zero_()
+        model.sdf_head.bias.fill_(1.0)  # SDF positive everywhere: no surface
+    model.save(tmp_path / "never")
+    argv = ["--checkpoint", str(tmp_path / "never"), "--data", str(synth), "--out", "renders/never",
+            "--resolution", "16", "--no-progress"]
+    assert reconstruct_cmd.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "empty reconstructions" in captured.out and "the reconstruction is empty" in captured.err
+    from PIL import Image
+    images = [np.asarray(Image.open(p)) for p in (synth / "renders/never").glob("*.png")]
+    assert images and all((im == im.flat[0]).all() for im in images)
+
+
+def test_evaluate_writes_metrics_with_baseline_and_bins(trained, synth, tmp_path):
+    out = tmp_path / "metrics.json"
+    assert evaluate_cmd.main(["--checkpoint", str(trained), "--data", str(synth), "--out", str(out),
+                              "--sheet", str(tmp_path / "sheet.png"), "--resolution", "24", "--no-progress"]) == 0
+    m = json.loads(out.read_text())
+    for key in ("chamfer", "fscore_5mm", "fscore_10mm", "silhouette_iou", "by_occlusion", "baseline", "samples"):
+        assert key in m
+    assert m["n"] == len(m["samples"]) == sum(b["n"] for b in m["by_occlusion"])
+    assert 0 <= m["baseline"]["fscore_10mm"] <= 1 and m["baseline"]["n"] == m["n"]
+    assert (tmp_path / "sheet.png").stat().st_size > 0
+
+
+def test_bad_inputs_are_clear_errors(synth, tmp_path, trained):
+    with pytest.raises(OccError, match="not found"):
+        Reconstructor(tmp_path / "missing")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "other/model.safetensors").write_text("")
+    with pytest.raises(OccError, match="not a reconstruction model"):
+        Reconstructor(tmp_path / "other")
+    line = dict(load_dataset(synth).views[0])
+    del line["mask_hand"]
+    with pytest.raises(OccError, match="mask_hand"):
+        load_view(synth, line, 10000.0)
+    with pytest.raises(SystemExit) as exc:
+        reconstruct_cmd.main(["--checkpoint", str(tmp_path / "missing"), "--data", str(synth)])
+    assert exc.value.code == 2

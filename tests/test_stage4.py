@@ -1,0 +1,261 @@
+"""Stage 4: self-correction RL (occmllm.selfcorrect) and the stage's two-phase command.
+
+The policy-gradient loss moves the model only through the sampled answer tokens and only when
+the chains' rewards differ; the KL to the separately loaded reference starts at zero and grows;
+a few RL steps raise the mean reward of a briefly fine-tuned tiny model; the stage's data,
+config and missing-checkpoint error."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools import builders
+from data_tools.dataset import load_dataset
+from data_tools.renders import render_views
+from occmllm import records
+from occmllm import selfcorrect as sc
+from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
+from occmllm.model import load_model
+from occmllm.sft import DataArguments, ModelArguments, TrainingArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "step4_selfconsistency/config.yaml"
+RENDERS = "renders/stage4_test"
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def stage4_file(synth_small, tmp_path_factory) -> Path:
+    """Stage-4 chain records on every view of the small set, unbalanced, with renders of the true
+    meshes under ``RENDERS``."""
+    ds = load_dataset(synth_small)
+    views = ds.split(None)
+    render_views(synth_small, RENDERS, None, progress=False)
+    clear = builders.clarity_labels(type("Args", (), {"predictions": None, "clear_below": 0.5})(), views)
+    recs = builders.step4_records(views, clear, RENDERS, seed=0, plan_fraction=0.25, balance=False)
+    return builders.write_stage(recs, tmp_path_factory.mktemp("stage4") / "step4.jsonl", ds, "step4")
+
+
+def _scripted(sampler, tokenizer, answers):
+    """Replace sampling by fixed answers (token ids as a tokenizer writes them), one list per turn."""
+    turns = iter(answers)
+
+    def generate(model, prompts, pixels):
+        text, close = next(turns)
+        return [tokenizer.encode(text) + ([tokenizer.eos_token_id] if close else []) for _ in prompts]
+    sampler.generate = generate
+
+
+def _chain(answers, category="jar"):
+    return sc.Chain(sc.View("v", Path("a.png"), Path("r.png"), category), answers=answers)
+
+
+# --- (b) which tokens the loss reads ------------------------------------------------------------
+
+def test_loss_mask_is_the_sampled_answer_tokens(tiny_model, stage4_file):
+    model, processor = load_model(tiny_model)
+    tok = processor.tokenizer
+    view = sc.load_views(stage4_file, renders=RENDERS)[0]
+    sampler = sc.ChainSampler(processor, max_new_tokens=8)
+    _scripted(sampler, tok, [("The object is jar.", True), ("No.", True), ("The object is can.", True)])
+    chain, = sampler.sample(model, [view], 1)
+    supervised = [tok.decode([chain.ids[i]]) for i in chain.sampled]
+    print("supervised positions:", chain.sampled)
+    print("supervised tokens:", supervised)
+    assert "".join(supervised) == "The object is jar.<|im_end|>No.<|im_end|>The object is can.<|im_end|>"
+    assert chain.images == [view.image, view.render] and chain.answers == ["The object is jar.", "No.",
+                                                                            "The object is can."]
+    # exactly the positions SFT supervises in the same conversation (answers + end-of-turn tokens),
+    # and token for token the same ids: no prompt, question or image token is in the loss
+    enc = ConversationEncoder(processor).encode(load_images(chain.images), chain.history())
+    assert chain.ids == enc.input_ids[: len(chain.ids)]
+    assert chain.sampled == [i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX]
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert sum(t == image_token for t in chain.ids) == 2 * processor.image_seq_length
+    assert not any(chain.ids[i] == image_token for i in chain.sampled)
+    first = len(sampler.encoder.prompt_ids([1], [{"from": "human", "value": sc.Q1}]))
+    assert chain.sampled[:6] == list(range(first, first + 6))  # attempt 1 follows the first prompt directly
+    batch = sc.chain_batch([chain], sampler)
+    assert batch.sampled[0].nonzero().squeeze(1).tolist() == chain.sampled
+    assert torch.equal(batch.pixel_values, enc.pixel_values)  # the image, then the render
+
+    # "Yes." ends the chain after Q6; an answer cut off by max_new_tokens gets an end-of-turn token
+    # to close the turn, which the policy did not sample and the loss does not read
+    _scripted(sampler, tok, [("The object is", False), ("Yes.", True)])
+    chain, = sampler.sample(model, [view], 1)
+    supervised = [tok.decode([chain.ids[i]]) for i in chain.sampled]
+    print("cut-off chain, supervised tokens:", supervised)
+    assert "".join(supervised) == "The object isYes.<|im_end|>"
+    assert chain.images == [view.image] and len(chain.answers) == 2
+    closing = chain.sampled[len(tok.encode("The object is")) - 1] + 1
+    assert chain.ids[closing] == tok.eos_token_id and closing not in chain.sampled
+
+
+def test_rewards_and_advantages():
+    w = sc.RewardWeights(1.0, 0.5, 0.5)
+    assert sc.score_chain(_chain(["The object is can.", "No.", "The object is jar."]), w) == 2.0  # fixed
+    assert sc.score_chain(_chain(["The object is jar.", "Yes."]), w) == 1.5        # right and sure
+    assert sc.score_chain(_chain(["The object is jar.", "No.", "The object is can."]), w) == 0.0  # broke it
+    assert sc.score_chain(_chain(["The object is can.", "Yes."]), w) == 0.0        # wrong and sure
+    assert sc.score_chain(_chain(["The object is can.", "No.", "The object is can."]), w) == 0.5  # knew, no fix
+    assert sc.score_chain(_chain(["The object is jar.", "maybe"]), w) == 1.0       # no calibration credit
+    adv = sc.group_advantages(torch.tensor([2.0, 0.0, 1.0, 1.0, 1.0, 1.0]), 3, scale=False)
+    assert adv.tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 0.0]
+    scaled = sc.group_advantages(torch.tensor([2.0, 0.0, 1.0, 1.0, 1.0, 1.0]), 3, scale=True)
+    assert torch.allclose(scaled[:3], torch.tensor([1.0, -1.0, 0.0]), atol=1e-3) and scaled[3:].abs().sum() == 0
+
+
+# --- (a) the gradient ----------------------------------------------------------------------------
+
+def _grads(model, sampler, chains, advantages):
+    model.zero_grad()
+    logp, mask = sc.sampled_log_probs(model, sc.chain_batch(chains, sampler))
+    loss, _ = sc.policy_loss(logp, mask, advantages)
+    loss.backward()
+    return [p.grad for p in model.parameters() if p.requires_grad]
+
+
+def test_policy_gradient_is_zero_exactly_when_rewards_are_equal(tiny_model, stage4_file):
+    torch.manual_seed(0)
+    model, processor = load_model(tiny_model)
+    model.train()
+    sampler = sc.ChainSampler(processor, max_new_tokens=6)
+    views = sc.load_views(stage4_file, renders=RENDERS)[:2]
+    chains = sampler.sample(model, views, 3)
+    assert all(c.sampled for c in chains)
+    varied = sc.group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 0.0]), 3, scale=True)
+    grads = _grads(model, sampler, chains, varied)
+    assert sum(g.abs().sum().item() for g in grads if g is not None) > 0
+    assert model.lm_head.weight.grad.abs().sum() > 0 and any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.vision_tower.parameters())
+    equal = sc.group_advantages(torch.full((6,), 0.7), 3, scale=True)
+    assert equal.abs().sum() == 0
+    grads = _grads(model, sampler, chains, equal)
+    assert all(g is None or g.abs().sum() == 0 for g in grads)
+
+
+# --- (d) the KL to the reference -------------------------------------------------------------------
+
+def test_kl_to_the_reference_starts_at_zero_and_grows(tiny_model, stage4_file):
+    torch.manual_seed(0)
+    policy, processor = load_model(tiny_model)
+    reference = sc.reference_model(tiny_model, policy)  # loaded again from the checkpoint, frozen
+    assert reference is not policy and not any(p.requires_grad for p in reference.parameters())
+    policy.train()
+    sampler = sc.ChainSampler(processor, max_new_tokens=6)
+    chains = sampler.sample(policy, sc.load_views(stage4_file, renders=RENDERS)[:2], 3)
+    batch = sc.chain_batch(chains, sampler)
+    advantages = sc.group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 0.0]), 3, scale=True)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    kls = []
+    for _ in range(3):
+        logp, mask = sc.sampled_log_probs(policy, batch)
+        with torch.no_grad():
+            ref_logp, _ = sc.sampled_log_probs(reference, batch)
+        loss, kl = sc.policy_loss(logp, mask, advantages, ref_logp, beta=0.02)
+        kls.append(kl.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print("KL by step:", kls)
+    assert kls[0] == 0.0 and kls[-1] > 1e-6
+
+
+# --- (c) learning -----------------------------------------------------------------------------------
+
+def says_no(chain) -> float:
+    """A reward for one behaviour: asking for the reconstruction (Q6 answered No)."""
+    return float(sc.chain_outcome(chain)["said_no"])
+
+
+@pytest.mark.slow
+def test_rl_steps_raise_the_mean_reward(tiny_model, stage4_file, tmp_path):
+    from step4_selfconsistency.train import run
+    # phase 1 alone, through the stage command: brief CoT SFT so Q1 gets categories and Q6 Yes./No.
+    sft_dir = run(["--phases", "sft", "--model_name_or_path", str(tiny_model), "--train_data", str(stage4_file),
+                   "--output_dir", str(tmp_path / "step4"), "--sft_output_dir", str(tmp_path / "sft"),
+                   "--max_steps", "150", "--per_device_train_batch_size", "8", "--learning_rate", "0.003",
+                   "--warmup_steps", "0", "--augment", "false", "--save_strategy", "no", "--logging_steps", "50",
+                   "--disable_tqdm", "true"], default_config=CONFIG)
+    assert sft_dir == tmp_path / "sft" and not (tmp_path / "step4").exists()
+    views = sc.load_views(stage4_file, renders=RENDERS)
+    model, processor = load_model(sft_dir)
+    sampler = sc.ChainSampler(processor, max_new_tokens=10)
+    before = sc.evaluate(model, sampler, views, 4, says_no, seed=1)
+    print("before RL:", before)
+    assert before["said_no"] < 0.9  # room to learn
+
+    rl = sc.SelfCorrectArguments(renders=RENDERS, rl_steps=12, rl_images_per_step=4, rl_group_size=4,
+                                 rl_learning_rate=0.002, rl_max_new_tokens=10, kl_beta=0.02)
+    training = TrainingArguments(output_dir=str(tmp_path / "rl"), use_cpu=True, report_to="none", seed=0,
+                                 logging_steps=4, disable_tqdm=True, lr_scheduler_type="constant")
+    out = sc.train(ModelArguments(model_name_or_path=str(sft_dir)), DataArguments(train_data=str(stage4_file)), rl,
+                   training, reward_fn=says_no)
+    assert out == tmp_path / "rl" and (out / "processor_config.json").is_file()
+    model, processor = load_model(out)  # a plain InternVL folder
+    after = sc.evaluate(model, sc.ChainSampler(processor, max_new_tokens=10), views, 4, says_no, seed=1)
+    print("after RL:", after)
+    assert after["reward"] > before["reward"] + 0.15
+
+
+# --- the stage command --------------------------------------------------------------------------------
+
+def test_stage4_config_and_views(stage4_file):
+    from occmllm.config import parse_config
+    from step4_selfconsistency.train import PhaseArguments
+    model, data, phases, rl, training = parse_config(
+        (ModelArguments, DataArguments, PhaseArguments, sc.SelfCorrectArguments, TrainingArguments), [], CONFIG)
+    assert model.model_name_or_path == "outputs/demo/checkpoints/step3"
+    assert data.train_data == "outputs/demo/stages/step4_train.jsonl"
+    assert training.output_dir == "outputs/demo/checkpoints/step4" and phases.phases == "sft,rl"
+    assert (rl.reward_correct, rl.reward_calibration, rl.reward_fix, rl.kl_beta) == (1.0, 0.5, 0.5, 0.02)
+    args = sc.rl_training_arguments(training, rl)
+    assert (args.max_steps, args.learning_rate, args.per_device_train_batch_size) == (
+        rl.rl_steps, rl.rl_learning_rate, rl.rl_images_per_step)
+    recs = records.read_records(stage4_file)
+    views = sc.load_views(stage4_file, renders=RENDERS)
+    assert len(views) == sum(not r["id"].endswith("#plan") for r in recs)
+    assert all(v.render.parent.name == "stage4_test" and v.render.name == f"{v.id}.png" for v in views)
+    no_render = sc.load_views(stage4_file, renders="renders/none")  # unclear views keep their second image
+    assert {v.id for v in no_render if v.render == v.image} == {
+        r["id"] for r in recs if not isinstance(r["image"], list) and not r["id"].endswith("#plan")}
+
+
+@pytest.mark.slow
+def test_stage4_runs_both_phases(tiny_model, stage4_file, tmp_path):
+    from step4_selfconsistency.train import run
+    out = run(["--model_name_or_path", str(tiny_model), "--train_data", str(stage4_file), "--output_dir",
+               str(tmp_path / "step4"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--augment", "false",
+               "--save_strategy", "no", "--rl_steps", "2", "--rl_images_per_step", "2", "--rl_group_size", "2",
+               "--rl_max_new_tokens", "6", "--renders", RENDERS, "--disable_tqdm", "true"], default_config=CONFIG)
+    assert out == tmp_path / "step4"
+    load_model(tmp_path / "step4_cot_sft")  # phase 1's checkpoint, where phase 2 started
+    load_model(out)
+
+
+def test_missing_stage3_checkpoint_is_one_line_error(tmp_path, capsys):
+    from step4_selfconsistency.train import main
+    missing = tmp_path / "checkpoints/step3"
+    with pytest.raises(SystemExit) as exc:
+        main(["--model_name_or_path", str(missing), "--output_dir", str(tmp_path / "out")], default_config=CONFIG)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"error: {missing}: checkpoint folder not found; stage 4 trains from stage 3's "
+                                       "checkpoint: run stage 3 first (bash step3_mpo/run.sh) or pass "
+                                       "--model_name_or_path\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_launcher_reports_missing_stage3_checkpoint(tmp_path):
+    """Through run.sh as users start it: one line on stderr, exit status 2."""
+    missing = tmp_path / "step3"
+    out = subprocess.run(["bash", "step4_selfconsistency/run.sh", "--model_name_or_path", str(missing)], cwd=ROOT,
+                         env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-1] == (f"error: {missing}: checkpoint folder not found; stage 4 trains from stage "
+                                           "3's checkpoint: run stage 3 first (bash step3_mpo/run.sh) or pass "
+                                           "--model_name_or_path")
