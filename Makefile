@@ -24,8 +24,6 @@ DEMO_SCENES ?= 3200
 DEMO_VIEWS ?= 2
 DEMO_RECON_EVAL ?= 160
 DEMO_STEP2_STEPS ?= 160
-DEMO_PREF_VIEWS ?= 1536
-DEMO_STEP3_STEPS ?= 60
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)/data $(DEMO)/data.partial $(DEMO)/models $(DEMO)/checkpoints $(DEMO)/report $(DEMO)/recon \
 		$(DEMO)/predictions $(DEMO)/stages
@@ -48,10 +46,10 @@ demo: $(VENV)/.installed
 	PYTHON=$(PY) bash step1_sft/run.sh --disable_tqdm true
 	PYTHON=$(PY) bash step2_multiquery/run.sh --disable_tqdm true --max_steps $(DEMO_STEP2_STEPS)
 	$(PY) inference.py --checkpoint step2=$(DEMO)/checkpoints/step2 --data $(DEMO)/stages/train_q1.jsonl \
-		--limit $(DEMO_PREF_VIEWS) --out $(DEMO)/predictions/step2_train --batch-size 32
+		--out $(DEMO)/predictions/step2_train --batch-size 32
 	$(PY) -m step3_mpo.make_data --data $(DEMO)/data --out $(DEMO)/stages/step3_train.jsonl \
 		--predictions $(DEMO)/predictions/step2_train/predictions.jsonl
-	PYTHON=$(PY) bash step3_mpo/run.sh --disable_tqdm true --max_steps $(DEMO_STEP3_STEPS)
+	PYTHON=$(PY) bash step3_mpo/run.sh --disable_tqdm true
 	OMP_NUM_THREADS=1 PYTHON=$(PY) bash step4_selfconsistency/run.sh --disable_tqdm true
 	# one report: every checkpoint in plain mode, then stages 2 and 4 with chain of thought
 	$(PY) inference.py --checkpoint base=$(DEMO)/models/tiny --checkpoint step1=$(DEMO)/checkpoints/step1 \

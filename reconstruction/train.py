@@ -111,20 +111,21 @@ def _save_last(folder: Path, model, optimizer, scheduler, step: int, rng: np.ran
                     "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
 
 
-def fixed_mmap_threshold(size: int = 128 * 1024) -> None:
-    """Have glibc serve every allocation above ``size`` with its own mapping. By default it raises
-    that threshold after torch frees its large step buffers, which then land on the heap between
-    the long-lived cached views and fragment it: resident memory grew ~10 MB per step (2.1 GB
-    after 100 steps on the demo set against 0.8 GB with this). No-op off glibc."""
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    torch's large per-step buffers land on the heap between the long-lived cached views and
+    banks, and the freed space stays resident: without this, resident memory grew by ~10 MB a
+    step on the demo set (2 GB after 100 steps, against 0.8 GB with a trim every 10 steps, at the
+    same speed; a fixed mmap threshold also fixed it but made steps 1.8x slower)."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
 def train(args: ReconTrainArguments, model_args: ReconConfig) -> Path:
-    fixed_mmap_threshold()
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     last = out.with_name(out.name + ".partial")  # resumable state until the run finishes
@@ -165,6 +166,8 @@ def train(args: ReconTrainArguments, model_args: ReconConfig) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
+        if step % 10 == 0:
+            release_free_memory()
         for k, v in parts.items():
             running[k] = running.get(k, 0.0) + float(v.detach())
         if (step + 1) % args.log_steps == 0 or step + 1 == args.steps:
