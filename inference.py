@@ -152,28 +152,22 @@ class RenderCache:
         self.folder = folder
 
     def paths(self, samples: list[Sample]) -> list[Path]:
-        from PIL import Image
-
-        from reconstruction.reconstruct import render
-        from reconstruction.views import load_view
-        out = [self.folder / f"{s.id}.png" for s in samples]
-        todo = [s for s, path in zip(samples, out) if not path.is_file()]
-        missing = [s.id for s in todo if str(s.id) not in self.lines]
+        from reconstruction.reconstruct import reconstruct_views
+        missing = [s.id for s in samples if str(s.id) not in self.lines]
         if missing:
             raise OccError(f"{self.root}/manifest.jsonl: no view {missing[0]!r} to reconstruct; CoT mode needs the "
                            "test records' dataset (its masks and depth)")
-        if todo:
-            views = [load_view(self.root, self.lines[str(s.id)], self.depth_scale) for s in todo]
-            for view, rec in zip(views, self.reconstructor(views)):
-                with fileio.atomic_path(self.folder / f"{rec.id}.png", suffix=".png") as tmp:
-                    Image.fromarray(render(rec, view.camera)).save(tmp, format="PNG")
-        return out
+        reconstruct_views(self.reconstructor, self.root, [self.lines[str(s.id)] for s in samples], self.depth_scale,
+                          self.folder, batch_size=max(len(samples), 1), progress=False)
+        return [self.folder / f"{s.id}.png" for s in samples]
 
 
 def run_cot(generate: Generator, batch: list[Sample], renders: RenderCache) -> list[dict]:
     """Chain of thought: ask Q1, then Q6 (is the object clear?); where the model answers ``No.``,
     reconstruct the object, render it, and ask Q1 again with the render as a second image. The
     final answer is the last Q1 answer. Only the model's own answers decide anything."""
+    import torch
+
     from occmllm.questions import Q1, Q6, parse_yes_no
     encoded = [generate.images(s.images[:1]) for s in batch]
     history: list[list[dict]] = [[{"from": "human", "value": Q1}] for _ in batch]
@@ -189,8 +183,9 @@ def run_cot(generate: Generator, batch: list[Sample], renders: RenderCache) -> l
         for i, path in zip(unclear, paths):
             history[i] += [{"from": "gpt", "value": clear[i].replace(IMAGE_TOKEN, "")},
                            {"from": "human", "value": Q1}]
-            pixels, tiles = generate.images([batch[i].images[0], path])
-            prompts.append(Prompt(list(history[i]), pixels, tiles))
+            render_pixels, render_tiles = generate.images([path])  # the first image's tiles are already made
+            pixels, tiles = encoded[i]
+            prompts.append(Prompt(list(history[i]), torch.cat([pixels, render_pixels]), tiles + render_tiles))
         second = dict(zip(unclear, generate(prompts)))
     out = []
     for i in range(len(batch)):
@@ -258,21 +253,20 @@ def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: 
                 "checkpoints": {name: str(p.resolve()) for name, p in checkpoints},
                 "recon": str(recon.resolve()) if recon is not None else None}
     old = fileio.read_json(path) if path.is_file() else {}
-    if old.get("recon") and settings["recon"] is None:
-        settings["recon"] = old["recon"]
-    if (resuming or old.get("recon")) and path.is_file():
-        keys = ["data", "max_new_tokens"] if resuming else []
-        if old.get("recon") and recon is not None:
-            keys.append("recon")
-        problems = [f"--{k.replace('_', '-')} was {old.get(k)!r}, now {settings[k]!r}"
-                    for k in keys if old.get(k) != settings[k]]
+    problems = []
+    if resuming and old:
+        problems += [f"--{k.replace('_', '-')} was {old.get(k)!r}, now {settings[k]!r}"
+                     for k in ("data", "max_new_tokens") if old.get(k) != settings[k]]
         for name, p in settings["checkpoints"].items():
             if old.get("checkpoints", {}).get(name, p) != p:
                 problems.append(f"checkpoint {name!r} was {old['checkpoints'][name]}, now {p}")
-        if problems:
-            raise OccError(f"{out / PREDICTIONS} holds predictions made with other settings ({'; '.join(problems)}); "
-                           "use another --out, or remove the folder to start over")
         settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
+    if old.get("recon") and settings["recon"] and old["recon"] != settings["recon"]:
+        problems.append(f"--recon was {old['recon']}, now {settings['recon']} (its renders are cached in {out})")
+    settings["recon"] = settings["recon"] or old.get("recon")
+    if problems:
+        raise OccError(f"{out / PREDICTIONS} holds predictions made with other settings ({'; '.join(problems)}); "
+                       "use another --out, or remove the folder to start over")
     fileio.write_json(path, settings)
 
 

@@ -275,11 +275,12 @@ def markdown(report: dict) -> str:
              "questions by polarity); `final` is the answer to the category question; occlusion bins show the final "
              "accuracy and, in brackets, the number of records. Plots: "
              f"`{FILES['accuracy_plot']}`, `{FILES['occlusion_plot']}`, `{FILES['confusion_plot']}`."), ""]
-    if cot_table(report):
+    cot = cot_table(report)
+    if cot:
         text += ["## Chain of thought", "",
                  ("Q1 is the first answer and `final` the answer after the render. `said No.`: the share of samples "
                   "the model called unclear (Q6); calibration: the share where it said `No.` exactly when its first "
-                  "answer was wrong; the last columns count answers the render changed."), "", cot_table(report), ""]
+                  "answer was wrong; the last columns count answers the render changed."), "", cot, ""]
     return "\n".join(text)
 
 

@@ -125,24 +125,25 @@ def select_views(dataset, split: str | None, records_file: Path | None, limit: i
     return lines[:limit] if limit else lines
 
 
-def reconstruct_views(reconstructor: Reconstructor, dataset, lines: list[dict], out: str, batch_size: int = 8,
-                      progress: bool = True) -> dict:
-    """Render every view's reconstruction into ``DATA/out``; returns counts (done, skipped, empty)."""
-    scale = depth_scale_of(dataset.folder)
-    todo = [line for line in lines
-            if not fileio.resolve_in_root(dataset.root, render_path(out, line["id"]), "render").is_file()]
+def reconstruct_views(reconstructor: Reconstructor, root: Path, lines: list[dict], depth_scale: float, folder: Path,
+                      batch_size: int = 8, progress: bool = True) -> dict:
+    """Render the reconstruction of every view (manifest ``lines`` under ``root``) as
+    ``folder/<view id>.png``, keeping renders already there; returns counts (rendered, kept, empty)."""
+    def target(view_id: str) -> Path:
+        return Path(render_path(str(folder), view_id))
+
+    todo = [line for line in lines if not target(line["id"]).is_file()]
     counts = {"rendered": 0, "kept": len(lines) - len(todo), "empty": []}
     bar = tqdm(total=len(todo), desc="reconstruct", unit="view", disable=not progress)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start: start + batch_size]
-        views = [load_view(dataset.root, line, scale) for line in chunk]
+        views = [load_view(root, line, depth_scale) for line in chunk]
         for view, rec in zip(views, reconstructor(views)):
             if rec.empty:
                 counts["empty"].append(rec.id)
                 print(f"view {rec.id}: the reconstruction is empty (the SDF never crosses zero); "
                       "rendering a blank image", file=sys.stderr)
-            target = fileio.resolve_in_root(dataset.root, render_path(out, rec.id), "render")
-            with fileio.atomic_path(target, suffix=".png") as tmp:
+            with fileio.atomic_path(target(rec.id), suffix=".png") as tmp:
                 Image.fromarray(render(rec, view.camera)).save(tmp, format="PNG")
             counts["rendered"] += 1
         bar.update(len(chunk))
@@ -174,7 +175,9 @@ def main(argv=None) -> int:
     reconstructor = Reconstructor(args.checkpoint, args.resolution, args.device)
     dataset = load_dataset(args.data)
     lines = select_views(dataset, args.split, args.records, args.limit)
-    counts = reconstruct_views(reconstructor, dataset, lines, args.out, args.batch_size, not args.no_progress)
+    folder = fileio.resolve_in_root(dataset.root, args.out, "--out")
+    counts = reconstruct_views(reconstructor, dataset.root, lines, depth_scale_of(dataset.folder), folder,
+                               args.batch_size, not args.no_progress)
     print(f"rendered {counts['rendered']} views into {dataset.root / args.out} ({counts['kept']} already there, "
           f"{len(counts['empty'])} empty reconstructions)")
     return 0
