@@ -65,9 +65,12 @@ demo: $(VENV)/.installed
 	@echo "checkpoints:    $(DEMO)/models/tiny (base), $(DEMO)/checkpoints/step1 ... step4"
 	@echo "report:         $(DEMO)/report/  (report.md, report.json, plots; renders/ for chain of thought)"
 
+# synthocc needs nothing; the others read the models and files `make demo` writes
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_synthocc.py
 	$(PY) benchmarks/bench_recon.py
+	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_train.py
 
 clean-demo:
 	rm -rf $(DEMO)

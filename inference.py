@@ -70,7 +70,7 @@ def sample_of(record: dict, root: Path) -> Sample:
 @dataclass
 class Prompt:
     conversation: list[dict]   # human/gpt turns ending with a human turn
-    pixel_values: object       # (tiles, 3, H, W) tensor of the images its placeholders take, or None
+    features: object           # (tiles, image tokens, width): vision features of the images it shows, or None
     tiles: list[int]           # tiles per image
 
 
@@ -91,9 +91,19 @@ class Generator:
         extra = extra if isinstance(extra, list) else [extra]
         self.eos_ids = list(dict.fromkeys(e for e in [self.tokenizer.eos_token_id, *extra] if e is not None))
 
-    def images(self, paths) -> tuple[object, list[int]]:
+    def images(self, paths_per_sample: list) -> list[tuple[object, list[int]]]:
+        """Per sample, its images' vision features (the vision tower and projector, run once in one
+        pass over every tile of the batch) and tiles per image. Each question that shows an image
+        reuses them: a record's five questions do not encode its image five times."""
+        import torch
+
         from occmllm.conversation import load_images
-        return self.encoder.pixel_values(load_images(paths))
+        tiled = [self.encoder.pixel_values(load_images(paths)) for paths in paths_per_sample]
+        pixels = torch.cat([p for p, _ in tiled]).to(device=self.model.device, dtype=self.model.dtype)
+        with torch.inference_mode():
+            features = self.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        counts = [len(p) for p, _ in tiled]
+        return [(f, tiles) for f, (_, tiles) in zip(features.split(counts), tiled)]
 
     def __call__(self, prompts: list[Prompt]) -> list[str]:
         import torch
@@ -102,10 +112,11 @@ class Generator:
         device = self.model.device
         ids = [self.encoder.prompt_ids(p.tiles, p.conversation) for p in prompts]
         input_ids, attention_mask = pad_batch(ids, self.pad_id, "left")  # (batch, width); prompts end at the right
-        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None and len(p.pixel_values)]
+        features = [p.features for p in prompts if p.features is not None and len(p.features)]
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        if pixels:  # tiles in prompt order, matching the image-token runs in input_ids
-            inputs["pixel_values"] = torch.cat(pixels).to(device=device, dtype=self.model.dtype)
+        if features:  # tiles in prompt order, matching the image-token runs in input_ids
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(features))}
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                                       pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
@@ -118,7 +129,7 @@ class Generator:
 def run_plain(generate: Generator, batch: list[Sample]) -> list[dict]:
     """Ask every question of each sample in order, multi-turn with the model's own answers; the
     final answer is the category question's."""
-    encoded = [generate.images(s.images) for s in batch]  # (pixels, tiles) per sample, computed once
+    encoded = generate.images([s.images for s in batch])  # (features, tiles) per sample, computed once
     history: list[list[dict]] = [[] for _ in batch]
     answers: list[dict] = [{} for _ in batch]
     for turn in range(max(len(s.questions) for s in batch)):
@@ -127,8 +138,8 @@ def run_plain(generate: Generator, batch: list[Sample]) -> list[dict]:
         for i in active:
             history[i].append({"from": "human", "value": batch[i].questions[turn][2]})
             used = sum(t["value"].count(IMAGE_TOKEN) for t in history[i] if t["from"] == "human")
-            pixels, tiles = encoded[i]
-            prompts.append(Prompt(list(history[i]), pixels[: sum(tiles[:used])] if used else None, tiles[:used]))
+            features, tiles = encoded[i]
+            prompts.append(Prompt(list(history[i]), features[: sum(tiles[:used])] if used else None, tiles[:used]))
         for i, text in zip(active, generate(prompts)):
             answers[i][batch[i].questions[turn][0]] = text
             # the history takes the answer as it is, except a literal "<image>" in it, which the
@@ -169,23 +180,23 @@ def run_cot(generate: Generator, batch: list[Sample], renders: RenderCache) -> l
     import torch
 
     from occmllm.questions import Q1, Q6, parse_yes_no
-    encoded = [generate.images(s.images[:1]) for s in batch]
+    encoded = generate.images([s.images[:1] for s in batch])
     history: list[list[dict]] = [[{"from": "human", "value": Q1}] for _ in batch]
-    first = generate([Prompt(list(h), pixels, tiles) for h, (pixels, tiles) in zip(history, encoded)])
+    first = generate([Prompt(list(h), features, tiles) for h, (features, tiles) in zip(history, encoded)])
     for h, text in zip(history, first):
         h += [{"from": "gpt", "value": text.replace(IMAGE_TOKEN, "")}, {"from": "human", "value": Q6}]
-    clear = generate([Prompt(list(h), pixels, tiles) for h, (pixels, tiles) in zip(history, encoded)])
+    clear = generate([Prompt(list(h), features, tiles) for h, (features, tiles) in zip(history, encoded)])
     unclear = [i for i, text in enumerate(clear) if parse_yes_no(text) is False]
     second: dict[int, str] = {}
     if unclear:
         paths = renders.paths([batch[i] for i in unclear])
         prompts = []
-        for i, path in zip(unclear, paths):
+        # only the renders are new to the vision tower: the first image's features are already made
+        for i, (render_features, render_tiles) in zip(unclear, generate.images([[path] for path in paths])):
             history[i] += [{"from": "gpt", "value": clear[i].replace(IMAGE_TOKEN, "")},
                            {"from": "human", "value": Q1}]
-            render_pixels, render_tiles = generate.images([path])  # the first image's tiles are already made
-            pixels, tiles = encoded[i]
-            prompts.append(Prompt(list(history[i]), torch.cat([pixels, render_pixels]), tiles + render_tiles))
+            features, tiles = encoded[i]
+            prompts.append(Prompt(list(history[i]), torch.cat([features, render_features]), tiles + render_tiles))
         second = dict(zip(unclear, generate(prompts)))
     out = []
     for i in range(len(batch)):

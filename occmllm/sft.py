@@ -179,8 +179,20 @@ def add_lora(model, args: ModelArguments):
     return get_peft_model(model, config)
 
 
+def init_deepspeed_comm(training: TrainingArguments) -> None:
+    """ZeRO-3 partitions weights as they load (``deepspeed.zero.Init``), which needs DeepSpeed's
+    process group before the model exists; on CPU the Trainer only creates it later, at
+    ``deepspeed.initialize``."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    if training.deepspeed and training.world_size > 1 and is_deepspeed_zero3_enabled():
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() and not training.use_cpu
+                                   else "gloo")
+
+
 def build_model(args: ModelArguments, training: TrainingArguments):
     check_checkpoint(args.model_name_or_path)
+    init_deepspeed_comm(training)
     dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = InternVLForConditionalGeneration.from_pretrained(
@@ -208,7 +220,8 @@ def save_final(trainer: Trainer, processor, output_dir: str) -> None:
         processor.save_pretrained(output_dir)
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments) -> Path:
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments):
+    """The stage's HF Trainer (model, dataset, collator, callbacks) and the processor it saves."""
     items = load_training_records(data_args.train_data, data_args.data_root)
     processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
     encoder = ConversationEncoder(processor, max_length=data_args.max_length)
@@ -217,6 +230,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training: Traini
     trainer = Trainer(model=model, args=training, train_dataset=dataset,
                       data_collator=Collator(processor.tokenizer.pad_token_id),
                       callbacks=[EpochSetter(dataset), SaveProcessor(processor)])
+    return trainer, processor
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments) -> Path:
+    trainer, processor = build_trainer(model_args, data_args, training)
     return fit(trainer, processor, data_args.resume)
 
 

@@ -74,3 +74,27 @@ def recon_model(synth, tmp_path_factory) -> Path:
                                eikonal_points=16, colour_points=32, silhouette_rays=16, ray_samples=8, save_steps=3,
                                log_steps=3, progress=False)
     return train(args, ReconConfig(**SMALL_RECON))
+
+
+def _predictions(views: list[dict]) -> dict[str, str]:
+    """A model's Q1 answers that are wrong for every third view."""
+    from occmllm.questions import category_answer
+
+    def wrong(category):
+        return category_answer("remote" if category != "remote" else "jar")
+    return {v["id"]: wrong(v["category"]) if k % 3 == 0 else category_answer(v["category"])
+            for k, v in enumerate(views)}
+
+
+@pytest.fixture(scope="session")
+def step3_file(synth_small, tmp_path_factory) -> Path:
+    """Stage-3 preference pairs (clarity and category) on every view of the small set."""
+    import json
+    from data_tools import builders
+    from data_tools.dataset import load_dataset
+    ds = load_dataset(synth_small)
+    views = ds.split(None)
+    tmp = tmp_path_factory.mktemp("step3")
+    (tmp / "predictions.json").write_text(json.dumps(_predictions(views)))
+    pairs = builders.step3_pairs(views, tmp / "predictions.json")
+    return builders.write_stage(pairs, tmp / "step3.jsonl", ds, "step3", kind="preference")

@@ -21,30 +21,12 @@ from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
 from occmllm.errors import OccError
 from occmllm.model import load_model
 from occmllm.questions import category_answer
+from conftest import _predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP2_CONFIG = ROOT / "step2_multiquery/config.yaml"
 STEP3_CONFIG = ROOT / "step3_mpo/config.yaml"
 REFERENCE_DPO = "v1/train_Q1_Q6_balanced_dpo_10140.jsonl"
-
-
-def _predictions(views: list[dict]) -> dict[str, str]:
-    """A model's Q1 answers that are wrong for every third view."""
-    def wrong(category):
-        return category_answer("remote" if category != "remote" else "jar")
-    return {v["id"]: wrong(v["category"]) if k % 3 == 0 else category_answer(v["category"])
-            for k, v in enumerate(views)}
-
-
-@pytest.fixture(scope="module")
-def step3_file(synth_small, tmp_path_factory) -> Path:
-    """Stage-3 preference pairs (clarity and category) on every view of the small set."""
-    ds = load_dataset(synth_small)
-    views = ds.split(None)
-    tmp = tmp_path_factory.mktemp("step3")
-    (tmp / "predictions.json").write_text(json.dumps(_predictions(views)))
-    pairs = builders.step3_pairs(views, tmp / "predictions.json")
-    return builders.write_stage(pairs, tmp / "step3.jsonl", ds, "step3", kind="preference")
 
 
 # --- configs and errors ----------------------------------------------------------------------

@@ -1,0 +1,148 @@
+"""Inference throughput: the project's batched inference against a one-sample-at-a-time loop in the
+reference implementation's style, on the same checkpoint, test samples and machine, in one run.
+
+The loop does what the reference's evaluation does per test image: load and tile the image, then
+for each question build the multi-turn prompt with the earlier answers and call ``generate`` on that
+one prompt (no padding). The project's path is ``inference.run_plain`` at batch sizes 1, 8 and 32
+(left-padded greedy generation). Every batched run must give the loop's answers, word for word.
+Then the chain-of-thought mode's cost per sample relative to plain (renders made afresh).
+
+Prints a table, then one JSON line:
+``{"speedup": {"1": r1, "8": r8, "32": r32}, "identical": true, "cot_cost": c, ...}``
+
+    python benchmarks/bench_inference.py [--checkpoint outputs/demo/checkpoints/step1]
+        [--data outputs/demo/stages/test.jsonl] [--samples 64] [--cot-checkpoint outputs/demo/checkpoints/step4]
+        [--recon outputs/demo/recon/model]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import inference  # noqa: E402
+from occmllm.conversation import load_images, to_messages  # noqa: E402
+from occmllm.errors import OccError  # noqa: E402
+from occmllm.model import load_model  # noqa: E402
+
+BATCH_SIZES = (1, 8, 32)
+
+
+def one_by_one(model, processor, samples: list[inference.Sample], max_new_tokens: int) -> list[dict]:
+    """The reference's way: one image, one question, one ``generate`` call at a time."""
+    tokenizer = processor.tokenizer
+    out = []
+    for sample in samples:
+        tiled = processor.image_processor(images=load_images(sample.images), return_tensors="pt")
+        pixels = tiled["pixel_values"].to(model.dtype)
+        tiles = [int(n) for n in tiled.get("num_patches", [1] * len(sample.images))]
+        history, answers = [], {}
+        for key, _, question in sample.questions:
+            history.append({"from": "human", "value": question})
+            used = sum(t["value"].count("<image>") for t in history if t["from"] == "human")
+            messages = to_messages(history)
+            runs = iter(tiles[:used])
+            for m in messages:  # each <image> becomes its image-token run, as the processor does
+                if m["role"] == "user":
+                    m["content"] = "".join(part if k == 0 else processor.start_image_token
+                                           + processor.image_token * processor.image_seq_length * next(runs)
+                                           + processor.end_image_token + part
+                                           for k, part in enumerate(m["content"].split("<image>")))
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                add_generation_prompt=True, return_tensors="pt")["input_ids"]
+            kwargs = {"pixel_values": pixels[: sum(tiles[:used])]} if used else {}
+            with torch.inference_mode():
+                new = model.generate(input_ids=ids, **kwargs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     num_beams=1, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+            answers[key] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            history.append({"from": "gpt", "value": answers[key]})
+        out.append(answers)
+    return out
+
+
+def batched(generate: inference.Generator, samples, batch_size: int, runner=inference.run_plain, *extra):
+    out = []
+    for start in range(0, len(samples), batch_size):
+        out += [r["answers"] for r in runner(generate, samples[start: start + batch_size], *extra)]
+    return out
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=Path("outputs/demo/checkpoints/step1"))
+    p.add_argument("--data", type=Path, default=Path("outputs/demo/stages/test.jsonl"))
+    p.add_argument("--samples", type=int, default=64, help="test records to answer (each with its questions)")
+    p.add_argument("--cot-checkpoint", type=Path, default=Path("outputs/demo/checkpoints/step4"),
+                   help="checkpoint for the chain-of-thought cost (skipped if missing)")
+    p.add_argument("--recon", type=Path, default=Path("outputs/demo/recon/model"))
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    for path in (args.checkpoint, args.data):
+        if not path.exists():
+            raise SystemExit(f"{path}: not found; run `make demo` first or pass --checkpoint/--data")
+    torch.set_num_threads(args.threads)
+    root = inference.dataset_root(args.data, None)
+    samples = [inference.sample_of(rec, root) for rec in inference.load_test(args.data, root, args.samples)]
+    questions = sum(len(s.questions) for s in samples)
+    model, processor = load_model(args.checkpoint, device=torch.device("cpu"), dtype=torch.float32)
+    generate = inference.Generator(model, processor, args.max_new_tokens)
+    batched(generate, samples[:2], 2)  # warm-up
+
+    reference, loop_s = timed(lambda: one_by_one(model, processor, samples, args.max_new_tokens))
+    rows = [("one-by-one loop (reference style)", 1, loop_s, 1.0, True)]
+    speedup, identical = {}, True
+    for size in BATCH_SIZES:
+        answers, seconds = timed(lambda: batched(generate, samples, size))
+        same = answers == reference
+        identical &= same
+        speedup[str(size)] = round(loop_s / seconds, 2)
+        rows.append(("batched (inference.py)", size, seconds, loop_s / seconds, same))
+
+    cot = None
+    if args.cot_checkpoint.is_dir() and args.recon.is_dir():
+        cot_model, cot_processor = load_model(args.cot_checkpoint, device=torch.device("cpu"), dtype=torch.float32)
+        cot_generate = inference.Generator(cot_model, cot_processor, args.max_new_tokens)
+        size = BATCH_SIZES[-1]
+        _, plain_s = timed(lambda: batched(cot_generate, samples, size))
+        with tempfile.TemporaryDirectory() as tmp:
+            renders = inference.RenderCache(args.recon, root, Path(tmp), 64, "cpu")
+            answers, cot_s = timed(lambda: batched(cot_generate, samples, size, inference.run_cot, renders))
+        unclear = sum("Q1#2" in a for a in answers)
+        cot = {"plain_s": round(plain_s, 2), "cot_s": round(cot_s, 2), "cost": round(cot_s / plain_s, 2),
+               "reconstructed": unclear}
+
+    print(f"{len(samples)} test records, {questions} questions, {args.checkpoint}, {torch.get_num_threads()} threads")
+    print(f"{'method':<36} {'batch':>5} {'seconds':>8} {'samples/s':>9} {'speedup':>8} {'same answers':>12}")
+    for name, size, seconds, ratio, same in rows:
+        print(f"{name:<36} {size:>5} {seconds:>8.2f} {len(samples) / seconds:>9.2f} {ratio:>7.2f}x {str(same):>12}")
+    if cot:
+        print(f"chain of thought ({args.cot_checkpoint}, batch {BATCH_SIZES[-1]}): {cot['cot_s']:.2f} s against "
+              f"{cot['plain_s']:.2f} s plain, {cot['cost']:.2f}x per sample; {cot['reconstructed']} of "
+              f"{len(samples)} reconstructed and rendered")
+    print(json.dumps({"speedup": speedup, "identical": identical, "samples": len(samples), "questions": questions,
+                      "loop_samples_per_s": round(len(samples) / loop_s, 2), "cot_cost": cot and cot["cost"],
+                      "cot": cot, "threads": torch.get_num_threads()}))
+    if not identical:
+        raise SystemExit("batched answers differ from the one-by-one loop")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except OccError as exc:
+        raise SystemExit(f"error: {exc}")
