@@ -67,13 +67,15 @@ def step1_records(views: list[dict]) -> list[dict]:
 
 
 def step2_records(views: list[dict], clear: dict[str, bool]) -> list[dict]:
-    """Stage 2: one multi-turn record per view: Q1, the clarity question Q6, then Q2-Q5."""
+    """Stage 2: one multi-turn record per view: Q1, Q2-Q5, then the clarity question Q6. The test
+    records ask Q1-Q5 in that order, so every test conversation is a prefix of a training one."""
     out = []
     for v in views:
         ans = _answers(v)
-        turns = [_human(Q1), _gpt(ans["Q1"]), _human(Q6), _gpt(yes_no(clear[v["id"]]))]
+        turns = [_human(Q1), _gpt(ans["Q1"])]
         for qid in (*ATTRIBUTE_QUESTIONS, "Q5"):
             turns += [_human(QUESTIONS[qid]), _gpt(ans[qid])]
+        turns += [_human(Q6), _gpt(yes_no(clear[v["id"]]))]
         out.append({"id": v["id"], "image": v["image"], "conversations": turns,
                     "meta": view_meta(v, clear=clear[v["id"]])})
     return out

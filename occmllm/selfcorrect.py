@@ -13,6 +13,10 @@ with its end-of-turn token; never prompt, question or image tokens) is
 
     L = 1/|T| sum_{t in T} [ -A(t) log pi(y_t | y_<t, images)  +  beta k3_t ]
     A = (r - mean of the K chains' rewards) [/ their std]           (GRPO's group baseline)
+
+except that attempt 1's tokens take the advantage of r1 = w_correct [attempt 1 right] instead
+(``separate_first_attempt``): the calibration and fix terms pay for a wrong attempt 1, and on
+attempt 1's own tokens they taught the policy to answer wrongly and then say No.
     k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1     (pi_ref: a frozen copy of the start)
 
 with log pi computed by one teacher-forced forward pass over exactly the token ids the policy
@@ -66,6 +70,9 @@ class SelfCorrectArguments:
         "help": "reward for a Q6 answer that is No exactly when attempt 1 was wrong"})
     reward_fix: float = field(default=0.5, metadata={"help": "reward for attempt 1 wrong and attempt 2 right"})
     scale_advantages: bool = field(default=True, metadata={"help": "divide advantages by the group's reward std"})
+    separate_first_attempt: bool = field(default=True, metadata={
+        "help": "score attempt 1's tokens on attempt 1 being right alone (false: on the chain's reward, which pays "
+                "the calibration and fix terms for a wrong attempt 1)"})
 
 
 # --- views -----------------------------------------------------------------------------------
@@ -121,6 +128,7 @@ class Chain:
     view: View
     ids: list[int] = field(default_factory=list)      # the conversation's tokens, as the policy saw and wrote them
     sampled: list[int] = field(default_factory=list)  # positions in ids of tokens the policy sampled
+    first: int = 0                                     # how many of them are attempt 1's
     answers: list[str] = field(default_factory=list)  # attempt 1, the Q6 answer, attempt 2 (when asked)
     pixel_values: torch.Tensor | None = None          # tiles of the images the conversation holds
 
@@ -205,6 +213,8 @@ class ChainSampler:
             c.pixel_values = all_pixels[: sum(tiles[:images])]
         for c, prompt, answer in zip(chains, prompts, self.generate(model, prompts, [c.pixel_values for c in chains])):
             c.sampled += range(len(prompt), len(prompt) + len(answer))
+            if not c.answers:
+                c.first = len(c.sampled)
             c.ids = prompt + answer
             if not answer or answer[-1] not in self.eos_ids:  # cut off: close the turn (not sampled, not trained)
                 c.ids.append(self.eot)
@@ -227,6 +237,9 @@ class ChainSampler:
 
 # --- rewards and advantages ------------------------------------------------------------------
 
+RewardFn = Callable[[Chain], float]
+
+
 @dataclass(frozen=True)
 class RewardWeights:
     correct: float = 1.0
@@ -242,6 +255,12 @@ def chain_outcome(chain: Chain) -> dict[str, bool]:
     final_right = parse_category(chain.answers[-1] if second else chain.answers[0]) == chain.view.category
     return {"first_right": first_right, "q6_parsed": clear is not None, "said_no": clear is False,
             "asked_again": second, "final_right": final_right}
+
+
+def score_first(chain: Chain, weights: RewardWeights = RewardWeights()) -> float:
+    """Attempt 1's own reward: right or not. Its tokens are scored on this alone, so the chain's
+    calibration and fix terms, which pay for a wrong attempt 1, cannot teach it to be wrong."""
+    return weights.correct * chain_outcome(chain)["first_right"]
 
 
 def score_chain(chain: Chain, weights: RewardWeights = RewardWeights()) -> float:
@@ -270,17 +289,25 @@ class ChainBatch:
     attention_mask: torch.Tensor  # (n, L)
     pixel_values: torch.Tensor    # (tiles of every chain's images in order, 3, H, W)
     sampled: torch.Tensor         # (n, L) bool: tokens the policy sampled (the loss's tokens)
+    first: torch.Tensor           # (n, L) bool: the sampled tokens of attempt 1
     temperature: float = 1.0      # the sampling distribution: logits / temperature,
     suppressed: tuple = ()        # without these token ids
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """(P,) the token positions where any chain has a sampled token."""
+        return self.sampled.any(dim=0).nonzero().squeeze(1)
 
 
 def chain_batch(chains: list[Chain], sampler: ChainSampler) -> ChainBatch:
     ids, attention_mask = pad_batch([c.ids for c in chains], sampler.pad_id, "right")
     sampled = torch.zeros_like(ids, dtype=torch.bool)
+    first = torch.zeros_like(sampled)
     for row, c in enumerate(chains):
         sampled[row, c.sampled] = True
-    return ChainBatch(ids, attention_mask, torch.cat([c.pixel_values for c in chains]), sampled, sampler.temperature,
-                      tuple(sampler.suppressed))
+        first[row, c.sampled[: c.first]] = True
+    return ChainBatch(ids, attention_mask, torch.cat([c.pixel_values for c in chains]), sampled, first,
+                      sampler.temperature, tuple(sampler.suppressed))
 
 
 def sampled_log_probs(model, batch: ChainBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,7 +317,7 @@ def sampled_log_probs(model, batch: ChainBatch) -> tuple[torch.Tensor, torch.Ten
     ``mask`` is False are 0."""
     core = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model; the forward goes through the wrapper
     device, dtype = core.device, core.dtype
-    columns = batch.sampled.any(dim=0).nonzero().squeeze(1)  # (P,) token positions
+    columns = batch.columns
     out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                 pixel_values=batch.pixel_values.to(device=device, dtype=dtype),
                 logits_to_keep=(columns - 1).to(device))  # the logits at t-1 predict the token at t
@@ -303,12 +330,27 @@ def sampled_log_probs(model, batch: ChainBatch) -> tuple[torch.Tensor, torch.Ten
     return torch.where(mask, logp, torch.zeros_like(logp)), mask
 
 
+def token_advantages(chains: list[Chain], batch: ChainBatch, rewards: torch.Tensor, k: int, scale: bool,
+                     first_reward_fn: RewardFn | None = None) -> torch.Tensor:
+    """The advantage of each sampled token, (n, P) over ``batch.columns``: the chain's group
+    advantage, except on attempt 1's tokens where ``first_reward_fn`` gives attempt 1 its own."""
+    chain_adv = group_advantages(rewards, k, scale)[:, None].expand_as(batch.sampled)
+    if first_reward_fn is not None:
+        first = group_advantages(torch.tensor([first_reward_fn(c) for c in chains], dtype=torch.float32), k, scale)
+        chain_adv = torch.where(batch.first, first[:, None], chain_adv)
+    return chain_adv[:, batch.columns]
+
+
 def policy_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, ref_logp: torch.Tensor | None = None,
                 beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, kl)``: -mean over sampled tokens of advantage x log pi, plus beta x the mean k3
-    estimate of KL(pi || pi_ref) on the same tokens (kl is 0 without a reference)."""
+    estimate of KL(pi || pi_ref) on the same tokens (kl is 0 without a reference). ``advantages``
+    is one per chain (n,) or one per token (n, P)."""
     n = mask.sum().clamp(min=1)
-    loss = -(advantages.to(logp.device)[:, None] * logp).sum() / n
+    advantages = advantages.to(logp.device)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    loss = -(advantages * logp).sum() / n
     kl = torch.zeros((), device=logp.device)
     if ref_logp is not None:
         delta = torch.where(mask, ref_logp - logp, torch.zeros_like(logp))
@@ -319,18 +361,16 @@ def policy_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
 
 # --- training ----------------------------------------------------------------------------------
 
-RewardFn = Callable[[Chain], float]
-
-
 class SelfCorrectTrainer(Trainer):
     """The HF Trainer with a rollout-and-policy-gradient ``compute_loss``; each batch is a list of
     views (``{"views": [...]}``)."""
 
     def __init__(self, *, sampler: ChainSampler, rl_args: SelfCorrectArguments, reward_fn: RewardFn,
-                 ref_model=None, **kwargs):
+                 first_reward_fn: RewardFn | None = None, ref_model=None, **kwargs):
         super().__init__(data_collator=lambda views: {"views": views}, **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean per step: the Trainer divides by accumulation
         self.sampler, self.rl_args, self.reward_fn = sampler, rl_args, reward_fn
+        self.first_reward_fn = first_reward_fn  # None: attempt 1's tokens take the chain's advantage too
         self.ref_model = ref_model.to(self.args.device) if ref_model is not None else None
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             raise OccError("self-correction samples with the whole model on each device: use DeepSpeed ZeRO-1 or "
@@ -341,8 +381,8 @@ class SelfCorrectTrainer(Trainer):
         k = self.rl_args.rl_group_size
         chains = self.sampler.sample(self.accelerator.unwrap_model(model), inputs["views"], k)
         rewards = torch.tensor([self.reward_fn(c) for c in chains], dtype=torch.float32)
-        advantages = group_advantages(rewards, k, self.rl_args.scale_advantages)
         batch = chain_batch(chains, self.sampler)
+        advantages = token_advantages(chains, batch, rewards, k, self.rl_args.scale_advantages, self.first_reward_fn)
         logp, mask = sampled_log_probs(model, batch)
         ref_logp = None
         if self.ref_model is not None:
@@ -409,12 +449,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, rl_args: SelfCor
     extra_eos = getattr(model.generation_config, "eos_token_id", None)
     sampler = ChainSampler(processor, rl_args.rl_max_new_tokens, rl_args.rl_temperature,
                            extra_eos if isinstance(extra_eos, list) else [extra_eos] if extra_eos is not None else [])
+    first_reward_fn = None
     if reward_fn is None:
         weights = RewardWeights(rl_args.reward_correct, rl_args.reward_calibration, rl_args.reward_fix)
         reward_fn = lambda chain: score_chain(chain, weights)  # noqa: E731
+        if rl_args.separate_first_attempt:
+            first_reward_fn = lambda chain: score_first(chain, weights)  # noqa: E731
     ref = reference_model(model_args.model_name_or_path, model) if rl_args.kl_beta > 0 else None
     trainer = SelfCorrectTrainer(model=model, args=args, train_dataset=views, sampler=sampler, rl_args=rl_args,
-                                 reward_fn=reward_fn, ref_model=ref, callbacks=[SaveProcessor(processor)])
+                                 reward_fn=reward_fn, first_reward_fn=first_reward_fn, ref_model=ref,
+                                 callbacks=[SaveProcessor(processor)])
     steps_per_epoch = math.ceil(len(views) / (args.per_device_train_batch_size * args.world_size))
     print(f"self-correction: {args.max_steps} steps of {args.per_device_train_batch_size} views x "
           f"{rl_args.rl_group_size} chains ({args.max_steps / steps_per_epoch:.2f} passes over the views)", flush=True)

@@ -1,4 +1,4 @@
-"""Stage 2 data: multi-turn records asking Q1, the clarity question Q6, then Q2-Q5.
+"""Stage 2 data: multi-turn records asking Q1, Q2-Q5, then the clarity question Q6.
 
 Q6 is labelled from the occlusion ratio by default, or from a model's predictions (wrong -> No.).
 

@@ -39,7 +39,8 @@ def test_step2_clarity_from_occlusion_and_from_predictions(synth, tmp_path):
     for r, v in zip(recs, views):
         turns = r["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * 6
-        assert turns[2]["value"] == Q6 and turns[3]["value"] == ("Yes." if v["occlusion"] < 0.5 else "No.")
+        assert turns[0]["value"] == Q1 and turns[-2]["value"] == Q6  # Q1-Q5 as the test records ask them, Q6 last
+        assert turns[-1]["value"] == ("Yes." if v["occlusion"] < 0.5 else "No.")
         assert records.count_placeholders(r) == 1
     # from a model's predictions: wrong -> No.
     preds = {v["id"]: category_answer(v["category"] if k % 3 else "remote" if v["category"] != "remote" else "jar")
@@ -49,7 +50,7 @@ def test_step2_clarity_from_occlusion_and_from_predictions(synth, tmp_path):
                "--predictions", str(tmp_path / "p.json"))
     assert out.returncode == 0, out.stderr
     recs = records.read_records(tmp_path / "s2.jsonl")
-    assert [r["conversations"][3]["value"] == "No." for r in recs] == [k % 3 == 0 for k in range(len(views))]
+    assert [r["conversations"][-1]["value"] == "No." for r in recs] == [k % 3 == 0 for k in range(len(views))]
 
 
 def test_step3_pairs_balanced_and_truthful(synth, tmp_path):

@@ -82,6 +82,7 @@ def test_loss_mask_is_the_sampled_answer_tokens(tiny_model, stage4_file):
     assert chain.sampled[:6] == list(range(first, first + 6))  # attempt 1 follows the first prompt directly
     batch = sc.chain_batch([chain], sampler)
     assert batch.sampled[0].nonzero().squeeze(1).tolist() == chain.sampled
+    assert tok.decode(batch.input_ids[0, batch.first[0]].tolist()) == "The object is jar.<|im_end|>"  # attempt 1
     assert torch.equal(batch.pixel_values, enc.pixel_values)  # the image, then the render
 
     # "Yes." ends the chain after Q6; an answer cut off by max_new_tokens gets an end-of-turn token
@@ -108,6 +109,35 @@ def test_rewards_and_advantages():
     assert adv.tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 0.0]
     scaled = sc.group_advantages(torch.tensor([2.0, 0.0, 1.0, 1.0, 1.0, 1.0]), 3, scale=True)
     assert torch.allclose(scaled[:3], torch.tensor([1.0, -1.0, 0.0]), atol=1e-3) and scaled[3:].abs().sum() == 0
+
+
+def test_attempt_one_is_scored_on_its_own(tiny_model, stage4_file):
+    """Attempt 1 wrong, then No. and a fixed answer: the best chain of its group, yet its attempt-1
+    tokens get a negative advantage (right first answers are better), and the Q6 and attempt-2
+    tokens the chain's positive one."""
+    model, processor = load_model(tiny_model)
+    tok = processor.tokenizer
+    view = sc.load_views(stage4_file, renders=RENDERS)[0]
+    right = f"The object is {view.category}."
+    wrong = f"The object is {'can' if view.category != 'can' else 'jar'}."
+    sampler = sc.ChainSampler(processor, max_new_tokens=8)
+    scripts = [[(wrong, True), ("No.", True), (right, True)],  # fixed: r 2.0, r1 0
+               [(right, True), ("Yes.", True)]]                # right and sure: r 1.5, r1 1
+    chains = []
+    for script in scripts:
+        _scripted(sampler, tok, script)
+        chains += sampler.sample(model, [view], 1)
+    w = sc.RewardWeights(1.0, 0.5, 0.5)
+    rewards = torch.tensor([sc.score_chain(c, w) for c in chains])
+    assert rewards.tolist() == [2.0, 1.5] and [sc.score_first(c, w) for c in chains] == [0.0, 1.0]
+    batch = sc.chain_batch(chains, sampler)
+    first = batch.first[:, batch.columns]
+    sampled = batch.sampled[:, batch.columns]
+    split = sc.token_advantages(chains, batch, rewards, 2, False, lambda c: sc.score_first(c, w))
+    assert (split[0][first[0]] == -0.5).all() and (split[0][sampled[0] & ~first[0]] == 0.25).all()
+    assert (split[1][first[1]] == 0.5).all() and (split[1][sampled[1] & ~first[1]] == -0.25).all()
+    whole = sc.token_advantages(chains, batch, rewards, 2, False)  # without it: the chain's advantage throughout
+    assert (whole[0][sampled[0]] == 0.25).all() and (whole[1][sampled[1]] == -0.25).all()
 
 
 # --- (a) the gradient ----------------------------------------------------------------------------
