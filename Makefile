@@ -1,11 +1,12 @@
 # `make demo` and `make test` build .venv from requirements.txt on first use.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := outputs/demo
 
-.PHONY: demo demo-data demo-recon demo-stages demo-report test bench clean-demo
+.PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha test bench clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +21,12 @@ test: $(VENV)/.installed
 
 # The pipeline on the embedded default: synthetic data, tiny offline model, CPU.
 # Everything goes under outputs/demo/; each line is a command you can run on its own, and each
-# part is a target of its own (demo-data, demo-recon, demo-stages, demo-report) for re-running it.
+# part is a target of its own (demo-data, demo-recon, demo-stages, demo-report, demo-alpha) for re-running it.
 # The parts run one after the other: the reconstruction model trains 2.4x slower on one thread
 # than on two, so running it beside the VLM stages would not save time on 2 cores.
 DEMO_SCENES ?= 3200
 DEMO_VIEWS ?= 2
-DEMO_RECON_STEPS ?= 1800
+DEMO_RECON_STEPS ?= 1500
 DEMO_RECON_EVAL ?= 80
 DEMO_STEP2_STEPS ?= 160
 SUBMAKE = $(MAKE) --no-print-directory
@@ -36,6 +37,15 @@ demo: $(VENV)/.installed
 	$(SUBMAKE) demo-recon
 	$(SUBMAKE) demo-stages
 	$(SUBMAKE) demo-report
+	$(SUBMAKE) demo-alpha
+	@echo
+	@echo "dataset:        $(DEMO)/data  (manifest.jsonl, splits.json, dataset.json, scenes/)"
+	@echo "contact sheet:  $(DEMO)/contact_sheet.png"
+	@echo "stage files:    $(DEMO)/stages/  (each .jsonl with its InternVL .meta.json)"
+	@echo "reconstruction: $(DEMO)/recon/  (model/, metrics.json, contact_sheet.png)"
+	@echo "checkpoints:    $(DEMO)/models/tiny (base), $(DEMO)/checkpoints/step1 ... step4, step4_dual"
+	@echo "CLIP model:     $(DEMO)/models/clip  (its own zero-shot accuracy: zero_shot.txt)"
+	@echo "report:         $(DEMO)/report/  (report.md, report.json, plots; renders/ of the reconstructions)"
 
 demo-data:
 	$(PY) -m data_tools.synthocc --out $(DEMO)/data --scenes $(DEMO_SCENES) --views $(DEMO_VIEWS) --size 128 --seed 0
@@ -74,13 +84,23 @@ demo-report:
 		--checkpoint step4=$(DEMO)/checkpoints/step4 --data $(DEMO)/stages/test.jsonl --out $(DEMO)/report --batch-size 32
 	$(PY) inference.py --checkpoint step2=$(DEMO)/checkpoints/step2 --checkpoint step4=$(DEMO)/checkpoints/step4 \
 		--mode cot --recon $(DEMO)/recon/model --data $(DEMO)/stages/test.jsonl --out $(DEMO)/report --batch-size 32
-	@echo
-	@echo "dataset:        $(DEMO)/data  (manifest.jsonl, splits.json, dataset.json, scenes/)"
-	@echo "contact sheet:  $(DEMO)/contact_sheet.png"
-	@echo "stage files:    $(DEMO)/stages/  (each .jsonl with its InternVL .meta.json)"
-	@echo "reconstruction: $(DEMO)/recon/  (model/, metrics.json, contact_sheet.png)"
-	@echo "checkpoints:    $(DEMO)/models/tiny (base), $(DEMO)/checkpoints/step1 ... step4"
-	@echo "report:         $(DEMO)/report/  (report.md, report.json, plots; renders/ for chain of thought)"
+
+# OCC-MLLM-Alpha on the final checkpoint: the dual visual path (a short fine-tune with a learnable
+# alpha on oracle renders of the training views; at test, renders of reconstructions), and
+# test-time adaptation with a tiny CLIP trained on the dataset's image/caption pairs
+DEMO_DUAL_STEPS ?= 160
+demo-alpha:
+	$(PY) -m occmllm.clip build --out $(DEMO)/models/clip --image-size 64
+	$(PY) -m occmllm.clip train --clip $(DEMO)/models/clip --data $(DEMO)/data --no-progress
+	$(PY) -m occmllm.clip zero-shot --clip $(DEMO)/models/clip --data $(DEMO)/data --split test \
+		| tee $(DEMO)/models/clip/zero_shot.txt
+	PYTHON=$(PY) bash step1_sft/run.sh --model_name_or_path $(DEMO)/checkpoints/step4 \
+		--output_dir $(DEMO)/checkpoints/step4_dual --dual_alpha 0.5 --dual_learnable true \
+		--max_steps $(DEMO_DUAL_STEPS) --warmup_steps 20 --learning_rate 0.0002 --disable_tqdm true
+	$(PY) inference.py --checkpoint step4-dual=$(DEMO)/checkpoints/step4_dual --mode dual --recon $(DEMO)/recon/model \
+		--data $(DEMO)/stages/test.jsonl --out $(DEMO)/report --batch-size 32
+	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta clip --clip $(DEMO)/models/clip \
+		--data $(DEMO)/stages/test.jsonl --out $(DEMO)/report
 
 # synthocc needs nothing; the others read the models and files `make demo` writes
 bench: $(VENV)/.installed

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from occmllm import fileio, records, report
 from occmllm.errors import OccError, cli
-from occmllm.questions import IMAGE_TOKEN
+from occmllm.questions import IMAGE_TOKEN, category_answer
 
 PREDICTIONS, TIMING, RUN = "predictions.jsonl", "timing.jsonl", "run.json"
 SEED = 0
@@ -115,8 +115,8 @@ class Generator:
         features = [p.features for p in prompts if p.features is not None and len(p.features)]
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         if features:  # tiles in prompt order, matching the image-token runs in input_ids
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(features))}
+            from occmllm.dual import mm_outputs
+            inputs["mm_encoder_outputs"] = mm_outputs(torch.cat(features))
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                                       pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
@@ -126,10 +126,25 @@ class Generator:
 
 # --- modes: each answers a batch of samples -> [{"answers": {key: text}, "final": text}] -----------
 
-def run_plain(generate: Generator, batch: list[Sample]) -> list[dict]:
+@dataclass
+class Context:
+    """What a mode needs beside the model: renders (cot, dual), the blend weight (dual, per
+    checkpoint), the CLIP reward model and settings (tta)."""
+    renders: "RenderCache | None" = None
+    alpha: float | None = None
+    clip: tuple | None = None           # (model, tokenizer, image processor) from occmllm.clip.load
+    tta: object | None = None           # occmllm.tta.TTASettings
+
+
+def run_plain(generate: Generator, batch: list[Sample], context: Context | None = None) -> list[dict]:
     """Ask every question of each sample in order, multi-turn with the model's own answers; the
     final answer is the category question's."""
-    encoded = generate.images([s.images for s in batch])  # (features, tiles) per sample, computed once
+    return ask_in_turn(generate, batch, generate.images([s.images for s in batch]))
+
+
+def ask_in_turn(generate: Generator, batch: list[Sample], encoded: list[tuple]) -> list[dict]:
+    """The plain questioning with given image features: ``encoded`` holds (features, tiles) per
+    sample, computed once for all of its questions."""
     history: list[list[dict]] = [[] for _ in batch]
     answers: list[dict] = [{} for _ in batch]
     for turn in range(max(len(s.questions) for s in batch)):
@@ -173,7 +188,7 @@ class RenderCache:
         return [self.folder / f"{s.id}.png" for s in samples]
 
 
-def run_cot(generate: Generator, batch: list[Sample], renders: RenderCache) -> list[dict]:
+def run_cot(generate: Generator, batch: list[Sample], context: Context) -> list[dict]:
     """Chain of thought: ask Q1, then Q6 (is the object clear?); where the model answers ``No.``,
     reconstruct the object, render it, and ask Q1 again with the render as a second image. The
     final answer is the last Q1 answer. Only the model's own answers decide anything."""
@@ -189,7 +204,7 @@ def run_cot(generate: Generator, batch: list[Sample], renders: RenderCache) -> l
     unclear = [i for i, text in enumerate(clear) if parse_yes_no(text) is False]
     second: dict[int, str] = {}
     if unclear:
-        paths = renders.paths([batch[i] for i in unclear])
+        paths = context.renders.paths([batch[i] for i in unclear])
         prompts = []
         # only the renders are new to the vision tower: the first image's features are already made
         for i, (render_features, render_tiles) in zip(unclear, generate.images([[path] for path in paths])):
@@ -207,8 +222,51 @@ def run_cot(generate: Generator, batch: list[Sample], renders: RenderCache) -> l
     return out
 
 
-# --mode NAME -> its function(generate, batch, context); "dual" joins here
-MODE_RUNNERS = {"plain": lambda generate, batch, context: run_plain(generate, batch), "cot": run_cot}
+def run_dual(generate: Generator, batch: list[Sample], context: Context) -> list[dict]:
+    """The plain questions on the dual visual path (OCC-MLLM-Alpha): the image's visual tokens
+    blended with its reconstruction render's, alpha x image + (1 - alpha) x render."""
+    from occmllm.dual import blend
+    images = generate.images([s.images[:1] for s in batch])
+    renders = generate.images([[p] for p in context.renders.paths(batch)])
+    encoded = []
+    for s, (image, tiles), (render, render_tiles) in zip(batch, images, renders):
+        if tiles != render_tiles:
+            raise OccError(f"record {s.id!r}: its image makes {tiles} tiles and its render {render_tiles}; the dual "
+                           "path blends tile by tile, so both need the same size")
+        encoded.append((blend(image, render, context.alpha), tiles))
+    return ask_in_turn(generate, batch, encoded)
+
+
+def run_tta(generate: Generator, batch: list[Sample], context: Context) -> list[dict]:
+    """Episodic test-time adaptation with the CLIP reward, one record at a time (occmllm.tta):
+    Q1 answered by the adapted model. Each result also carries the best-of-K answer (the candidate
+    CLIP ranks first, no gradient), written as its own row."""
+    from occmllm import clip as clip_module
+    from occmllm import tta
+    from occmllm.conversation import load_images
+    from occmllm.questions import Q1
+    model, encoder, settings = generate.model, generate.encoder, context.tta
+    clip_model, clip_tokenizer, clip_processor = context.clip
+    tta.only_adapted_trainable(model)
+    out = []
+    for s in batch:
+        image = load_images(s.images[:1])
+        pixels, tiles = encoder.pixel_values(image)
+        cands = tta.candidates(model, encoder, Q1, pixels, tiles, settings.k)
+        scores = clip_module.scores(clip_model, clip_tokenizer, clip_processor, image,
+                                    [clip_module.caption(c) for c in cands])[0]
+        best = category_answer(cands[int(scores.argmax())])
+        answers = tta.answer_batch(encoder, Q1, [category_answer(c) for c in cands], pixels, tiles)
+        with tta.Episode(tta.adapted_parameters(model)):
+            tta.adapt(model, answers, tta.baseline_rewards(scores), settings.steps, settings.lr)
+            (answer,) = generate([Prompt([{"from": "human", "value": Q1}], *generate.images([s.images[:1]])[0])])
+        out.append({"answers": {"Q1": answer}, "final": answer,
+                    "also": {f"best-of-{settings.k}": {"answers": {"Q1": best}, "final": best}}})
+    return out
+
+
+# --mode NAME -> its function(generate, batch, context)
+MODE_RUNNERS = {"plain": run_plain, "cot": run_cot, "dual": run_dual, "tta": run_tta}
 
 
 # --- the predictions file ----------------------------------------------------------------------
@@ -256,13 +314,14 @@ def done_predictions(path: Path) -> dict[tuple, dict]:
 
 
 def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: list[tuple[str, Path]],
-                       resuming: bool, recon: Path | None = None) -> None:
+                       resuming: bool, recon: Path | None = None, clip: Path | None = None) -> None:
     """Record the settings in run.json; a resumed run must use the same ones, or its predictions
     would mix answers made differently (and the cached renders would be another model's)."""
     path = out / RUN
     settings = {"data": str(data.resolve()), "max_new_tokens": max_new_tokens,
                 "checkpoints": {name: str(p.resolve()) for name, p in checkpoints},
-                "recon": str(recon.resolve()) if recon is not None else None}
+                "recon": str(recon.resolve()) if recon is not None else None,
+                "clip": str(clip.resolve()) if clip is not None else None}
     old = fileio.read_json(path) if path.is_file() else {}
     problems = []
     if resuming and old:
@@ -272,9 +331,11 @@ def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: 
             if old.get("checkpoints", {}).get(name, p) != p:
                 problems.append(f"checkpoint {name!r} was {old['checkpoints'][name]}, now {p}")
         settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
-    if old.get("recon") and settings["recon"] and old["recon"] != settings["recon"]:
-        problems.append(f"--recon was {old['recon']}, now {settings['recon']} (its renders are cached in {out})")
-    settings["recon"] = settings["recon"] or old.get("recon")
+    for model in ("recon", "clip"):
+        if old.get(model) and settings[model] and old[model] != settings[model]:
+            why = f" (its renders are cached in {out})" if model == "recon" else ""
+            problems.append(f"--{model} was {old[model]}, now {settings[model]}{why}")
+        settings[model] = settings[model] or old.get(model)
     if problems:
         raise OccError(f"{out / PREDICTIONS} holds predictions made with other settings ({'; '.join(problems)}); "
                        "use another --out, or remove the folder to start over")
@@ -355,20 +416,16 @@ def run_inference(args) -> Path:
     root = dataset_root(args.data, args.data_root)
     test = load_test(args.data, root, args.limit)
     samples = [sample_of(rec, root) for rec in test]
+    context = mode_context(args, root)  # its models load (or fail) before anything is written
 
     args.out.mkdir(parents=True, exist_ok=True)
     pred_path, timing_path = args.out / PREDICTIONS, args.out / TIMING
     done = done_predictions(pred_path)
     read_lines(timing_path, repair=True)  # cut an unfinished line before appending
-    check_run_settings(args.out, args.data, args.max_new_tokens, checkpoints, resuming=bool(done), recon=args.recon)
+    check_run_settings(args.out, args.data, args.max_new_tokens, checkpoints, resuming=bool(done), recon=args.recon,
+                       clip=args.clip)
     hf_logging.disable_progress_bar()
     runner = MODE_RUNNERS[args.mode]
-    context = None
-    if args.mode == "cot":
-        if args.recon is None:
-            raise OccError("--mode cot needs --recon CKPT: a reconstruction model (python -m reconstruction.train)")
-        context = RenderCache(args.recon, root, args.out / "renders", args.recon_resolution,
-                              args.device or str(default_device()))
     device = torch.device(args.device) if args.device else default_device()
     with open(pred_path, "a", encoding="utf-8") as pred_fh, open(timing_path, "a", encoding="utf-8") as time_fh:
         for name, path in checkpoints:
@@ -388,20 +445,23 @@ def run_inference(args) -> Path:
                 raise OccError(f"{path}: cannot load checkpoint {name!r} ({first}); the predictions so far are "
                                f"kept in {pred_path}") from None
             generate = Generator(model, processor, args.max_new_tokens)
+            if args.mode == "dual":
+                context.alpha = dual_alpha(args.alpha, name, path)
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start: start + args.batch_size]
                 t0 = time.perf_counter()
                 results = runner(generate, batch, context)
                 seconds = time.perf_counter() - t0
-                lines = [{"checkpoint": name, "mode": args.mode, "id": s.id, "answers": r["answers"],
+                lines = [{"checkpoint": name, "mode": mode, "id": s.id, "answers": r["answers"],
                           "final": r["final"], "question_ids": s.question_ids}
-                         for s, r in zip(batch, results)]
+                         for s, result in zip(batch, results)
+                         for mode, r in [(args.mode, result), *result.get("also", {}).items()]]
                 # one write per batch, flushed and synced: a kill leaves at most one unfinished line
                 pred_fh.write("".join(fileio.dumps(line) + "\n" for line in lines))
                 pred_fh.flush()
                 os.fsync(pred_fh.fileno())
                 for line in lines:
-                    done[(name, args.mode, line["id"])] = line
+                    done[(name, line["mode"], line["id"])] = line
                 time_fh.write(fileio.dumps({"checkpoint": name, "mode": args.mode, "n": len(batch),
                                             "seconds": round(seconds, 4)}) + "\n")
                 time_fh.flush()
@@ -421,6 +481,37 @@ def run_inference(args) -> Path:
             runs.append({"checkpoint": name, "mode": mode, "seconds": seconds, "timed": timed,
                          "predictions": {i: done[(name, mode, i)] for i in ids}})
     return finish(args.out, report.build_report(args.data, test, runs), pred_path)
+
+
+def mode_context(args, root: Path) -> Context:
+    """The mode's extra inputs, checked before any model runs."""
+    from occmllm.model import default_device
+    context = Context()
+    if args.mode in ("cot", "dual"):
+        if args.recon is None:
+            raise OccError(f"--mode {args.mode} needs --recon CKPT: a reconstruction model (python -m "
+                           "reconstruction.train)")
+        context.renders = RenderCache(args.recon, root, args.out / "renders", args.recon_resolution,
+                                      args.device or str(default_device()))
+    if args.mode == "tta":
+        from occmllm import clip
+        from occmllm.tta import TTASettings
+        if args.clip is None:
+            raise OccError("--tta clip needs --clip PATH: a CLIP model folder (python -m occmllm.clip build, then "
+                           "train)")
+        context.clip = clip.load(args.clip)
+        context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=args.tta_lr)
+    return context
+
+
+def dual_alpha(given: float | None, name: str, checkpoint: Path) -> float:
+    """--alpha, else the checkpoint's own (saved by dual-path training)."""
+    from occmllm.dual import read_alpha
+    alpha = given if given is not None else read_alpha(checkpoint)
+    if alpha is None:
+        raise OccError(f"--mode dual: checkpoint {name!r} ({checkpoint}) has no dual_alpha.json (it was not trained "
+                       "on the dual path); pass --alpha A to blend with a fixed weight")
+    return alpha
 
 
 def score_reference(args) -> Path:
@@ -485,11 +576,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset root the image paths are relative to [the root in <data stem>.meta.json]")
     p.add_argument("--batch-size", type=int, default=16, help="records per generation batch [16]")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens [32]")
-    p.add_argument("--mode", choices=sorted(MODE_RUNNERS), default="plain",
+    p.add_argument("--mode", choices=("plain", "cot", "dual"), default="plain",
                    help="plain: the test questions in order; cot: Q1, Q6 and, where the model says the object is "
-                        "unclear, Q1 again on a 3D reconstruction render [plain]")
-    p.add_argument("--recon", type=Path, help="--mode cot: reconstruction model folder")
-    p.add_argument("--recon-resolution", type=int, default=64, help="--mode cot: marching-cubes grid per axis [64]")
+                        "unclear, Q1 again on a 3D reconstruction render; dual: the test questions with the image's "
+                        "visual tokens blended with its render's (OCC-MLLM-Alpha) [plain]")
+    p.add_argument("--recon", type=Path, help="--mode cot/dual: reconstruction model folder")
+    p.add_argument("--recon-resolution", type=int, default=64,
+                   help="--mode cot/dual: marching-cubes grid per axis [64]")
+    p.add_argument("--alpha", type=float, help="--mode dual: image weight of the blend, 0-1 [the checkpoint's "
+                                               "dual_alpha.json]")
+    p.add_argument("--tta", choices=("clip",), help="test-time adaptation of Q1 with a CLIP reward (RLCF), one record "
+                                                    "at a time; writes rows tta and best-of-K")
+    p.add_argument("--clip", type=Path, help="--tta clip: CLIP model folder (python -m occmllm.clip)")
+    p.add_argument("--tta-k", type=int, default=4, help="--tta: candidate answers per record [4]")
+    p.add_argument("--tta-steps", type=int, default=3, help="--tta: AdamW steps per record [3]")
+    p.add_argument("--tta-lr", type=float, default=1e-3, help="--tta: learning rate of the steps [1e-3]")
     p.add_argument("--limit", type=int, help="only the first N test records")
     p.add_argument("--device", choices=("cpu", "cuda"), help="[cuda when available, else cpu]")
     p.add_argument("--name", help="--score-reference: the row's name in the report [the file's stem]")
@@ -499,10 +600,18 @@ def build_parser() -> argparse.ArgumentParser:
 @cli
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("batch_size", "max_new_tokens", "limit"):
+    for flag in ("batch_size", "max_new_tokens", "limit", "tta_k", "tta_steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise OccError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
+        raise OccError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    if args.clip is not None and args.tta is None:
+        raise OccError("--clip is the reward model of --tta clip; add --tta clip")
+    if args.tta is not None:
+        if args.mode != "plain":
+            raise OccError(f"--tta adapts the plain answer to Q1; it does not combine with --mode {args.mode}")
+        args.mode = "tta"
     if args.score_reference is not None:
         score_reference(args)
     else:

@@ -68,10 +68,10 @@ def one_by_one(model, processor, samples: list[inference.Sample], max_new_tokens
     return out
 
 
-def batched(generate: inference.Generator, samples, batch_size: int, runner=inference.run_plain, *extra):
+def batched(generate: inference.Generator, samples, batch_size: int, runner=inference.run_plain, context=None):
     out = []
     for start in range(0, len(samples), batch_size):
-        out += [r["answers"] for r in runner(generate, samples[start: start + batch_size], *extra)]
+        out += [r["answers"] for r in runner(generate, samples[start: start + batch_size], context)]
     return out
 
 
@@ -120,8 +120,8 @@ def main() -> None:
         size = BATCH_SIZES[-1]
         _, plain_s = timed(lambda: batched(cot_generate, samples, size))
         with tempfile.TemporaryDirectory() as tmp:
-            renders = inference.RenderCache(args.recon, root, Path(tmp), 64, "cpu")
-            answers, cot_s = timed(lambda: batched(cot_generate, samples, size, inference.run_cot, renders))
+            context = inference.Context(renders=inference.RenderCache(args.recon, root, Path(tmp), 64, "cpu"))
+            answers, cot_s = timed(lambda: batched(cot_generate, samples, size, inference.run_cot, context))
         unclear = sum("Q1#2" in a for a in answers)
         cot = {"plain_s": round(plain_s, 2), "cot_s": round(cot_s, 2), "cost": round(cot_s / plain_s, 2),
                "reconstructed": unclear}

@@ -104,12 +104,17 @@ class ConversationEncoder:
 
     def encode(self, images: list[Image.Image], conversations: list[dict]) -> Encoded:
         pixels, tiles = self.pixel_values(images)
-        messages = self.expand(to_messages(conversations), tiles)
+        return Encoded(*self.tokens(tiles, conversations), pixels)
+
+    def tokens(self, images_tiles: list[int], conversations: list[dict]) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of a conversation whose images gave ``images_tiles`` tiles each:
+        labels are the ids on assistant tokens and IGNORE_INDEX elsewhere."""
+        messages = self.expand(to_messages(conversations), images_tiles)
         ids, mask = self._assistant_mask(messages)
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
         if self.max_length is not None and len(ids) > self.max_length:
             raise ValueError(f"conversation of {len(ids)} tokens exceeds max_length {self.max_length}")
-        return Encoded(ids, labels, pixels)
+        return ids, labels
 
     # -- generation ---------------------------------------------------------------------------
     def prompt_ids(self, images_tiles: list[int], conversations: list[dict]) -> list[int]:

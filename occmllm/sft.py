@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
 
-from occmllm import records
+from occmllm import dual, records
 from occmllm.augment import flip_draw, hflip
 from occmllm.config import parse_config
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images, pad_batch
@@ -40,6 +41,12 @@ class ModelArguments:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa | flash_attention_2 | eager"})
+    dual_alpha: float | None = field(default=None, metadata={
+        "help": "OCC-MLLM-Alpha's dual visual path: the image's visual tokens become alpha * image + (1 - alpha) "
+                "* render, the render of the record's 3D reconstruction (see dual_renders); alpha in [0, 1]; "
+                "unset: off (the plain model)"})
+    dual_learnable: bool = field(default=False, metadata={
+        "help": "with dual_alpha: train alpha with the model, starting from dual_alpha"})
 
 
 @dataclass
@@ -54,6 +61,9 @@ class DataArguments:
         "help": "keep every encoded sample (tokens, labels, pixels) in memory after its first epoch: "
                 "no image decoding or preprocessing after that; for datasets that fit in RAM"})
     resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint in output_dir"})
+    dual_renders: str = field(default="renders/oracle", metadata={
+        "help": "with dual_alpha: folder under the image root holding <record id>.png, the render of each "
+                "record's (single) image (python -m data_tools.renders writes oracle renders there)"})
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -88,13 +98,23 @@ class ConversationDataset(Dataset):
     pixel tensor where augmentation asks for it (a flip commutes with resizing and normalising;
     an image cut into several tiles is encoded again, since its tiles would also change places).
     Without a cache, image decoding and preprocessing took about half of a stage-1 step on the
-    demo model."""
+    demo model.
+
+    With ``renders`` (a folder under the image root: the dual visual path, ``occmllm.dual``) each
+    item also has ``render_pixel_values``: ``<renders>/<record id>.png``, resized to its image's
+    size and tiled and processed like it, flipped with it, and cached beside it. Each record must
+    then have exactly one image and a render; both are checked here, before training."""
 
     def __init__(self, items: list[tuple[Path, dict]], encoder: ConversationEncoder, augment_images: bool = False,
-                 seed: int = 0, cache: bool = False):
+                 seed: int = 0, cache: bool = False, renders: str | None = None):
         self.items, self.encoder, self.augment, self.seed = items, encoder, augment_images, seed
         self.epoch = 0
         self._cache: dict[int, object] | None = {} if cache else None
+        self.renders = renders
+        self._render_cache: dict[int, torch.Tensor] | None = {} if cache else None
+        if renders is not None:
+            for index in range(len(items)):
+                self._render_path(index)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -110,6 +130,48 @@ class ConversationDataset(Dataset):
             images = [hflip(im) for im in images]
         return self.encoder.encode(images, rec["conversations"])
 
+    def _render_path(self, index: int) -> Path:
+        """The record's render file; a one-line error for a record without exactly one image or
+        without its render."""
+        root, rec = self.items[index]
+        images = records.images_of(rec)
+        if len(images) != 1:
+            raise OccError(f"record {rec['id']}: {len(images)} images; the dual visual path (dual_alpha) blends one "
+                           "image with its render")
+        relative = f"{self.renders.rstrip('/')}/{rec['id']}.png"
+        path = records.fileio.resolve_in_root(root, relative, f"record {rec['id']}")
+        if not path.is_file():
+            raise OccError(f"record {rec['id']}: no render at {path} (the dual visual path needs one per record: "
+                           "python -m data_tools.renders --data ROOT --out DUAL_RENDERS, or set --dual_renders)")
+        return path
+
+    def _encode_render(self, index: int, flip: bool) -> torch.Tensor:
+        """Tiles of the record's render, at its image's size (so both are cut into the same tiles)."""
+        root, rec = self.items[index]
+        image = records.fileio.resolve_in_root(root, records.images_of(rec)[0], rec["id"])
+        path = self._render_path(index)
+        try:
+            with Image.open(image) as im:
+                size = im.size
+            render, = load_images([path])
+        except OSError as exc:
+            raise OccError(f"record {rec['id']}: cannot read image or render ({exc})") from None
+        if render.size != size:
+            render = render.resize(size, Image.BICUBIC)
+        if flip:
+            render = hflip(render)
+        return self.encoder.pixel_values([render])[0]
+
+    def _render_pixels(self, index: int, flip: bool) -> torch.Tensor:
+        if self._render_cache is None:
+            return self._encode_render(index, flip)
+        pixels = self._render_cache.get(index)
+        if pixels is None:
+            pixels = self._render_cache[index] = self._encode_render(index, False)
+        if flip:  # as for the image: flip the one tile, or encode again when there are several
+            pixels = pixels.flip(-1) if len(pixels) == 1 else self._encode_render(index, True)
+        return pixels
+
     def __getitem__(self, index: int) -> dict:
         flip = self.augment and flip_draw(np.random.default_rng([self.seed, self.epoch, index]))
         if self._cache is None:
@@ -123,7 +185,10 @@ class ConversationDataset(Dataset):
             if flip:
                 one_tile_each = len(pixels) == len(records.images_of(self.items[index][1]))
                 pixels = pixels.flip(-1) if one_tile_each else self._encode(index, True).pixel_values
-        return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
+        item = {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
+        if self.renders is not None:
+            item["render_pixel_values"] = self._render_pixels(index, flip)
+        return item
 
 
 @dataclass
@@ -133,8 +198,11 @@ class Collator:
     def __call__(self, batch: list[dict]) -> dict:
         ids, mask = pad_batch([b["input_ids"] for b in batch], self.pad_token_id, "right")
         labels, _ = pad_batch([b["labels"] for b in batch], self.pad_token_id, "right", value_for_labels=IGNORE_INDEX)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "pixel_values": torch.cat([b["pixel_values"] for b in batch])}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+               "pixel_values": torch.cat([b["pixel_values"] for b in batch])}
+        if "render_pixel_values" in batch[0]:  # the dual visual path: renders' tiles in the images' order
+            out["render_pixel_values"] = torch.cat([b["render_pixel_values"] for b in batch])
+        return out
 
 
 class EpochSetter(TrainerCallback):
@@ -190,7 +258,25 @@ def init_deepspeed_comm(training: TrainingArguments) -> None:
                                    else "gloo")
 
 
-def build_model(args: ModelArguments, training: TrainingArguments):
+def check_dual(args: ModelArguments, supported: bool = True) -> bool:
+    """Whether the dual visual path is on; a one-line error for settings it cannot train with."""
+    if args.dual_alpha is None:
+        if args.dual_learnable:
+            raise OccError("dual_learnable trains the dual visual path's alpha: set dual_alpha (its starting value)")
+        return False
+    if not supported:
+        raise OccError("dual_alpha: the dual visual path trains in the SFT stages only (stages 1 and 2); "
+                       "unset dual_alpha for this stage")
+    dual.check_alpha(args.dual_alpha)
+    if args.use_lora:
+        raise OccError("use_lora with dual_alpha is not supported: train the dual visual path without LoRA")
+    return True
+
+
+def build_model(args: ModelArguments, training: TrainingArguments, dual_supported: bool = False):
+    """The model to train. With ``dual_alpha`` (only where the caller passes ``dual_supported``:
+    the SFT stages, whose data carry renders) it is wrapped in ``occmllm.dual.DualVisual``."""
+    is_dual = check_dual(args, dual_supported)
     check_checkpoint(args.model_name_or_path)
     init_deepspeed_comm(training)
     dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
@@ -202,13 +288,17 @@ def build_model(args: ModelArguments, training: TrainingArguments):
         if args.freeze_llm:
             raise OccError("use_lora adapts the language model: it cannot also be frozen (freeze_llm)")
         model = add_lora(model, args)
+    if is_dual:
+        model = dual.DualVisual(model, args.dual_alpha, learnable=args.dual_learnable)
     if not any(p.requires_grad for p in model.parameters()):
         raise OccError("every part of the model is frozen: nothing to train")
     return model
 
 
 def save_final(trainer: Trainer, processor, output_dir: str) -> None:
-    """The stage's checkpoint: a plain InternVL folder (LoRA merged in) with its processor."""
+    """The stage's checkpoint: a plain InternVL folder (LoRA merged in) with its processor. With
+    the dual visual path, ``occmllm.dual.DualTrainer`` saves it by ``dual.save``: the same folder
+    plus ``dual_alpha.json``."""
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         merged = model.merge_and_unload()
@@ -225,11 +315,14 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     items = load_training_records(data_args.train_data, data_args.data_root)
     processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
     encoder = ConversationEncoder(processor, max_length=data_args.max_length)
-    dataset = ConversationDataset(items, encoder, data_args.augment, training.seed, data_args.cache_encoded)
-    model = build_model(model_args, training)
-    trainer = Trainer(model=model, args=training, train_dataset=dataset,
-                      data_collator=Collator(processor.tokenizer.pad_token_id),
-                      callbacks=[EpochSetter(dataset), SaveProcessor(processor)])
+    is_dual = check_dual(model_args)
+    dataset = ConversationDataset(items, encoder, data_args.augment, training.seed, data_args.cache_encoded,
+                                  renders=data_args.dual_renders if is_dual else None)
+    model = build_model(model_args, training, dual_supported=True)
+    trainer_class = dual.DualTrainer if is_dual else Trainer
+    trainer = trainer_class(model=model, args=training, train_dataset=dataset,
+                            data_collator=Collator(processor.tokenizer.pad_token_id),
+                            callbacks=[EpochSetter(dataset), SaveProcessor(processor)])
     return trainer, processor
 
 

@@ -70,10 +70,17 @@ def test_step3_pairs_balanced_and_truthful(synth, tmp_path):
     for p in clarity:  # truthful: No. exactly when the model was wrong
         vid = p["id"].split("#")[0]
         assert (p["chosen"] == "No.") == (preds[vid] != category_answer(p["meta"]["category"]))
-    assert len(category) == n_wrong
+    assert len(category) == len(views)  # one per view: the wrong answers, and the right ones over another category
     for p in category:
         vid = p["id"].split("#")[0]
-        assert p["chosen"] == category_answer(p["meta"]["category"]) and p["rejected"] == preds[vid]
+        assert p["chosen"] == category_answer(p["meta"]["category"]) != p["rejected"]
+        assert (p["rejected"] == preds[vid]) == (not p["meta"]["correct"])
+    assert Counter(p["meta"]["correct"] for p in category) == {False: n_wrong, True: len(views) - n_wrong}
+    out = _run("step3_mpo.make_data", "--data", str(synth), "--out", str(tmp_path / "wrong.jsonl"),
+               "--predictions", str(tmp_path / "p.json"), "--wrong-answers-only")
+    assert out.returncode == 0, out.stderr
+    only = [p for p in records.read_records(tmp_path / "wrong.jsonl", kind="preference") if p["id"].endswith("#category")]
+    assert len(only) == n_wrong and all(p["rejected"] == preds[p["id"].split("#")[0]] for p in only)
 
 
 def test_step3_predictions_for_another_dataset(synth, tmp_path, fixtures):

@@ -108,3 +108,29 @@ def test_cot_needs_a_reconstruction_model(cot_setup, tmp_path, capsys):
         inference.main(["--checkpoint", f"m={model}", "--data", str(work / "test.jsonl"), "--out", str(tmp_path),
                         "--mode", "cot"])
     assert exc.value.code == 2 and "--recon" in capsys.readouterr().err
+
+
+# --- the dual visual path in inference (OCC-MLLM-Alpha) ----------------------------------------------
+
+def test_dual_mode_at_alpha_one_answers_as_plain(cot_setup, recon_model, tmp_path, capsys):
+    """alpha = 1 keeps only the image's visual tokens: every answer is the plain mode's; the
+    renders are made and cached all the same."""
+    work, model = cot_setup
+    common = ["--checkpoint", f"m={model}", "--data", str(work / "test.jsonl"), "--batch-size", "4"]
+    _run([*common, "--out", str(tmp_path / "plain")])
+    dual = ["--mode", "dual", "--recon", str(recon_model), "--recon-resolution", "24"]
+    _run([*common, *dual, "--alpha", "1", "--out", str(tmp_path / "dual1")])
+    plain, one = _predictions(tmp_path / "plain"), _predictions(tmp_path / "dual1")
+    assert [(p["id"], p["answers"]) for p in plain] == [(p["id"], p["answers"]) for p in one]
+    assert {p["mode"] for p in one} == {"dual"}
+    assert len(list((tmp_path / "dual1/renders").glob("*.png"))) == len(plain)
+    _run([*common, *dual, "--alpha", "0", "--out", str(tmp_path / "dual0")])
+    assert len(_predictions(tmp_path / "dual0")) == len(plain)  # the blend itself is tested in test_dual.py
+    rows = json.loads((tmp_path / "dual0/report.json").read_text())["rows"]
+    assert [(r["checkpoint"], r["mode"]) for r in rows] == [("m", "dual")]
+    # no alpha: the checkpoint was not trained on the dual path and none is given
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        inference.main([*common, *dual, "--out", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err and "dual_alpha.json" in err and "--alpha" in err

@@ -1,0 +1,269 @@
+"""OCC-MLLM-Alpha's dual visual path: the image's visual tokens blended with its 3D render's.
+
+    x_v = alpha * x_v1 + (1 - alpha) * x_v2
+
+``x_v1`` are the visual tokens of the RGB image (vision tower, pixel shuffle and projector:
+``get_image_features``), ``x_v2`` those of the rendered 3D reconstruction of the same view, made
+by the same vision tower, tile by tile (the render is tiled like its image). The blend replaces the
+image's tokens before the language model, through ``mm_encoder_outputs``; the text side is
+unchanged. alpha = 1 is the plain model exactly, alpha = 0 the plain model shown the render.
+
+A dual checkpoint is a normal InternVL checkpoint folder (loads with ``occmllm.model.load_model``)
+plus ``dual_alpha.json``: ``{"alpha": float, "learnable": bool}``.
+
+    dual = DualVisual(model, alpha=0.5, learnable=True)
+    out = dual(input_ids, attention_mask, pixel_values=image_tiles, render_pixel_values=render_tiles, labels=...)
+    features = dual.features(image_tiles, render_tiles)          # (tiles, image tokens, text hidden)
+    save(dual, folder); read_alpha(folder) -> 0.5; load(folder) -> (DualVisual, processor)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallback
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from occmllm import fileio
+from occmllm.errors import OccError
+
+ALPHA_FILE = "dual_alpha.json"
+
+
+def blend(rgb_features: torch.Tensor, render_features: torch.Tensor, alpha) -> torch.Tensor:
+    """``alpha * rgb_features + (1 - alpha) * render_features``; ``alpha`` a float or a 0-dim
+    tensor. alpha = 1 gives ``rgb_features`` bit for bit (1 * x + 0 * y == x for finite y)."""
+    if rgb_features.shape != render_features.shape:
+        raise ValueError(f"image features {tuple(rgb_features.shape)} and render features "
+                         f"{tuple(render_features.shape)} differ in shape: tile each render like its image")
+    return alpha * rgb_features + (1 - alpha) * render_features
+
+
+def check_alpha(alpha, context: str = "dual_alpha") -> float:
+    """``alpha`` as a float in [0, 1], or a one-line OccError."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+            or not 0.0 <= alpha <= 1.0:
+        raise OccError(f"{context}: alpha must be a number in [0, 1] (1: the image alone, 0: the render alone), "
+                       f"got {alpha!r}")
+    return float(alpha)
+
+
+def mm_outputs(features: torch.Tensor) -> dict:
+    """Visual tokens in the form ``forward`` and ``generate`` take as ``mm_encoder_outputs``."""
+    return {"image": BaseModelOutputWithPooling(pooler_output=features)}
+
+
+class DualVisual(nn.Module):
+    """A native ``InternVLForConditionalGeneration`` (``self.model``) whose image tokens are the
+    blend of the image's and its render's. ``alpha`` is an ``nn.Parameter`` when learnable
+    (trained with the model; the blend reads it clamped to [0, 1], and ``ClampAlpha`` projects it
+    back after each optimizer step) and a buffer when fixed (not a parameter)."""
+
+    _keys_to_ignore_on_save = None  # read by the HF Trainer after loading a state dict
+
+    def __init__(self, model: InternVLForConditionalGeneration, alpha: float, learnable: bool = False):
+        super().__init__()
+        self.model = model
+        self.learnable = bool(learnable)
+        # shape (1,), not 0-dim: DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as
+        value = torch.tensor([check_alpha(alpha)], dtype=torch.float32, device=model.device)
+        if self.learnable:
+            self.alpha = nn.Parameter(value)
+        else:
+            self.register_buffer("alpha", value)
+        # the Trainer passes num_items_in_batch to a model whose forward takes **kwargs; the inner
+        # model's forward does, so the loss is normalised as it is without the dual path
+        self.accepts_loss_kwargs = getattr(model, "accepts_loss_kwargs", True)
+
+    # -- what the HF Trainer and generation read of a model --------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def generation_config(self):
+        return self.model.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        return self.model.num_parameters(exclude_embeddings=exclude_embeddings) + self.alpha.numel() * self.learnable
+
+    def activation_checkpointing_enable(self, **kwargs):  # the Trainer's --activation_checkpointing
+        return self.model.activation_checkpointing_enable(**kwargs)
+
+    # -- the blend ------------------------------------------------------------------------------
+    def effective_alpha(self) -> torch.Tensor:
+        """The blend weight as a 0-dim tensor (a learnable one clamped to [0, 1])."""
+        alpha = self.alpha.reshape(())
+        return alpha.clamp(0.0, 1.0) if self.learnable else alpha
+
+    def alpha_value(self) -> float:
+        return float(self.effective_alpha().detach().float().cpu())
+
+    def features(self, pixel_values: torch.Tensor, render_pixel_values: torch.Tensor) -> torch.Tensor:
+        """Blended visual tokens ``(tiles, image tokens, text hidden)``: the vision tower runs once
+        over the image tiles and the render tiles together (tile ``i`` of the renders is the
+        render of tile ``i`` of the images), then the two halves are blended."""
+        if pixel_values.shape != render_pixel_values.shape:
+            raise ValueError(f"pixel_values {tuple(pixel_values.shape)} and render_pixel_values "
+                             f"{tuple(render_pixel_values.shape)} differ: each render needs its image's tiles")
+        n = pixel_values.shape[0]
+        both = torch.cat([pixel_values, render_pixel_values.to(pixel_values.device, pixel_values.dtype)])
+        tokens = self.model.get_image_features(pixel_values=both, return_dict=True).pooler_output
+        return blend(tokens[:n], tokens[n:], self.effective_alpha())
+
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, render_pixel_values=None, labels=None,
+                **kwargs):
+        if render_pixel_values is None:  # no render: the plain model
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                              labels=labels, **kwargs)
+        if pixel_values is None:
+            raise ValueError("render_pixel_values without pixel_values: the render is blended into its image's tokens")
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                          mm_encoder_outputs=mm_outputs(self.features(pixel_values, render_pixel_values)), **kwargs)
+
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, render_pixel_values=None, **kwargs):
+        """``model.generate`` with the blended image tokens (the plain model's without a render)."""
+        if render_pixel_values is not None:
+            if pixel_values is None:
+                raise ValueError("render_pixel_values without pixel_values")
+            kwargs["mm_encoder_outputs"] = mm_outputs(self.features(pixel_values, render_pixel_values))
+        elif pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+# --- checkpoints: a normal InternVL folder plus its alpha --------------------------------------
+
+def save(dual: DualVisual, out: str | os.PathLike, state_dict: dict | None = None,
+         is_main_process: bool = True) -> Path:
+    """Write the inner model with ``save_pretrained(out)`` and ``out/dual_alpha.json``.
+    ``state_dict`` (the Trainer's, e.g. gathered by DeepSpeed) holds the wrapper's keys:
+    ``model.*`` and ``alpha``."""
+    out = Path(out)
+    inner, alpha = None, dual.alpha_value()
+    if state_dict is not None:
+        inner = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        value = state_dict.get("alpha")
+        if value is not None and value.numel() == 1:
+            alpha = float(value.detach().float().clamp(0.0, 1.0).cpu())
+    dual.model.save_pretrained(out, state_dict=inner, is_main_process=is_main_process)
+    if is_main_process:
+        fileio.write_json(out / ALPHA_FILE, {"alpha": alpha, "learnable": dual.learnable})
+    return out
+
+
+def read_dual(checkpoint: str | os.PathLike) -> dict | None:
+    """``{"alpha": float, "learnable": bool}`` from ``checkpoint/dual_alpha.json``; None when the
+    folder has no such file (a plain checkpoint)."""
+    path = Path(checkpoint) / ALPHA_FILE
+    if not path.is_file():
+        return None
+    expected = 'expected {"alpha": a number in [0, 1], "learnable": true|false}'
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OccError(f"{path}: malformed dual-path alpha file ({exc}); {expected}") from None
+    if not isinstance(data, dict) or "alpha" not in data:
+        raise OccError(f"{path}: malformed dual-path alpha file (no \"alpha\" key); {expected}")
+    learnable = data.get("learnable", False)
+    if not isinstance(learnable, bool):
+        raise OccError(f"{path}: malformed dual-path alpha file (learnable is {learnable!r}); {expected}")
+    return {"alpha": check_alpha(data["alpha"], str(path)), "learnable": learnable}
+
+
+def read_alpha(checkpoint: str | os.PathLike) -> float | None:
+    """The checkpoint's blend weight, or None for a plain checkpoint (no ``dual_alpha.json``)."""
+    dual = read_dual(checkpoint)
+    return None if dual is None else dual["alpha"]
+
+
+def load(checkpoint: str | os.PathLike, device=None, dtype: torch.dtype | None = None, attention: str | None = None,
+         alpha: float | None = None):
+    """``(DualVisual in eval mode with a fixed alpha, processor)`` from a checkpoint folder; alpha
+    from its ``dual_alpha.json`` unless given."""
+    from occmllm.model import load_model
+    saved = read_alpha(checkpoint)
+    if alpha is None:
+        if saved is None:
+            raise OccError(f"{checkpoint}: no {ALPHA_FILE}, not a dual-path checkpoint; pass alpha to blend with it")
+        alpha = saved
+    model, processor = load_model(checkpoint, device=device, dtype=dtype, attention=attention)
+    return DualVisual(model, alpha, learnable=False).eval(), processor
+
+
+def load_weights(dual: DualVisual, checkpoint: str | os.PathLike) -> None:
+    """Load a dual checkpoint folder (inner weights and alpha) into an existing ``DualVisual``
+    (the Trainer's resume)."""
+    alpha = read_alpha(checkpoint)
+    if alpha is None:
+        raise OccError(f"{checkpoint}: no {ALPHA_FILE}; cannot resume the dual visual path from this checkpoint")
+    saved = InternVLForConditionalGeneration.from_pretrained(checkpoint, dtype=dual.dtype)
+    dual.model.load_state_dict(saved.state_dict())
+    del saved
+    with torch.no_grad():
+        dual.alpha.fill_(alpha)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+class ClampAlpha(TrainerCallback):
+    """Projects a learnable alpha back into [0, 1] after each optimizer step, so it never sticks
+    outside (where the clamped blend passes it no gradient). Without DeepSpeed only: DeepSpeed
+    keeps its own master copy of the weights, and there the blend's clamp alone holds alpha in range."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if isinstance(model, DualVisual) and model.learnable:
+            with torch.no_grad():
+                model.alpha.clamp_(0.0, 1.0)
+
+
+class DualTrainer(Trainer):
+    """The HF Trainer for a ``DualVisual``: checkpoints are written by ``save`` (each one a plain
+    InternVL folder plus ``dual_alpha.json``), resumed by ``load_weights``, and alpha has no
+    weight decay (it is a mixing weight, not a weight to shrink)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(ClampAlpha)
+
+    def _dual(self, model=None):
+        model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
+        return model if isinstance(model, DualVisual) else None
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [n for n in super().get_decay_parameter_names(model) if n != "alpha"]
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        dual = self._dual()
+        if dual is None:
+            return super()._save(output_dir, state_dict)
+        from transformers.trainer import TRAINING_ARGS_NAME
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False):
+            return
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+        save(dual, output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+        if not self.args.should_save:
+            return
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        dual = self._dual(model)
+        if dual is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_weights(dual, resume_from_checkpoint)

@@ -1,0 +1,114 @@
+"""Test-time adaptation with a CLIP reward (occmllm.tta, ``inference.py --tta clip``): the reward
+baseline, one REINFORCE step's direction, the episodic reset, and the command end to end."""
+import json
+
+import pytest
+import torch
+
+import inference
+from occmllm import tta
+from occmllm.conversation import ConversationEncoder, load_images
+from occmllm.model import ImageOnlyInternVLProcessor, load_model
+from occmllm.questions import CATEGORIES, Q1, category_answer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, synth_small):
+    torch.manual_seed(0)
+    model, _ = load_model(tiny_model)
+    encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(tiny_model))
+    image = sorted((synth_small / "scenes").glob("*/rgb_00.png"))[0]
+    pixels, tiles = encoder.pixel_values(load_images([image]))
+    return model, encoder, pixels, tiles
+
+
+def test_rewards_sum_to_zero_over_the_candidates():
+    scores = torch.tensor([2.5 * 0.31, 2.5 * 0.12, 0.0, 2.5 * 0.77])  # CLIP-S values
+    rewards = tta.baseline_rewards(scores)
+    assert abs(rewards.sum().item()) < 1e-6
+    assert torch.equal(rewards.argsort(), scores.argsort())  # the ranking is CLIP's
+
+
+def test_one_step_moves_likelihood_toward_the_best_rewarded(setup):
+    model, encoder, pixels, tiles = setup
+    tta.only_adapted_trainable(model)
+    answers = [category_answer(c) for c in CATEGORIES[:4]]
+    batch = tta.answer_batch(encoder, Q1, answers, pixels, tiles)
+    rewards = tta.baseline_rewards(torch.tensor([0.4, 1.9, 0.7, 0.2]))  # candidate 1 is CLIP's favourite
+    params = tta.adapted_parameters(model)
+    with tta.Episode(params):
+        with torch.no_grad():
+            before = tta.answer_log_likelihoods(model, batch)
+        tta.adapt(model, batch, rewards, steps=1, lr=1e-3)
+        with torch.no_grad():
+            after = tta.answer_log_likelihoods(model, batch)
+    change = after - before
+    print("log-likelihood change per candidate:", [f"{c:+.4f}" for c in change.tolist()])
+    # the candidates' mass moves to CLIP's favourite: its share among them rises, and most
+    assert change[1] == change.max()
+    assert torch.softmax(after, 0)[1] > torch.softmax(before, 0)[1]
+
+
+def test_episode_restores_every_weight_bit_for_bit(setup):
+    model, encoder, pixels, tiles = setup
+    tta.only_adapted_trainable(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = tta.answer_batch(encoder, Q1, [category_answer(c) for c in CATEGORIES[:3]], pixels, tiles)
+    params = tta.adapted_parameters(model)
+    with tta.Episode(params):
+        tta.adapt(model, batch, tta.baseline_rewards(torch.tensor([1.0, 0.0, 0.5])), steps=3, lr=1e-2)
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+        assert changed and all("multi_modal_projector" in k for k in changed)  # only the projector moved
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in params)
+
+
+def test_candidates_are_the_likeliest_answers(setup):
+    model, encoder, pixels, tiles = setup
+    top = tta.candidates(model, encoder, Q1, pixels, tiles, k=3)
+    with torch.no_grad():
+        ll = tta.answer_log_likelihoods(model, tta.answer_batch(
+            encoder, Q1, [category_answer(c) for c in CATEGORIES], pixels, tiles))
+    assert top == [CATEGORIES[i] for i in ll.argsort(descending=True)[:3].tolist()]
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from occmllm import clip
+    return clip.build(tmp_path_factory.mktemp("clip") / "clip", image_size=32)
+
+
+@pytest.mark.slow
+def test_tta_rows_in_the_report(tiny_model, synth_small, tiny_clip, tmp_path):
+    args = ["--checkpoint", f"m={tiny_model}", "--data", str(synth_small / "stages/test.jsonl"), "--tta", "clip",
+            "--clip", str(tiny_clip), "--tta-k", "3", "--tta-steps", "2", "--out", str(tmp_path / "run")]
+    torch.manual_seed(0)
+    assert inference.main(args) == 0
+    lines = [json.loads(x) for x in (tmp_path / "run/predictions.jsonl").read_text().splitlines()]
+    n = sum(1 for _ in (synth_small / "stages/test.jsonl").open())
+    assert [line["mode"] for line in lines] == ["tta", "best-of-3"] * n
+    assert all(set(line["answers"]) == {"Q1"} for line in lines)
+    rows = json.loads((tmp_path / "run/report.json").read_text())["rows"]
+    assert [(r["mode"], r["n"]) for r in rows] == [("tta", n), ("best-of-3", n)]
+    assert rows[0]["samples_per_s"] is not None
+    assert inference.main(args) == 0  # resumed: nothing new, the same file
+    assert len((tmp_path / "run/predictions.jsonl").read_text().splitlines()) == 2 * n
+
+
+def test_tta_bad_input_is_one_line(tiny_model, synth_small, tmp_path, capsys):
+    base = ["--checkpoint", f"m={tiny_model}", "--data", str(synth_small / "stages/test.jsonl")]
+    cases = {"no clip": (["--tta", "clip"], "--clip PATH"),
+             "not clip": (["--tta", "clip", "--clip", str(tiny_model)], "not a CLIP"),
+             "clip without tta": (["--clip", str(tiny_model)], "--tta clip"),
+             "with cot": (["--tta", "clip", "--clip", str(tiny_model), "--mode", "cot"], "--mode cot")}
+    for case, (extra, says) in cases.items():
+        out = tmp_path / case.replace(" ", "_")
+        with pytest.raises(SystemExit) as exc:
+            inference.main([*base, *extra, "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and "\n" not in err and says in err, (case, err)
+        assert not out.exists(), case
