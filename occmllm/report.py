@@ -293,17 +293,26 @@ def _figure(width: float, height: float):
     return fig, fig.add_subplot()
 
 
+def _legend_outside(ax) -> None:
+    """The legend right of the axes: with many rows, inside it would hide the data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def plot_accuracy(report: dict, path: Path) -> None:
     """Grouped bars: per question (and the final answer), one bar per checkpoint/mode."""
     rows = report["rows"]
     keys = sorted({k for r in rows for k in r["accuracy"]}, key=_key_order)
     groups = [*keys, "final"]
-    fig, ax = _figure(max(5.0, 1.0 + 0.9 * len(groups) * max(1, len(rows)) ** 0.5), 3.6)
+    fig, ax = _figure(min(12.0, max(5.0, 1.0 + 0.9 * len(groups) * max(1, len(rows)) ** 0.5)) + 2.0, 3.6)
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
         values = [r["accuracy"].get(k) for k in keys] + [r["final_accuracy"]]
         xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=f"{r['checkpoint']} ({r['mode']})")
+        # a question the row did not ask gets no bar (NaN), not a zero one
+        ax.bar(xs, [v if v is not None else float("nan") for v in values], width,
+               label=f"{r['checkpoint']} ({r['mode']})")
     if report["q1_majority_rate"] is not None:
         ax.axhline(report["q1_majority_rate"], color="grey", ls="--", lw=1, label="Q1 majority class")
     ax.axhline(report["q1_chance_rate"], color="grey", ls=":", lw=1, label="Q1 chance")
@@ -311,26 +320,26 @@ def plot_accuracy(report: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy per question")
-    ax.legend(fontsize="small")
+    _legend_outside(ax)
     fig.savefig(path, format="png")
 
 
 def plot_occlusion(report: dict, path: Path) -> None:
     """Final accuracy against occlusion ratio (bin centres), one line per checkpoint/mode."""
-    fig, ax = _figure(5.5, 3.6)
-    for r in report["rows"]:
+    fig, ax = _figure(7.5, 3.6)
+    for i, r in enumerate(report["rows"]):
         pts = [((b["range"][0] + b["range"][1]) / 2, b["accuracy"]) for b in r["by_occlusion"]
                if b["range"] is not None and b["n"]]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{r['checkpoint']} ({r['mode']})")
+        if pts:  # ten colours in the cycle: the line style tells rows 11-20 apart
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls=("-", "--", ":")[i // 10 % 3],
+                    label=f"{r['checkpoint']} ({r['mode']})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xticks(OCCLUSION_EDGES)
     ax.set_xlabel("occlusion ratio (1 - visible / amodal area)")
     ax.set_ylabel("final accuracy")
     ax.set_title("Accuracy against occlusion")
-    if report["rows"]:
-        ax.legend(fontsize="small")
+    _legend_outside(ax)
     fig.savefig(path, format="png")
 
 
