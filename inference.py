@@ -1,14 +1,16 @@
 """Checkpoint-by-checkpoint inference on a labelled test set, and its accuracy report.
 
     python inference.py --checkpoint NAME=PATH [--checkpoint NAME=PATH ...] --data TEST.jsonl --out DIR
-                        [--data-root ROOT] [--batch-size 16] [--max-new-tokens 32] [--mode plain]
-                        [--limit N] [--device cpu|cuda]
+                        [--data-root ROOT] [--batch-size 16] [--max-new-tokens 32] [--mode plain|cot|dual]
+                        [--recon RECON] [--alpha A] [--tta clip --clip CLIP] [--limit N] [--device cpu|cuda]
     python inference.py --score-reference PRED.json --data TEST.jsonl --out DIR [--name NAME]
 
 Each record's human turns are asked in order, each with the model's own earlier answers in the
 history (the first carries the image placeholder); the reference answers and ``meta`` are read
 only for scoring. Generation is greedy and batched across records, one turn at a time, with left
-padding. Checkpoints run in the order given.
+padding. Checkpoints run in the order given. ``--mode cot`` runs the chain of thought with a
+reconstruction render, ``--mode dual`` blends each image's visual tokens with its render's, and
+``--tta clip`` adapts each Q1 answer to a CLIP reward (rows ``tta`` and ``best-of-K``).
 
 Files in DIR:
   predictions.jsonl   one line per checkpoint, mode and record, appended as each batch finishes:
