@@ -29,7 +29,7 @@ from occmllm.errors import OccError, cli
 from occmllm.render import Camera, RayCaster, render_vertex_colours
 from reconstruction.extract import extract_mesh
 from reconstruction.model import load_reconstructor, view_batch
-from reconstruction.views import CUBE_HALF, ViewInput, cube_centre, load_view, to_world
+from reconstruction.views import CUBE_HALF, ViewInput, load_view, to_world
 
 BACKGROUND = (0.5, 0.5, 0.5)
 KEEP_COMPONENT = 0.1  # drop floating pieces smaller than this fraction of the largest piece
