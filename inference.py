@@ -97,10 +97,12 @@ class Generator:
         """Per sample, its images' vision features (the vision tower and projector, run once in one
         pass over every tile of the batch) and tiles per image. Each question that shows an image
         reuses them: a record's five questions do not encode its image five times."""
-        import torch
-
         from occmllm.conversation import load_images
-        tiled = [self.encoder.pixel_values(load_images(paths)) for paths in paths_per_sample]
+        return self.encode([self.encoder.pixel_values(load_images(paths)) for paths in paths_per_sample])
+
+    def encode(self, tiled: list[tuple[object, list[int]]]) -> list[tuple[object, list[int]]]:
+        """``images`` for samples already tiled: (pixel tiles, tiles per image) each."""
+        import torch
         pixels = torch.cat([p for p, _ in tiled]).to(device=self.model.device, dtype=self.model.dtype)
         with torch.inference_mode():
             features = self.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
@@ -228,10 +230,10 @@ def run_dual(generate: Generator, batch: list[Sample], context: Context) -> list
     """The plain questions on the dual visual path (OCC-MLLM-Alpha): the image's visual tokens
     blended with its reconstruction render's, alpha x image + (1 - alpha) x render."""
     from occmllm.dual import blend
-    images = generate.images([s.images[:1] for s in batch])
-    renders = generate.images([[p] for p in context.renders.paths(batch)])
+    # images and renders through the vision tower in one pass, as DualVisual.features does
+    both = generate.images([s.images[:1] for s in batch] + [[p] for p in context.renders.paths(batch)])
     encoded = []
-    for s, (image, tiles), (render, render_tiles) in zip(batch, images, renders):
+    for s, (image, tiles), (render, render_tiles) in zip(batch, both[:len(batch)], both[len(batch):]):
         if tiles != render_tiles:
             raise OccError(f"record {s.id!r}: its image makes {tiles} tiles and its render {render_tiles}; the dual "
                            "path blends tile by tile, so both need the same size")
@@ -261,7 +263,8 @@ def run_tta(generate: Generator, batch: list[Sample], context: Context) -> list[
         answers = tta.answer_batch(encoder, Q1, [category_answer(c) for c in cands], pixels, tiles)
         with tta.Episode(tta.adapted_parameters(model)):
             tta.adapt(model, answers, tta.baseline_rewards(scores), settings.steps, settings.lr)
-            (answer,) = generate([Prompt([{"from": "human", "value": Q1}], *generate.images([s.images[:1]])[0])])
+            # the image's features again: the adapted projector reads the same tiles differently
+            (answer,) = generate([Prompt([{"from": "human", "value": Q1}], *generate.encode([(pixels, tiles)])[0])])
         out.append({"answers": {"Q1": answer}, "final": answer,
                     "also": {f"best-of-{settings.k}": {"answers": {"Q1": best}, "final": best}}})
     return out

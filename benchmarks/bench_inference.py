@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import inference  # noqa: E402
-from occmllm.conversation import load_images, to_messages  # noqa: E402
+from occmllm.conversation import ConversationEncoder, load_images  # noqa: E402
 from occmllm.errors import OccError  # noqa: E402
 from occmllm.model import load_model  # noqa: E402
 
@@ -36,27 +36,19 @@ BATCH_SIZES = (1, 8, 32)
 
 
 def one_by_one(model, processor, samples: list[inference.Sample], max_new_tokens: int) -> list[dict]:
-    """The reference's way: one image, one question, one ``generate`` call at a time."""
+    """The reference's way: one image, one question, one ``generate`` call at a time (the prompt
+    built as the project builds it, so the answers can be compared)."""
     tokenizer = processor.tokenizer
+    encoder = ConversationEncoder(processor)
     out = []
     for sample in samples:
-        tiled = processor.image_processor(images=load_images(sample.images), return_tensors="pt")
-        pixels = tiled["pixel_values"].to(model.dtype)
-        tiles = [int(n) for n in tiled.get("num_patches", [1] * len(sample.images))]
+        pixels, tiles = encoder.pixel_values(load_images(sample.images))
+        pixels = pixels.to(model.dtype)
         history, answers = [], {}
         for key, _, question in sample.questions:
             history.append({"from": "human", "value": question})
             used = sum(t["value"].count("<image>") for t in history if t["from"] == "human")
-            messages = to_messages(history)
-            runs = iter(tiles[:used])
-            for m in messages:  # each <image> becomes its image-token run, as the processor does
-                if m["role"] == "user":
-                    m["content"] = "".join(part if k == 0 else processor.start_image_token
-                                           + processor.image_token * processor.image_seq_length * next(runs)
-                                           + processor.end_image_token + part
-                                           for k, part in enumerate(m["content"].split("<image>")))
-            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                add_generation_prompt=True, return_tensors="pt")["input_ids"]
+            ids = torch.tensor([encoder.prompt_ids(tiles[:used], history)])
             kwargs = {"pixel_values": pixels[: sum(tiles[:used])]} if used else {}
             with torch.inference_mode():
                 new = model.generate(input_ids=ids, **kwargs, max_new_tokens=max_new_tokens, do_sample=False,
