@@ -319,13 +319,15 @@ def done_predictions(path: Path) -> dict[tuple, dict]:
 
 
 def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: list[tuple[str, Path]],
-                       resuming: bool, recon: Path | None = None, clip: Path | None = None) -> None:
+                       resuming: bool, recon: Path | None = None, clip: Path | None = None,
+                       recon_resolution: int | None = None) -> None:
     """Record the settings in run.json; a resumed run must use the same ones, or its predictions
     would mix answers made differently (and the cached renders would be another model's)."""
     path = out / RUN
     settings = {"data": str(data.resolve()), "max_new_tokens": max_new_tokens,
                 "checkpoints": {name: str(p.resolve()) for name, p in checkpoints},
                 "recon": str(recon.resolve()) if recon is not None else None,
+                "recon_resolution": recon_resolution if recon is not None else None,
                 "clip": str(clip.resolve()) if clip is not None else None}
     old = fileio.read_json(path) if path.is_file() else {}
     problems = []
@@ -336,10 +338,10 @@ def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: 
             if old.get("checkpoints", {}).get(name, p) != p:
                 problems.append(f"checkpoint {name!r} was {old['checkpoints'][name]}, now {p}")
         settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
-    for model in ("recon", "clip"):
+    for model in ("recon", "recon_resolution", "clip"):
         if old.get(model) and settings[model] and old[model] != settings[model]:
-            why = f" (its renders are cached in {out})" if model == "recon" else ""
-            problems.append(f"--{model} was {old[model]}, now {settings[model]}{why}")
+            why = f" (its renders are cached in {out})" if model.startswith("recon") else ""
+            problems.append(f"--{model.replace('_', '-')} was {old[model]}, now {settings[model]}{why}")
         settings[model] = settings[model] or old.get(model)
     if problems:
         raise OccError(f"{out / PREDICTIONS} holds predictions made with other settings ({'; '.join(problems)}); "
@@ -428,7 +430,7 @@ def run_inference(args) -> Path:
     done = done_predictions(pred_path)
     read_lines(timing_path, repair=True)  # cut an unfinished line before appending
     check_run_settings(args.out, args.data, args.max_new_tokens, checkpoints, resuming=bool(done), recon=args.recon,
-                       clip=args.clip)
+                       clip=args.clip, recon_resolution=args.recon_resolution)
     hf_logging.disable_progress_bar()
     runner = MODE_RUNNERS[args.mode]
     device = torch.device(args.device) if args.device else default_device()

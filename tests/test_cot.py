@@ -92,7 +92,7 @@ def test_no_render_unless_the_model_says_no(tiny_model, cot_setup, recon_model, 
     assert not list((tmp_path / "renders").glob("*.png"))
 
 
-def test_plain_and_cot_rows_share_one_report(cot_setup, recon_model, tmp_path):
+def test_plain_and_cot_rows_share_one_report(cot_setup, recon_model, tmp_path, capsys):
     work, model = cot_setup
     out = tmp_path / "both"
     _run(["--checkpoint", f"m={model}", "--data", str(work / "test.jsonl"), "--out", str(out), "--limit", "6"])
@@ -100,6 +100,13 @@ def test_plain_and_cot_rows_share_one_report(cot_setup, recon_model, tmp_path):
           "--mode", "cot", "--recon", str(recon_model), "--recon-resolution", "24"])
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert [(r["checkpoint"], r["mode"]) for r in rows] == [("m", "plain"), ("m", "cot")]
+    # the cached renders were made on a 24^3 grid: another grid in the same folder is refused
+    with pytest.raises(SystemExit) as exc:
+        inference.main(["--checkpoint", f"m={model}", "--data", str(work / "test.jsonl"), "--out", str(out),
+                        "--limit", "6", "--mode", "dual", "--alpha", "1", "--recon", str(recon_model),
+                        "--recon-resolution", "32"])
+    assert exc.value.code == 2
+    assert "--recon-resolution was 24, now 32" in capsys.readouterr().err
 
 
 def test_cot_needs_a_reconstruction_model(cot_setup, tmp_path, capsys):
