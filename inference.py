@@ -453,7 +453,8 @@ def run_inference(args) -> Path:
                                f"kept in {pred_path}") from None
             generate = Generator(model, processor, args.max_new_tokens)
             if args.mode == "dual":
-                context.alpha = dual_alpha(args.alpha, name, path)
+                from occmllm.dual import resolve_alpha
+                context.alpha = resolve_alpha(path, args.alpha)
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start: start + args.batch_size]
                 t0 = time.perf_counter()
@@ -509,16 +510,6 @@ def mode_context(args, root: Path) -> Context:
         context.clip = clip.load(args.clip)
         context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=args.tta_lr)
     return context
-
-
-def dual_alpha(given: float | None, name: str, checkpoint: Path) -> float:
-    """--alpha, else the checkpoint's own (saved by dual-path training)."""
-    from occmllm.dual import read_alpha
-    alpha = given if given is not None else read_alpha(checkpoint)
-    if alpha is None:
-        raise OccError(f"--mode dual: checkpoint {name!r} ({checkpoint}) has no dual_alpha.json (it was not trained "
-                       "on the dual path); pass --alpha A to blend with a fixed weight")
-    return alpha
 
 
 def score_reference(args) -> Path:
@@ -611,8 +602,9 @@ def main(argv=None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise OccError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
-        raise OccError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    if args.alpha is not None:
+        from occmllm.dual import check_alpha
+        check_alpha(args.alpha, "--alpha")
     if args.clip is not None and args.tta is None:
         raise OccError("--clip is the reward model of --tta clip; add --tta clip")
     if args.tta is not None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from tqdm import tqdm
 from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextConfig,
                           CLIPVisionConfig, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup)
@@ -62,13 +62,8 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     model treats ``eos_token_id == 2`` as a legacy config and pools at the highest token id
     instead of at the end token. Here the end token has id 1, so pooling reads the first
     ``<|endoftext|>``: the real end of the text, whatever padding follows."""
-    from occmllm.tiny import _corpus
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[START, END], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(([caption(c) for c in q.CATEGORIES] + _corpus()) * 8, trainer)
+    from occmllm.tiny import _corpus, byte_level_bpe
+    tok = byte_level_bpe([caption(c) for c in q.CATEGORIES] + _corpus(), vocab_size, [START, END])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{START} $A {END}", special_tokens=[(START, tok.token_to_id(START)), (END, tok.token_to_id(END))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=START, eos_token=END, pad_token=END,

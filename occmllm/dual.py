@@ -189,16 +189,24 @@ def read_alpha(checkpoint: str | os.PathLike) -> float | None:
     return None if dual is None else dual["alpha"]
 
 
+def resolve_alpha(checkpoint: str | os.PathLike, given: float | None = None) -> float:
+    """The blend weight to run ``checkpoint`` with: ``given`` when set, else its ``dual_alpha.json``;
+    a one-line error for a plain checkpoint without a given alpha."""
+    if given is not None:
+        return given
+    saved = read_alpha(checkpoint)
+    if saved is None:
+        raise OccError(f"{checkpoint}: no {ALPHA_FILE}, not a dual-path checkpoint (it was not trained on the dual "
+                       "path); give an alpha (inference.py --alpha A) to blend with a fixed weight")
+    return saved
+
+
 def load(checkpoint: str | os.PathLike, device=None, dtype: torch.dtype | None = None, attention: str | None = None,
          alpha: float | None = None):
     """``(DualVisual in eval mode with a fixed alpha, processor)`` from a checkpoint folder; alpha
     from its ``dual_alpha.json`` unless given."""
     from occmllm.model import load_model
-    saved = read_alpha(checkpoint)
-    if alpha is None:
-        if saved is None:
-            raise OccError(f"{checkpoint}: no {ALPHA_FILE}, not a dual-path checkpoint; pass alpha to blend with it")
-        alpha = saved
+    alpha = resolve_alpha(checkpoint, alpha)
     model, processor = load_model(checkpoint, device=device, dtype=dtype, attention=attention)
     return DualVisual(model, alpha, learnable=False).eval(), processor
 

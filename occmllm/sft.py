@@ -168,9 +168,7 @@ class ConversationDataset(Dataset):
         pixels = self._render_cache.get(index)
         if pixels is None:
             pixels = self._render_cache[index] = self._encode_render(index, False)
-        if flip:  # as for the image: flip the one tile, or encode again when there are several
-            pixels = pixels.flip(-1) if len(pixels) == 1 else self._encode_render(index, True)
-        return pixels
+        return _flipped(pixels, 1, lambda: self._encode_render(index, True)) if flip else pixels
 
     def __getitem__(self, index: int) -> dict:
         flip = self.augment and flip_draw(np.random.default_rng([self.seed, self.epoch, index]))
@@ -183,12 +181,18 @@ class ConversationDataset(Dataset):
                 enc = self._cache[index] = self._encode(index, False)
             pixels = enc.pixel_values
             if flip:
-                one_tile_each = len(pixels) == len(records.images_of(self.items[index][1]))
-                pixels = pixels.flip(-1) if one_tile_each else self._encode(index, True).pixel_values
+                pixels = _flipped(pixels, len(records.images_of(self.items[index][1])),
+                                  lambda: self._encode(index, True).pixel_values)
         item = {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
         if self.renders is not None:
             item["render_pixel_values"] = self._render_pixels(index, flip)
         return item
+
+
+def _flipped(pixels: torch.Tensor, images: int, encode_flipped) -> torch.Tensor:
+    """Cached tiles of ``images`` images, flipped: each tile in place when every image is one tile;
+    otherwise ``encode_flipped()`` (a flipped image cut into several tiles has them in other places)."""
+    return pixels.flip(-1) if len(pixels) == images else encode_flipped()
 
 
 @dataclass

@@ -141,3 +141,10 @@ def test_dual_mode_at_alpha_one_answers_as_plain(cot_setup, recon_model, tmp_pat
         inference.main([*common, *dual, "--out", str(tmp_path / "none")])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "\n" not in err and "dual_alpha.json" in err and "--alpha" in err
+    # an alpha outside [0, 1] is refused before anything runs or is written
+    for bad in ("1.5", "-0.1", "nan"):
+        with pytest.raises(SystemExit) as exc:
+            inference.main([*common, *dual, "--alpha", bad, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and "\n" not in err and "--alpha" in err and "[0, 1]" in err
+    assert not (tmp_path / "bad").exists()
