@@ -25,20 +25,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import AutoConfig, InternVLVisionModel  # noqa: E402
+from transformers import InternVLVisionConfig, InternVLVisionModel  # noqa: E402
 
 from occmllm import records  # noqa: E402
-from occmllm.conversation import load_images  # noqa: E402
+from occmllm.conversation import ConversationEncoder, load_images  # noqa: E402
 from occmllm.errors import OccError, cli  # noqa: E402
-from occmllm.model import ImageOnlyInternVLProcessor  # noqa: E402
+from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint  # noqa: E402
 from occmllm.questions import CATEGORIES  # noqa: E402
 from occmllm.sft import load_training_records  # noqa: E402
 
 DEMO = ROOT / "outputs/demo"
 
 
-def load_split(path: Path, processor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel values (one tile per image, as the model's processor makes them) and category ids."""
+def load_split(path: Path, encoder: ConversationEncoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel values (each record's first image, tiled by the model's processor: one tile for the
+    tiny model) and category ids."""
     items = load_training_records(path)
     pixels, labels = [], []
     for root, rec in items:
@@ -46,7 +47,7 @@ def load_split(path: Path, processor) -> tuple[torch.Tensor, torch.Tensor]:
         if category not in CATEGORIES:
             raise OccError(f"{path}: record {rec['id']} has no meta.category; use a stage-1 JSONL")
         images = load_images([records.fileio.resolve_in_root(root, p, rec["id"]) for p in records.images_of(rec)])
-        pixels.append(processor.image_processor(images=images[:1], return_tensors="pt")["pixel_values"][:1])
+        pixels.append(encoder.pixel_values(images[:1])[0][:1])
         labels.append(CATEGORIES.index(category))
     return torch.cat(pixels), torch.tensor(labels)
 
@@ -76,15 +77,21 @@ def conv_classifier() -> nn.Module:
                          nn.Flatten(), nn.Linear(128, len(CATEGORIES)))
 
 
-def augment(x: torch.Tensor, rng: torch.Generator, shift: int = 4) -> torch.Tensor:
-    """Per batch: a horizontal flip per image, one translation of up to ``shift`` pixels (edges
-    repeated) and one permutation of the colour channels."""
+def augment(x: torch.Tensor, rng: torch.Generator, shift: int = 0, permute_colours: bool = False) -> torch.Tensor:
+    """A horizontal flip per image (stage 1's augmentation); with ``shift``, one translation per
+    batch of up to that many pixels (edges repeated); with ``permute_colours``, one permutation of
+    the colour channels per batch."""
     flip = torch.rand(len(x), generator=rng) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    if shift:
+        x = _shifted(x, shift, rng)
+    return x[:, torch.randperm(3, generator=rng)] if permute_colours else x
+
+
+def _shifted(x: torch.Tensor, shift: int, rng: torch.Generator) -> torch.Tensor:
     dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=rng).tolist()
     h, w = x.shape[-2:]
-    x = F.pad(x, (shift,) * 4, mode="replicate")[..., dy:dy + h, dx:dx + w]
-    return x[:, torch.randperm(3, generator=rng)]
+    return F.pad(x, (shift,) * 4, mode="replicate")[..., dy:dy + h, dx:dx + w]
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -108,8 +115,7 @@ def train(model: nn.Module, data, epochs: int, batch: int, lr: float, use_augmen
         order = torch.randperm(len(x), generator=rng)
         for i in range(len(x) // batch):
             idx = order[i * batch:(i + 1) * batch]
-            xb = augment(x[idx], rng) if use_augment else torch.where(
-                (torch.rand(len(idx), generator=rng) < 0.5).view(-1, 1, 1, 1), x[idx].flip(3), x[idx])
+            xb = augment(x[idx], rng, shift=4 if use_augment else 0, permute_colours=use_augment)
             loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -141,9 +147,9 @@ def main(argv=None) -> int:
     for path in (args.train, args.val):
         if not path.is_file():
             raise OccError(f"{path}: not found; run `make demo-data` (or pass --train/--val)")
-    processor = ImageOnlyInternVLProcessor.from_folder(args.model)
-    vision_config = AutoConfig.from_pretrained(args.model).vision_config
-    data = load_split(args.train, processor), load_split(args.val, processor)
+    vision_config = InternVLVisionConfig(**check_checkpoint(args.model)["vision_config"])
+    encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(args.model))
+    data = load_split(args.train, encoder), load_split(args.val, encoder)
     rows = {}
     for name in args.backbones:
         torch.manual_seed(args.seed)
