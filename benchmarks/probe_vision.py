@@ -8,7 +8,7 @@ convolutional prior and a ViT of the tiny model's size differ here by far more t
 setting does (benchmarks/RESULTS.md). Not part of `make bench`: each model trains for minutes.
 
     python benchmarks/probe_vision.py [--model outputs/demo/models/tiny] [--epochs 8]
-        [--backbones vit cnn] [--augment]
+        [--backbones vit cnn] [--augment] [--train-fraction 0.5]
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from occmllm.conversation import ConversationEncoder, load_images  # noqa: E402
 from occmllm.errors import OccError, cli  # noqa: E402
 from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint  # noqa: E402
 from occmllm.questions import CATEGORIES  # noqa: E402
+from occmllm.tiny import init_vision_tower  # noqa: E402
 from occmllm.sft import load_training_records  # noqa: E402
 
 DEMO = ROOT / "outputs/demo"
@@ -53,12 +54,14 @@ def load_split(path: Path, encoder: ConversationEncoder) -> tuple[torch.Tensor, 
 
 
 class ViTClassifier(nn.Module):
-    """The tiny InternVL's vision tower; its patch tokens, flattened, go through an MLP (what the
-    projector and the language model see: every token in its place)."""
+    """The tiny InternVL's vision tower, initialised as ``occmllm.tiny`` does; its patch tokens,
+    flattened, go through an MLP (what the projector and the language model see: every token in
+    its place)."""
 
-    def __init__(self, vision_config):
+    def __init__(self, vision_config, seed: int = 0):
         super().__init__()
         self.tower = InternVLVisionModel(vision_config)
+        init_vision_tower(self.tower, seed)
         grid = vision_config.image_size[0] // vision_config.patch_size[0]
         width = vision_config.hidden_size
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Flatten(), nn.Linear(width * grid * grid, 256), nn.GELU(),
@@ -140,20 +143,26 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--augment", action="store_true", help="flips, shifts and colour-channel permutations "
                    "(default: flips only, as stage 1)")
+    p.add_argument("--train-fraction", type=float, default=1.0, help="train on the first fraction of the "
+                   "training records (whole scenes: records are in scene order), to see how accuracy grows with data")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch < 1:
         raise OccError(f"--epochs {args.epochs} and --batch {args.batch} must both be at least 1")
+    if not 0 < args.train_fraction <= 1:
+        raise OccError(f"--train-fraction {args.train_fraction} must be in (0, 1]")
     for path in (args.train, args.val):
         if not path.is_file():
             raise OccError(f"{path}: not found; run `make demo-data` (or pass --train/--val)")
     vision_config = InternVLVisionConfig(**check_checkpoint(args.model)["vision_config"])
     encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(args.model))
-    data = load_split(args.train, encoder), load_split(args.val, encoder)
+    (x, y), val = load_split(args.train, encoder), load_split(args.val, encoder)
+    keep = max(args.batch, round(len(y) * args.train_fraction))
+    data = (x[:keep], y[:keep]), val
     rows = {}
     for name in args.backbones:
         torch.manual_seed(args.seed)
-        model = ViTClassifier(vision_config) if name == "vit" else conv_classifier()
+        model = ViTClassifier(vision_config, args.seed) if name == "vit" else conv_classifier()
         rows[name] = train(model, data, args.epochs, args.batch, args.lr, args.augment, args.seed)
     size = tuple(data[0][0].shape[-2:])
     print(f"{len(data[0][1])} training and {len(data[1][1])} validation images at {size[0]}x{size[1]}; "
@@ -162,7 +171,7 @@ def main(argv=None) -> int:
     print(f"{'backbone':8} {'parameters':>10} {'train acc':>9} {'val acc':>8} {'seconds':>8}")
     for name, r in rows.items():
         print(f"{name:8} {r['parameters']:>10,} {r['train_accuracy']:>9.3f} {r['val_accuracy']:>8.3f} {r['seconds']:>8}")
-    print(json.dumps({"epochs": args.epochs, "augment": args.augment, **rows}))
+    print(json.dumps({"epochs": args.epochs, "augment": args.augment, "train_images": len(data[0][1]), **rows}))
     return 0
 
 

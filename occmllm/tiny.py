@@ -9,13 +9,14 @@ real InternVL "-hf" checkpoint takes it too. Sized so the demo learns SynthOcc o
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
-                          InternVLVisionConfig, PreTrainedTokenizerFast, Qwen2Config)
+                          InternVLVisionConfig, InternVLVisionModel, PreTrainedTokenizerFast, Qwen2Config)
 
 from occmllm import questions as q
 from occmllm.errors import OccError, cli
@@ -66,6 +67,50 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
                               "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
 
 
+def init_vision_tower(tower: InternVLVisionModel, seed: int = 0) -> None:
+    """Initialise a from-scratch vision tower the way that suits a small ViT on little data.
+
+    - Mimetic attention (Trockman & Kolter, 2023): each head's W_q W_k^T starts near 0.7 Z + 0.7 I
+      and W_v W_o near 0.4 Z - 0.4 I (Z random, scale 1/sqrt(d)), the pattern pretrained ViTs show;
+      with the position embeddings below, every token first attends to itself and its neighbours.
+    - 2-D sin-cos position embeddings (half-amplitude), so neighbouring patches start out similar.
+    On the demo data this raises stage-1 validation Q1 from 0.595 to 0.625 (benchmarks/RESULTS.md).
+    Layer scale stays at 0.1: at 1.0 the plain classifier gains but stage 1 falls to 0.505.
+    """
+    config = tower.config
+    d, grid = config.hidden_size, config.image_size[0] // config.patch_size[0]
+    if d % 4:
+        raise OccError(f"vision hidden size {d} must be a multiple of 4 for 2-D sin-cos position embeddings")
+    g = torch.Generator().manual_seed(seed)
+    eye = torch.eye(d)
+
+    def factors(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        u, s, vt = torch.linalg.svd(target)  # target ~ (u sqrt s)(v sqrt s)^T, best rank-`rank` part
+        root = s[:rank].sqrt()
+        return u[:, :rank] * root, vt[:rank].T * root
+
+    with torch.no_grad():
+        for layer in tower.encoder.layer:
+            attn = layer.attention
+            dh = attn.head_dim
+            for h in range(attn.num_heads):
+                z = torch.randn(d, d, generator=g) / math.sqrt(d)
+                wq, wk = factors(0.7 * z + 0.7 * eye, dh)
+                attn.q_proj.weight[h * dh:(h + 1) * dh] = wq.T
+                attn.k_proj.weight[h * dh:(h + 1) * dh] = wk.T
+            wv, wo = factors(0.4 * torch.randn(d, d, generator=g) / math.sqrt(d) - 0.4 * eye, d)
+            attn.v_proj.weight.copy_(wv.T)        # values: x @ wv
+            attn.projection_layer.weight.copy_(wo)  # output: values @ wo.T
+        quarter = d // 4
+        freq = 1.0 / 10000 ** (torch.arange(quarter) / quarter)
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        angles = [pos.flatten()[:, None].float() * freq for pos in (rows, cols)]
+        table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+        pos = tower.embeddings.position_embeddings
+        pos[0, 0] = 0
+        pos[0, 1:] = 0.5 * table
+
+
 def build(out: Path, image_size: int = 96, patch_size: int = 8, vision_hidden: int = 96, vision_layers: int = 4,
           text_hidden: int = 128, text_layers: int = 2, seed: int = 0) -> Path:
     if image_size % (2 * patch_size):
@@ -87,6 +132,7 @@ def build(out: Path, image_size: int = 96, patch_size: int = 8, vision_hidden: i
                             projector_hidden_act="gelu", vision_feature_layer=-1,
                             vision_feature_select_strategy="default")
     model = InternVLForConditionalGeneration(config)
+    init_vision_tower(model.model.vision_tower, seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tokens_per_tile = (image_size // patch_size) ** 2 // 4

@@ -38,6 +38,39 @@ def test_load_tiny_model(tiny_model):
     assert out.shape[1] > len(ids)
 
 
+def _attention_by_distance(tower) -> list[float]:
+    """Layer 0's attention among the position embeddings alone, per Manhattan distance on the patch
+    grid (mean weight, times the number of patches: 1.0 is uniform), averaged over heads."""
+    layer = tower.encoder.layer[0]
+    pos = tower.embeddings.position_embeddings[0, 1:]
+    n, grid = len(pos), int(len(pos) ** 0.5)
+    rows, cols = torch.arange(n) // grid, torch.arange(n) % grid
+    distance = (rows[:, None] - rows).abs() + (cols[:, None] - cols).abs()
+    attn, dh = layer.attention, layer.attention.head_dim
+    with torch.no_grad():
+        x = layer.layernorm_before(pos)
+        q, k = attn.q_proj(x).view(n, -1, dh).transpose(0, 1), attn.k_proj(x).view(n, -1, dh).transpose(0, 1)
+        weights = (q @ k.transpose(1, 2) / dh ** 0.5).softmax(-1).mean(0)
+    return [round(weights[distance == r].mean().item() * n, 2) for r in range(3)]
+
+
+def test_vision_tower_starts_local_and_transformers_default_does_not(tiny_model):
+    """The tiny model's tower (mimetic attention, sin-cos positions) attends first to nearby patches;
+    the same config with transformers' own initialisation attends almost uniformly."""
+    from transformers import InternVLVisionModel
+    model, _ = load_model(tiny_model)
+    tower = model.model.vision_tower
+    ours = _attention_by_distance(tower)
+    torch.manual_seed(0)
+    default = _attention_by_distance(InternVLVisionModel(tower.config))
+    print("attention by patch distance 0/1/2 (1.0 = uniform): ours", ours, "default", default)
+    assert ours[0] > ours[1] > ours[2] and ours[0] > 1.5  # 32-px tiles: a 4x4 grid
+    assert max(default) < 1.1
+    for layer in tower.encoder.layer:  # W_v W_o starts near -0.4 I (the mimetic value/output pattern)
+        vo = layer.attention.projection_layer.weight @ layer.attention.v_proj.weight
+        assert -0.5 < vo.trace().item() / len(vo) < -0.3
+
+
 def test_label_mask_supervises_answers_and_end_of_turn_only(tiny_model):
     _, processor = load_model(tiny_model)
     enc = ConversationEncoder(processor)
