@@ -32,8 +32,8 @@ from occmllm.conversation import ConversationEncoder, load_images  # noqa: E402
 from occmllm.errors import OccError, cli  # noqa: E402
 from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint  # noqa: E402
 from occmllm.questions import CATEGORIES  # noqa: E402
-from occmllm.tiny import init_vision_tower  # noqa: E402
 from occmllm.sft import load_training_records  # noqa: E402
+from occmllm.tiny import init_vision_tower  # noqa: E402
 
 DEMO = ROOT / "outputs/demo"
 

@@ -118,6 +118,9 @@ def build(out: Path, image_size: int = 96, patch_size: int = 8, vision_hidden: i
     if image_size % (2 * patch_size):
         raise OccError(f"--image-size {image_size} must be a multiple of 2 x --patch-size ({2 * patch_size}) "
                        "for InternVL's 2x2 pixel shuffle")
+    for flag, width in (("--vision-hidden", vision_hidden), ("--text-hidden", text_hidden)):
+        if width % 4:
+            raise OccError(f"{flag} {width} must be a multiple of 4 (the tiny model's 4 attention heads)")
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     vision = InternVLVisionConfig(

@@ -147,6 +147,14 @@ def test_checkpoint_errors(tmp_path):
         check_checkpoint(tmp_path / "missing")
 
 
+def test_tiny_build_refuses_widths_its_heads_cannot_split(tmp_path):
+    from occmllm.tiny import build
+    for flag, kwargs in (("--vision-hidden 34", {"vision_hidden": 34}), ("--text-hidden 130", {"text_hidden": 130})):
+        with pytest.raises(OccError, match=f"{flag} must be a multiple of 4"):
+            build(tmp_path / "tiny", **kwargs)
+    assert not (tmp_path / "tiny").exists()
+
+
 def _train(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, "-m", "step1_sft.train", *args], capture_output=True, text=True,
                           cwd=cwd, env=env)
