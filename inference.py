@@ -397,7 +397,7 @@ def load_test(data: Path, root: Path | None, limit: int | None) -> list[dict]:
     """Validated test records (the first ``limit``); with ``root``, every image of them must exist and decode."""
     if not data.is_file():
         raise OccError(f"{data}: test file not found")
-    recs = records.read_records(data, root=root)
+    recs = records.read_records(data, "test", root=root)
     recs = recs[:limit] if limit is not None else recs
     if root is not None:
         for k, rec in enumerate(recs):

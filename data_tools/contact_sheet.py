@@ -21,7 +21,7 @@ from occmllm.questions import CATEGORIES
 
 
 def _load(root: Path, rel: str, mode: str) -> np.ndarray:
-    return np.asarray(Image.open(fileio.resolve_in_root(root, rel, str(root))).convert(mode))
+    return np.asarray(fileio.read_image(fileio.resolve_in_root(root, rel, str(root)), None, mode))
 
 
 def mask_overlay(root: Path, view: dict) -> np.ndarray:

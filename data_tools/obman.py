@@ -25,7 +25,6 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from data_tools.dataset import camera_fields, write_dataset
@@ -120,15 +119,7 @@ def load_meta(path: str | Path, context: str | None = None) -> dict:
 
 def read_image(path: Path, context: str) -> np.ndarray:
     """Decode an image fully (so a truncated file is caught here, not in training)."""
-    if not path.is_file():
-        raise OccError(f"{context}: file not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise OccError(f"{context}: cannot decode image ({exc}); the file is truncated or corrupt, "
-                       "re-extract it from the dataset archive") from None
+    return np.asarray(fileio.read_image(path, context, None))
 
 
 def occlusion_from_segm(segm: np.ndarray) -> float | None:

@@ -118,7 +118,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
         raise OccError(f"{path}: not a CLIP checkpoint (model_type {model_type!r}); give a CLIPModel folder, "
                        "e.g. one from `python -m occmllm.clip build`")
     try:
-        model, info = CLIPModel.from_pretrained(path, output_loading_info=True)
+        model, info = CLIPModel.from_pretrained(path, output_loading_info=True, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = CLIPImageProcessorPil.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:

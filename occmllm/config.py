@@ -16,6 +16,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from occmllm.errors import OccError
+from occmllm.fileio import read_text
 
 
 def _yaml_as_flags(values: dict) -> list[str]:
@@ -48,7 +49,7 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None, default_
         if not path.is_file():
             raise OccError(f"{path}: config file not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(read_text(path)) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from occmllm.fileio import read_image
 from occmllm.questions import IMAGE_TOKEN
 
 IGNORE_INDEX = -100
@@ -27,12 +28,10 @@ def to_messages(conversations: list[dict]) -> list[dict]:
     return [{"role": role[t["from"]], "content": t["value"]} for t in conversations]
 
 
-def load_images(paths) -> list[Image.Image]:
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
+def load_images(paths, context: str | None = None) -> list[Image.Image]:
+    """RGB images, decoded by ``fileio.read_image`` (any mode, size-limited, one-line errors that
+    start with ``context``, e.g. the record)."""
+    return [read_image(p, f"{context}: image {p}" if context else None) for p in paths]
 
 
 @dataclass

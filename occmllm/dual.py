@@ -217,7 +217,7 @@ def load_weights(dual: DualVisual, checkpoint: str | os.PathLike) -> None:
     alpha = read_alpha(checkpoint)
     if alpha is None:
         raise OccError(f"{checkpoint}: no {ALPHA_FILE}; cannot resume the dual visual path from this checkpoint")
-    saved = InternVLForConditionalGeneration.from_pretrained(checkpoint, dtype=dual.dtype)
+    saved = InternVLForConditionalGeneration.from_pretrained(checkpoint, dtype=dual.dtype, use_safetensors=True)
     dual.model.load_state_dict(saved.state_dict())
     del saved
     with torch.no_grad():

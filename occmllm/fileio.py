@@ -1,4 +1,5 @@
-"""Files on disk: atomic writes, JSONL with file:line errors, and dataset-root-safe paths."""
+"""Files on disk: atomic writes, JSONL and JSON with file:line errors, images decoded safely, and
+dataset-root-safe paths."""
 from __future__ import annotations
 
 import contextlib
@@ -68,25 +69,50 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         fh.write("\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+BOM = b"\xef\xbb\xbf"
+
+
+def _decode(raw: bytes, path: Path, lineno: int | None) -> str:
+    """UTF-8 text of one line (or file); a one-line error for anything else (a Latin-1 or UTF-16
+    export, a binary file given by mistake)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = lineno if lineno is not None else raw.count(b"\n", 0, exc.start) + 1
+        raise OccError(f"{where(path, line)}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as "
+                       "UTF-8") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file, with or without a byte-order mark; any line ending."""
     path = Path(path)
     if not path.is_file():
         raise OccError(f"{path}: file not found")
+    raw = path.read_bytes()
+    return _decode(raw[len(BOM):] if raw.startswith(BOM) else raw, path, None)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    text = read_text(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise OccError(f"{where(path, exc.lineno)}: invalid JSON ({exc.msg}); fix or regenerate the file") from None
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, record)`` for each non-blank line; a malformed line is an error
-    naming the file and line (never skipped silently)."""
+    naming the file and line (never skipped silently). UTF-8 with or without a byte-order mark,
+    LF or CRLF line ends."""
     path = Path(path)
     if not path.is_file():
         raise OccError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -110,3 +136,54 @@ def resolve_in_root(root: str | os.PathLike, relative: str, context: str) -> Pat
     if full != root and root not in full.parents:
         raise OccError(f"{context}: image path {relative!r} escapes the dataset root {root}")
     return full
+
+
+# --- images -------------------------------------------------------------------------------------
+
+# The largest image any reader decodes: 8192 x 8192 pixels (192 MiB as 8-bit RGB). A header can
+# claim any size in a few bytes (a decompression bomb); the check reads the header only.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def read_image(path: str | os.PathLike, label: str | None = None, mode: str | None = "RGB"):
+    """Decode one image file into ``mode`` (a PIL image; None keeps the file's own values, as depth
+    maps and label images need), whatever the file's own mode: grayscale,
+    palette (with or without transparency), RGBA, CMYK, 16-bit and float images, any aspect ratio,
+    and camera JPEGs turned upright by their EXIF orientation. A file that is missing, not an
+    image, truncated or larger than ``MAX_IMAGE_PIXELS`` is a one-line error that starts with
+    ``label`` (how the caller names the file, e.g. ``"test.jsonl:3: image 'a.png'"``; default: the path)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    label = label or str(path)
+    if not path.is_file():
+        raise OccError(f"{label}: file not found")
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise OccError(f"{label}: {width} x {height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                               "(8192 x 8192); downscale it")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if mode is None:
+                return im
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                # 16-bit, 32-bit integer and float images: scaled to 8 bits, not clipped at 255
+                values = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+                if im.mode == "F" and values.max(initial=0) <= 1.0:
+                    top = 1.0
+                im = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+            elif im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")  # transparent palette entries go through alpha, as PIL asks
+            return im.convert(mode)
+    except OccError:
+        raise
+    except Image.DecompressionBombError:  # PIL's own, stricter check of the header
+        raise OccError(f"{label}: over the {MAX_IMAGE_PIXELS:,}-pixel limit (8192 x 8192); downscale it") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OccError(f"{label} cannot be read ({first}): the file is not an image, or truncated or corrupt; "
+                       "re-export or remove it") from None

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration, InternVLProcessor
 
 from occmllm.errors import OccError
+from occmllm.fileio import read_json
 
 CONVERT_HINT = ("convert it with transformers' models/internvl/convert_internvl_weights_to_hf.py, or download "
                 "the '-hf' release (e.g. OpenGVLab/InternVL3-1B-hf)")
@@ -67,7 +68,9 @@ def check_checkpoint(path: str | os.PathLike, missing_hint: str | None = None) -
         raise OccError(f"{path}: checkpoint folder not found" + (f"; {missing_hint}" if missing_hint else ""))
     if not config_file.is_file():
         raise OccError(f"{path}: not a Hugging Face checkpoint (no config.json)")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise OccError(f"{config_file}: expected a JSON object (a model config); re-save the checkpoint")
     model_type = config.get("model_type")
     if model_type == "internvl":
         return config
@@ -98,6 +101,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = InternVLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attention or default_attention(device))
+        path, use_safetensors=True, dtype=dtype, attn_implementation=attention or default_attention(device))
     model.to(device).eval()
     return model, ImageOnlyInternVLProcessor.from_folder(path)

@@ -105,7 +105,7 @@ def preference_dataset(train_data, data_root: str | None, processor) -> datasets
 def reference_model(path, policy) -> InternVLForConditionalGeneration:
     """A frozen copy of the starting checkpoint, in the policy's dtype and attention."""
     model = InternVLForConditionalGeneration.from_pretrained(
-        path, dtype=policy.dtype, attn_implementation=policy.config._attn_implementation)
+        path, use_safetensors=True, dtype=policy.dtype, attn_implementation=policy.config._attn_implementation)
     model.requires_grad_(False)
     return model.eval()
 

@@ -20,8 +20,6 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image
-
 from occmllm import fileio
 from occmllm.errors import OccError, where
 from occmllm.questions import IMAGE_TOKEN
@@ -41,9 +39,11 @@ def count_placeholders(record: dict) -> int:
     return sum(turn["value"].count(IMAGE_TOKEN) for turn in record["conversations"] if turn["from"] == "human")
 
 
-def validate_conversation(record: dict, context: str) -> dict:
+def validate_conversation(record: dict, context: str, answers_optional: bool = False) -> dict:
     """Check one conversation record's structure; returns it unchanged. ``context`` is
-    ``file:line`` for the message."""
+    ``file:line`` for the message. Training records alternate human and gpt turns; with
+    ``answers_optional`` (test records) a question may also stand without its answer, so a record
+    of questions alone (human turns only) is valid: inference answers it and scores nothing."""
     if "id" not in record or not isinstance(record["id"], (str, int)):
         raise OccError(f"{context}: record has no string 'id'")
     conv = record.get("conversations")
@@ -53,9 +53,16 @@ def validate_conversation(record: dict, context: str) -> dict:
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
             raise OccError(f"{context}: turn {k} of record {record['id']!r} must be "
                            '{"from": "human"|"gpt", "value": str}')
-        if turn["from"] != ROLES[k % 2]:
-            raise OccError(f"{context}: record {record['id']!r} turn {k} is from {turn['from']!r}; turns must "
-                           "alternate human, gpt, starting with human")
+        if k == 0 and turn["from"] != "human":
+            raise OccError(f"{context}: record {record['id']!r} starts with a gpt turn; a conversation starts with "
+                           "the human's question")
+        previous = conv[k - 1]["from"] if k else None
+        if turn["from"] == "gpt" and previous == "gpt":
+            raise OccError(f"{context}: record {record['id']!r} turn {k} is a second gpt turn in a row; each answer "
+                           "follows its question (turns alternate human, gpt, starting with human)")
+        if turn["from"] == "human" and previous == "human" and not answers_optional:
+            raise OccError(f"{context}: record {record['id']!r} turn {k} is from 'human' after a human turn; training "
+                           "records alternate human, gpt (a file of questions alone is for inference.py)")
     images = images_of(record)
     if not images:
         raise OccError(f"{context}: record {record['id']!r} has no 'image'; every record needs at least one")
@@ -103,23 +110,21 @@ def check_images(record: dict, root: str | os.PathLike, context: str) -> list[Pa
         path = fileio.resolve_in_root(root, rel, context)
         if not path.is_file():
             raise OccError(f"{context}: image {rel!r} not found under {root}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-        except (OSError, SyntaxError) as exc:
-            raise OccError(f"{context}: image {rel!r} cannot be read ({exc}); re-export or remove it") from None
+        fileio.read_image(path, f"{context}: image {rel!r}")
         paths.append(path)
     return paths
 
 
 def read_records(path: str | os.PathLike, kind: str = "conversation", root: str | os.PathLike | None = None,
                  verify_images: bool = False) -> list[dict]:
-    """Read and validate a JSONL file of ``kind`` ("conversation" or "preference").
+    """Read and validate a JSONL file of ``kind``: "conversation" (training: every question
+    answered), "test" (conversations whose answers may be missing) or "preference".
 
     With ``root``, image paths are checked to stay inside it; with ``verify_images`` they must
     also exist and decode. Errors name the file and line; nothing is skipped.
     """
-    validate = {"conversation": validate_conversation, "preference": validate_preference}[kind]
+    validate = {"conversation": validate_conversation, "preference": validate_preference,
+                "test": lambda rec, ctx: validate_conversation(rec, ctx, answers_optional=True)}[kind]
     records, seen = [], {}
     for lineno, rec in fileio.iter_jsonl(path):
         ctx = where(path, lineno)
@@ -130,7 +135,7 @@ def read_records(path: str | os.PathLike, kind: str = "conversation", root: str 
             else:
                 for rel in images_of(rec):
                     fileio.resolve_in_root(root, rel, ctx)
-        if kind == "conversation":
+        if kind != "preference":
             if rec["id"] in seen:
                 raise OccError(f"{ctx}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
             seen[rec["id"]] = lineno

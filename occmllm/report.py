@@ -11,12 +11,14 @@ outside the question set is ``"T<turn number>"``), as :func:`turns_of` names the
 
 ``report.json``::
 
-    {"test_file": str, "n": int,                      # records scored
+    {"test_file": str, "n": int,                      # records answered
+     "labelled": int,                                 # of them, records with at least one reference answer
+     "unlabelled": bool,                              # no reference answer at all: answers, no accuracy
      "q1_majority_class": str | null, "q1_majority_rate": float | null, "q1_chance_rate": 1/8,
      "occlusion_bins": [[0.0, 0.2], ..., [0.8, 1.0]],
      "rows": [{"checkpoint": str, "mode": str, "n": int,
                "accuracy": {key: float}, "correct": {key: int}, "answered": {key: int},
-               "final_accuracy": float, "final_correct": int,
+               "final_accuracy": float | null, "final_correct": int, "final_scored": int,
                "by_occlusion": [{"range": [lo, hi] | null, "n": int, "correct": int, "accuracy": float | null}],
                "seconds": float | null, "samples_per_s": float | null,
                "cot": {"no_rate", "calibration", "no_when_wrong", "yes_when_right",      # chain-of-thought rows only
@@ -24,9 +26,11 @@ outside the question set is ``"T<turn number>"``), as :func:`turns_of` names the
      "confusion": {"checkpoint": str, "mode": str, "truth": [categories], "predicted": [categories + "(none)"],
                    "matrix": [[count]]} | null}
 
-Bins are [lo, hi) except the last, [0.8, 1.0]; a record without ``meta.occlusion`` falls in a
-bin with ``range`` null, so the bins' ``n`` always sum to the row's ``n``. An empty bin has
-accuracy null.
+A record whose final question has no reference answer is answered but not scored: the final
+accuracy is over the ``final_scored`` records that have one. Bins are [lo, hi) except the last,
+[0.8, 1.0]; a scored record without ``meta.occlusion`` falls in a bin with ``range`` null, so the
+bins' ``n`` always sum to ``final_scored`` (the row's ``n`` for a labelled file). An empty bin has
+accuracy null. For an unlabelled file every accuracy is null and ``confusion`` is null.
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ class Turn:
     key: str               # unique within the record: "Q1", "Q2", ..., "Q1#2" for a repeat, "T3" off the set
     qid: str               # question id used for scoring ("Q1", ..., or "T3")
     question: str          # the human turn's text
-    reference: str | None  # the gpt turn after it (None when the record ends with the question)
+    reference: str | None  # the gpt turn after it (None for a question without its answer)
 
 
 def turns_of(record: dict) -> list[Turn]:
@@ -63,12 +67,15 @@ def turns_of(record: dict) -> list[Turn]:
     conv = record["conversations"]
     seen: Counter = Counter()
     out = []
-    for k in range(0, len(conv), 2):
-        text = conv[k]["value"]
-        qid = question_id(text) or f"T{k // 2 + 1}"
+    for k, turn in enumerate(conv):
+        if turn["from"] != "human":
+            continue
+        text = turn["value"]
+        qid = question_id(text) or f"T{len(out) + 1}"
         seen[qid] += 1
         key = qid if seen[qid] == 1 else f"{qid}#{seen[qid]}"
-        out.append(Turn(key, qid, text, conv[k + 1]["value"] if k + 1 < len(conv) else None))
+        answered = k + 1 < len(conv) and conv[k + 1]["from"] == "gpt"
+        out.append(Turn(key, qid, text, conv[k + 1]["value"] if answered else None))
     return out
 
 
@@ -113,7 +120,7 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
     asked = {key for r in records for key in predictions[r["id"]]["answers"]}
     correct: Counter = Counter()
     scored: Counter = Counter()
-    final_correct = 0
+    final_correct = final_scored = 0
     nbins = len(OCCLUSION_EDGES) - 1
     bin_n, bin_correct = [0] * (nbins + 1), [0] * (nbins + 1)  # the last slot: no occlusion ratio
     for rec in records:
@@ -124,7 +131,10 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
                 scored[turn.key] += 1
                 correct[turn.key] += is_correct(turn.qid, pred["answers"].get(turn.key, ""), turn.reference)
         fin = next(t for t in turns if t.key == final_key([t.key for t in turns]))
-        ok = fin.reference is not None and is_correct(fin.qid, pred["final"], fin.reference)
+        if fin.reference is None:  # an unlabelled record: answered, not scored
+            continue
+        ok = is_correct(fin.qid, pred["final"], fin.reference)
+        final_scored += 1
         final_correct += ok
         b = occlusion_bin(rec)
         b = nbins if b is None else b
@@ -142,7 +152,8 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
     return {"checkpoint": checkpoint, "mode": mode, "n": n, **extra,
             "accuracy": {k: correct[k] / scored[k] for k in keys},
             "correct": {k: correct[k] for k in keys}, "answered": {k: scored[k] for k in keys},
-            "final_accuracy": _rate(final_correct, n), "final_correct": final_correct,
+            "final_accuracy": _rate(final_correct, final_scored), "final_correct": final_correct,
+            "final_scored": final_scored,
             "by_occlusion": by_occlusion,
             "seconds": round(seconds, 4) if seconds is not None else None,
             "samples_per_s": round(timed / seconds, 4) if seconds and timed else None}
@@ -151,23 +162,26 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
 def cot_stats(records: list[dict], predictions: dict) -> dict:
     """Chain-of-thought figures: how often the model said the object is unclear (Q6 ``No.``), how
     well that matched its first answer being wrong, and what the render changed."""
-    said_no = wrong = no_when_wrong = yes_when_right = wrong_to_right = right_to_wrong = 0
+    said_no = labelled = wrong = no_when_wrong = yes_when_right = wrong_to_right = right_to_wrong = 0
     for rec in records:
         answers = predictions[rec["id"]]["answers"]
-        truth = truth_category(rec)
-        first_right = truth is not None and parse_category(answers.get("Q1", "")) == truth
         no = parse_yes_no(answers["Q6"]) is False
         said_no += no
+        truth = truth_category(rec)
+        if truth is None:  # unlabelled: counts for how often the model said No., nothing else
+            continue
+        labelled += 1
+        first_right = parse_category(answers.get("Q1", "")) == truth
         wrong += not first_right
         no_when_wrong += no and not first_right
         yes_when_right += (not no) and first_right
         if "Q1#2" in answers:
-            second_right = truth is not None and parse_category(answers["Q1#2"]) == truth
+            second_right = parse_category(answers["Q1#2"]) == truth
             wrong_to_right += second_right and not first_right
             right_to_wrong += first_right and not second_right
     n = len(records)
-    return {"no_rate": _rate(said_no, n), "calibration": _rate(no_when_wrong + yes_when_right, n),
-            "no_when_wrong": _rate(no_when_wrong, wrong), "yes_when_right": _rate(yes_when_right, n - wrong),
+    return {"no_rate": _rate(said_no, n), "calibration": _rate(no_when_wrong + yes_when_right, labelled),
+            "no_when_wrong": _rate(no_when_wrong, wrong), "yes_when_right": _rate(yes_when_right, labelled - wrong),
             "wrong_to_right": wrong_to_right, "right_to_wrong": right_to_wrong}
 
 
@@ -203,13 +217,14 @@ def build_report(test_file: str | os.PathLike, records: list[dict], runs: list[d
             for r in runs]
     truths = Counter(t for t in map(truth_category, records) if t is not None)
     majority = truths.most_common(1)[0] if truths else None
+    labelled = sum(any(t.reference is not None for t in turns_of(r)) for r in records)
     conf = None
-    if runs:
+    if runs and truths:
         last = next((r for r in reversed(runs) if r["mode"] == "plain"), runs[-1])
         conf = confusion((last["checkpoint"], last["mode"]), records, last["predictions"])
-    return {"test_file": str(test_file), "n": len(records),
+    return {"test_file": str(test_file), "n": len(records), "labelled": labelled, "unlabelled": labelled == 0,
             "q1_majority_class": majority[0] if majority else None,
-            "q1_majority_rate": majority[1] / len(records) if majority else None,
+            "q1_majority_rate": majority[1] / sum(truths.values()) if majority else None,
             "q1_chance_rate": 1 / len(CATEGORIES),
             "occlusion_bins": [[OCCLUSION_EDGES[i], OCCLUSION_EDGES[i + 1]] for i in range(len(OCCLUSION_EDGES) - 1)],
             "rows": rows, "confusion": conf}
@@ -265,10 +280,28 @@ def cot_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def unlabelled_table(report: dict) -> str:
+    """Rows of an unlabelled run: what was answered and how fast (and, for the chain of thought,
+    how often the model asked for the render)."""
+    lines = ["| checkpoint | mode | n | said No. (CoT) | samples/s |", "|" + " --- |" * 5]
+    for r in report["rows"]:
+        said_no = _fmt(r["cot"]["no_rate"]) if "cot" in r else "-"
+        speed = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.2f}"
+        lines.append(f"| {r['checkpoint']} | {r['mode']} | {r['n']} | {said_no} | {speed} |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
+    if report.get("unlabelled"):
+        return "\n".join([f"# Answers to {report['test_file']}", "",
+                          f"{report['n']} test records, unlabelled: they hold questions without reference answers, "
+                          "so no accuracy is computed. The model's answers are in `predictions.jsonl`.", "",
+                          unlabelled_table(report), ""])
     maj = report["q1_majority_rate"]
+    partly = ("" if report.get("labelled", report["n"]) == report["n"] else
+              f" Only {report['labelled']} of them have reference answers; accuracy is over those.")
     text = [f"# Accuracy on {report['test_file']}", "",
-            f"{report['n']} test records. Q1 chance rate {report['q1_chance_rate']:.3f}; majority class "
+            f"{report['n']} test records.{partly} Q1 chance rate {report['q1_chance_rate']:.3f}; majority class "
             + (f"{report['q1_majority_class']} at {maj:.3f}." if maj is not None else "unknown."),
             "", markdown_table(report), "",
             ("Accuracy is the fraction of answers scored right (category questions by the category named, yes/no "
@@ -300,8 +333,19 @@ def _legend_outside(ax) -> None:
         ax.legend(handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
+def _no_data(fig, ax, path: Path, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    ax.set_axis_off()
+    fig.savefig(path, format="png")
+
+
+UNLABELLED = "unlabelled test set: no accuracy"
+
+
 def plot_accuracy(report: dict, path: Path) -> None:
     """Grouped bars: per question (and the final answer), one bar per checkpoint/mode."""
+    if report.get("unlabelled"):
+        return _no_data(*_figure(6.0, 3.6), path, UNLABELLED)
     rows = report["rows"]
     keys = sorted({k for r in rows for k in r["accuracy"]}, key=_key_order)
     groups = [*keys, "final"]
@@ -326,6 +370,8 @@ def plot_accuracy(report: dict, path: Path) -> None:
 
 def plot_occlusion(report: dict, path: Path) -> None:
     """Final accuracy against occlusion ratio (bin centres), one line per checkpoint/mode."""
+    if report.get("unlabelled"):
+        return _no_data(*_figure(6.0, 3.6), path, UNLABELLED)
     fig, ax = _figure(7.5, 3.6)
     for i, r in enumerate(report["rows"]):
         pts = [((b["range"][0] + b["range"][1]) / 2, b["accuracy"]) for b in r["by_occlusion"]
@@ -347,8 +393,7 @@ def plot_confusion(report: dict, path: Path) -> None:
     conf = report["confusion"]
     fig, ax = _figure(6.0, 5.0)
     if conf is None:
-        ax.text(0.5, 0.5, "no predictions", ha="center", va="center")
-        ax.set_axis_off()
+        return _no_data(fig, ax, path, UNLABELLED if report.get("unlabelled") else "no predictions")
     else:
         matrix = conf["matrix"]
         image = ax.imshow(matrix, cmap="Blues")

@@ -122,10 +122,7 @@ class ConversationDataset(Dataset):
     def _encode(self, index: int, flip: bool):
         root, rec = self.items[index]
         paths = [records.fileio.resolve_in_root(root, p, rec["id"]) for p in records.images_of(rec)]
-        try:
-            images = load_images(paths)
-        except OSError as exc:
-            raise OccError(f"record {rec['id']}: cannot read image ({exc})") from None
+        images = load_images(paths, f"record {rec['id']}")
         if flip:
             images = [hflip(im) for im in images]
         return self.encoder.encode(images, rec["conversations"])
@@ -150,12 +147,8 @@ class ConversationDataset(Dataset):
         root, rec = self.items[index]
         image = records.fileio.resolve_in_root(root, records.images_of(rec)[0], rec["id"])
         path = self._render_path(index)
-        try:
-            with Image.open(image) as im:
-                size = im.size
-            render, = load_images([path])
-        except OSError as exc:
-            raise OccError(f"record {rec['id']}: cannot read image or render ({exc})") from None
+        size = load_images([image], f"record {rec['id']}")[0].size  # as the image is read: EXIF-upright
+        render, = load_images([path], f"record {rec['id']}")
         if render.size != size:
             render = render.resize(size, Image.BICUBIC)
         if flip:
@@ -286,7 +279,8 @@ def build_model(args: ModelArguments, training: TrainingArguments, dual_supporte
     dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = InternVLForConditionalGeneration.from_pretrained(
-        args.model_name_or_path, dtype=dtype, attn_implementation=args.attn_implementation or default_attention(device))
+        args.model_name_or_path, use_safetensors=True, dtype=dtype,
+        attn_implementation=args.attn_implementation or default_attention(device))
     freeze(model, args.freeze_vision, args.freeze_projector, args.freeze_llm)
     if args.use_lora:
         if args.freeze_llm:
@@ -354,7 +348,26 @@ def run_stage(train_fn, dataclass_types: tuple, argv=None, default_config: Path 
     out = train_fn(model_args, *rest)
     if rest[-1].should_save:
         print(f"saved the stage checkpoint to {out}")
+    close_process_group()
     return out
+
+
+def close_process_group() -> None:
+    """End the distributed run in order, once every rank has finished (never after an error: a rank
+    still waiting in a collective would hang the others here).
+
+    A process that exits with its process group alive leaves gloo's worker threads holding work
+    objects whose tensors reference Python objects; the interpreter's teardown then races those
+    threads and the rank aborts (``terminate called without an active exception``) after its work
+    is written. The DeepSpeed engine and the Trainer are garbage by now; collecting them first lets
+    their communication handles go before the group does."""
+    import gc
+
+    import torch.distributed as dist
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def stage_commands(train_fn, dataclass_types: tuple):

@@ -76,8 +76,8 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
                 mesh = trimesh.load(fileio.resolve_in_root(dataset.root, line["mesh"], line["id"]), process=False)
                 true_cache[line["mesh"]] = (mesh, sample_surface(mesh, SURFACE_SAMPLES, seed=1))
             true_mesh, true_points = true_cache[line["mesh"]]
-            with Image.open(fileio.resolve_in_root(dataset.root, line["mask_amodal"], line["id"])) as im:
-                amodal = np.asarray(im.convert("L")) > 127
+            amodal = np.asarray(fileio.read_image(
+                fileio.resolve_in_root(dataset.root, line["mask_amodal"], line["id"]), None, "L")) > 127
             shape = amodal.shape
             pred_sil = (RayCaster([rec.mesh]).render(view.camera).label >= 0).reshape(shape)
             pred_points = sample_surface(rec.mesh, SURFACE_SAMPLES, seed=2)

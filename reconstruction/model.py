@@ -74,7 +74,7 @@ def build_backbone(cfg: ReconConfig, saved_config: dict | None = None) -> nn.Mod
     if cfg.backbone_path:
         if not Path(cfg.backbone_path, "config.json").is_file():
             raise OccError(f"backbone_path {cfg.backbone_path}: not a Hugging Face model folder (no config.json)")
-        model = AutoBackbone.from_pretrained(cfg.backbone_path)
+        model = AutoBackbone.from_pretrained(cfg.backbone_path, use_safetensors=True)
     else:
         model = AutoBackbone.from_config(_backbone_config(cfg))
     return model

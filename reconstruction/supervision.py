@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import trimesh
-from PIL import Image
 
 from data_tools.synthocc import scene_sdf
 from occmllm import fileio
@@ -37,8 +36,7 @@ class SceneBank:
 
 
 def _read(root: Path, rel: str, mode: str | None = None) -> np.ndarray:
-    with Image.open(fileio.resolve_in_root(root, rel, rel)) as im:
-        return np.asarray(im.convert(mode) if mode else im)
+    return np.asarray(fileio.read_image(fileio.resolve_in_root(root, rel, rel), None, mode))
 
 
 def build_bank(root: Path, views: list[dict], depth_scale: float, rng: np.random.Generator,

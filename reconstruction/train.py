@@ -143,7 +143,7 @@ def train(args: ReconTrainArguments, model_args: ReconConfig) -> Path:
     rng = np.random.default_rng(args.seed)
     start = 0
     if args.resume and (last / "trainer_state.pt").is_file():
-        state = torch.load(last / "trainer_state.pt", weights_only=False)
+        state = torch.load(last / "trainer_state.pt", weights_only=True)  # tensors and plain data only: no pickle code
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]

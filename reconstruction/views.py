@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from occmllm import fileio
 from occmllm.errors import OccError
@@ -73,11 +72,7 @@ def _image(root: Path, rel: str, mode: str, context: str) -> np.ndarray:
     path = fileio.resolve_in_root(root, rel, context)
     if not path.is_file():
         raise OccError(f"{context}: image {rel!r} not found under {root}")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert(mode) if mode != "I" else im)
-    except OSError as exc:
-        raise OccError(f"{context}: cannot read {rel!r} ({exc}); regenerate or replace the file") from None
+    return np.asarray(fileio.read_image(path, f"{context}: image {rel!r}", mode if mode != "I" else None))
 
 
 def load_view(root: Path, line: dict, depth_scale: float, context: str = "") -> ViewInput:

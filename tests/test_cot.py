@@ -53,9 +53,7 @@ def test_cot_takes_no_ground_truth_and_reports_its_figures(cot_setup, recon_mode
     for line in (work / "test.jsonl").read_text().splitlines():
         rec = json.loads(line)
         rec.pop("meta", None)
-        for turn in rec["conversations"]:
-            if turn["from"] == "gpt":
-                turn["value"] = ""
+        rec["conversations"] = [t for t in rec["conversations"] if t["from"] == "human"]  # questions alone
         lines.append(json.dumps(rec))
     stripped.write_text("\n".join(lines) + "\n")
     stripped.with_name("stripped.meta.json").write_text(
@@ -67,6 +65,9 @@ def test_cot_takes_no_ground_truth_and_reports_its_figures(cot_setup, recon_mode
     _run([*common, "--data", str(stripped), "--out", str(tmp_path / "stripped")])
     full, bare = _predictions(tmp_path / "full"), _predictions(tmp_path / "stripped")
     assert full == bare
+    bare_report = json.loads((tmp_path / "stripped/report.json").read_text())
+    assert bare_report["unlabelled"] and bare_report["rows"][0]["final_accuracy"] is None
+    assert bare_report["rows"][0]["cot"]["calibration"] is None  # nothing to calibrate against
 
     unclear = [p for p in full if p["answers"]["Q6"] == "No."]
     assert unclear, "the render branch must run"

@@ -81,6 +81,49 @@ def test_batched_and_one_by_one_give_the_same_answers(batched, models, dataset, 
     assert (tmp_path / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
 
 
+def unlabelled_copy(src: Path, dst: Path) -> Path:
+    """The test file with its answers and meta removed: the questions alone (human turns only)."""
+    recs = lines(src)
+    for rec in recs:
+        rec.pop("meta", None)
+        rec["conversations"] = [t for t in rec["conversations"] if t["from"] == "human"]
+    dst.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return dst
+
+
+def test_unlabelled_records_are_answered_as_the_labelled_ones(batched, models, dataset, tmp_path):
+    data = unlabelled_copy(dataset / "test.jsonl", tmp_path / "questions.jsonl")
+    run("--checkpoint", f"a={models['a']}", "--data", data, "--data-root", dataset, "--out", tmp_path / "run",
+        "--batch-size", 8)
+    assert (tmp_path / "run/predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
+    rep = json.loads((tmp_path / "run/report.json").read_text())
+    assert rep["unlabelled"] is True and rep["labelled"] == 0 and rep["confusion"] is None
+    row, = rep["rows"]
+    assert row["n"] == 32 and row["final_accuracy"] is None and row["accuracy"] == {} and row["final_scored"] == 0
+    md = (tmp_path / "run/report.md").read_text()
+    assert "unlabelled" in md and "predictions.jsonl" in md and "0.000" not in md
+    # the labelled run scores every record
+    labelled = json.loads((batched / "report.json").read_text())
+    assert labelled["unlabelled"] is False and labelled["labelled"] == 32
+    assert labelled["rows"][0]["final_scored"] == 32
+
+
+def test_partly_labelled_file_scores_the_labelled_records_only(batched, models, dataset, tmp_path):
+    recs = lines(dataset / "test.jsonl")
+    for rec in recs[::2]:  # every other record loses its answers
+        rec["conversations"] = [t for t in rec["conversations"] if t["from"] == "human"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run("--checkpoint", f"a={models['a']}", "--data", tmp_path / "t.jsonl", "--data-root", dataset,
+        "--out", tmp_path / "run", "--batch-size", 8)
+    row = json.loads((tmp_path / "run/report.json").read_text())["rows"][0]
+    preds = {p["id"]: p for p in lines(batched / "predictions.jsonl")}
+    scored = recs[1::2]
+    expected = sum(is_correct("Q1", preds[r["id"]]["final"], r["conversations"][1]["value"]) for r in scored)
+    assert row["n"] == 32 and row["final_scored"] == 16 and row["final_correct"] == expected
+    assert row["answered"]["Q1"] == 16 and sum(b["n"] for b in row["by_occlusion"]) == 16
+    assert "Only 16 of them have reference answers" in (tmp_path / "run/report.md").read_text()
+
+
 def test_answers_do_not_depend_on_reference_answers_or_meta(batched, models, dataset, tmp_path):
     recs = lines(dataset / "test.jsonl")
     for rec in recs:  # wrong reference answers and meta: generation must not see them

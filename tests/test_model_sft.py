@@ -196,8 +196,8 @@ def test_stage1_lora_saves_merged_model(tiny_model, synth_small, tmp_path):
 def test_two_process_deepspeed_zero2(tiny_model, synth_small, tmp_path):
     """torchrun --nproc_per_node 2, gloo, DeepSpeed ZeRO-2 through the stage launcher."""
     import os
-    env = {**os.environ, "NPROC": "2", "DEEPSPEED": "zero2", "PYTHON": sys.executable,
-           "MASTER_PORT": "29731", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # a free port (torchrun --standalone)
+    env.update(NPROC="2", DEEPSPEED="zero2", PYTHON=sys.executable, OMP_NUM_THREADS="1")
     out = subprocess.run(["bash", "step1_sft/run.sh", "--model_name_or_path", str(tiny_model),
                           "--train_data", str(synth_small / "stages/step1.jsonl"), "--output_dir", str(tmp_path / "ds"),
                           "--max_steps", "3", "--per_device_train_batch_size", "2", "--save_strategy", "no",

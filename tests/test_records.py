@@ -41,7 +41,10 @@ def test_malformed_line_names_file_and_line(root):
     (lambda r: r["conversations"][0].update(value="What's the object in the hand?"), "no <image> placeholder"),
     (lambda r: r.update(image=["img/a.png", "img/a.png"]), "1 <image> placeholder"),
     (lambda r: r.pop("image"), "has no 'image'"),
-    (lambda r: r["conversations"].reverse(), "must alternate"),
+    (lambda r: r["conversations"].reverse(), "starts with a gpt turn"),
+    (lambda r: r["conversations"].insert(1, {"from": "human", "value": "Describe the object in the hand."}),
+     "training records alternate human, gpt"),
+    (lambda r: r["conversations"].append({"from": "gpt", "value": "Yes."}), "second gpt turn in a row"),
     (lambda r: r.update(conversations=[]), "no 'conversations'"),
 ])
 def test_structural_errors(root, change, message):
