@@ -63,6 +63,9 @@ def validate_conversation(record: dict, context: str, answers_optional: bool = F
         if turn["from"] == "human" and previous == "human" and not answers_optional:
             raise OccError(f"{context}: record {record['id']!r} turn {k} is from 'human' after a human turn; training "
                            "records alternate human, gpt (a file of questions alone is for inference.py)")
+    if not answers_optional and conv[-1]["from"] != "gpt":
+        raise OccError(f"{context}: record {record['id']!r} ends with a question without its answer; training "
+                       "records alternate human, gpt and answer every question (questions alone are for inference.py)")
     images = images_of(record)
     if not images:
         raise OccError(f"{context}: record {record['id']!r} has no 'image'; every record needs at least one")
