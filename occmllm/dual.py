@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from occmllm import fileio
 from occmllm.errors import OccError
+from occmllm.model import ResumesInternVL, load_weights_into
 
 ALPHA_FILE = "dual_alpha.json"
 
@@ -217,9 +218,7 @@ def load_weights(dual: DualVisual, checkpoint: str | os.PathLike) -> None:
     alpha = read_alpha(checkpoint)
     if alpha is None:
         raise OccError(f"{checkpoint}: no {ALPHA_FILE}; cannot resume the dual visual path from this checkpoint")
-    saved = InternVLForConditionalGeneration.from_pretrained(checkpoint, dtype=dual.dtype, use_safetensors=True)
-    dual.model.load_state_dict(saved.state_dict())
-    del saved
+    load_weights_into(dual.model, checkpoint)
     with torch.no_grad():
         dual.alpha.fill_(alpha)
 
@@ -237,7 +236,7 @@ class ClampAlpha(TrainerCallback):
                 model.alpha.clamp_(0.0, 1.0)
 
 
-class DualTrainer(Trainer):
+class DualTrainer(ResumesInternVL, Trainer):
     """The HF Trainer for a ``DualVisual``: checkpoints are written by ``save`` (each one a plain
     InternVL folder plus ``dual_alpha.json``), resumed by ``load_weights``, and alpha has no
     weight decay (it is a mixing weight, not a weight to shrink)."""

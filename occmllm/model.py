@@ -104,3 +104,26 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         path, use_safetensors=True, dtype=dtype, attn_implementation=attention or default_attention(device))
     model.to(device).eval()
     return model, ImageOnlyInternVLProcessor.from_folder(path)
+
+
+def load_weights_into(model: InternVLForConditionalGeneration, checkpoint: str | os.PathLike) -> None:
+    """Load a checkpoint folder's weights into an existing model, as ``from_pretrained`` reads them.
+
+    transformers writes InternVL's weights under the original hub key names
+    (``language_model.model.*``, ``vision_tower.*``) and maps them back only in ``from_pretrained``;
+    the HF Trainer's resume loads the raw file with ``load_state_dict(strict=False)``, matches no key
+    and leaves every weight at its start while restoring the optimizer and the step."""
+    saved = type(model).from_pretrained(checkpoint, dtype=model.dtype, use_safetensors=True)
+    model.load_state_dict(saved.state_dict())
+
+
+class ResumesInternVL:
+    """Trainer mixin: resuming from a checkpoint loads an InternVL model's weights by
+    ``load_weights_into`` (the Trainer's own loader for everything else: LoRA adapters, DeepSpeed)."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = model if model is not None else self.model
+        if isinstance(target, InternVLForConditionalGeneration) and (
+                Path(resume_from_checkpoint) / "model.safetensors").is_file():
+            return load_weights_into(target, resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)

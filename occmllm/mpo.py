@@ -31,7 +31,7 @@ from trl import DPOConfig, DPOTrainer
 from occmllm import records
 from occmllm.errors import OccError
 from occmllm.fileio import resolve_in_root
-from occmllm.model import ImageOnlyInternVLProcessor
+from occmllm.model import ImageOnlyInternVLProcessor, ResumesInternVL
 from occmllm.questions import IMAGE_TOKEN
 from occmllm.sft import ModelArguments, build_model, fit, load_training_records, stage_commands
 
@@ -110,6 +110,10 @@ def reference_model(path, policy) -> InternVLForConditionalGeneration:
     return model.eval()
 
 
+class MPOTrainer(ResumesInternVL, DPOTrainer):
+    """TRL's DPOTrainer, resuming InternVL weights correctly (``occmllm.model.ResumesInternVL``)."""
+
+
 def train(model_args: ModelArguments, data_args: PreferenceDataArguments, config: DPOConfig) -> Path:
     if config.precompute_ref_log_probs:
         raise OccError("precompute_ref_log_probs is not supported by TRL for image data; leave it false")
@@ -117,7 +121,7 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, config
     dataset = preference_dataset(data_args.train_data, data_args.data_root, processor)
     model = build_model(model_args, config)
     ref = reference_model(model_args.model_name_or_path, model)
-    trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=dataset, processing_class=processor)
+    trainer = MPOTrainer(model=model, ref_model=ref, args=config, train_dataset=dataset, processing_class=processor)
     return fit(trainer, processor, data_args.resume)
 
 

@@ -45,7 +45,7 @@ from transformers import Trainer, TrainingArguments
 from occmllm import fileio, records
 from occmllm.conversation import ConversationEncoder, load_images, pad_batch
 from occmllm.errors import OccError
-from occmllm.model import ImageOnlyInternVLProcessor
+from occmllm.model import ImageOnlyInternVLProcessor, ResumesInternVL
 from occmllm.questions import CATEGORIES, IMAGE_TOKEN, Q1, Q6, parse_category, parse_yes_no, question_id
 from occmllm.sft import DataArguments, ModelArguments, SaveProcessor, build_model, fit, load_training_records
 
@@ -361,7 +361,7 @@ def policy_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
 
 # --- training ----------------------------------------------------------------------------------
 
-class SelfCorrectTrainer(Trainer):
+class SelfCorrectTrainer(ResumesInternVL, Trainer):
     """The HF Trainer with a rollout-and-policy-gradient ``compute_loss``; each batch is a list of
     views (``{"views": [...]}``)."""
 

@@ -23,7 +23,7 @@ from occmllm.augment import flip_draw, hflip
 from occmllm.config import parse_config
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images, pad_batch
 from occmllm.errors import OccError, cli
-from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint, default_attention
+from occmllm.model import ImageOnlyInternVLProcessor, ResumesInternVL, check_checkpoint, default_attention
 from occmllm.stages import missing_checkpoint_hint, stage_of
 
 LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -293,6 +293,12 @@ def build_model(args: ModelArguments, training: TrainingArguments, dual_supporte
     return model
 
 
+def is_finished(output_dir: str | os.PathLike) -> bool:
+    """Whether a stage finished in ``output_dir``: ``save_final`` writes the processor last, after
+    the weights, so its files mark a complete stage checkpoint."""
+    return (Path(output_dir) / "processor_config.json").is_file() and (Path(output_dir) / "config.json").is_file()
+
+
 def save_final(trainer: Trainer, processor, output_dir: str) -> None:
     """The stage's checkpoint: a plain InternVL folder (LoRA merged in) with its processor. With
     the dual visual path, ``occmllm.dual.DualTrainer`` saves it by ``dual.save``: the same folder
@@ -308,6 +314,10 @@ def save_final(trainer: Trainer, processor, output_dir: str) -> None:
         processor.save_pretrained(output_dir)
 
 
+class StageTrainer(ResumesInternVL, Trainer):
+    """The HF Trainer, resuming InternVL weights correctly (``occmllm.model.ResumesInternVL``)."""
+
+
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments):
     """The stage's HF Trainer (model, dataset, collator, callbacks) and the processor it saves."""
     items = load_training_records(data_args.train_data, data_args.data_root)
@@ -317,7 +327,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     dataset = ConversationDataset(items, encoder, data_args.augment, training.seed, data_args.cache_encoded,
                                   renders=data_args.dual_renders if is_dual else None)
     model = build_model(model_args, training, dual_supported=True)
-    trainer_class = dual.DualTrainer if is_dual else Trainer
+    trainer_class = dual.DualTrainer if is_dual else StageTrainer
     trainer = trainer_class(model=model, args=training, train_dataset=dataset,
                             data_collator=Collator(processor.tokenizer.pad_token_id),
                             callbacks=[EpochSetter(dataset), SaveProcessor(processor)])

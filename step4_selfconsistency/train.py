@@ -41,7 +41,11 @@ def train(model_args: sft.ModelArguments, data_args: sft.DataArguments, phase_ar
     out = Path(model_args.model_name_or_path)
     if "sft" in phases:
         sft_dir = phase_args.sft_output_dir or f"{training.output_dir.rstrip('/')}_cot_sft"
-        out = sft.train(model_args, data_args, replace(training, output_dir=sft_dir))
+        if data_args.resume and sft.is_finished(sft_dir):
+            print(f"chain-of-thought SFT: already finished in {sft_dir}; resuming the RL phase", flush=True)
+            out = Path(sft_dir)
+        else:
+            out = sft.train(model_args, data_args, replace(training, output_dir=sft_dir))
         gc.collect()  # the SFT phase's model and optimizer state go before the RL phase loads its two models
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -98,3 +98,21 @@ def step3_file(synth_small, tmp_path_factory) -> Path:
     (tmp / "predictions.json").write_text(json.dumps(_predictions(views)))
     pairs = builders.step3_pairs(views, tmp / "predictions.json")
     return builders.write_stage(pairs, tmp / "step3.jsonl", ds, "step3", kind="preference")
+
+
+STAGE4_RENDERS = "renders/stage4_test"
+
+
+@pytest.fixture(scope="session")
+def stage4_file(synth_small, tmp_path_factory) -> Path:
+    """Stage-4 chain records on every view of the small set, unbalanced, with renders of the true
+    meshes under ``STAGE4_RENDERS``."""
+    from data_tools import builders
+    from data_tools.dataset import load_dataset
+    from data_tools.renders import render_views
+    ds = load_dataset(synth_small)
+    views = ds.split(None)
+    render_views(synth_small, STAGE4_RENDERS, None, progress=False)
+    clear = builders.clarity_labels(type("Args", (), {"predictions": None, "clear_below": 0.5})(), views)
+    recs = builders.step4_records(views, clear, STAGE4_RENDERS, seed=0, plan_fraction=0.25, balance=False)
+    return builders.write_stage(recs, tmp_path_factory.mktemp("stage4") / "step4.jsonl", ds, "step4")

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_tools import builders
-from data_tools.dataset import load_dataset
-from data_tools.renders import render_views
+from conftest import STAGE4_RENDERS as RENDERS
 from occmllm import records
 from occmllm import selfcorrect as sc
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
@@ -23,22 +21,9 @@ from occmllm.sft import DataArguments, ModelArguments, TrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "step4_selfconsistency/config.yaml"
-RENDERS = "renders/stage4_test"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def stage4_file(synth_small, tmp_path_factory) -> Path:
-    """Stage-4 chain records on every view of the small set, unbalanced, with renders of the true
-    meshes under ``RENDERS``."""
-    ds = load_dataset(synth_small)
-    views = ds.split(None)
-    render_views(synth_small, RENDERS, None, progress=False)
-    clear = builders.clarity_labels(type("Args", (), {"predictions": None, "clear_below": 0.5})(), views)
-    recs = builders.step4_records(views, clear, RENDERS, seed=0, plan_fraction=0.25, balance=False)
-    return builders.write_stage(recs, tmp_path_factory.mktemp("stage4") / "step4.jsonl", ds, "step4")
 
 
 def _scripted(sampler, tokenizer, answers):
