@@ -138,8 +138,10 @@ def train(args: ReconTrainArguments, model_args: ReconConfig) -> Path:
         model = SDFReconstructor(model_args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup = max(1, args.steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to zero
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, args.steps) / args.steps)))
+    # linear warm-up, then cosine decay to zero; a Python float, so the saved state holds no numpy
+    # scalar (the resume loads it with torch.load(weights_only=True), which refuses those)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: float(
+        min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, args.steps) / args.steps))))
     rng = np.random.default_rng(args.seed)
     start = 0
     if args.resume and (last / "trainer_state.pt").is_file():

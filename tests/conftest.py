@@ -116,3 +116,17 @@ def stage4_file(synth_small, tmp_path_factory) -> Path:
     clear = builders.clarity_labels(type("Args", (), {"predictions": None, "clear_below": 0.5})(), views)
     recs = builders.step4_records(views, clear, STAGE4_RENDERS, seed=0, plan_fraction=0.25, balance=False)
     return builders.write_stage(recs, tmp_path_factory.mktemp("stage4") / "step4.jsonl", ds, "step4")
+
+
+def stop_inference_in_second_batch(monkeypatch, mode: str) -> None:
+    """The next ``inference.py`` run in ``mode`` stops in its second batch, as a Ctrl-C would."""
+    import inference
+    real = inference.MODE_RUNNERS[mode]
+    calls = []
+
+    def runner(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setitem(inference.MODE_RUNNERS, mode, runner)

@@ -126,6 +126,27 @@ def test_oracle_renders_and_step4_cli(synth, tmp_path):
     assert "rendered 0 new views" in again.stdout  # resumable: nothing redone
 
 
+def test_interrupted_oracle_renders_resume_to_the_same_files(synth, monkeypatch):
+    from data_tools import renders
+    assert renders.render_views(synth, "renders/full", "test", progress=False) > 2
+    real, calls = renders.render_rgb, []
+
+    def stop_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(renders, "render_rgb", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        renders.render_views(synth, "renders/resumed", "test", progress=False)
+    assert len(list((synth / "renders/resumed").iterdir())) == 2  # two finished files, no partial one
+    monkeypatch.undo()
+    total = len(list((synth / "renders/full").iterdir()))
+    assert renders.render_views(synth, "renders/resumed", "test", progress=False) == total - 2
+    for path in (synth / "renders/full").iterdir():
+        assert (synth / "renders/resumed" / path.name).read_bytes() == path.read_bytes()
+
+
 def test_testset(synth, tmp_path):
     out = _run("data_tools.make_testset", "--data", str(synth), "--out", str(tmp_path / "t.jsonl"))
     assert out.returncode == 0, out.stderr

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import inference
+from conftest import stop_inference_in_second_batch
 from occmllm.questions import Q1, Q6, category_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -149,3 +150,29 @@ def test_dual_mode_at_alpha_one_answers_as_plain(cot_setup, recon_model, tmp_pat
         err = capsys.readouterr().err.strip()
         assert exc.value.code == 2 and "\n" not in err and "--alpha" in err and "[0, 1]" in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("mode", ["cot", "dual"])
+def test_interrupted_cot_and_dual_runs_resume_to_the_same_file(cot_setup, recon_model, tmp_path, monkeypatch, mode):
+    """Stopped in its second batch (first batch's predictions and renders on disk), started again:
+    the same predictions.jsonl, byte for byte, as a run never stopped."""
+    work, model = cot_setup
+    argv = ["--checkpoint", f"m={model}", "--data", str(work / "test.jsonl"), "--mode", mode, "--recon",
+            str(recon_model), "--recon-resolution", "24", "--batch-size", "3"]
+    if mode == "dual":
+        argv += ["--alpha", "0.5"]
+    _run([*argv, "--out", str(tmp_path / "full")])
+    stop_inference_in_second_batch(monkeypatch, mode)
+    with pytest.raises(SystemExit) as exc:
+        _run([*argv, "--out", str(tmp_path / "resumed")])
+    assert exc.value.code == 130
+    assert len(_predictions(tmp_path / "resumed")) == 3 and not (tmp_path / "resumed/report.json").exists()
+    monkeypatch.undo()
+    _run([*argv, "--out", str(tmp_path / "resumed")])
+    full = (tmp_path / "full/predictions.jsonl").read_bytes()
+    assert (tmp_path / "resumed/predictions.jsonl").read_bytes() == full and len(full.splitlines()) > 3
+
+    def scores(name):  # the report's figures, less the timings
+        rows = json.loads((tmp_path / f"{name}/report.json").read_text())["rows"]
+        return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_s")} for row in rows]
+    assert scores("resumed") == scores("full")

@@ -99,6 +99,24 @@ def test_tta_rows_in_the_report(tiny_model, synth_small, tiny_clip, tmp_path):
     assert len((tmp_path / "run/predictions.jsonl").read_text().splitlines()) == 2 * n
 
 
+def test_interrupted_tta_run_resumes_to_the_same_file(tiny_model, synth_small, tiny_clip, tmp_path, monkeypatch):
+    """Episodic adaptation restores the projector after each record, so a run stopped in its second
+    batch and started again writes the same predictions, byte for byte, as one never stopped."""
+    from conftest import stop_inference_in_second_batch
+    args = ["--checkpoint", f"m={tiny_model}", "--data", str(synth_small / "stages/test.jsonl"), "--tta", "clip",
+            "--clip", str(tiny_clip), "--tta-k", "3", "--tta-steps", "2", "--batch-size", "1"]
+    torch.manual_seed(0)
+    assert inference.main([*args, "--out", str(tmp_path / "full")]) == 0
+    stop_inference_in_second_batch(monkeypatch, "tta")
+    with pytest.raises(SystemExit):
+        inference.main([*args, "--out", str(tmp_path / "resumed")])
+    assert len((tmp_path / "resumed/predictions.jsonl").read_text().splitlines()) == 2  # tta and best-of-3, 1 record
+    monkeypatch.undo()
+    assert inference.main([*args, "--out", str(tmp_path / "resumed")]) == 0
+    full = (tmp_path / "full/predictions.jsonl").read_bytes()
+    assert (tmp_path / "resumed/predictions.jsonl").read_bytes() == full and len(full.splitlines()) > 2
+
+
 def test_tta_bad_input_is_one_line(tiny_model, synth_small, tmp_path, capsys):
     base = ["--checkpoint", f"m={tiny_model}", "--data", str(synth_small / "stages/test.jsonl")]
     cases = {"no clip": (["--tta", "clip"], "--clip PATH"),
