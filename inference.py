@@ -1,4 +1,4 @@
-"""Checkpoint-by-checkpoint inference on a labelled test set, and its accuracy report.
+"""Checkpoint-by-checkpoint inference on a test set, and its accuracy report.
 
     python inference.py --checkpoint NAME=PATH [--checkpoint NAME=PATH ...] --data TEST.jsonl --out DIR
                         [--data-root ROOT] [--batch-size 16] [--max-new-tokens 32] [--mode plain|cot|dual]
@@ -7,7 +7,8 @@
 
 Each record's human turns are asked in order, each with the model's own earlier answers in the
 history (the first carries the image placeholder); the reference answers and ``meta`` are read
-only for scoring. Generation is greedy and batched across records, one turn at a time, with left
+only for scoring. A test file of questions alone (no answers) is answered and reported as
+unlabelled, with no accuracy. Generation is greedy and batched across records, one turn at a time, with left
 padding. Checkpoints run in the order given. ``--mode cot`` runs the chain of thought with a
 reconstruction render, ``--mode dual`` blends each image's visual tokens with its render's, and
 ``--tta clip`` adapts each Q1 answer to a CLIP reward (rows ``tta`` and ``best-of-K``).
@@ -568,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a checkpoint folder to run, under a name for the report; repeat for several (run in order)")
     what.add_argument("--score-reference", type=Path, metavar="PRED.json",
                       help="score a reference-format predictions file {id: \"The object is X.\"} instead")
-    p.add_argument("--data", required=True, type=Path, help="labelled test JSONL (e.g. from data_tools.make_testset)")
+    p.add_argument("--data", required=True, type=Path, help="test JSONL (e.g. from data_tools.make_testset), with "
+                                                              "reference answers or questions alone")
     p.add_argument("--out", required=True, type=Path, help="run folder for predictions.jsonl and the report")
     p.add_argument("--data-root", type=Path,
                    help="dataset root the image paths are relative to [the root in <data stem>.meta.json]")
