@@ -28,10 +28,16 @@ def _line(rec) -> bytes:
     return json.dumps(rec, ensure_ascii=False).encode()
 
 
-def _one_line(exc: pytest.ExceptionInfo) -> str:
-    message = str(exc.value)
-    assert "\n" not in message
-    return message
+def _refused(read, path, data: bytes, message: str, named: str | None = None) -> str:
+    """``read(path)`` of a file holding ``data`` raises one line that names ``named`` (default: the
+    path) and matches ``message``; returns the line."""
+    path.write_bytes(data)
+    with pytest.raises(OccError) as exc:
+        read(path)
+    line = str(exc.value)
+    assert "\n" not in line and (named or str(path)) in line
+    assert exc.match(message)
+    return line
 
 
 @pytest.fixture
@@ -81,13 +87,7 @@ def test_conversation_jsonl_variants_read_as_the_plain_file(root, name):
 
 @pytest.mark.parametrize("name", JSONL_MALFORMED)
 def test_malformed_conversation_jsonl_is_one_line_naming_file_and_line(root, name):
-    data, message = JSONL_MALFORMED[name]
-    path = root / "f.jsonl"
-    path.write_bytes(data)
-    with pytest.raises(OccError) as exc:
-        records.read_records(path, root=root)
-    assert str(path) in _one_line(exc)
-    assert exc.match(message)
+    _refused(lambda p: records.read_records(p, root=root), root / "f.jsonl", *JSONL_MALFORMED[name])
 
 
 def test_test_files_may_hold_questions_alone(root):
@@ -125,12 +125,7 @@ def test_preference_variants_read(root, name):
 @pytest.mark.parametrize("name", PREFERENCE_MALFORMED)
 def test_malformed_preference_is_one_line(root, name):
     data, message = PREFERENCE_MALFORMED[name]
-    path = root / "p.jsonl"
-    path.write_bytes(data + b"\n")
-    with pytest.raises(OccError) as exc:
-        records.read_records(path, "preference")
-    assert str(path) in _one_line(exc)
-    assert exc.match(message)
+    _refused(lambda p: records.read_records(p, "preference"), root / "p.jsonl", data + b"\n", message)
 
 
 # --- InternVL meta JSON -------------------------------------------------------------------------------
@@ -166,11 +161,8 @@ def test_meta_json_variants_read(root, name):
 
 @pytest.mark.parametrize("name", META_MALFORMED)
 def test_malformed_meta_json_is_one_line(root, name):
-    text, message = META_MALFORMED[name]
-    with pytest.raises(OccError) as exc:
-        list(records.iter_meta(_meta(root, text)))
-    assert "a.meta.json" in _one_line(exc)
-    assert exc.match(message)
+    (root / "a.jsonl").write_bytes(_line(GOOD) + b"\n")
+    _refused(lambda p: list(records.iter_meta(p)), root / "a.meta.json", *META_MALFORMED[name])
 
 
 # --- images ---------------------------------------------------------------------------------------------
@@ -249,24 +241,19 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
 
 @pytest.mark.parametrize("name", IMAGE_MALFORMED)
 def test_malformed_image_is_one_line(tmp_path, name):
-    data, message = IMAGE_MALFORMED[name]
-    path = tmp_path / "x.png"
-    path.write_bytes(data)
-    with pytest.raises(OccError) as exc:
-        fileio.read_image(path, "t.jsonl:3: image 'x.png'")
-    assert _one_line(exc).startswith("t.jsonl:3: image 'x.png'")
-    assert exc.match(message)
+    line = _refused(lambda p: fileio.read_image(p, "t.jsonl:3: image 'x.png'"), tmp_path / "x.png",
+                    *IMAGE_MALFORMED[name], named="t.jsonl:3: image 'x.png'")
+    assert line.startswith("t.jsonl:3: image 'x.png'")
 
 
 # --- YAML configs ---------------------------------------------------------------------------------------
 
-def _parse(tmp_path, text: bytes):
-    from occmllm.sft import DataArguments, ModelArguments
+def _parse(path):
     from transformers import TrainingArguments
-    path = tmp_path / "c.yaml"
-    path.write_bytes(text)
+
+    from occmllm.sft import DataArguments, ModelArguments
     return parse_config((ModelArguments, DataArguments, TrainingArguments), ["--config", str(path),
-                                                                            "--output_dir", str(tmp_path / "o")])
+                                                                            "--output_dir", str(path.parent / "o")])
 
 
 YAML = b"learning_rate: 0.002\nfreeze_vision: true\n"
@@ -282,17 +269,14 @@ YAML_MALFORMED = {
 
 @pytest.mark.parametrize("name", YAML_VALID)
 def test_yaml_variants_parse(tmp_path, name):
-    model_args, _data, training = _parse(tmp_path, YAML_VALID[name])
+    (tmp_path / "c.yaml").write_bytes(YAML_VALID[name])
+    model_args, _data, training = _parse(tmp_path / "c.yaml")
     assert model_args.freeze_vision is True and training.learning_rate == 0.002
 
 
 @pytest.mark.parametrize("name", YAML_MALFORMED)
 def test_malformed_yaml_is_one_line(tmp_path, name):
-    text, message = YAML_MALFORMED[name]
-    with pytest.raises(OccError) as exc:
-        _parse(tmp_path, text)
-    assert "c.yaml" in _one_line(exc)
-    assert exc.match(message)
+    _refused(_parse, tmp_path / "c.yaml", *YAML_MALFORMED[name])
 
 
 # --- predictions files (the reference's {id: answer} and this project's predictions.jsonl) --------------
@@ -322,13 +306,7 @@ def test_predictions_variants_read(tmp_path, name):
 
 @pytest.mark.parametrize("name", PREDICTIONS_MALFORMED)
 def test_malformed_predictions_are_one_line(tmp_path, name):
-    data, message = PREDICTIONS_MALFORMED[name]
-    path = tmp_path / name
-    path.write_bytes(data)
-    with pytest.raises(OccError) as exc:
-        read_predictions(path)
-    assert str(path) in _one_line(exc)
-    assert exc.match(message)
+    _refused(read_predictions, tmp_path / name, *PREDICTIONS_MALFORMED[name])
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -348,12 +326,11 @@ def test_malformed_checkpoint_is_one_line(tmp_path, name):
     config, message = CHECKPOINT_MALFORMED[name]
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    if config is not None:
-        (folder / "config.json").write_bytes(config)
-    with pytest.raises(OccError) as exc:
-        check_checkpoint(folder)
-    assert "ckpt" in _one_line(exc)
-    assert exc.match(message)
+    if config is None:
+        with pytest.raises(OccError, match=message):
+            check_checkpoint(folder)
+    else:
+        _refused(lambda p: check_checkpoint(p.parent), folder / "config.json", config, message, named=str(folder))
 
 
 def test_checkpoint_with_pickled_weights_only_is_refused(tiny_model, tmp_path):
