@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -160,7 +161,10 @@ def read_image(path: str | os.PathLike, label: str | None = None, mode: str | No
     if not path.is_file():
         raise OccError(f"{label}: file not found")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # PIL warns of a large header; the check below decides, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             width, height = im.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise OccError(f"{label}: {width} x {height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "

@@ -215,7 +215,8 @@ IMAGE_MALFORMED = {
     "truncated PNG": (_save(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")[:300], r"cannot be read"),
     "decompression bomb header": (_png_claiming(9000, 9000), r"9000 x 9000 pixels is over the 67,108,864-pixel "
                                                                r"limit \(8192 x 8192\); downscale it"),
-    "huge header past PIL's own limit": (_png_claiming(60000, 60000), r"over the 67,108,864-pixel limit"),
+    "header past PIL's warning size": (_png_claiming(10000, 10000), r"10000 x 10000 pixels is over the 67,108,864"),
+    "header past PIL's own limit": (_png_claiming(60000, 60000), r"over the 67,108,864-pixel limit"),
 }
 
 
