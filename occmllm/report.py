@@ -19,6 +19,8 @@ outside the question set is ``"T<turn number>"``), as :func:`turns_of` names the
      "rows": [{"checkpoint": str, "mode": str, "n": int,
                "accuracy": {key: float}, "correct": {key: int}, "answered": {key: int},
                "final_accuracy": float | null, "final_correct": int, "final_scored": int,
+               "final_se": float | null,                       # binomial standard error of final_accuracy
+               "most_occluded_third": {"n", "correct", "accuracy", "se", "min_occlusion"},
                "by_occlusion": [{"range": [lo, hi] | null, "n": int, "correct": int, "accuracy": float | null}],
                "seconds": float | null, "samples_per_s": float | null,
                "cot": {"no_rate", "calibration", "no_when_wrong", "yes_when_right",      # chain-of-thought rows only
@@ -31,12 +33,19 @@ accuracy is over the ``final_scored`` records that have one. Bins are [lo, hi) e
 [0.8, 1.0]; a scored record without ``meta.occlusion`` falls in a bin with ``range`` null, so the
 bins' ``n`` always sum to ``final_scored`` (the row's ``n`` for a labelled file). An empty bin has
 accuracy null. For an unlabelled file every accuracy is null and ``confusion`` is null.
+
+``most_occluded_third`` is the final accuracy on the third of the scored records with the highest
+occlusion ratio (the same records for every row; ``min_occlusion`` is the lowest ratio among them):
+the views the second look is for, in a group large enough to compare, where the top fixed bin may
+hold a handful. ``se`` is sqrt(p (1 - p) / n): two rows whose accuracies differ by less than about
+twice it are within the noise of one test set.
 """
 from __future__ import annotations
 
 import bisect
 import contextlib
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -109,6 +118,27 @@ def _rate(correct: int, n: int) -> float | None:
     return correct / n if n else None
 
 
+def standard_error(correct: int, n: int) -> float | None:
+    """Binomial standard error of the accuracy ``correct / n``."""
+    if not n:
+        return None
+    p = correct / n
+    return math.sqrt(p * (1 - p) / n)
+
+
+def most_occluded_third(records: list[dict]) -> list[dict]:
+    """The third (rounded up) of the scored records with the highest ``meta.occlusion``; ties are
+    broken by id, so every row is scored on the same records."""
+    scored = [r for r in records if _final_turn(r).reference is not None and occlusion_bin(r) is not None]
+    ranked = sorted(scored, key=lambda r: (-float(r["meta"]["occlusion"]), str(r["id"])))
+    return ranked[: math.ceil(len(ranked) / 3)]
+
+
+def _final_turn(record: dict) -> Turn:
+    turns = turns_of(record)
+    return next(t for t in turns if t.key == final_key([t.key for t in turns]))
+
+
 def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict, seconds: float | None = None,
               timed: int | None = None) -> dict:
     """One report row. ``predictions`` maps each record id to ``{"answers": {key: text}, "final": text}``;
@@ -130,7 +160,7 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
             if turn.key in asked and turn.reference is not None:
                 scored[turn.key] += 1
                 correct[turn.key] += is_correct(turn.qid, pred["answers"].get(turn.key, ""), turn.reference)
-        fin = next(t for t in turns if t.key == final_key([t.key for t in turns]))
+        fin = _final_turn(rec)
         if fin.reference is None:  # an unlabelled record: answered, not scored
             continue
         ok = is_correct(fin.qid, pred["final"], fin.reference)
@@ -147,13 +177,20 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
         by_occlusion.append({"range": None, "n": bin_n[nbins], "correct": bin_correct[nbins],
                              "accuracy": _rate(bin_correct[nbins], bin_n[nbins])})
     n = len(records)
+    third = most_occluded_third(records)
+    third_correct = sum(is_correct(_final_turn(r).qid, predictions[r["id"]]["final"], _final_turn(r).reference)
+                        for r in third)
     extra = {"cot": cot_stats(records, predictions)} if all("Q6" in predictions[r["id"]]["answers"]
                                                             for r in records) else {}
     return {"checkpoint": checkpoint, "mode": mode, "n": n, **extra,
             "accuracy": {k: correct[k] / scored[k] for k in keys},
             "correct": {k: correct[k] for k in keys}, "answered": {k: scored[k] for k in keys},
             "final_accuracy": _rate(final_correct, final_scored), "final_correct": final_correct,
-            "final_scored": final_scored,
+            "final_scored": final_scored, "final_se": standard_error(final_correct, final_scored),
+            "most_occluded_third": {"n": len(third), "correct": third_correct,
+                                    "accuracy": _rate(third_correct, len(third)),
+                                    "se": standard_error(third_correct, len(third)),
+                                    "min_occlusion": float(third[-1]["meta"]["occlusion"]) if third else None},
             "by_occlusion": by_occlusion,
             "seconds": round(seconds, 4) if seconds is not None else None,
             "samples_per_s": round(timed / seconds, 4) if seconds and timed else None}
@@ -236,6 +273,10 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _with_se(accuracy: float | None, se: float | None) -> str:
+    return "-" if accuracy is None else f"{accuracy:.3f} ± {se:.3f}"
+
+
 def _bin_label(rng) -> str:
     if rng is None:
         return "occ ?"
@@ -252,12 +293,15 @@ def markdown_table(report: dict) -> str:
         for b in r["by_occlusion"]:
             if b["range"] not in bins:
                 bins.append(b["range"])
-    header = ["checkpoint", "mode", "n", *keys, "final", *(_bin_label(b) for b in bins), "samples/s"]
+    header = ["checkpoint", "mode", "n", *keys, "final ± se", "most-occluded third ± se",
+              *(_bin_label(b) for b in bins), "samples/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for r in rows:
         occ = {tuple(b["range"]) if b["range"] else None: b for b in r["by_occlusion"]}
+        third = r["most_occluded_third"]
         cells = [r["checkpoint"], r["mode"], str(r["n"]), *(_fmt(r["accuracy"].get(k)) for k in keys),
-                 _fmt(r["final_accuracy"])]
+                 _with_se(r["final_accuracy"], r["final_se"]),
+                 "-" if not third["n"] else f"{_with_se(third['accuracy'], third['se'])} ({third['n']})"]
         for rng in bins:
             b = occ.get(tuple(rng) if rng else None)
             cells.append("-" if b is None or not b["n"] else f"{b['accuracy']:.3f} ({b['n']})")
@@ -305,8 +349,11 @@ def markdown(report: dict) -> str:
             + (f"{report['q1_majority_class']} at {maj:.3f}." if maj is not None else "unknown."),
             "", markdown_table(report), "",
             ("Accuracy is the fraction of answers scored right (category questions by the category named, yes/no "
-             "questions by polarity); `final` is the answer to the category question; occlusion bins show the final "
-             "accuracy and, in brackets, the number of records. Plots: "
+             "questions by polarity); `final` is the answer to the category question, with its binomial standard "
+             "error (a gap under about twice it is within the noise of this test set); the most-occluded third "
+             "is the final accuracy on the third of the records with the highest occlusion ratio (the same "
+             "records for every row; their number in brackets); occlusion bins show the final accuracy and, in "
+             "brackets, the number of records. Plots: "
              f"`{FILES['accuracy_plot']}`, `{FILES['occlusion_plot']}`, `{FILES['confusion_plot']}`."), ""]
     cot = cot_table(report)
     if cot:

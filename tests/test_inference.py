@@ -196,6 +196,14 @@ def test_report_matches_an_independent_count(batched, models, dataset, tmp_path)
         inside = [ok for occ, ok in final if lo <= occ < hi or (hi == 1.0 and occ == 1.0)]
         assert b["n"] == len(inside)
         assert b["accuracy"] == (pytest.approx(sum(inside) / len(inside)) if inside else None)
+    # the standard error and the most-occluded third, counted here independently
+    p = sum(ok for _, ok in final) / 32
+    assert row["final_se"] == pytest.approx((p * (1 - p) / 32) ** 0.5)
+    top = sorted(zip(final, [r["id"] for r in recs]), key=lambda x: (-x[0][0], x[1]))[:11]  # ceil(32 / 3)
+    third = row["most_occluded_third"]
+    assert third["n"] == 11 and third["correct"] == sum(ok for (_, ok), _ in top)
+    assert third["min_occlusion"] == min(occ for (occ, _), _ in top)
+    assert third["se"] == pytest.approx((third["accuracy"] * (1 - third["accuracy"]) / 11) ** 0.5)
     assert row["samples_per_s"] > 0
     cats = [r["meta"]["category"] for r in recs]
     assert rep["q1_majority_rate"] == pytest.approx(max(map(cats.count, CATEGORIES)) / 32)
