@@ -13,7 +13,7 @@ import collections
 import os
 from pathlib import Path
 
-from occmllm import records
+from occmllm import fileio, records
 from occmllm.errors import OccError, where
 from occmllm.questions import parse_category
 
@@ -21,9 +21,8 @@ from occmllm.questions import parse_category
 def read_reference_jsonl(path: str | os.PathLike) -> tuple[str, list[dict]]:
     """``(kind, records)`` of a reference v1 file; the kind is told by the first record."""
     path = Path(path)
-    with open(path, encoding="utf-8") as fh:
-        first = fh.readline()
-    kind = "preference" if '"chosen"' in first else "conversation"
+    first = next(fileio.iter_jsonl(path), (None, {}))[1]
+    kind = "preference" if "chosen" in first else "conversation"
     return kind, records.read_records(path, kind)
 
 
@@ -37,14 +36,13 @@ def read_test_list(path: str | os.PathLike) -> list[dict]:
     """The ObMan test list: ``{"id", "ref_view", "view", "image"}`` per line. Image paths there
     are absolute paths on the authors' machines; only their file name is kept."""
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 4:
-                raise OccError(f"{where(path, lineno)}: expected 4 tab-separated fields (id, ref view, view, "
-                               f"image), got {len(parts)}")
-            out.append({"id": parts[0], "ref_view": int(parts[1]), "view": int(parts[2]),
-                        "image": Path(parts[3]).name})
+    for lineno, line in enumerate(fileio.read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 4 or not parts[1].strip().isdigit() or not parts[2].strip().isdigit():
+            raise OccError(f"{where(path, lineno)}: expected 4 tab-separated fields (id, ref view number, view "
+                           f"number, image), got {line[:80]!r}")
+        out.append({"id": parts[0], "ref_view": int(parts[1]), "view": int(parts[2]),
+                    "image": Path(parts[3].strip()).name})
     return out

@@ -18,7 +18,6 @@ plus ``dual_alpha.json``: ``{"alpha": float, "learnable": bool}``.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -172,10 +171,7 @@ def read_dual(checkpoint: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     expected = 'expected {"alpha": a number in [0, 1], "learnable": true|false}'
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OccError(f"{path}: malformed dual-path alpha file ({exc}); {expected}") from None
+    data = fileio.read_json(path)
     if not isinstance(data, dict) or "alpha" not in data:
         raise OccError(f"{path}: malformed dual-path alpha file (no \"alpha\" key); {expected}")
     learnable = data.get("learnable", False)

@@ -42,7 +42,7 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
         image_processor = GotOcr2ImageProcessorPil.from_pretrained(path)
         if image_seq_length is None:
             cfg = path / "processor_config.json"
-            image_seq_length = json.loads(cfg.read_text()).get("image_seq_length", 256) if cfg.is_file() else 256
+            image_seq_length = read_json(cfg).get("image_seq_length", 256) if cfg.is_file() else 256
         return cls(image_processor, tokenizer, image_seq_length=image_seq_length,
                    chat_template=getattr(tokenizer, "chat_template", None))
 

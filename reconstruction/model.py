@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from occmllm import fileio
 from occmllm.errors import OccError
 from reconstruction.views import CUBE_HALF, ViewInput, cube_centre, hand_points
 
@@ -198,8 +199,8 @@ def load_reconstructor(folder: str | Path, device: str | torch.device = "cpu") -
         raise OccError(f"{folder}: reconstruction checkpoint not found; train one with `python -m reconstruction.train`")
     if not config_file.is_file() or not (folder / "model.safetensors").is_file():
         raise OccError(f"{folder}: not a reconstruction checkpoint (needs config.json and model.safetensors)")
-    config = json.loads(config_file.read_text())
-    if config.pop("model_type", None) != MODEL_TYPE:
+    config = fileio.read_json(config_file)
+    if not isinstance(config, dict) or config.pop("model_type", None) != MODEL_TYPE:
         raise OccError(f"{folder}: config.json is not a reconstruction model's (model_type {MODEL_TYPE!r} expected)")
     backbone_config = config.pop("backbone_config", None)
     model = SDFReconstructor(ReconConfig(**config), backbone_config)

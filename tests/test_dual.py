@@ -136,7 +136,7 @@ def test_save_and_read_alpha(loaded, tmp_path):
     assert dual.read_alpha(tmp_path) is None  # no file: a plain checkpoint
     with pytest.raises(OccError, match="not a dual-path checkpoint"):
         dual.load(tmp_path)
-    for text, message in [("{not json", "malformed"), ('{"alpha": 1.5}', r"in \[0, 1\]"),
+    for text, message in [("{not json", "invalid JSON"), ('{"alpha": 1.5}', r"in \[0, 1\]"),
                           ('{"alpha": "x"}', r"in \[0, 1\]"), ("[0.5]", "malformed"),
                           ('{"alpha": 0.5, "learnable": "yes"}', "malformed")]:
         (out / dual.ALPHA_FILE).write_text(text)
