@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := outputs/demo
 
-.PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha test bench clean-demo
+.PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha test bench clean-demo base
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ demo: $(VENV)/.installed
 	@echo "contact sheet:  $(DEMO)/contact_sheet.png"
 	@echo "stage files:    $(DEMO)/stages/  (each .jsonl with its InternVL .meta.json)"
 	@echo "reconstruction: $(DEMO)/recon/  (model/, metrics.json, contact_sheet.png)"
-	@echo "checkpoints:    $(DEMO)/models/tiny (base), $(DEMO)/checkpoints/step1 ... step4, step4_dual"
+	@echo "checkpoints:    $(DEMO)/models/tiny (the shipped base), $(DEMO)/checkpoints/step1 ... step4, step4_dual"
 	@echo "CLIP model:     $(DEMO)/models/clip  (its own zero-shot accuracy: zero_shot.txt)"
 	@echo "report:         $(DEMO)/report/  (report.md, report.json, plots; renders/ of the reconstructions)"
 
@@ -70,7 +70,7 @@ demo-recon:
 
 # the vision-language model: stages 1-4, each from the previous stage's checkpoint
 demo-stages:
-	$(PY) -m occmllm.tiny --out $(DEMO)/models/tiny --image-size 64
+	rm -rf $(DEMO)/models/tiny && mkdir -p $(DEMO)/models && cp -r $(BASE) $(DEMO)/models/tiny
 	PYTHON=$(PY) bash step1_sft/run.sh --disable_tqdm true
 	PYTHON=$(PY) bash step2_multiquery/run.sh --disable_tqdm true --max_steps $(DEMO_STEP2_STEPS)
 	$(PY) inference.py --checkpoint step2=$(DEMO)/checkpoints/step2 --data $(DEMO)/stages/train_q1.jsonl \
@@ -105,6 +105,21 @@ demo-alpha:
 		--recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) --data $(DEMO)/stages/test.jsonl --out $(DEMO)/report --batch-size 32
 	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta clip --clip $(DEMO)/models/clip \
 		--data $(DEMO)/stages/test.jsonl --out $(DEMO)/report
+
+# The demo's pretrained base (occmllm/pretrained/tiny-synthocc, shipped in the repository): a tiny
+# InternVL whose vision tower is pretrained on SynthOcc scenes of another seed than the demo's (a
+# scene is drawn from its seed and index alone, so no scene is shared with the demo's splits).
+BASE := occmllm/pretrained/tiny-synthocc
+BASE_SCENES ?= 8000
+BASE_SEED ?= 1
+base: $(VENV)/.installed
+	rm -rf outputs/base
+	$(PY) -m data_tools.synthocc --out outputs/base/data --scenes $(BASE_SCENES) --views 2 --size 128 \
+		--seed $(BASE_SEED) --val-frac 0.05 --test-frac 0 --no-progress
+	$(PY) -m step1_sft.make_data --data outputs/base/data --out outputs/base/train.jsonl
+	$(PY) -m step1_sft.make_data --data outputs/base/data --out outputs/base/val.jsonl --split val
+	$(PY) -m occmllm.pretrain --train outputs/base/train.jsonl --val outputs/base/val.jsonl --out $(BASE) \
+		--image-size 64 --epochs 8 --no-progress
 
 # synthocc needs nothing; the others read the models and files `make demo` writes
 bench: $(VENV)/.installed

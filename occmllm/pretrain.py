@@ -1,0 +1,191 @@
+"""Pretrain the tiny InternVL's vision tower: the demo's stand-in for a pretrained InternViT.
+
+Real runs start from an InternVL checkpoint whose vision tower was pretrained on billions of
+images. The tiny model of ``occmllm.tiny`` has no such checkpoint, and its ViT, trained from
+scratch inside stage 1 on the demo's 5,120 images, stays far below what the pixels allow
+(benchmarks/RESULTS.md, "What limits stage 1"). This command builds a tiny InternVL and trains its
+vision tower, with a throw-away head, to name the category and the round/long/thin attributes of
+every view of a labelled conversation file (stage 1's format, ``meta.category``), then saves the
+whole InternVL with the trained tower. The projector and the language model keep their fresh
+weights: the training stages teach those.
+
+Give it SynthOcc scenes that the demo never uses (another ``--seed``): pretraining on the same
+synthetic distribution flatters the demo compared with real data, and must never see the demo's
+validation or test scenes.
+
+    python -m occmllm.pretrain --train TRAIN.jsonl [--val VAL.jsonl] --out DIR [--epochs 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from transformers import InternVLForConditionalGeneration, InternVLVisionModel
+
+from occmllm import fileio, records
+from occmllm.conversation import ConversationEncoder, load_images
+from occmllm.errors import OccError, cli
+from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint
+from occmllm.questions import CATEGORIES, CATEGORY_ATTRIBUTES
+
+INFO = "pretrain.json"
+
+
+def load_labelled_images(path: Path, encoder: ConversationEncoder, progress: bool = False):
+    """Pixel values (each record's first image as one tile) and labels: category ids (N,) and
+    round/long/thin targets (N, 3), from ``meta.category``."""
+    from occmllm.sft import load_training_records
+    items = load_training_records(path)
+    pixels, labels = [], []
+    for root, rec in tqdm(items, desc=f"reading {path.name}", unit="image", disable=not progress):
+        category = (rec.get("meta") or {}).get("category")
+        if category not in CATEGORIES:
+            raise OccError(f"{path}: record {rec['id']!r} has no meta.category naming one of {', '.join(CATEGORIES)}; "
+                           "use a stage-1 JSONL (python -m step1_sft.make_data)")
+        image = load_images([fileio.resolve_in_root(root, records.images_of(rec)[0], rec["id"])], rec["id"])
+        pixels.append(encoder.pixel_values(image)[0][:1])
+        labels.append(CATEGORIES.index(category))
+    categories = torch.tensor(labels)
+    attributes = torch.tensor([[float(CATEGORY_ATTRIBUTES[CATEGORIES[i]][a]) for a in ("round", "long", "thin")]
+                               for i in labels])
+    return torch.cat(pixels), categories, attributes
+
+
+class ViTClassifier(nn.Module):
+    """A vision tower; its patch tokens, flattened (every token in its place, as the projector and
+    the language model see them), go through an MLP to the category logits and, with
+    ``attributes``, three attribute logits after them."""
+
+    def __init__(self, tower: InternVLVisionModel, attributes: int = 0):
+        super().__init__()
+        self.tower = tower
+        config = tower.config
+        grid = config.image_size[0] // config.patch_size[0]
+        width = config.hidden_size
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Flatten(), nn.Linear(width * grid * grid, 256), nn.GELU(),
+                                  nn.Linear(256, len(CATEGORIES) + attributes))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tower(pixel_values=pixels).last_hidden_state[:, 1:])
+
+
+def augment(x: torch.Tensor, rng: torch.Generator, shift: int = 0, permute_colours: bool = False) -> torch.Tensor:
+    """A horizontal flip per image (stage 1's augmentation); with ``shift``, one translation per
+    batch of up to that many pixels (edges repeated); with ``permute_colours``, one permutation of
+    the colour channels per batch."""
+    flip = torch.rand(len(x), generator=rng) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    if shift:
+        dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=rng).tolist()
+        h, w = x.shape[-2:]
+        x = F.pad(x, (shift,) * 4, mode="replicate")[..., dy:dy + h, dx:dx + w]
+    return x[:, torch.randperm(3, generator=rng)] if permute_colours else x
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Category accuracy (the first 8 logits)."""
+    model.eval()
+    with torch.no_grad():
+        right = sum((model(x[i:i + 256])[:, :len(CATEGORIES)].argmax(1) == y[i:i + 256]).sum().item()
+                    for i in range(0, len(x), 256))
+    model.train()
+    return right / len(x)
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
+                     seed: int, attributes: torch.Tensor | None = None, shift: int = 0,
+                     permute_colours: bool = False, progress: bool = False) -> float:
+    """AdamW with 100 warm-up steps and cosine decay (stage 1's schedule); cross-entropy on the
+    category, plus binary cross-entropy on the attributes when given. Returns the seconds taken."""
+    steps = epochs * (len(x) // batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=min(100 / steps, 0.3),
+                                                anneal_strategy="cos")
+    rng = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="pretraining", unit="step", disable=not progress)
+    for _epoch in range(epochs):
+        order = torch.randperm(len(x), generator=rng)
+        for i in range(len(x) // batch):
+            idx = order[i * batch:(i + 1) * batch]
+            logits = model(augment(x[idx], rng, shift, permute_colours))
+            loss = F.cross_entropy(logits[:, :len(CATEGORIES)], y[idx])
+            if attributes is not None:
+                loss = loss + F.binary_cross_entropy_with_logits(logits[:, len(CATEGORIES):], attributes[idx])
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update()
+    bar.close()
+    return time.perf_counter() - start
+
+
+def pretrain(base: Path, train: Path, val: Path | None, out: Path, epochs: int, batch: int, lr: float, seed: int,
+             progress: bool = True) -> dict:
+    """Train ``base``'s vision tower on ``train`` and write the whole checkpoint to ``out`` (atomically),
+    with ``pretrain.json``: the data, the settings, the time and the tower's category accuracy."""
+    check_checkpoint(base)
+    processor = ImageOnlyInternVLProcessor.from_folder(base)
+    encoder = ConversationEncoder(processor)
+    model = InternVLForConditionalGeneration.from_pretrained(base, use_safetensors=True, dtype=torch.float32)
+    x, y, attrs = load_labelled_images(train, encoder, progress)
+    torch.manual_seed(seed)
+    classifier = ViTClassifier(model.model.vision_tower, attributes=3)
+    seconds = train_classifier(classifier, x, y, epochs, batch, lr, seed, attrs, progress=progress)
+    info = {"train": str(train), "train_images": len(y), "epochs": epochs, "batch": batch, "learning_rate": lr,
+            "seed": seed, "seconds": round(seconds, 1), "train_accuracy": round(accuracy(classifier, x, y), 4)}
+    if val is not None:
+        vx, vy, _ = load_labelled_images(val, encoder, progress)
+        info.update(val=str(val), val_images=len(vy), val_accuracy=round(accuracy(classifier, vx, vy), 4))
+    with fileio.replace_folder(out) as tmp:  # the tower is the model's own module: trained in place
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        fileio.write_json(tmp / INFO, info)
+    return info
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m occmllm.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, help="checkpoint to start from [a fresh tiny InternVL, occmllm.tiny, with "
+                                             "--image-size]")
+    p.add_argument("--image-size", type=int, default=64, help="tile size of the fresh tiny model [64]")
+    p.add_argument("--train", required=True, type=Path, help="stage-1 JSONL of the pretraining scenes")
+    p.add_argument("--val", type=Path, help="stage-1 JSONL to report the tower's category accuracy on")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.batch < 1 or args.lr <= 0:
+        raise OccError("--epochs and --batch must be at least 1 and --lr positive")
+    if args.base is None:
+        import tempfile
+
+        from occmllm.tiny import build
+        with tempfile.TemporaryDirectory() as tmp:
+            base = build(Path(tmp) / "tiny", image_size=args.image_size, seed=args.seed)
+            info = pretrain(base, args.train, args.val, args.out, args.epochs, args.batch, args.lr, args.seed,
+                            not args.no_progress)
+    else:
+        info = pretrain(args.base, args.train, args.val, args.out, args.epochs, args.batch, args.lr, args.seed,
+                        not args.no_progress)
+    print(json.dumps(info))
+    print(f"wrote the pretrained tiny InternVL to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
