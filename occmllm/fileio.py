@@ -146,6 +146,18 @@ def resolve_in_root(root: str | os.PathLike, relative: str, context: str) -> Pat
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of the image ``read_image`` returns (EXIF orientation applied), from the
+    file's header alone: no pixels are decoded. Reading errors are ``read_image``'s to report."""
+    from PIL import Image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            width, height = im.size
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the axes
+    return (height, width) if turned else (width, height)
+
+
 def read_image(path: str | os.PathLike, label: str | None = None, mode: str | None = "RGB"):
     """Decode one image file into ``mode`` (a PIL image; None keeps the file's own values, as depth
     maps and label images need), whatever the file's own mode: grayscale,

@@ -171,16 +171,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch < 1 or args.lr <= 0:
         raise OccError("--epochs and --batch must be at least 1 and --lr positive")
-    if args.base is None:
-        import tempfile
+    import tempfile
 
-        from occmllm.tiny import build
-        with tempfile.TemporaryDirectory() as tmp:
-            base = build(Path(tmp) / "tiny", image_size=args.image_size, seed=args.seed)
-            info = pretrain(base, args.train, args.val, args.out, args.epochs, args.batch, args.lr, args.seed,
-                            not args.no_progress)
-    else:
-        info = pretrain(args.base, args.train, args.val, args.out, args.epochs, args.batch, args.lr, args.seed,
+    from occmllm.tiny import build
+    with tempfile.TemporaryDirectory() as tmp:  # holds the fresh tiny model when no --base is given
+        base = args.base or build(Path(tmp) / "tiny", image_size=args.image_size, seed=args.seed)
+        info = pretrain(base, args.train, args.val, args.out, args.epochs, args.batch, args.lr, args.seed,
                         not args.no_progress)
     print(json.dumps(info))
     print(f"wrote the pretrained tiny InternVL to {args.out}")

@@ -151,6 +151,7 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
     correct: Counter = Counter()
     scored: Counter = Counter()
     final_correct = final_scored = 0
+    final_right: dict = {}  # record id -> final answer right, for the scored records
     nbins = len(OCCLUSION_EDGES) - 1
     bin_n, bin_correct = [0] * (nbins + 1), [0] * (nbins + 1)  # the last slot: no occlusion ratio
     for rec in records:
@@ -163,7 +164,7 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
         fin = _final_turn(rec)
         if fin.reference is None:  # an unlabelled record: answered, not scored
             continue
-        ok = is_correct(fin.qid, pred["final"], fin.reference)
+        ok = final_right[rec["id"]] = is_correct(fin.qid, pred["final"], fin.reference)
         final_scored += 1
         final_correct += ok
         b = occlusion_bin(rec)
@@ -178,8 +179,7 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
                              "accuracy": _rate(bin_correct[nbins], bin_n[nbins])})
     n = len(records)
     third = most_occluded_third(records)
-    third_correct = sum(is_correct(_final_turn(r).qid, predictions[r["id"]]["final"], _final_turn(r).reference)
-                        for r in third)
+    third_correct = sum(final_right[r["id"]] for r in third)
     extra = {"cot": cot_stats(records, predictions)} if all("Q6" in predictions[r["id"]]["answers"]
                                                             for r in records) else {}
     return {"checkpoint": checkpoint, "mode": mode, "n": n, **extra,

@@ -147,8 +147,8 @@ class ConversationDataset(Dataset):
         root, rec = self.items[index]
         image = records.fileio.resolve_in_root(root, records.images_of(rec)[0], rec["id"])
         path = self._render_path(index)
-        size = load_images([image], f"record {rec['id']}")[0].size  # as the image is read: EXIF-upright
         render, = load_images([path], f"record {rec['id']}")
+        size = records.fileio.image_size(image)  # header only: _encode decodes the image itself
         if render.size != size:
             render = render.resize(size, Image.BICUBIC)
         if flip:

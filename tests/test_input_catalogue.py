@@ -227,6 +227,7 @@ def test_image_variants_decode_to_rgb(tmp_path, name):
     path.write_bytes(data)
     image = fileio.read_image(path)
     assert image.mode == "RGB" and image.size == size
+    assert fileio.image_size(path) == size  # the header alone says the same
     if pixel is not None:
         assert image.getpixel((0, 0)) == pixel
 
