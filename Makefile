@@ -34,8 +34,8 @@ DEMO_STEP2_STEPS ?= 160
 DEMO_RENDER_RES ?= 48
 SUBMAKE = $(MAKE) --no-print-directory
 demo: $(VENV)/.installed
-	rm -rf $(DEMO)/data $(DEMO)/data.partial $(DEMO)/models $(DEMO)/checkpoints $(DEMO)/report $(DEMO)/recon \
-		$(DEMO)/predictions $(DEMO)/stages
+	rm -rf $(DEMO)/data $(DEMO)/data.partial $(DEMO)/models $(DEMO)/checkpoints $(DEMO)/report $(DEMO)/report_val \
+		$(DEMO)/recon $(DEMO)/predictions $(DEMO)/stages
 	$(SUBMAKE) demo-data
 	$(SUBMAKE) demo-recon
 	$(SUBMAKE) demo-stages
@@ -48,75 +48,98 @@ demo: $(VENV)/.installed
 	@echo "reconstruction: $(DEMO)/recon/  (model/, metrics.json, contact_sheet.png)"
 	@echo "checkpoints:    $(DEMO)/models/tiny (the shipped base), $(DEMO)/checkpoints/step1 ... step4, step4_dual"
 	@echo "CLIP model:     $(DEMO)/models/clip  (its own zero-shot accuracy: zero_shot.txt)"
-	@echo "report:         $(DEMO)/report/  (report.md, report.json, plots; renders/ of the reconstructions)"
+	@echo "reports:        $(DEMO)/report/ (test) and $(DEMO)/report_val/ (validation): report.md, report.json, plots"
 
 demo-data:
 	$(PY) -m data_tools.synthocc --out $(DEMO)/data --scenes $(DEMO_SCENES) --views $(DEMO_VIEWS) --size 128 --seed 0
 	$(PY) -m data_tools.contact_sheet --data $(DEMO)/data --out $(DEMO)/contact_sheet.png
+	# stages 1-2 fit three quarters of the training scenes; the rest are the chain's held-out views (occmllm.chain)
 	$(PY) -m step1_sft.make_data --data $(DEMO)/data --out $(DEMO)/stages/step1_train.jsonl
 	$(PY) -m step1_sft.make_data --data $(DEMO)/data --out $(DEMO)/stages/step1_val.jsonl --split val
 	$(PY) -m step2_multiquery.make_data --data $(DEMO)/data --out $(DEMO)/stages/step2_train.jsonl
-	$(PY) -m data_tools.make_testset --data $(DEMO)/data --out $(DEMO)/stages/train_q1.jsonl --split train --questions Q1
-	$(PY) -m data_tools.renders --data $(DEMO)/data --split train --no-progress
-	$(PY) -m step4_selfconsistency.make_data --data $(DEMO)/data --out $(DEMO)/stages/step4_train.jsonl \
-		--renders renders/oracle
+	$(PY) -m data_tools.make_testset --data $(DEMO)/data --out $(DEMO)/stages/heldout_q1.jsonl --split train \
+		--part held-out --questions Q1
+	$(PY) -m data_tools.make_testset --data $(DEMO)/data --out $(DEMO)/stages/val.jsonl --split val
 	$(PY) -m data_tools.make_testset --data $(DEMO)/data --out $(DEMO)/stages/test.jsonl
 
-# 3D reconstruction: train, evaluate against the true meshes (metrics.json, contact sheet)
+# 3D reconstruction: train, evaluate against the true meshes (metrics.json, contact sheet), and render
+# the chain's held-out training views: the renders stage 4 and the dual path train on are the ones
+# inference makes
 demo-recon:
 	$(PY) -m reconstruction.train --progress false --log_steps 300 --steps $(DEMO_RECON_STEPS)
 	$(PY) -m reconstruction.evaluate --checkpoint $(DEMO)/recon/model --data $(DEMO)/data --split test \
 		--limit $(DEMO_RECON_EVAL) --out $(DEMO)/recon/metrics.json --sheet $(DEMO)/recon/contact_sheet.png --no-progress
+	$(PY) -m reconstruction.reconstruct --checkpoint $(DEMO)/recon/model --data $(DEMO)/data \
+		--records $(DEMO)/stages/heldout_q1.jsonl --out renders/recon --resolution $(DEMO_RENDER_RES) --batch-size 32 \
+		--no-progress
 
-# the vision-language model: stages 1-4, each from the previous stage's checkpoint
+# the vision-language model: stages 1-4, each from the previous stage's checkpoint; the stage-2
+# model's answers to the held-out views label stage 3's pairs and the chain's check
 demo-stages:
 	rm -rf $(DEMO)/models/tiny && mkdir -p $(DEMO)/models && cp -r $(BASE) $(DEMO)/models/tiny
 	PYTHON=$(PY) bash step1_sft/run.sh --disable_tqdm true
 	PYTHON=$(PY) bash step2_multiquery/run.sh --disable_tqdm true --max_steps $(DEMO_STEP2_STEPS)
-	$(PY) inference.py --checkpoint step2=$(DEMO)/checkpoints/step2 --data $(DEMO)/stages/train_q1.jsonl \
-		--out $(DEMO)/predictions/step2_train --batch-size 32
+	$(PY) inference.py --checkpoint step2=$(DEMO)/checkpoints/step2 --data $(DEMO)/stages/heldout_q1.jsonl \
+		--out $(DEMO)/predictions/step2_heldout --batch-size 32
 	$(PY) -m step3_mpo.make_data --data $(DEMO)/data --out $(DEMO)/stages/step3_train.jsonl \
-		--predictions $(DEMO)/predictions/step2_train/predictions.jsonl
+		--predictions $(DEMO)/predictions/step2_heldout/predictions.jsonl
 	PYTHON=$(PY) bash step3_mpo/run.sh --disable_tqdm true
+	$(PY) -m step4_selfconsistency.make_data --data $(DEMO)/data --out $(DEMO)/stages/step4_train.jsonl \
+		--predictions $(DEMO)/predictions/step2_heldout/predictions.jsonl --renders renders/recon
 	PYTHON=$(PY) bash step4_selfconsistency/run.sh --disable_tqdm true
 
-# one report: every checkpoint in plain mode, then stages 2 and 4 with chain of thought
+# two reports, validation (report_val/, where settings are chosen) and test (report/): every
+# checkpoint in plain mode, then stage 4's chain of thought. On validation the chain first looks
+# again everywhere (row step4-always), and the gate that would have served it best is written into
+# the stage-4 checkpoint (python -m occmllm.chain gate); the step4 cot rows use it.
+REPORT_CHECKPOINTS = --checkpoint base=$(DEMO)/models/tiny --checkpoint step1=$(DEMO)/checkpoints/step1 \
+	--checkpoint step2=$(DEMO)/checkpoints/step2 --checkpoint step3=$(DEMO)/checkpoints/step3 \
+	--checkpoint step4=$(DEMO)/checkpoints/step4
+COT = --mode cot --recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) --batch-size 32
 demo-report:
-	$(PY) inference.py --checkpoint base=$(DEMO)/models/tiny --checkpoint step1=$(DEMO)/checkpoints/step1 \
-		--checkpoint step2=$(DEMO)/checkpoints/step2 --checkpoint step3=$(DEMO)/checkpoints/step3 \
-		--checkpoint step4=$(DEMO)/checkpoints/step4 --data $(DEMO)/stages/test.jsonl --out $(DEMO)/report --batch-size 32
-	$(PY) inference.py --checkpoint step2=$(DEMO)/checkpoints/step2 --checkpoint step4=$(DEMO)/checkpoints/step4 \
-		--mode cot --recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) \
-		--data $(DEMO)/stages/test.jsonl --out $(DEMO)/report --batch-size 32
+	$(PY) inference.py $(REPORT_CHECKPOINTS) --data $(DEMO)/stages/val.jsonl --out $(DEMO)/report_val --batch-size 32
+	$(PY) inference.py --checkpoint step4-always=$(DEMO)/checkpoints/step4 $(COT) --gate 0 \
+		--data $(DEMO)/stages/val.jsonl --out $(DEMO)/report_val
+	$(PY) -m occmllm.chain gate --predictions $(DEMO)/report_val/predictions.jsonl --checkpoint step4-always \
+		--data $(DEMO)/stages/val.jsonl --save $(DEMO)/checkpoints/step4
+	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 $(COT) --data $(DEMO)/stages/val.jsonl \
+		--out $(DEMO)/report_val
+	$(PY) inference.py $(REPORT_CHECKPOINTS) --data $(DEMO)/stages/test.jsonl --out $(DEMO)/report --batch-size 32
+	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 $(COT) --data $(DEMO)/stages/test.jsonl \
+		--out $(DEMO)/report
 
 # OCC-MLLM-Alpha on the final checkpoint: the dual visual path (a short fine-tune with a learnable
-# alpha on oracle renders of the training views; at test, renders of reconstructions), and
-# test-time adaptation with a tiny CLIP trained on the dataset's image/caption pairs
+# alpha on the held-out views and their reconstruction renders), and test-time adaptation with a
+# tiny CLIP trained on the dataset's image/caption pairs
 DEMO_DUAL_STEPS ?= 160
 demo-alpha:
 	$(PY) -m occmllm.clip build --out $(DEMO)/models/clip --image-size 64
 	$(PY) -m occmllm.clip train --clip $(DEMO)/models/clip --data $(DEMO)/data --no-progress
 	$(PY) -m occmllm.clip zero-shot --clip $(DEMO)/models/clip --data $(DEMO)/data --split test \
 		| tee $(DEMO)/models/clip/zero_shot.txt
+	$(PY) -m step1_sft.make_data --data $(DEMO)/data --out $(DEMO)/stages/dual_train.jsonl --part held-out
 	PYTHON=$(PY) bash step1_sft/run.sh --model_name_or_path $(DEMO)/checkpoints/step4 \
+		--train_data $(DEMO)/stages/dual_train.jsonl --dual_renders renders/recon \
 		--output_dir $(DEMO)/checkpoints/step4_dual --dual_alpha 0.5 --dual_learnable true \
 		--max_steps $(DEMO_DUAL_STEPS) --warmup_steps 20 --learning_rate 0.0002 --disable_tqdm true
-	$(PY) inference.py --checkpoint step4-dual=$(DEMO)/checkpoints/step4_dual --mode dual \
-		--recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) --data $(DEMO)/stages/test.jsonl --out $(DEMO)/report --batch-size 32
-	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta clip --clip $(DEMO)/models/clip \
-		--data $(DEMO)/stages/test.jsonl --out $(DEMO)/report
+	for split in val test; do report=$$([ $$split = val ] && echo report_val || echo report); \
+		$(PY) inference.py --checkpoint step4-dual=$(DEMO)/checkpoints/step4_dual --mode dual \
+			--recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) --data $(DEMO)/stages/$$split.jsonl \
+			--out $(DEMO)/$$report --batch-size 32 || exit 1; \
+		$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta clip --clip $(DEMO)/models/clip \
+			--data $(DEMO)/stages/$$split.jsonl --out $(DEMO)/$$report || exit 1; done
 
 # The demo's pretrained base (occmllm/pretrained/tiny-synthocc, shipped in the repository): a tiny
 # InternVL whose vision tower is pretrained on SynthOcc scenes of another seed than the demo's (a
 # scene is drawn from its seed and index alone, so no scene is shared with the demo's splits).
 BASE := occmllm/pretrained/tiny-synthocc
-BASE_SCENES ?= 8000
+BASE_SCENES ?= 16000
 BASE_SEED ?= 1
 base: $(VENV)/.installed
 	rm -rf outputs/base
 	$(PY) -m data_tools.synthocc --out outputs/base/data --scenes $(BASE_SCENES) --views 2 --size 128 \
 		--seed $(BASE_SEED) --val-frac 0.05 --test-frac 0 --no-progress
-	$(PY) -m step1_sft.make_data --data outputs/base/data --out outputs/base/train.jsonl
+	$(PY) -m step1_sft.make_data --data outputs/base/data --out outputs/base/train.jsonl --part all
 	$(PY) -m step1_sft.make_data --data outputs/base/data --out outputs/base/val.jsonl --split val
 	$(PY) -m occmllm.pretrain --train outputs/base/train.jsonl --val outputs/base/val.jsonl --out $(BASE) \
 		--image-size 64 --epochs 8 --no-progress

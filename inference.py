@@ -112,6 +112,14 @@ class Generator:
 
     def __call__(self, prompts: list[Prompt]) -> list[str]:
         import torch
+        with torch.inference_mode():
+            out, width = self._generate(prompts, max_new_tokens=self.max_new_tokens)
+        new = out[:, width:]
+        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _generate(self, prompts: list[Prompt], **kwargs):
+        """Greedy generation over a left-padded batch: ``(generate's output, the padded prompt width)``."""
+        import torch
 
         from occmllm.conversation import pad_batch
         device = self.model.device
@@ -122,11 +130,23 @@ class Generator:
         if features:  # tiles in prompt order, matching the image-token runs in input_ids
             from occmllm.dual import mm_outputs
             inputs["mm_encoder_outputs"] = mm_outputs(torch.cat(features))
+        out = self.model.generate(**inputs, do_sample=False, num_beams=1, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos_ids, **kwargs)
+        return out, input_ids.shape[1]
+
+    def p_no(self, prompts: list[Prompt]) -> list[float]:
+        """P(``No.``) against ``Yes.`` as each prompt's answer: the two answers' first tokens'
+        probabilities at the answer's first position, renormalised over the pair."""
+        import torch
+
+        from occmllm.questions import NO, YES
+        no, yes = (self.tokenizer.encode(t, add_special_tokens=False)[0] for t in (NO, YES))
+        if no == yes:
+            raise OccError(f"the tokenizer starts {NO!r} and {YES!r} with the same token; the check cannot be read")
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
-                                      pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
-        new = out[:, input_ids.shape[1]:]
-        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+            out, _ = self._generate(prompts, max_new_tokens=1, output_logits=True, return_dict_in_generate=True)
+        pair = out.logits[0][:, [no, yes]].float()  # (batch, 2): the raw logits of the first answer token
+        return torch.softmax(pair, dim=-1)[:, 0].tolist()
 
 
 # --- modes: each answers a batch of samples -> [{"answers": {key: text}, "final": text}] -----------
@@ -137,6 +157,7 @@ class Context:
     checkpoint), the CLIP reward model and settings (tta)."""
     renders: "RenderCache | None" = None
     alpha: float | None = None
+    gate: float = 0.5                   # cot: the second look where P(No.) >= gate (per checkpoint)
     clip: tuple | None = None           # (model, tokenizer, image processor) from occmllm.clip.load
     tta: object | None = None           # occmllm.tta.TTASettings
 
@@ -194,36 +215,35 @@ class RenderCache:
 
 
 def run_cot(generate: Generator, batch: list[Sample], context: Context) -> list[dict]:
-    """Chain of thought: ask Q1, then Q6 (is the object clear?); where the model answers ``No.``,
-    reconstruct the object, render it, and ask Q1 again with the render as a second image. The
-    final answer is the last Q1 answer. Only the model's own answers decide anything."""
+    """The chain of thought of ``occmllm.chain``: the first answer (Q1); the check (Q6 after it),
+    read as P(``No.``); where P(``No.``) reaches the gate, the render is made and Q1 is asked again in
+    a fresh conversation over the image and the render. Only the model's own answers decide."""
     import torch
 
-    from occmllm.questions import Q1, Q6, parse_yes_no
+    from occmllm import chain
+    from occmllm.questions import NO, YES
     encoded = generate.images([s.images[:1] for s in batch])
-    history: list[list[dict]] = [[{"from": "human", "value": Q1}] for _ in batch]
-    first = generate([Prompt(list(h), features, tiles) for h, (features, tiles) in zip(history, encoded)])
-    for h, text in zip(history, first):
-        h += [{"from": "gpt", "value": text.replace(IMAGE_TOKEN, "")}, {"from": "human", "value": Q6}]
-    clear = generate([Prompt(list(h), features, tiles) for h, (features, tiles) in zip(history, encoded)])
-    unclear = [i for i, text in enumerate(clear) if parse_yes_no(text) is False]
+    first = generate([Prompt(chain.first_turns(), features, tiles) for features, tiles in encoded])
+    p_no = generate.p_no([Prompt(chain.check_turns(answer), features, tiles)
+                          for answer, (features, tiles) in zip(first, encoded)])
+    look = [i for i, p in enumerate(p_no) if chain.looks_again(p, context.gate)]
     second: dict[int, str] = {}
-    if unclear:
-        paths = context.renders.paths([batch[i] for i in unclear])
+    if look:
+        paths = context.renders.paths([batch[i] for i in look])
         prompts = []
         # only the renders are new to the vision tower: the first image's features are already made
-        for i, (render_features, render_tiles) in zip(unclear, generate.images([[path] for path in paths])):
-            history[i] += [{"from": "gpt", "value": clear[i].replace(IMAGE_TOKEN, "")},
-                           {"from": "human", "value": Q1}]
+        for i, (render_features, render_tiles) in zip(look, generate.images([[path] for path in paths])):
             features, tiles = encoded[i]
-            prompts.append(Prompt(list(history[i]), torch.cat([features, render_features]), tiles + render_tiles))
-        second = dict(zip(unclear, generate(prompts)))
+            prompts.append(Prompt(chain.second_look_turns(), torch.cat([features, render_features]),
+                                  tiles + render_tiles))
+        second = dict(zip(look, generate(prompts)))
     out = []
     for i in range(len(batch)):
-        answers = {"Q1": first[i], "Q6": clear[i]}
+        answers = {chain.FIRST: first[i], chain.CHECK: NO if i in second else YES}
         if i in second:
-            answers["Q1#2"] = second[i]
-        out.append({"answers": answers, "final": second.get(i, first[i])})
+            answers[chain.SECOND] = second[i]
+        out.append({"answers": answers, "final": chain.final_answer(first[i], second.get(i)),
+                    "chain": {"p_no": round(p_no[i], 6), "gate": context.gate}})
     return out
 
 
@@ -263,7 +283,7 @@ def run_tta(generate: Generator, batch: list[Sample], context: Context) -> list[
         best = category_answer(cands[int(scores.argmax())])
         answers = tta.answer_batch(encoder, Q1, [category_answer(c) for c in cands], pixels, tiles)
         with tta.Episode(tta.adapted_parameters(model)):
-            tta.adapt(model, answers, tta.baseline_rewards(scores), settings.steps, settings.lr)
+            tta.adapt(model, answers, tta.baseline_rewards(scores), settings.steps, settings.lr, settings.optimizer)
             # the image's features again: the adapted projector reads the same tiles differently
             (answer,) = generate([Prompt([{"from": "human", "value": Q1}], *generate.encode([(pixels, tiles)])[0])])
         out.append({"answers": {"Q1": answer}, "final": answer,
@@ -456,13 +476,17 @@ def run_inference(args) -> Path:
             if args.mode == "dual":
                 from occmllm.dual import resolve_alpha
                 context.alpha = resolve_alpha(path, args.alpha)
+            if args.mode == "cot":
+                from occmllm.chain import read_gate
+                context.gate = args.gate if args.gate is not None else read_gate(path)
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start: start + args.batch_size]
                 t0 = time.perf_counter()
                 results = runner(generate, batch, context)
                 seconds = time.perf_counter() - t0
                 lines = [{"checkpoint": name, "mode": mode, "id": s.id, "answers": r["answers"],
-                          "final": r["final"], "question_ids": s.question_ids}
+                          "final": r["final"], "question_ids": s.question_ids,
+                          **({"chain": r["chain"]} if "chain" in r else {})}
                          for s, result in zip(batch, results)
                          for mode, r in [(args.mode, result), *result.get("also", {}).items()]]
                 # one write per batch, flushed and synced: a kill leaves at most one unfinished line
@@ -509,7 +533,7 @@ def mode_context(args, root: Path) -> Context:
             raise OccError("--tta clip needs --clip PATH: a CLIP model folder (python -m occmllm.clip build, then "
                            "train)")
         context.clip = clip.load(args.clip)
-        context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=args.tta_lr)
+        context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=args.tta_lr, optimizer=args.tta_optimizer)
     return context
 
 
@@ -577,9 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="records per generation batch [16]")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens [32]")
     p.add_argument("--mode", choices=("plain", "cot", "dual"), default="plain",
-                   help="plain: the test questions in order; cot: Q1, Q6 and, where the model says the object is "
-                        "unclear, Q1 again on a 3D reconstruction render; dual: the test questions with the image's "
-                        "visual tokens blended with its render's (OCC-MLLM-Alpha) [plain]")
+                   help="plain: the test questions in order; cot: the chain of thought of occmllm.chain (Q1; Q6; "
+                        "where P(No.) reaches the gate, Q1 again over the image and a 3D reconstruction render); "
+                        "dual: the test questions with the image's visual tokens blended with its render's "
+                        "(OCC-MLLM-Alpha) [plain]")
+    p.add_argument("--gate", type=float, help="--mode cot: take the second look where P(No.) >= GATE; 0 looks "
+                                              "everywhere (to choose the gate on validation: python -m occmllm.chain "
+                                              "gate) [the checkpoint's chain_gate.json, else 0.5]")
     p.add_argument("--recon", type=Path, help="--mode cot/dual: reconstruction model folder")
     p.add_argument("--recon-resolution", type=int, default=64,
                    help="--mode cot/dual: marching-cubes grid per axis [64]")
@@ -589,8 +617,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "at a time; writes rows tta and best-of-K")
     p.add_argument("--clip", type=Path, help="--tta clip: CLIP model folder (python -m occmllm.clip)")
     p.add_argument("--tta-k", type=int, default=4, help="--tta: candidate answers per record [4]")
-    p.add_argument("--tta-steps", type=int, default=3, help="--tta: AdamW steps per record [3]")
+    p.add_argument("--tta-steps", type=int, default=3, help="--tta: optimizer steps per record [3]")
     p.add_argument("--tta-lr", type=float, default=1e-3, help="--tta: learning rate of the steps [1e-3]")
+    p.add_argument("--tta-optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="--tta: sgd (the update's size follows the reward) or adamw (RLCF's) [sgd]")
     p.add_argument("--limit", type=int, help="only the first N test records")
     p.add_argument("--device", choices=("cpu", "cuda"), help="[cuda when available, else cpu]")
     p.add_argument("--name", help="--score-reference: the row's name in the report [the file's stem]")
@@ -607,6 +637,8 @@ def main(argv=None) -> int:
     if args.alpha is not None:
         from occmllm.dual import check_alpha
         check_alpha(args.alpha, "--alpha")
+    if args.gate is not None and (args.mode != "cot" or not 0 <= args.gate <= 1.0 + 1e-6):
+        raise OccError(f"--gate {args.gate}: a threshold on P(No.) in [0, 1] for --mode cot")
     if args.clip is not None and args.tta is None:
         raise OccError("--clip is the reward model of --tta clip; add --tta clip")
     if args.tta is not None:

@@ -13,12 +13,10 @@ import numpy as np
 
 from data_tools.dataset import Dataset
 from data_tools.predictions import read_predictions
-from occmllm import fileio, records
+from occmllm import chain, fileio, records
 from occmllm.errors import OccError
-from occmllm.questions import (ATTRIBUTE_QUESTIONS, CATEGORIES, NO, Q0, Q0_PLAN, Q1, Q6, QUESTIONS, YES, answers_for,
+from occmllm.questions import (ATTRIBUTE_QUESTIONS, CATEGORIES, Q0, Q0_PLAN, Q1, Q6, QUESTIONS, YES, answers_for,
                                category_answer, yes_no)
-
-DEFAULT_CLEAR_BELOW = 0.5  # views whose occlusion ratio is under this are labelled clear (Q6 Yes.)
 
 
 def view_meta(view: dict, **extra) -> dict:
@@ -38,18 +36,12 @@ def _answers(view: dict) -> dict[str, str]:
     return answers_for(view["category"], view.get("colour"))
 
 
-# --- clarity labels (Q6) ---------------------------------------------------------------------
+# --- the chain's check labels (Q6) ------------------------------------------------------------
 
-def clarity_from_occlusion(views: list[dict], clear_below: float = DEFAULT_CLEAR_BELOW) -> dict[str, bool]:
-    missing = [v["id"] for v in views if v.get("occlusion") is None]
-    if missing:
-        raise OccError(f"view {missing[0]!r} (and {len(missing) - 1} more) has no occlusion ratio; "
-                       "label clarity from a model's predictions instead (--predictions)")
-    return {v["id"]: v["occlusion"] < clear_below for v in views}
-
-
-def clarity_from_predictions(views: list[dict], predictions_path, checkpoint: str | None = None) -> dict[str, bool]:
-    """Clear = the model named the category correctly (the reference's rule: wrong -> ``No.``)."""
+def first_answers_right(views: list[dict], predictions_path, checkpoint: str | None = None) -> dict[str, bool]:
+    """Whether the model's Q1 answer to each view was right: the label of the chain's check
+    (``occmllm.chain``: right -> ``Yes.``, wrong -> ``No.``). Use answers to views the model never
+    trained on (``--part held-out``)."""
     preds = read_predictions(predictions_path, checkpoint)
     return preds.correctness({v["id"]: v["category"] for v in views})
 
@@ -66,19 +58,19 @@ def step1_records(views: list[dict]) -> list[dict]:
     return [q1_record(v) for v in views]
 
 
-def step2_records(views: list[dict], clear: dict[str, bool]) -> list[dict]:
-    """Stage 2: one multi-turn record per view: Q1, Q2-Q5, then the clarity question Q6. The test
-    records ask Q1-Q5 in that order, so every test conversation is a prefix of a training one."""
-    out = []
-    for v in views:
-        ans = _answers(v)
-        turns = [_human(Q1), _gpt(ans["Q1"])]
-        for qid in (*ATTRIBUTE_QUESTIONS, "Q5"):
-            turns += [_human(QUESTIONS[qid]), _gpt(ans[qid])]
-        turns += [_human(Q6), _gpt(yes_no(clear[v["id"]]))]
-        out.append({"id": v["id"], "image": v["image"], "conversations": turns,
-                    "meta": view_meta(v, clear=clear[v["id"]])})
-    return out
+def step2_records(views: list[dict]) -> list[dict]:
+    """Stage 2: one multi-turn record per view asking Q1-Q5 in the test records' order, so every
+    test conversation is one of them. Q6 is the chain's question (``occmllm.chain``), asked after the
+    first answer in stages 3-4, where the model's own answers give its labels."""
+    return [{"id": v["id"], "image": v["image"], "conversations": _q1_to_q5(v), "meta": view_meta(v)} for v in views]
+
+
+def _q1_to_q5(view: dict) -> list[dict]:
+    ans = _answers(view)
+    turns = [_human(Q1), _gpt(ans["Q1"])]
+    for qid in (*ATTRIBUTE_QUESTIONS, "Q5"):
+        turns += [_human(QUESTIONS[qid]), _gpt(ans[qid])]
+    return turns
 
 
 def _undersample(items: list, key, seed: int) -> list:
@@ -98,31 +90,28 @@ REFERENCE_CLARITY_QUESTION = Q6 + "\n"
 
 
 def step3_pairs(views: list[dict], predictions_path, checkpoint: str | None = None, seed: int = 0,
-                category_pairs: bool = True, reference_clarity: bool = False, right_pairs: bool = True) -> list[dict]:
-    """Stage 3 preference pairs from a model's own Q1 answers.
+                reference_clarity: bool = False, right_pairs: bool = True) -> list[dict]:
+    """Stage 3 preference pairs from a model's own Q1 answers (to views it did not train on).
 
-    Clarity pairs: Q6 with the truthful answer (``No.`` where the model's category was wrong)
-    chosen, balanced between ``Yes.`` and ``No.`` by undersampling. Category pairs: for each wrong
-    answer, the true answer chosen over the model's answer; with ``right_pairs``, also for each
-    right answer, the true answer over another category drawn at random. Pairs from wrong answers
-    alone are the views the model finds hard, with the categories it confuses: on the demo they
-    shifted its answers and lowered validation Q1 accuracy (0.591 after stage 2; 0.572 after
-    MPO on them, 0.586 with the right-answer pairs added).
+    Category pairs: for each wrong answer, the true answer chosen over the model's; with
+    ``right_pairs``, also for each right answer, the true answer over another category drawn at
+    random, so the pairs keep the data's category balance. Pairs from wrong answers alone are the
+    views the model finds hard, with the categories it confuses, and shift its answers toward them.
 
-    ``reference_clarity`` writes the pairs as the reference's ``train_Q1_Q6_balanced_dpo`` file:
-    clarity pairs only, its question text (``REFERENCE_CLARITY_QUESTION``). Its labels follow the
-    same rule as here (an id in its wrong-answer list has ``No.`` chosen), so they are not changed.
+    ``reference_clarity`` writes instead the reference's ``train_Q1_Q6_balanced_dpo`` file: Q6 alone
+    (``REFERENCE_CLARITY_QUESTION``), ``No.`` chosen where the model's answer was wrong, balanced
+    by undersampling. The recipe does not use it: the chain asks Q6 after the first answer
+    (``occmllm.chain``), and a single-turn preference pair cannot hold that answer.
     """
     preds = read_predictions(predictions_path, checkpoint)
     correct = preds.correctness({v["id"]: v["category"] for v in views})
-    question = REFERENCE_CLARITY_QUESTION if reference_clarity else Q6 + "\n<image>"
-    clarity = []
-    for v in views:
-        ok = correct[v["id"]]
-        clarity.append({"id": f"{v['id']}#clarity", "image": v["image"], "question": question,
-                        "chosen": yes_no(ok), "rejected": yes_no(not ok), "meta": view_meta(v, correct=ok)})
-    pairs = _undersample(clarity, key=lambda r: r["chosen"] == YES, seed=seed)
-    if category_pairs and not reference_clarity:
+    if reference_clarity:
+        clarity = [{"id": f"{v['id']}#clarity", "image": v["image"], "question": REFERENCE_CLARITY_QUESTION,
+                    "chosen": yes_no(correct[v["id"]]), "rejected": yes_no(not correct[v["id"]]),
+                    "meta": view_meta(v, correct=correct[v["id"]])} for v in views]
+        pairs = _undersample(clarity, key=lambda r: r["chosen"] == YES, seed=seed)
+    else:
+        pairs = []
         rng = np.random.default_rng([seed, 1])
         for v in views:
             answer = preds.answers.get(v["id"])
@@ -137,8 +126,7 @@ def step3_pairs(views: list[dict], predictions_path, checkpoint: str | None = No
                               "meta": view_meta(v, correct=True)})
     if not pairs:
         verdict = "right" if all(correct.values()) else "wrong"
-        raise OccError(f"{predictions_path}: no preference pairs: the model answered every view {verdict}, "
-                       "so clarity pairs cannot be balanced")
+        raise OccError(f"{predictions_path}: no preference pairs: the model answered every view {verdict}")
     return pairs
 
 
@@ -147,27 +135,28 @@ def render_path(renders_dir: str, view_id: str) -> str:
     return f"{renders_dir.rstrip('/')}/{view_id}.png"
 
 
-def step4_records(views: list[dict], clear: dict[str, bool], renders_dir: str, seed: int = 0,
-                  plan_fraction: float = 0.25, balance: bool = True) -> list[dict]:
-    """Stage 4 chain-of-thought records.
+def step4_records(views: list[dict], first_right: dict[str, bool], renders_dir: str, seed: int = 0,
+                  plan_fraction: float = 0.25, replay: bool = True) -> list[dict]:
+    """Stage 4 chain-of-thought records (``occmllm.chain``), per view:
 
-    Per view: Q1 then Q6; for an unclear view the conversation goes on with the reconstruction
-    render as a second image and Q1 asked again on it. Plus a Q0 record (the 3-step plan) for
-    ``plan_fraction`` of the views. With ``balance``, clear and unclear views are undersampled to
-    equal numbers, as in the reference's stage-4 file.
+    - the check: Q1 with the true answer, then Q6 answered ``Yes.``/``No.`` as the model's own first
+      answer to this (held-out) view was right or wrong (``first_right``);
+    - the second look: Q1 over the image and its reconstruction render, in a conversation of its own;
+    - with ``replay``, stage 2's Q1-Q5 record, so the attributes and the description are kept;
+    - for ``plan_fraction`` of the views, a Q0 record (the 3-step plan).
     """
-    chosen = _undersample(views, key=lambda v: clear[v["id"]], seed=seed) if balance else list(views)
     rng = np.random.default_rng([seed, 4])
     out = []
-    for v in chosen:
-        ans = category_answer(v["category"])
-        ok = clear[v["id"]]
-        turns = [_human(Q1), _gpt(ans), _human(Q6), _gpt(YES if ok else NO)]
-        image: str | list[str] = v["image"]
-        if not ok:
-            turns += [_human(Q1), _gpt(ans)]
-            image = [v["image"], render_path(renders_dir, v["id"])]
-        out.append({"id": v["id"], "image": image, "conversations": turns, "meta": view_meta(v, clear=ok)})
+    for v in views:
+        truth = category_answer(v["category"])
+        right = first_right[v["id"]]
+        out.append({"id": v["id"], "image": v["image"], "conversations": chain.check_turns(truth, chain.check_answer(right)),
+                    "meta": view_meta(v, first_right=right)})
+        out.append({"id": f"{v['id']}#second", "image": [v["image"], render_path(renders_dir, v["id"])],
+                    "conversations": chain.second_look_turns(truth), "meta": view_meta(v)})
+        if replay:
+            out.append({"id": f"{v['id']}#replay", "image": v["image"], "conversations": _q1_to_q5(v),
+                        "meta": view_meta(v)})
         if rng.random() < plan_fraction:
             out.append({"id": f"{v['id']}#plan", "image": v["image"],
                         "conversations": [_human(Q0), _gpt(Q0_PLAN)], "meta": view_meta(v)})
@@ -210,28 +199,44 @@ def write_stage(recs: list[dict], out: str | os.PathLike, dataset: Dataset, name
     return out
 
 
-def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The arguments every stage generator shares."""
+PARTS = ("all", "fit", "held-out")
+
+
+def stage_parser(prog: str, description: str, part: str = "all") -> argparse.ArgumentParser:
+    """The arguments every stage generator shares; ``part`` is the stage's default share of the
+    training split (``select_part``)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--data", required=True, type=Path, help="dataset folder (manifest.jsonl + dataset.json)")
     p.add_argument("--out", required=True, type=Path, help="JSONL to write (its .meta.json is written beside it)")
     p.add_argument("--split", default="train", help="which split's views to use [train]")
+    p.add_argument("--part", default=part, choices=PARTS,
+                   help="which scenes of the training split: fit (stages 1-2), held-out (the chain's views, "
+                        f"occmllm.chain, for stages 3-4) or all; other splits are always whole [{part}]")
     p.add_argument("--seed", type=int, default=0, help="seed for balancing and sampling [0]")
     return p
 
 
-def add_clarity_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--predictions", type=Path,
-                   help="label Q6 from a model's Q1 answers (wrong -> No.) instead of the occlusion ratio")
+def select_part(views: list[dict], split: str | None, part: str) -> list[dict]:
+    """The views of a split that a stage uses: of the training split, the scenes that stages 1-2
+    fit (``fit``), the chain's held-out scenes (``held-out``) or all; any other split whole."""
+    if part == "all" or split != "train":
+        return views
+    held_out = part == "held-out"
+    chosen = [v for v in views if chain.is_held_out(v.get("scene", v["id"])) == held_out]
+    if not chosen:
+        raise OccError(f"the {part} part of the training split has no views ({len(views)} in the split); "
+                       "use --part all")
+    return chosen
+
+
+def stage_views(dataset: Dataset, args) -> list[dict]:
+    return select_part(dataset.split(args.split), args.split, args.part)
+
+
+def add_predictions_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictions", required=True, type=Path,
+                   help="the model's Q1 answers to these views (inference.py's predictions.jsonl)")
     p.add_argument("--checkpoint", help="which checkpoint's answers, when the predictions file has several")
-    p.add_argument("--clear-below", type=float, default=DEFAULT_CLEAR_BELOW,
-                   help=f"occlusion ratio under which a view is clear (Q6 Yes.) [{DEFAULT_CLEAR_BELOW}]")
-
-
-def clarity_labels(args, views: list[dict]) -> dict[str, bool]:
-    if args.predictions is not None:
-        return clarity_from_predictions(views, args.predictions, args.checkpoint)
-    return clarity_from_occlusion(views, args.clear_below)
 
 
 def report(out: Path, recs: list[dict]) -> None:

@@ -1,6 +1,6 @@
 """The test set: one multi-turn record per view of a split, asking Q1-Q5 (configurable).
 
-    python -m data_tools.make_testset --data DATA --out test.jsonl [--split test] [--questions Q1,Q2]
+    python -m data_tools.make_testset --data DATA --out test.jsonl [--split test] [--questions Q1,Q2] [--part all]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     parser.add_argument("--questions", default="Q1,Q2,Q3,Q4,Q5", help="question ids in order [Q1,Q2,Q3,Q4,Q5]")
     args = parser.parse_args(argv)
     dataset = load_dataset(args.data)
-    recs = builders.test_records(dataset.split(args.split), tuple(q.strip() for q in args.questions.split(",")))
+    recs = builders.test_records(builders.stage_views(dataset, args), tuple(q.strip() for q in args.questions.split(",")))
     builders.report(builders.write_stage(recs, args.out, dataset, f"test_{args.split}"), recs)
     return 0
 

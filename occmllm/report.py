@@ -51,7 +51,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from occmllm import fileio
+from occmllm import chain, fileio
 from occmllm.errors import OccError
 from occmllm.questions import CATEGORIES, is_correct, parse_category, parse_yes_no, question_id
 
@@ -180,7 +180,7 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
     n = len(records)
     third = most_occluded_third(records)
     third_correct = sum(final_right[r["id"]] for r in third)
-    extra = {"cot": cot_stats(records, predictions)} if all("Q6" in predictions[r["id"]]["answers"]
+    extra = {"cot": cot_stats(records, predictions)} if all(chain.CHECK in predictions[r["id"]]["answers"]
                                                             for r in records) else {}
     return {"checkpoint": checkpoint, "mode": mode, "n": n, **extra,
             "accuracy": {k: correct[k] / scored[k] for k in keys},
@@ -197,23 +197,23 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
 
 
 def cot_stats(records: list[dict], predictions: dict) -> dict:
-    """Chain-of-thought figures: how often the model said the object is unclear (Q6 ``No.``), how
-    well that matched its first answer being wrong, and what the render changed."""
+    """Chain-of-thought figures (``occmllm.chain``): how often the check said ``No.`` (the second look
+    taken), how well that matched the first answer being wrong, and what the second look changed."""
     said_no = labelled = wrong = no_when_wrong = yes_when_right = wrong_to_right = right_to_wrong = 0
     for rec in records:
         answers = predictions[rec["id"]]["answers"]
-        no = parse_yes_no(answers["Q6"]) is False
+        no = parse_yes_no(answers[chain.CHECK]) is False
         said_no += no
         truth = truth_category(rec)
         if truth is None:  # unlabelled: counts for how often the model said No., nothing else
             continue
         labelled += 1
-        first_right = parse_category(answers.get("Q1", "")) == truth
+        first_right = parse_category(answers.get(chain.FIRST, "")) == truth
         wrong += not first_right
         no_when_wrong += no and not first_right
         yes_when_right += (not no) and first_right
-        if "Q1#2" in answers:
-            second_right = parse_category(answers["Q1#2"]) == truth
+        if chain.SECOND in answers:
+            second_right = parse_category(answers[chain.SECOND]) == truth
             wrong_to_right += second_right and not first_right
             right_to_wrong += first_right and not second_right
     n = len(records)

@@ -1,22 +1,23 @@
 """Self-correction RL for the chain of thought (stage 4): policy gradient on sampled chains.
 
-The chain is the one ``inference.py --mode cot`` runs: attempt 1 = Q1 with the image; then Q6
-(is the object clear?); where the model answers No, attempt 2 = Q1 again with the reconstruction
-render as a second image. For each training view, K chains are sampled from the current policy
-and each gets a reward (SCoRe-style; ``score_chain``):
+The chain is ``occmllm.chain``'s, as ``inference.py --mode cot`` runs it: attempt 1 = Q1 with the
+image; the check (Q6 after it); where the sampled check says No, the second look = Q1 in a fresh
+conversation over the image and the reconstruction render. For each training view, K chains are
+sampled from the current policy and each gets ``occmllm.chain.reward``:
 
-    r = w_correct [final answer right] + w_cal [Q6 parsed, and No exactly when attempt 1 was wrong]
-        + w_fix [attempt 1 wrong and attempt 2 right]
+    r = w_correct [final answer right] + w_cal [check parsed, and No exactly when attempt 1 was wrong]
 
-The loss over the batch's sampled answer tokens T (attempt 1, the Q6 answer, attempt 2, each
-with its end-of-turn token; never prompt, question or image tokens) is
+Nothing pays for No by itself: a policy that always says No earns at most what one that answers
+right and says Yes earns. The loss over the batch's sampled answer tokens T (attempt 1, the
+check's answer, the second look, each with its end-of-turn token; never prompt, question or image
+tokens) is
 
     L = 1/|T| sum_{t in T} [ -A(t) log pi(y_t | y_<t, images)  +  beta k3_t ]
     A = (r - mean of the K chains' rewards) [/ their std]           (GRPO's group baseline)
 
 except that attempt 1's tokens take the advantage of r1 = w_correct [attempt 1 right] instead
-(``separate_first_attempt``): the calibration and fix terms pay for a wrong attempt 1, and on
-attempt 1's own tokens they taught the policy to answer wrongly and then say No.
+(``separate_first_attempt``): the check's term pays a No after a wrong attempt 1, and on attempt
+1's own tokens it would teach the policy to answer wrongly and then say No.
     k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1     (pi_ref: a frozen copy of the start)
 
 with log pi computed by one teacher-forced forward pass over exactly the token ids the policy
@@ -25,11 +26,10 @@ GRPO's importance ratio is 1 and its clipping never acts: the gradient is REINFO
 group mean as baseline.
 
 Why not TRL's GRPOTrainer: its rollouts are one completion after a prompt (or tool calls parsed
-from the completion); this chain asks a second question, and on a sampled "No." inserts a second
-image mid-conversation, which neither its prompt/completion split nor its forward pass (pixel
-values of the dataset images only, placed by TRL's own message formatting) can express. So this
-module writes the rollout, the rewards and the loss by hand, and the HF Trainer runs the loop
-(AdamW, schedule, accumulation, logging, checkpoints, DDP / DeepSpeed ZeRO-1/2).
+from the completion); this chain asks a second question and, on a sampled "No.", opens a second
+conversation with a second image, which neither its prompt/completion split nor its forward pass
+can express. So this module writes the rollout, the rewards and the loss by hand, and the HF
+Trainer runs the loop (AdamW, schedule, accumulation, logging, checkpoints, DDP / DeepSpeed ZeRO-1/2).
 """
 from __future__ import annotations
 
@@ -42,20 +42,22 @@ from typing import Callable
 import torch
 from transformers import Trainer, TrainingArguments
 
+from occmllm import chain as chain_rules
 from occmllm import fileio, records
+from occmllm.chain import RewardWeights
 from occmllm.conversation import ConversationEncoder, load_images, pad_batch
 from occmllm.errors import OccError
 from occmllm.model import ImageOnlyInternVLProcessor, ResumesInternVL
-from occmllm.questions import CATEGORIES, IMAGE_TOKEN, Q1, Q6, parse_category, parse_yes_no, question_id
+from occmllm.questions import CATEGORIES, parse_category, parse_yes_no, question_id
 from occmllm.sft import DataArguments, ModelArguments, SaveProcessor, build_model, fit, load_training_records
 
 
 @dataclass
 class SelfCorrectArguments:
     rl_data: str | None = field(default=None, metadata={
-        "help": "stage-4 JSONL (or meta JSON) whose Q1 records give the views (default: train_data)"})
-    renders: str | None = field(default="renders/oracle", metadata={
-        "help": "render folder under the dataset root (<view id>.png) for views whose record has no second image"})
+        "help": "stage-4 JSONL (or meta JSON) whose check records (Q1, then Q6) give the views (default: train_data)"})
+    renders: str | None = field(default="renders/recon", metadata={
+        "help": "render folder under the dataset root (<view id>.png): the second look's render of each view"})
     rl_steps: int = field(default=200, metadata={"help": "optimizer steps of the RL phase"})
     rl_images_per_step: int = field(default=4, metadata={"help": "views per step and device"})
     rl_group_size: int = field(default=4, metadata={"help": "K: chains sampled per view (the group of the baseline)"})
@@ -67,12 +69,11 @@ class SelfCorrectArguments:
     kl_beta: float = field(default=0.02, metadata={"help": "weight of the k3 KL to the frozen start (0: no reference)"})
     reward_correct: float = field(default=1.0, metadata={"help": "reward for a right final answer"})
     reward_calibration: float = field(default=0.5, metadata={
-        "help": "reward for a Q6 answer that is No exactly when attempt 1 was wrong"})
-    reward_fix: float = field(default=0.5, metadata={"help": "reward for attempt 1 wrong and attempt 2 right"})
+        "help": "reward for a check (Q6) that says No exactly when attempt 1 was wrong"})
     scale_advantages: bool = field(default=True, metadata={"help": "divide advantages by the group's reward std"})
     separate_first_attempt: bool = field(default=True, metadata={
-        "help": "score attempt 1's tokens on attempt 1 being right alone (false: on the chain's reward, which pays "
-                "the calibration and fix terms for a wrong attempt 1)"})
+        "help": "score attempt 1's tokens on attempt 1 being right alone (false: on the chain's reward, whose "
+                "check term pays a No after a wrong attempt 1)"})
 
 
 # --- views -----------------------------------------------------------------------------------
@@ -86,37 +87,42 @@ class View:
     category: str
 
 
+def is_check_record(rec: dict) -> bool:
+    """A chain's first-answer-and-check record: Q1 over one image, its answer, then Q6."""
+    turns = rec["conversations"]
+    return (len(turns) >= 4 and question_id(turns[0]["value"]) == "Q1" and question_id(turns[2]["value"]) == "Q6"
+            and len(records.images_of(rec)) == 1)
+
+
 def load_views(train_data, data_root: str | None = None, renders: str | None = None) -> list[View]:
-    """Views from a stage JSONL: each record whose first question is Q1 (others, e.g. the Q0 plan
-    records, are not chains and are counted, not used). The category comes from ``meta`` or the
-    record's Q1 answer; the render is the record's second image, else ``renders/<id>.png``."""
-    views, not_chains, no_render = [], 0, 0
+    """Views from a stage JSONL: each check record (``is_check_record``; the second-look, replay and
+    plan records are counted, not used). The category comes from ``meta`` or the record's Q1
+    answer; the render is ``renders/<id>.png`` under the data root."""
+    views, others, no_render = [], 0, 0
     for root, rec in load_training_records(train_data, data_root):
-        turns = rec["conversations"]
-        if question_id(turns[0]["value"]) != "Q1":
-            not_chains += 1
+        if not is_check_record(rec):
+            others += 1
             continue
+        turns = rec["conversations"]
         context = f"{train_data} record {rec['id']!r}"
         category = (rec.get("meta") or {}).get("category") or parse_category(turns[1]["value"])
         if category not in CATEGORIES:
             raise OccError(f"{context}: no category to score against (meta.category, or a Q1 answer naming one "
                            f"of {', '.join(CATEGORIES)})")
-        paths = [fileio.resolve_in_root(root, p, context) for p in records.images_of(rec)]
-        render = paths[1] if len(paths) > 1 else None
-        if render is None and renders:
-            candidate = fileio.resolve_in_root(root, f"{renders.rstrip('/')}/{rec['id']}.png", context)
-            render = candidate if candidate.is_file() else None
-        if render is None:
+        image = fileio.resolve_in_root(root, records.images_of(rec)[0], context)
+        render = fileio.resolve_in_root(root, f"{renders.rstrip('/')}/{rec['id']}.png", context) if renders else None
+        if render is None or not render.is_file():
             no_render += 1
-        views.append(View(str(rec["id"]), paths[0], render or paths[0], category))
+            render = None
+        views.append(View(str(rec["id"]), image, render or image, category))
     if not views:
-        raise OccError(f"{train_data}: no record starts with the category question (Q1); self-correction needs "
-                       "stage-4 chain records (python -m step4_selfconsistency.make_data)")
+        raise OccError(f"{train_data}: no chain record (Q1, then Q6); self-correction needs stage-4 records "
+                       "(python -m step4_selfconsistency.make_data)")
     note = f"self-correction: {len(views)} views from {train_data}"
-    if not_chains:
-        note += f"; {not_chains} records without a Q1 first turn (Q0 plans) not used"
+    if others:
+        note += f"; {others} other records (second looks, replay, plans) not used"
     if no_render:
-        note += f"; {no_render} views have no render and show their own image again on attempt 2"
+        note += f"; {no_render} views have no render under {renders} and show their own image again on the second look"
     print(note, flush=True)
     return views
 
@@ -124,30 +130,27 @@ def load_views(train_data, data_root: str | None = None, renders: str | None = N
 # --- rollouts ----------------------------------------------------------------------------------
 
 @dataclass
-class Chain:
-    view: View
-    ids: list[int] = field(default_factory=list)      # the conversation's tokens, as the policy saw and wrote them
+class Conversation:
+    """One conversation a chain's policy wrote into, as token ids."""
+    ids: list[int] = field(default_factory=list)      # the tokens, as the policy saw and wrote them
     sampled: list[int] = field(default_factory=list)  # positions in ids of tokens the policy sampled
     first: int = 0                                     # how many of them are attempt 1's
-    answers: list[str] = field(default_factory=list)  # attempt 1, the Q6 answer, attempt 2 (when asked)
-    pixel_values: torch.Tensor | None = None          # tiles of the images the conversation holds
+    pixel_values: torch.Tensor | None = None          # tiles of the images it shows
+
+
+@dataclass
+class Chain:
+    """A sampled chain (``occmllm.chain``): the first answer and the check in one conversation; the
+    second look, where the check said No., in a conversation of its own."""
+    view: View
+    check: Conversation = field(default_factory=Conversation)
+    second: Conversation | None = None
+    answers: list[str] = field(default_factory=list)  # attempt 1, the check's answer, the second look (when taken)
 
     @property
-    def images(self) -> list[Path]:
-        return [self.view.image, self.view.render] if self.asks_again else [self.view.image]
-
-    @property
-    def asks_again(self) -> bool:
-        """The model said the object is not clear: attempt 2 follows (or followed) on the render."""
+    def looks_again(self) -> bool:
+        """The check said No.: the second look follows (or followed)."""
         return len(self.answers) >= 2 and parse_yes_no(self.answers[1]) is False
-
-    def history(self) -> list[dict]:
-        """The conversation as record turns (answers as decoded text)."""
-        questions = [Q1, Q6, Q1]
-        turns = []
-        for q, a in zip(questions, self.answers):
-            turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a.replace(IMAGE_TOKEN, "")}]
-        return turns
 
 
 class ChainSampler:
@@ -174,18 +177,18 @@ class ChainSampler:
         """Tiles of [image, render] per view, and the tile count of each."""
         return {v.id: self.encoder.pixel_values(load_images([v.image, v.render])) for v in views}
 
-    def next_turn(self, chain: Chain, question: str, tiles: list[int]) -> list[int]:
-        """The chain's ids followed by ``question`` as the next user turn and the assistant header.
-        Only the template's tokens after the last answer's end-of-turn token are added, so every
-        token the policy sampled stays as it was."""
-        full = self.encoder.prompt_ids(tiles, chain.history() + [{"from": "human", "value": question}])
-        if not chain.ids:
+    def continued(self, conversation: Conversation, turns: list[dict], tiles: list[int]) -> list[int]:
+        """The prompt for the last of ``turns`` (a user turn): the template's ids of ``turns``, or,
+        when the conversation already has ids, those ids followed by only the template's tokens after
+        the last answer's end-of-turn token, so every token the policy sampled stays as it was."""
+        full = self.encoder.prompt_ids(tiles, turns)
+        if not conversation.ids:
             return full
         ends = [i for i, t in enumerate(full) if t == self.eot]
         if len(ends) < 2:
             raise OccError("the chat template does not close user and assistant turns with the end-of-turn token "
                            f"{self.tokenizer.eos_token!r}; self-correction cannot continue a sampled chain")
-        return chain.ids + full[ends[-2] + 1:]
+        return conversation.ids + full[ends[-2] + 1:]
 
     def generate(self, model, prompts: list[list[int]], pixels: list[torch.Tensor]) -> list[list[int]]:
         """Sampled answer tokens per prompt, up to and including the end-of-turn token (none when
@@ -203,21 +206,21 @@ class ChainSampler:
             answers.append(row[:end] if end is not None else row)
         return answers
 
-    def _turn(self, model, chains: list[Chain], question: str, pixels: dict, images: int) -> None:
-        if not chains:
+    def _turn(self, model, items: list[tuple[Chain, Conversation, list[dict]]], pixels: dict, images: int) -> None:
+        """One sampled answer for each (chain, conversation, turns up to the question)."""
+        if not items:
             return
         prompts = []
-        for c in chains:
+        for c, conv, turns in items:
             all_pixels, tiles = pixels[c.view.id]
-            prompts.append(self.next_turn(c, question, tiles[:images]))
-            c.pixel_values = all_pixels[: sum(tiles[:images])]
-        for c, prompt, answer in zip(chains, prompts, self.generate(model, prompts, [c.pixel_values for c in chains])):
-            c.sampled += range(len(prompt), len(prompt) + len(answer))
-            if not c.answers:
-                c.first = len(c.sampled)
-            c.ids = prompt + answer
+            prompts.append(self.continued(conv, turns, tiles[:images]))
+            conv.pixel_values = all_pixels[: sum(tiles[:images])]
+        for (c, conv, _), prompt, answer in zip(items, prompts,
+                                                self.generate(model, prompts, [conv.pixel_values for _, conv, _ in items])):
+            conv.sampled += range(len(prompt), len(prompt) + len(answer))
+            conv.ids = prompt + answer
             if not answer or answer[-1] not in self.eos_ids:  # cut off: close the turn (not sampled, not trained)
-                c.ids.append(self.eot)
+                conv.ids.append(self.eot)
             c.answers.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
 
     def sample(self, model, views: list[View], k: int) -> list[Chain]:
@@ -227,9 +230,14 @@ class ChainSampler:
         try:
             pixels = self.pixels(views)
             chains = [Chain(v) for v in views for _ in range(k)]
-            self._turn(model, chains, Q1, pixels, images=1)
-            self._turn(model, chains, Q6, pixels, images=1)
-            self._turn(model, [c for c in chains if c.asks_again], Q1, pixels, images=2)
+            self._turn(model, [(c, c.check, chain_rules.first_turns()) for c in chains], pixels, images=1)
+            for c in chains:
+                c.check.first = len(c.check.sampled)
+            self._turn(model, [(c, c.check, chain_rules.check_turns(c.answers[0])) for c in chains], pixels, images=1)
+            again = [c for c in chains if c.looks_again]
+            for c in again:
+                c.second = Conversation()
+            self._turn(model, [(c, c.second, chain_rules.second_look_turns()) for c in again], pixels, images=2)
         finally:
             model.train(was_training)
         return chains
@@ -240,36 +248,26 @@ class ChainSampler:
 RewardFn = Callable[[Chain], float]
 
 
-@dataclass(frozen=True)
-class RewardWeights:
-    correct: float = 1.0
-    calibration: float = 0.5
-    fix: float = 0.5
-
-
 def chain_outcome(chain: Chain) -> dict[str, bool]:
-    """What the chain did: attempt 1 right, Q6 answered (and No), attempt 2 asked, final right."""
+    """What the chain did: attempt 1 right, the check answered (and No), the second look taken, final right."""
     first_right = parse_category(chain.answers[0]) == chain.view.category
-    clear = parse_yes_no(chain.answers[1]) if len(chain.answers) > 1 else None
-    second = len(chain.answers) > 2
-    final_right = parse_category(chain.answers[-1] if second else chain.answers[0]) == chain.view.category
-    return {"first_right": first_right, "q6_parsed": clear is not None, "said_no": clear is False,
-            "asked_again": second, "final_right": final_right}
+    check = parse_yes_no(chain.answers[1]) if len(chain.answers) > 1 else None
+    second = chain.answers[2] if len(chain.answers) > 2 else None
+    final_right = parse_category(chain_rules.final_answer(chain.answers[0], second)) == chain.view.category
+    return {"first_right": first_right, "q6_parsed": check is not None, "said_no": check is False,
+            "asked_again": second is not None, "final_right": final_right}
 
 
 def score_first(chain: Chain, weights: RewardWeights = RewardWeights()) -> float:
-    """Attempt 1's own reward: right or not. Its tokens are scored on this alone, so the chain's
-    calibration and fix terms, which pay for a wrong attempt 1, cannot teach it to be wrong."""
+    """Attempt 1's own reward: right or not. Its tokens are scored on this alone, so the check's
+    reward, which pays a truthful No. after a wrong attempt 1, cannot teach it to be wrong."""
     return weights.correct * chain_outcome(chain)["first_right"]
 
 
 def score_chain(chain: Chain, weights: RewardWeights = RewardWeights()) -> float:
-    """The SCoRe-style reward: right final answer, a calibrated Q6 (an unparsable one earns
-    nothing), and a fix (attempt 1 wrong, attempt 2 right)."""
+    """``occmllm.chain.reward`` of a sampled chain (an unparsable check earns its term nothing)."""
     o = chain_outcome(chain)
-    calibrated = o["q6_parsed"] and o["said_no"] == (not o["first_right"])
-    fixed = not o["first_right"] and o["asked_again"] and o["final_right"]
-    return weights.correct * o["final_right"] + weights.calibration * calibrated + weights.fix * fixed
+    return chain_rules.reward(o["first_right"], o["said_no"] if o["q6_parsed"] else None, o["final_right"], weights)
 
 
 def group_advantages(rewards: torch.Tensor, k: int, scale: bool) -> torch.Tensor:
@@ -285,29 +283,33 @@ def group_advantages(rewards: torch.Tensor, k: int, scale: bool) -> torch.Tensor
 
 @dataclass
 class ChainBatch:
-    input_ids: torch.Tensor       # (n, L) right padded
-    attention_mask: torch.Tensor  # (n, L)
-    pixel_values: torch.Tensor    # (tiles of every chain's images in order, 3, H, W)
-    sampled: torch.Tensor         # (n, L) bool: tokens the policy sampled (the loss's tokens)
-    first: torch.Tensor           # (n, L) bool: the sampled tokens of attempt 1
+    """Every conversation of a batch of chains, one row each: the chains' first-answer-and-check
+    conversations, then their second looks."""
+    input_ids: torch.Tensor       # (rows, L) right padded
+    attention_mask: torch.Tensor  # (rows, L)
+    pixel_values: torch.Tensor    # (tiles of every row's images in order, 3, H, W)
+    sampled: torch.Tensor         # (rows, L) bool: tokens the policy sampled (the loss's tokens)
+    first: torch.Tensor           # (rows, L) bool: the sampled tokens of attempt 1
+    owner: torch.Tensor           # (rows,) the chain each row belongs to
     temperature: float = 1.0      # the sampling distribution: logits / temperature,
     suppressed: tuple = ()        # without these token ids
 
     @property
     def columns(self) -> torch.Tensor:
-        """(P,) the token positions where any chain has a sampled token."""
+        """(P,) the token positions where any row has a sampled token."""
         return self.sampled.any(dim=0).nonzero().squeeze(1)
 
 
 def chain_batch(chains: list[Chain], sampler: ChainSampler) -> ChainBatch:
-    ids, attention_mask = pad_batch([c.ids for c in chains], sampler.pad_id, "right")
+    rows = [(i, c.check) for i, c in enumerate(chains)] + [(i, c.second) for i, c in enumerate(chains) if c.second]
+    ids, attention_mask = pad_batch([conv.ids for _, conv in rows], sampler.pad_id, "right")
     sampled = torch.zeros_like(ids, dtype=torch.bool)
     first = torch.zeros_like(sampled)
-    for row, c in enumerate(chains):
-        sampled[row, c.sampled] = True
-        first[row, c.sampled[: c.first]] = True
-    return ChainBatch(ids, attention_mask, torch.cat([c.pixel_values for c in chains]), sampled, first,
-                      sampler.temperature, tuple(sampler.suppressed))
+    for row, (_, conv) in enumerate(rows):
+        sampled[row, conv.sampled] = True
+        first[row, conv.sampled[: conv.first]] = True
+    return ChainBatch(ids, attention_mask, torch.cat([conv.pixel_values for _, conv in rows]), sampled, first,
+                      torch.tensor([i for i, _ in rows]), sampler.temperature, tuple(sampler.suppressed))
 
 
 def sampled_log_probs(model, batch: ChainBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,12 +334,12 @@ def sampled_log_probs(model, batch: ChainBatch) -> tuple[torch.Tensor, torch.Ten
 
 def token_advantages(chains: list[Chain], batch: ChainBatch, rewards: torch.Tensor, k: int, scale: bool,
                      first_reward_fn: RewardFn | None = None) -> torch.Tensor:
-    """The advantage of each sampled token, (n, P) over ``batch.columns``: the chain's group
+    """The advantage of each sampled token, (rows, P) over ``batch.columns``: its chain's group
     advantage, except on attempt 1's tokens where ``first_reward_fn`` gives attempt 1 its own."""
-    chain_adv = group_advantages(rewards, k, scale)[:, None].expand_as(batch.sampled)
+    chain_adv = group_advantages(rewards, k, scale)[batch.owner][:, None].expand_as(batch.sampled)
     if first_reward_fn is not None:
         first = group_advantages(torch.tensor([first_reward_fn(c) for c in chains], dtype=torch.float32), k, scale)
-        chain_adv = torch.where(batch.first, first[:, None], chain_adv)
+        chain_adv = torch.where(batch.first, first[batch.owner][:, None], chain_adv)
     return chain_adv[:, batch.columns]
 
 
@@ -345,7 +347,7 @@ def policy_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
                 beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, kl)``: -mean over sampled tokens of advantage x log pi, plus beta x the mean k3
     estimate of KL(pi || pi_ref) on the same tokens (kl is 0 without a reference). ``advantages``
-    is one per chain (n,) or one per token (n, P)."""
+    is one per row (rows,) or one per token (rows, P)."""
     n = mask.sum().clamp(min=1)
     advantages = advantages.to(logp.device)
     if advantages.dim() == 1:
@@ -451,7 +453,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, rl_args: SelfCor
                            extra_eos if isinstance(extra_eos, list) else [extra_eos] if extra_eos is not None else [])
     first_reward_fn = None
     if reward_fn is None:
-        weights = RewardWeights(rl_args.reward_correct, rl_args.reward_calibration, rl_args.reward_fix)
+        weights = RewardWeights(rl_args.reward_correct, rl_args.reward_calibration)
         reward_fn = lambda chain: score_chain(chain, weights)  # noqa: E731
         if rl_args.separate_first_attempt:
             first_reward_fn = lambda chain: score_first(chain, weights)  # noqa: E731

@@ -8,8 +8,11 @@ For one test image:
    (teacher-forced log-likelihood of each of the eight answers), as RLCF does for classification;
 2. reward: CLIP-S(caption of the candidate, image) = 2.5 max(cos, 0), minus the mean over the K
    candidates (the baseline: the rewards of one image sum to zero);
-3. a few AdamW steps of REINFORCE on the candidates' log-likelihoods,
+3. a few steps of REINFORCE on the candidates' log-likelihoods,
        L = -1/K sum_k r_k log pi(answer_k | image, Q1)     (log pi summed over the answer's tokens),
+   by plain SGD by default, so the update's size follows the reward: where CLIP barely tells
+   the candidates apart the model barely moves (AdamW, RLCF's choice, normalises every step to
+   about the learning rate whatever the reward; ``optimizer="adamw"``),
    updating the multi-modal projector only: the small MLP between the vision tower and the
    language model, so the update changes how this image is read, not what the language model
    knows; it is a few percent of a real InternVL's parameters and has no state beyond its weights;
@@ -32,8 +35,9 @@ from occmllm.questions import CATEGORIES, category_answer
 @dataclass(frozen=True)
 class TTASettings:
     k: int = 4             # candidates per image
-    steps: int = 3         # AdamW steps per image
+    steps: int = 3         # optimizer steps per image
     lr: float = 1e-3
+    optimizer: str = "sgd"  # or "adamw"
 
 
 def adapted_parameters(model) -> list[torch.nn.Parameter]:
@@ -104,11 +108,15 @@ def candidates(model, encoder: ConversationEncoder, question: str, pixels: torch
     return [CATEGORIES[i] for i in ll.topk(min(k, len(CATEGORIES))).indices.tolist()]
 
 
-def adapt(model, batch: AnswerBatch, rewards: torch.Tensor, steps: int, lr: float) -> list[float]:
-    """REINFORCE on the answers of ``batch`` with ``rewards`` (K,), ``steps`` AdamW steps on the
-    adapted parameters (a fresh optimizer: no state from an earlier image). Returns the losses."""
+OPTIMIZERS = {"sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+              "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)}
+
+
+def adapt(model, batch: AnswerBatch, rewards: torch.Tensor, steps: int, lr: float, optimizer: str = "sgd") -> list[float]:
+    """REINFORCE on the answers of ``batch`` with ``rewards`` (K,), ``steps`` steps of ``optimizer``
+    on the adapted parameters (a fresh one: no state from an earlier image). Returns the losses."""
     params = adapted_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = OPTIMIZERS[optimizer](params, lr)
     rewards = rewards.to(model.device)
     losses = []
     for _ in range(steps):

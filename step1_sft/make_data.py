@@ -1,6 +1,7 @@
-"""Stage 1 data: the category question (Q1), one record per view of a split.
+"""Stage 1 data: the category question (Q1), one record per view of a split (of the training
+split, the scenes stages 1-2 fit: the chain's held-out share is left for stages 3-4).
 
-    python -m step1_sft.make_data --data DATA --out OUT.jsonl [--split train]
+    python -m step1_sft.make_data --data DATA --out OUT.jsonl [--split train] [--part fit]
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from occmllm.errors import cli
 
 @cli
 def main(argv=None) -> int:
-    args = builders.stage_parser("python -m step1_sft.make_data", __doc__).parse_args(argv)
+    args = builders.stage_parser("python -m step1_sft.make_data", __doc__, part="fit").parse_args(argv)
     dataset = load_dataset(args.data)
-    recs = builders.step1_records(dataset.split(args.split))
+    recs = builders.step1_records(builders.stage_views(dataset, args))
     builders.report(builders.write_stage(recs, args.out, dataset, f"step1_{args.split}"), recs)
     return 0
 

@@ -1,8 +1,7 @@
-"""Stage 2 data: multi-turn records asking Q1, Q2-Q5, then the clarity question Q6.
+"""Stage 2 data: multi-turn records asking Q1-Q5 in the test records' order (of the training split,
+the scenes stages 1-2 fit). Q6 belongs to the chain of thought (occmllm.chain, stages 3-4).
 
-Q6 is labelled from the occlusion ratio by default, or from a model's predictions (wrong -> No.).
-
-    python -m step2_multiquery.make_data --data DATA --out OUT.jsonl [--predictions P] [--clear-below 0.5]
+    python -m step2_multiquery.make_data --data DATA --out OUT.jsonl [--part fit]
 """
 from __future__ import annotations
 
@@ -15,12 +14,9 @@ from occmllm.errors import cli
 
 @cli
 def main(argv=None) -> int:
-    parser = builders.stage_parser("python -m step2_multiquery.make_data", __doc__)
-    builders.add_clarity_arguments(parser)
-    args = parser.parse_args(argv)
+    args = builders.stage_parser("python -m step2_multiquery.make_data", __doc__, part="fit").parse_args(argv)
     dataset = load_dataset(args.data)
-    views = dataset.split(args.split)
-    recs = builders.step2_records(views, builders.clarity_labels(args, views))
+    recs = builders.step2_records(builders.stage_views(dataset, args))
     builders.report(builders.write_stage(recs, args.out, dataset, f"step2_{args.split}"), recs)
     return 0
 

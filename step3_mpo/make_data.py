@@ -1,11 +1,9 @@
-"""Stage 3 data: preference pairs from a model's own answers to Q1.
-
-Clarity pairs (Q6: the truthful Yes./No. about whether the model's answer was right, balanced by
-undersampling) and category pairs (the truth over the model's wrong answer, and over a random
-other category where the model was right, so the pairs keep the data's category balance).
+"""Stage 3 data: preference pairs from a model's own answers to Q1, on the chain's held-out views
+(the stage-2 model never trained on them): the truth over the model's wrong answer, and over a
+random other category where the model was right, so the pairs keep the data's category balance.
 
     python -m step3_mpo.make_data --data DATA --predictions PRED --out OUT.jsonl [--checkpoint NAME]
-        [--no-category-pairs] [--wrong-answers-only] [--reference-clarity]
+        [--part held-out] [--wrong-answers-only] [--reference-clarity]
 """
 from __future__ import annotations
 
@@ -18,23 +16,21 @@ from occmllm.errors import cli
 
 @cli
 def main(argv=None) -> int:
-    parser = builders.stage_parser("python -m step3_mpo.make_data", __doc__)
+    parser = builders.stage_parser("python -m step3_mpo.make_data", __doc__, part="held-out")
     parser.add_argument("--predictions", required=True, help="the model's answers on this split")
     parser.add_argument("--checkpoint", help="which checkpoint's answers, when the file has several")
-    parser.add_argument("--no-category-pairs", action="store_true", help="clarity pairs only")
     parser.add_argument("--wrong-answers-only", action="store_true",
                         help="category pairs only where the model was wrong (no right-answer pairs)")
     parser.add_argument("--reference-clarity", action="store_true",
                         help="reproduce the reference's pairs (v1/train_Q1_Q6_balanced_dpo): clarity pairs only, "
                              "with its question text 'Is it clear to identify the object in the hand?\\n' and no "
                              "<image> placeholder (training puts the image in front). Chosen/rejected follow the "
-                             "reference's rule, which is also the default one: No. chosen where the model's Q1 "
-                             "answer was wrong, Yes. where it was right")
+                             "reference's rule: No. chosen where the model's Q1 answer was wrong, Yes. where it was "
+                             "right. Not the recipe's: its chain asks Q6 after the first answer (occmllm.chain)")
     args = parser.parse_args(argv)
     dataset = load_dataset(args.data)
-    recs = builders.step3_pairs(dataset.split(args.split), args.predictions, args.checkpoint, args.seed,
-                                category_pairs=not args.no_category_pairs, reference_clarity=args.reference_clarity,
-                                right_pairs=not args.wrong_answers_only)
+    recs = builders.step3_pairs(builders.stage_views(dataset, args), args.predictions, args.checkpoint, args.seed,
+                                reference_clarity=args.reference_clarity, right_pairs=not args.wrong_answers_only)
     builders.report(builders.write_stage(recs, args.out, dataset, f"step3_{args.split}", kind="preference"), recs)
     return 0
 

@@ -1,10 +1,11 @@
-"""Stage 4 data: chain-of-thought records.
+"""Stage 4 data: chain-of-thought records (occmllm.chain) on the chain's held-out views.
 
-Q1 then Q6 per view; unclear views continue with the reconstruction render as a second image
-and Q1 asked again on it; a Q0 (3-step plan) record for a fraction of views. Clear and unclear
-views are balanced by undersampling. Renders are ``RENDERS/<view id>.png`` under the dataset root.
+Per view: Q1 then Q6, answered No. where the model's own first answer (PRED, from a model that
+never trained on these views) was wrong; the second look (Q1 over the image and its
+reconstruction render, ``RENDERS/<view id>.png`` under the dataset root); stage 2's Q1-Q5 record
+as replay; a Q0 (3-step plan) record for a fraction of views.
 
-    python -m step4_selfconsistency.make_data --data DATA --out OUT.jsonl --renders renders/oracle
+    python -m step4_selfconsistency.make_data --data DATA --out OUT.jsonl --predictions PRED --renders renders/recon
 """
 from __future__ import annotations
 
@@ -18,19 +19,19 @@ from occmllm.errors import OccError, cli
 
 @cli
 def main(argv=None) -> int:
-    parser = builders.stage_parser("python -m step4_selfconsistency.make_data", __doc__)
-    builders.add_clarity_arguments(parser)
+    parser = builders.stage_parser("python -m step4_selfconsistency.make_data", __doc__, part="held-out")
+    builders.add_predictions_arguments(parser)
     parser.add_argument("--renders", required=True,
                         help="folder of reconstruction renders, relative to the dataset root")
     parser.add_argument("--plan-fraction", type=float, default=0.25, help="share of views with a Q0 record [0.25]")
-    parser.add_argument("--no-balance", action="store_true", help="keep all views instead of balancing clarity")
+    parser.add_argument("--no-replay", action="store_true", help="leave out stage 2's Q1-Q5 records")
     args = parser.parse_args(argv)
     dataset = load_dataset(args.data)
-    views = dataset.split(args.split)
-    clear = builders.clarity_labels(args, views)
-    recs = builders.step4_records(views, clear, args.renders, args.seed, args.plan_fraction,
-                                  balance=not args.no_balance)
-    for rec in recs:  # every render an unclear record names must exist
+    views = builders.stage_views(dataset, args)
+    first_right = builders.first_answers_right(views, args.predictions, args.checkpoint)
+    recs = builders.step4_records(views, first_right, args.renders, args.seed, args.plan_fraction,
+                                  replay=not args.no_replay)
+    for rec in recs:  # every render a second look names must exist
         if isinstance(rec["image"], list):
             path = fileio.resolve_in_root(dataset.root, rec["image"][1], str(args.out))
             if not path.is_file():

@@ -3,6 +3,9 @@
 1. chain-of-thought SFT on the stage-4 records (``occmllm.sft``) into ``sft_output_dir``;
 2. self-correction RL from that checkpoint (``occmllm.selfcorrect``) into ``output_dir``.
 
+The demo's config runs phase 1 alone (into ``output_dir``): on its validation split the RL phase
+lowered accuracy (``benchmarks/RESULTS.md``).
+
     python -m step4_selfconsistency.train [--config step4_selfconsistency/config.yaml] [--flag value ...]
 
 ``--phases sft`` or ``--phases rl`` runs one phase (the RL phase alone starts from
@@ -25,7 +28,8 @@ PHASES = ("sft", "rl")
 class PhaseArguments:
     phases: str = field(default="sft,rl", metadata={"help": "which phases to run: sft,rl (in that order), sft or rl"})
     sft_output_dir: str | None = field(default=None, metadata={
-        "help": "where the chain-of-thought SFT phase saves its checkpoint [<output_dir>_cot_sft]"})
+        "help": "where the chain-of-thought SFT phase saves its checkpoint [<output_dir>_cot_sft with the RL phase, "
+                "else output_dir]"})
 
 
 def parse_phases(text: str) -> list[str]:
@@ -40,9 +44,12 @@ def train(model_args: sft.ModelArguments, data_args: sft.DataArguments, phase_ar
     phases = parse_phases(phase_args.phases)
     out = Path(model_args.model_name_or_path)
     if "sft" in phases:
-        sft_dir = phase_args.sft_output_dir or f"{training.output_dir.rstrip('/')}_cot_sft"
+        # without the RL phase the SFT phase's checkpoint is the stage's own
+        default = f"{training.output_dir.rstrip('/')}_cot_sft" if "rl" in phases else training.output_dir
+        sft_dir = phase_args.sft_output_dir or default
         if data_args.resume and sft.is_finished(sft_dir):
-            print(f"chain-of-thought SFT: already finished in {sft_dir}; resuming the RL phase", flush=True)
+            print(f"chain-of-thought SFT: already finished in {sft_dir}"
+                  + ("; resuming the RL phase" if "rl" in phases else ""), flush=True)
             out = Path(sft_dir)
         else:
             out = sft.train(model_args, data_args, replace(training, output_dir=sft_dir))

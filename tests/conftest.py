@@ -88,7 +88,7 @@ def _predictions(views: list[dict]) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def step3_file(synth_small, tmp_path_factory) -> Path:
-    """Stage-3 preference pairs (clarity and category) on every view of the small set."""
+    """Stage-3 preference pairs (category) on every view of the small set."""
     import json
     from data_tools import builders
     from data_tools.dataset import load_dataset
@@ -105,16 +105,17 @@ STAGE4_RENDERS = "renders/stage4_test"
 
 @pytest.fixture(scope="session")
 def stage4_file(synth_small, tmp_path_factory) -> Path:
-    """Stage-4 chain records on every view of the small set, unbalanced, with renders of the true
-    meshes under ``STAGE4_RENDERS``."""
+    """Stage-4 chain records on every view of the small set (first answers wrong for every third
+    view), with renders of the true meshes under ``STAGE4_RENDERS``."""
     from data_tools import builders
     from data_tools.dataset import load_dataset
     from data_tools.renders import render_views
     ds = load_dataset(synth_small)
     views = ds.split(None)
     render_views(synth_small, STAGE4_RENDERS, None, progress=False)
-    clear = builders.clarity_labels(type("Args", (), {"predictions": None, "clear_below": 0.5})(), views)
-    recs = builders.step4_records(views, clear, STAGE4_RENDERS, seed=0, plan_fraction=0.25, balance=False)
+    from occmllm.questions import parse_category
+    first_right = {v["id"]: parse_category(answer) == v["category"] for v, answer in zip(views, _predictions(views).values())}
+    recs = builders.step4_records(views, first_right, STAGE4_RENDERS, seed=0, plan_fraction=0.25)
     return builders.write_stage(recs, tmp_path_factory.mktemp("stage4") / "step4.jsonl", ds, "step4")
 
 

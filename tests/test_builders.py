@@ -10,7 +10,7 @@ import pytest
 
 from data_tools import builders
 from data_tools.dataset import load_dataset
-from occmllm import records
+from occmllm import chain, records
 from occmllm.errors import OccError
 from occmllm.questions import Q0, Q0_PLAN, Q1, Q6, category_answer
 
@@ -25,51 +25,52 @@ def test_step1(synth, tmp_path):
     out = _run("step1_sft.make_data", "--data", str(synth), "--out", str(tmp_path / "s1.jsonl"))
     assert out.returncode == 0, out.stderr
     recs = records.read_records(tmp_path / "s1.jsonl", root=synth, verify_images=True)
-    train = load_dataset(synth).split("train")
-    assert [r["id"] for r in recs] == [v["id"] for v in train]
-    for r, v in zip(recs, train):
+    fit = builders.select_part(load_dataset(synth).split("train"), "train", "fit")
+    assert [r["id"] for r in recs] == [v["id"] for v in fit]
+    for r, v in zip(recs, fit):
         assert r["conversations"] == [{"from": "human", "value": Q1}, {"from": "gpt", "value": category_answer(v["category"])}]
         assert r["meta"]["occlusion"] == v["occlusion"]
     assert (tmp_path / "s1.meta.json").is_file()
 
 
-def test_step2_clarity_from_occlusion_and_from_predictions(synth, tmp_path):
-    views = load_dataset(synth).split("train")
-    recs = builders.step2_records(views, builders.clarity_from_occlusion(views, 0.5))
-    for r, v in zip(recs, views):
-        turns = r["conversations"]
-        assert [t["from"] for t in turns] == ["human", "gpt"] * 6
-        assert turns[0]["value"] == Q1 and turns[-2]["value"] == Q6  # Q1-Q5 as the test records ask them, Q6 last
-        assert turns[-1]["value"] == ("Yes." if v["occlusion"] < 0.5 else "No.")
-        assert records.count_placeholders(r) == 1
-    # from a model's predictions: wrong -> No.
-    preds = {v["id"]: category_answer(v["category"] if k % 3 else "remote" if v["category"] != "remote" else "jar")
-             for k, v in enumerate(views)}
-    (tmp_path / "p.json").write_text(json.dumps(preds))
-    out = _run("step2_multiquery.make_data", "--data", str(synth), "--out", str(tmp_path / "s2.jsonl"),
-               "--predictions", str(tmp_path / "p.json"))
+def test_parts_split_the_training_scenes(synth):
+    """fit and held-out partition the training split by whole scenes; other splits stay whole."""
+    ds = load_dataset(synth)
+    train = ds.split("train")
+    fit, held = (builders.select_part(train, "train", part) for part in ("fit", "held-out"))
+    assert fit and held and len(fit) + len(held) == len(train)
+    assert not {v["scene"] for v in fit} & {v["scene"] for v in held}
+    assert builders.select_part(train, "train", "all") == train
+    assert builders.select_part(ds.split("test"), "test", "fit") == ds.split("test")
+    assert all(chain.is_held_out(v["scene"]) for v in held)
+
+
+def test_step2_asks_q1_to_q5_in_the_test_order(synth, tmp_path):
+    out = _run("step2_multiquery.make_data", "--data", str(synth), "--out", str(tmp_path / "s2.jsonl"))
     assert out.returncode == 0, out.stderr
     recs = records.read_records(tmp_path / "s2.jsonl")
-    assert [r["conversations"][-1]["value"] == "No." for r in recs] == [k % 3 == 0 for k in range(len(views))]
+    test = builders.test_records(load_dataset(synth).split("train"))
+    by_id = {t["id"]: t for t in test}
+    fit = builders.select_part(load_dataset(synth).split("train"), "train", "fit")
+    assert [r["id"] for r in recs] == [v["id"] for v in fit]
+    for r in recs:  # the test record of the same view is the same conversation: Q1-Q5, no Q6
+        assert r["conversations"] == by_id[r["id"]]["conversations"]
+        assert records.count_placeholders(r) == 1
 
 
-def test_step3_pairs_balanced_and_truthful(synth, tmp_path):
+def test_step3_pairs_truthful_and_balanced_over_categories(synth, tmp_path):
     views = load_dataset(synth).split("train")
     wrong_answer = {v["id"]: "The object is remote." if v["category"] != "remote" else "The object is jar." for v in views}
     preds = {v["id"]: (wrong_answer[v["id"]] if k % 4 == 0 else category_answer(v["category"]))
              for k, v in enumerate(views)}
     (tmp_path / "p.json").write_text(json.dumps(preds))
     out = _run("step3_mpo.make_data", "--data", str(synth), "--out", str(tmp_path / "s3.jsonl"),
-               "--predictions", str(tmp_path / "p.json"))
+               "--predictions", str(tmp_path / "p.json"), "--part", "all")
     assert out.returncode == 0, out.stderr
     pairs = records.read_records(tmp_path / "s3.jsonl", kind="preference")
-    clarity = [p for p in pairs if p["id"].endswith("#clarity")]
     category = [p for p in pairs if p["id"].endswith("#category")]
+    assert len(category) == len(pairs)  # no Q6 pairs: the chain asks Q6 after the first answer, not alone
     n_wrong = sum(k % 4 == 0 for k in range(len(views)))
-    assert Counter(p["chosen"] for p in clarity) == {"Yes.": n_wrong, "No.": n_wrong}
-    for p in clarity:  # truthful: No. exactly when the model was wrong
-        vid = p["id"].split("#")[0]
-        assert (p["chosen"] == "No.") == (preds[vid] != category_answer(p["meta"]["category"]))
     assert len(category) == len(views)  # one per view: the wrong answers, and the right ones over another category
     for p in category:
         vid = p["id"].split("#")[0]
@@ -77,7 +78,7 @@ def test_step3_pairs_balanced_and_truthful(synth, tmp_path):
         assert (p["rejected"] == preds[vid]) == (not p["meta"]["correct"])
     assert Counter(p["meta"]["correct"] for p in category) == {False: n_wrong, True: len(views) - n_wrong}
     out = _run("step3_mpo.make_data", "--data", str(synth), "--out", str(tmp_path / "wrong.jsonl"),
-               "--predictions", str(tmp_path / "p.json"), "--wrong-answers-only")
+               "--predictions", str(tmp_path / "p.json"), "--wrong-answers-only", "--part", "all")
     assert out.returncode == 0, out.stderr
     only = [p for p in records.read_records(tmp_path / "wrong.jsonl", kind="preference") if p["id"].endswith("#category")]
     assert len(only) == n_wrong and all(p["rejected"] == preds[p["id"].split("#")[0]] for p in only)
@@ -90,37 +91,56 @@ def test_step3_predictions_for_another_dataset(synth, tmp_path, fixtures):
     assert not (tmp_path / "s3.jsonl").exists()
 
 
-def test_step4_cot_records(synth, tmp_path):
+def test_step4_chain_records(synth, tmp_path):
+    """Per held-out view: the check (Q1, then Q6 = the model's first answer was right), the second
+    look in its own conversation over image and render, stage 2's Q1-Q5 as replay, plans."""
     ds = load_dataset(synth)
-    views = ds.split("train")
-    clear = builders.clarity_from_occlusion(views, 0.5)
-    # without renders on disk the generator refuses
-    out = _run("step4_selfconsistency.make_data", "--data", str(synth), "--out", str(tmp_path / "s4.jsonl"),
-               "--renders", "renders/none")
-    assert out.returncode == 2 and "render missing" in out.stderr
-    recs = builders.step4_records(views, clear, "renders/oracle", plan_fraction=0.5)
-    cot = [r for r in recs if not r["id"].endswith("#plan")]
-    plans = [r for r in recs if r["id"].endswith("#plan")]
-    assert Counter(r["meta"]["clear"] for r in cot) == {True: sum(not c for c in clear.values()),
-                                                        False: sum(not c for c in clear.values())}
-    for r in cot:
+    views = builders.select_part(ds.split("train"), "train", "held-out")
+    first_right = {v["id"]: k % 3 != 0 for k, v in enumerate(views)}
+    recs = builders.step4_records(views, first_right, "renders/oracle", plan_fraction=0.5)
+    kinds = Counter(r["id"].partition("#")[2] for r in recs)
+    assert kinds[""] == kinds["second"] == kinds["replay"] == len(views) and 0 < kinds["plan"] < len(views)
+    for r in recs:
         records.validate_conversation(r, "test")
-        if r["meta"]["clear"]:
-            assert r["conversations"][-1]["value"] == "Yes." and isinstance(r["image"], str)
+        vid, _, kind = r["id"].partition("#")
+        truth = category_answer(r["meta"]["category"])
+        if kind == "":
+            assert r["conversations"] == chain.check_turns(truth, "Yes." if first_right[vid] else "No.")
+            assert r["conversations"][2]["value"] == Q6 and isinstance(r["image"], str)
+        elif kind == "second":
+            assert r["image"][1] == f"renders/oracle/{vid}.png"
+            assert r["conversations"] == [{"from": "human", "value": chain.SECOND_LOOK}, {"from": "gpt", "value": truth}]
+            assert records.count_placeholders(r) == 2
+        elif kind == "replay":
+            assert [t["value"] for t in r["conversations"][::2]] == [Q1, *(builders.QUESTIONS[q] for q in
+                                                                           ("Q2", "Q3", "Q4", "Q5"))]
         else:
-            assert r["image"][1] == f"renders/oracle/{r['id']}.png"
-            assert r["conversations"][3]["value"] == "No." and r["conversations"][4]["value"] == Q1
-    assert plans and all(p["conversations"] == [{"from": "human", "value": Q0}, {"from": "gpt", "value": Q0_PLAN}]
-                         for p in plans)
+            assert r["conversations"] == [{"from": "human", "value": Q0}, {"from": "gpt", "value": Q0_PLAN}]
+    assert not any(kind == "replay" for kind in (r["id"].partition("#")[2] for r in builders.step4_records(
+        views, first_right, "renders/oracle", replay=False)))
+
+
+def _first_answers(views, tmp_path) -> Path:
+    preds = {v["id"]: category_answer(v["category"] if k % 3 else "remote" if v["category"] != "remote" else "jar")
+             for k, v in enumerate(views)}
+    (tmp_path / "p.json").write_text(json.dumps(preds))
+    return tmp_path / "p.json"
 
 
 def test_oracle_renders_and_step4_cli(synth, tmp_path):
+    predictions = _first_answers(load_dataset(synth).split("train"), tmp_path)
+    # without renders on disk the generator refuses
+    out = _run("step4_selfconsistency.make_data", "--data", str(synth), "--out", str(tmp_path / "s4.jsonl"),
+               "--renders", "renders/none", "--predictions", str(predictions))
+    assert out.returncode == 2 and "render missing" in out.stderr
     out = _run("data_tools.renders", "--data", str(synth), "--split", "train", "--no-progress")
     assert out.returncode == 0, out.stderr
     out = _run("step4_selfconsistency.make_data", "--data", str(synth), "--out", str(tmp_path / "s4.jsonl"),
-               "--renders", "renders/oracle")
+               "--renders", "renders/oracle", "--predictions", str(predictions))
     assert out.returncode == 0, out.stderr
     recs = records.read_records(tmp_path / "s4.jsonl", root=synth, verify_images=True)
+    held = {v["id"] for v in builders.select_part(load_dataset(synth).split("train"), "train", "held-out")}
+    assert {r["id"].partition("#")[0] for r in recs} == held  # the chain's views only
     assert any(isinstance(r["image"], list) for r in recs)
     again = _run("data_tools.renders", "--data", str(synth), "--split", "train", "--no-progress")
     assert "rendered 0 new views" in again.stdout  # resumable: nothing redone
@@ -169,7 +189,7 @@ def test_relative_data_path(synth, tmp_path):
 
 
 def test_predictions_from_inference_jsonl(synth, tmp_path):
-    """Q6 labels from this project's own predictions.jsonl (one checkpoint chosen of two)."""
+    """The check's labels from this project's own predictions.jsonl (one checkpoint chosen of two)."""
     views = load_dataset(synth).split("train")
     lines = []
     for name, wrong_every in (("a", 2), ("b", 3)):
@@ -179,6 +199,6 @@ def test_predictions_from_inference_jsonl(synth, tmp_path):
                           "answers": {"Q1": category_answer(cat)}, "final": category_answer(cat)})
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     with pytest.raises(OccError, match="several checkpoints"):
-        builders.clarity_from_predictions(views, tmp_path / "predictions.jsonl")
-    clear = builders.clarity_from_predictions(views, tmp_path / "predictions.jsonl", checkpoint="b")
+        builders.first_answers_right(views, tmp_path / "predictions.jsonl")
+    clear = builders.first_answers_right(views, tmp_path / "predictions.jsonl", checkpoint="b")
     assert [clear[v["id"]] for v in views] == [k % 3 != 0 for k in range(len(views))]

@@ -1,5 +1,6 @@
-"""Chain-of-thought inference: Q1, Q6 and, for views the model calls unclear, Q1 again on a
-reconstruction render; no ground truth may steer it."""
+"""Chain-of-thought inference (occmllm.chain): Q1, the check (Q6) read as P(No.), and where it
+reaches the gate, the second look over the image and a reconstruction render; no ground truth may
+steer it; the gate chosen on one run predicts the next run's accuracy."""
 import json
 from pathlib import Path
 
@@ -8,26 +9,32 @@ import torch
 
 import inference
 from conftest import stop_inference_in_second_batch
-from occmllm.questions import Q1, Q6, category_answer
+from occmllm import chain
+from occmllm.questions import category_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
 def cot_setup(tiny_model, synth, tmp_path_factory):
-    """A tiny InternVL taught for a few steps to answer Q6 (``No.`` for views more than 30%
-    occluded), so both branches of the chain run; and a test file over ``synth``'s test views."""
+    """A tiny InternVL taught for a few steps the chain's records: the check (``No.`` for views more
+    than 30% occluded, so both branches run) and the second look over image and oracle render; and a
+    test file over ``synth``'s test views."""
     from data_tools import builders
     from data_tools.dataset import load_dataset
+    from data_tools.renders import render_views
     from occmllm.sft import run
     work = tmp_path_factory.mktemp("cot")
     ds = load_dataset(synth)
     views = ds.split(None)
-    recs = [{"id": v["id"], "image": v["image"],
-             "conversations": [{"from": "human", "value": Q1}, {"from": "gpt", "value": category_answer(v["category"])},
-                               {"from": "human", "value": Q6},
-                               {"from": "gpt", "value": "No." if v["occlusion"] > 0.3 else "Yes."}]}
-            for v in views]
+    render_views(synth, "renders/cot_oracle", None, progress=False)
+    recs = []
+    for v in views:
+        truth = category_answer(v["category"])
+        recs.append({"id": v["id"], "image": v["image"],
+                     "conversations": chain.check_turns(truth, "No." if v["occlusion"] > 0.3 else "Yes.")})
+        recs.append({"id": f"{v['id']}#second", "image": [v["image"], f"renders/cot_oracle/{v['id']}.png"],
+                     "conversations": chain.second_look_turns(truth)})
     builders.write_stage(recs, work / "train.jsonl", ds, "cot_train")
     builders.write_stage(builders.test_records(ds.split("test")), work / "test.jsonl", ds, "test")
     model = run(["--model_name_or_path", str(tiny_model), "--train_data", str(work / "train.jsonl"),
@@ -62,6 +69,12 @@ def test_cot_takes_no_ground_truth_and_reports_its_figures(cot_setup, recon_mode
 
     common = ["--checkpoint", f"m={model}", "--mode", "cot", "--recon", str(recon_model), "--recon-resolution", "24",
               "--batch-size", "4"]
+    # a gate between two of the views' P(No.), so both branches run
+    _run([*common, "--data", str(work / "test.jsonl"), "--out", str(tmp_path / "probe"), "--gate", "0"])
+    p_no = sorted({p["chain"]["p_no"] for p in _predictions(tmp_path / "probe")})
+    assert len(p_no) > 1
+    gate = (p_no[len(p_no) // 2 - 1] + p_no[len(p_no) // 2]) / 2
+    common += ["--gate", str(gate)]
     _run([*common, "--data", str(work / "test.jsonl"), "--out", str(tmp_path / "full")])
     _run([*common, "--data", str(stripped), "--out", str(tmp_path / "stripped")])
     full, bare = _predictions(tmp_path / "full"), _predictions(tmp_path / "stripped")
@@ -71,9 +84,10 @@ def test_cot_takes_no_ground_truth_and_reports_its_figures(cot_setup, recon_mode
     assert bare_report["rows"][0]["cot"]["calibration"] is None  # nothing to calibrate against
 
     unclear = [p for p in full if p["answers"]["Q6"] == "No."]
-    assert unclear, "the render branch must run"
-    for p in full:  # the render is asked about exactly when the model said No., and its answer is final
-        assert ("Q1#2" in p["answers"]) == (p["answers"]["Q6"] == "No.")
+    assert unclear and len(unclear) < len(full), "both branches must run"
+    for p in full:  # the second look is taken exactly where P(No.) reaches the gate, and its answer is final
+        assert p["chain"]["gate"] == gate
+        assert ("Q1#2" in p["answers"]) == (p["answers"]["Q6"] == "No.") == (p["chain"]["p_no"] >= gate)
         assert p["final"] == p["answers"].get("Q1#2", p["answers"]["Q1"])
     renders = sorted(x.stem for x in (tmp_path / "full/renders").glob("*.png"))
     assert renders == sorted(p["id"] for p in unclear)
@@ -84,14 +98,42 @@ def test_cot_takes_no_ground_truth_and_reports_its_figures(cot_setup, recon_mode
     assert "Chain of thought" in (tmp_path / "full/report.md").read_text()
 
 
-def test_no_render_unless_the_model_says_no(tiny_model, cot_setup, recon_model, tmp_path):
-    """The untrained model never answers Q6 with a parsable No.: nothing is reconstructed."""
+def test_the_gate_decides_the_second_look(tiny_model, cot_setup, recon_model, tmp_path):
+    """Gate 0 looks again everywhere; a gate above every P(No.) nowhere (and makes no render)."""
     work, _ = cot_setup
-    _run(["--checkpoint", f"base={tiny_model}", "--data", str(work / "test.jsonl"), "--out", str(tmp_path),
-          "--mode", "cot", "--recon", str(recon_model), "--recon-resolution", "24"])
-    preds = _predictions(tmp_path)
-    assert preds and all("Q1#2" not in p["answers"] and p["final"] == p["answers"]["Q1"] for p in preds)
-    assert not list((tmp_path / "renders").glob("*.png"))
+    common = ["--checkpoint", f"base={tiny_model}", "--data", str(work / "test.jsonl"), "--mode", "cot", "--recon",
+              str(recon_model), "--recon-resolution", "24"]
+    _run([*common, "--gate", "0", "--out", str(tmp_path / "all")])
+    everywhere = _predictions(tmp_path / "all")
+    assert everywhere and all("Q1#2" in p["answers"] for p in everywhere)
+    top = max(p["chain"]["p_no"] for p in everywhere)
+    assert top < 1
+    _run([*common, "--gate", str(min(1.0, top + 1e-4)), "--out", str(tmp_path / "none")])
+    nowhere = _predictions(tmp_path / "none")
+    assert all("Q1#2" not in p["answers"] and p["final"] == p["answers"]["Q1"] for p in nowhere)
+    assert [p["answers"]["Q1"] for p in nowhere] == [p["answers"]["Q1"] for p in everywhere]
+    assert not list((tmp_path / "none/renders").glob("*.png"))
+
+
+def test_gate_chosen_on_one_run_predicts_the_next(cot_setup, recon_model, tmp_path):
+    """``python -m occmllm.chain gate`` on a run that looked everywhere writes the checkpoint's gate;
+    a run with it (read from the checkpoint) scores the accuracy the choice predicted."""
+    import shutil
+    work, model = cot_setup
+    ckpt = shutil.copytree(model, tmp_path / "ckpt")
+    common = ["--checkpoint", f"m={ckpt}", "--data", str(work / "test.jsonl"), "--mode", "cot", "--recon",
+              str(recon_model), "--recon-resolution", "24"]
+    _run([*common, "--gate", "0", "--out", str(tmp_path / "sweep")])
+    assert chain.main(["gate", "--predictions", str(tmp_path / "sweep/predictions.jsonl"), "--data",
+                       str(work / "test.jsonl"), "--save", str(ckpt)]) == 0
+    choice = json.loads((ckpt / chain.GATE_FILE).read_text())
+    assert chain.read_gate(ckpt) == choice["gate"]
+    _run([*common, "--out", str(tmp_path / "gated")])
+    gated = _predictions(tmp_path / "gated")
+    assert {p["chain"]["gate"] for p in gated} == {choice["gate"]}
+    row = json.loads((tmp_path / "gated/report.json").read_text())["rows"][0]
+    assert row["final_accuracy"] == pytest.approx(choice["accuracy"])
+    assert row["final_accuracy"] >= choice["first_only_accuracy"]
 
 
 def test_plain_and_cot_rows_share_one_report(cot_setup, recon_model, tmp_path, capsys):

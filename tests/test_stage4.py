@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import STAGE4_RENDERS as RENDERS
+from occmllm import chain as rules
 from occmllm import records
 from occmllm import selfcorrect as sc
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
@@ -42,6 +43,10 @@ def _chain(answers, category="jar"):
 
 # --- (b) which tokens the loss reads ------------------------------------------------------------
 
+def _supervised(tok, conv):
+    return "".join(tok.decode([conv.ids[i]]) for i in conv.sampled)
+
+
 def test_loss_mask_is_the_sampled_answer_tokens(tiny_model, stage4_file):
     model, processor = load_model(tiny_model)
     tok = processor.tokenizer
@@ -49,46 +54,51 @@ def test_loss_mask_is_the_sampled_answer_tokens(tiny_model, stage4_file):
     sampler = sc.ChainSampler(processor, max_new_tokens=8)
     _scripted(sampler, tok, [("The object is jar.", True), ("No.", True), ("The object is can.", True)])
     chain, = sampler.sample(model, [view], 1)
-    supervised = [tok.decode([chain.ids[i]]) for i in chain.sampled]
-    print("supervised positions:", chain.sampled)
-    print("supervised tokens:", supervised)
-    assert "".join(supervised) == "The object is jar.<|im_end|>No.<|im_end|>The object is can.<|im_end|>"
-    assert chain.images == [view.image, view.render] and chain.answers == ["The object is jar.", "No.",
-                                                                            "The object is can."]
-    # exactly the positions SFT supervises in the same conversation (answers + end-of-turn tokens),
-    # and token for token the same ids: no prompt, question or image token is in the loss
-    enc = ConversationEncoder(processor).encode(load_images(chain.images), chain.history())
-    assert chain.ids == enc.input_ids[: len(chain.ids)]
-    assert chain.sampled == [i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX]
-    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    assert sum(t == image_token for t in chain.ids) == 2 * processor.image_seq_length
-    assert not any(chain.ids[i] == image_token for i in chain.sampled)
-    first = len(sampler.encoder.prompt_ids([1], [{"from": "human", "value": sc.Q1}]))
-    assert chain.sampled[:6] == list(range(first, first + 6))  # attempt 1 follows the first prompt directly
+    assert _supervised(tok, chain.check) == "The object is jar.<|im_end|>No.<|im_end|>"
+    assert _supervised(tok, chain.second) == "The object is can.<|im_end|>"
+    assert chain.answers == ["The object is jar.", "No.", "The object is can."]
+    # each conversation is exactly what SFT encodes for the same turns, supervised on the same
+    # positions (answers + end-of-turn tokens): no prompt, question or image token is in the loss
+    encoder = ConversationEncoder(processor)
+    for conv, images, turns in ((chain.check, [view.image], rules.check_turns(*chain.answers[:2])),
+                                (chain.second, [view.image, view.render], rules.second_look_turns(chain.answers[2]))):
+        enc = encoder.encode(load_images(images), turns)
+        assert conv.ids == enc.input_ids[: len(conv.ids)]
+        assert conv.sampled == [i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX]
+        assert torch.equal(conv.pixel_values, enc.pixel_values)
+        image_token = tok.convert_tokens_to_ids(processor.image_token)
+        assert sum(t == image_token for t in conv.ids) == len(images) * processor.image_seq_length
+        assert not any(conv.ids[i] == image_token for i in conv.sampled)
+    # the second look cannot see the first answer: its prompt is the fresh second-look question alone
+    prompt = chain.second.ids[: chain.second.sampled[0]]
+    assert prompt == encoder.prompt_ids([1, 1], rules.second_look_turns())
+    assert "jar" not in tok.decode(prompt)
+    first = len(sampler.encoder.prompt_ids([1], rules.first_turns()))
+    assert chain.check.sampled[:6] == list(range(first, first + 6))  # attempt 1 follows the first prompt directly
     batch = sc.chain_batch([chain], sampler)
-    assert batch.sampled[0].nonzero().squeeze(1).tolist() == chain.sampled
+    assert batch.owner.tolist() == [0, 0] and batch.sampled[0].nonzero().squeeze(1).tolist() == chain.check.sampled
     assert tok.decode(batch.input_ids[0, batch.first[0]].tolist()) == "The object is jar.<|im_end|>"  # attempt 1
-    assert torch.equal(batch.pixel_values, enc.pixel_values)  # the image, then the render
+    assert not batch.first[1].any()
+    assert torch.equal(batch.pixel_values, torch.cat([chain.check.pixel_values, chain.second.pixel_values]))
 
-    # "Yes." ends the chain after Q6; an answer cut off by max_new_tokens gets an end-of-turn token
-    # to close the turn, which the policy did not sample and the loss does not read
+    # "Yes." ends the chain after the check; an answer cut off by max_new_tokens gets an end-of-turn
+    # token to close the turn, which the policy did not sample and the loss does not read
     _scripted(sampler, tok, [("The object is", False), ("Yes.", True)])
     chain, = sampler.sample(model, [view], 1)
-    supervised = [tok.decode([chain.ids[i]]) for i in chain.sampled]
-    print("cut-off chain, supervised tokens:", supervised)
-    assert "".join(supervised) == "The object isYes.<|im_end|>"
-    assert chain.images == [view.image] and len(chain.answers) == 2
-    closing = chain.sampled[len(tok.encode("The object is")) - 1] + 1
-    assert chain.ids[closing] == tok.eos_token_id and closing not in chain.sampled
+    assert _supervised(tok, chain.check) == "The object isYes.<|im_end|>"
+    assert chain.second is None and len(chain.answers) == 2
+    closing = chain.check.sampled[len(tok.encode("The object is")) - 1] + 1
+    assert chain.check.ids[closing] == tok.eos_token_id and closing not in chain.check.sampled
 
 
 def test_rewards_and_advantages():
-    w = sc.RewardWeights(1.0, 0.5, 0.5)
-    assert sc.score_chain(_chain(["The object is can.", "No.", "The object is jar."]), w) == 2.0  # fixed
+    w = sc.RewardWeights(1.0, 0.5)
+    assert sc.score_chain(_chain(["The object is can.", "No.", "The object is jar."]), w) == 1.5  # fixed
     assert sc.score_chain(_chain(["The object is jar.", "Yes."]), w) == 1.5        # right and sure
     assert sc.score_chain(_chain(["The object is jar.", "No.", "The object is can."]), w) == 0.0  # broke it
     assert sc.score_chain(_chain(["The object is can.", "Yes."]), w) == 0.0        # wrong and sure
     assert sc.score_chain(_chain(["The object is can.", "No.", "The object is can."]), w) == 0.5  # knew, no fix
+    assert sc.score_chain(_chain(["The object is jar.", "No.", "The object is jar."]), w) == 1.0  # looked for nothing
     assert sc.score_chain(_chain(["The object is jar.", "maybe"]), w) == 1.0       # no calibration credit
     adv = sc.group_advantages(torch.tensor([2.0, 0.0, 1.0, 1.0, 1.0, 1.0]), 3, scale=False)
     assert adv.tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 0.0]
@@ -98,7 +108,7 @@ def test_rewards_and_advantages():
 
 def test_attempt_one_is_scored_on_its_own(tiny_model, stage4_file):
     """Attempt 1 wrong, then No. and a fixed answer: the best chain of its group, yet its attempt-1
-    tokens get a negative advantage (right first answers are better), and the Q6 and attempt-2
+    tokens get a negative advantage (right first answers are better), and its check and second-look
     tokens the chain's positive one."""
     model, processor = load_model(tiny_model)
     tok = processor.tokenizer
@@ -106,21 +116,23 @@ def test_attempt_one_is_scored_on_its_own(tiny_model, stage4_file):
     right = f"The object is {view.category}."
     wrong = f"The object is {'can' if view.category != 'can' else 'jar'}."
     sampler = sc.ChainSampler(processor, max_new_tokens=8)
-    scripts = [[(wrong, True), ("No.", True), (right, True)],  # fixed: r 2.0, r1 0
-               [(right, True), ("Yes.", True)]]                # right and sure: r 1.5, r1 1
+    scripts = [[(wrong, True), ("No.", True), (right, True)],  # fixed: r 1.5, r1 0
+               [(right, True), ("No.", True), (right, True)]]  # right, looked for nothing: r 1.0, r1 1
     chains = []
     for script in scripts:
         _scripted(sampler, tok, script)
         chains += sampler.sample(model, [view], 1)
-    w = sc.RewardWeights(1.0, 0.5, 0.5)
+    w = sc.RewardWeights(1.0, 0.5)
     rewards = torch.tensor([sc.score_chain(c, w) for c in chains])
-    assert rewards.tolist() == [2.0, 1.5] and [sc.score_first(c, w) for c in chains] == [0.0, 1.0]
+    assert rewards.tolist() == [1.5, 1.0] and [sc.score_first(c, w) for c in chains] == [0.0, 1.0]
     batch = sc.chain_batch(chains, sampler)
+    assert batch.owner.tolist() == [0, 1, 0, 1]  # both checks, then both second looks
     first = batch.first[:, batch.columns]
     sampled = batch.sampled[:, batch.columns]
     split = sc.token_advantages(chains, batch, rewards, 2, False, lambda c: sc.score_first(c, w))
     assert (split[0][first[0]] == -0.5).all() and (split[0][sampled[0] & ~first[0]] == 0.25).all()
     assert (split[1][first[1]] == 0.5).all() and (split[1][sampled[1] & ~first[1]] == -0.25).all()
+    assert (split[2][sampled[2]] == 0.25).all() and (split[3][sampled[3]] == -0.25).all()  # the second looks
     whole = sc.token_advantages(chains, batch, rewards, 2, False)  # without it: the chain's advantage throughout
     assert (whole[0][sampled[0]] == 0.25).all() and (whole[1][sampled[1]] == -0.25).all()
 
@@ -142,7 +154,7 @@ def test_policy_gradient_is_zero_exactly_when_rewards_are_equal(tiny_model, stag
     sampler = sc.ChainSampler(processor, max_new_tokens=6)
     views = sc.load_views(stage4_file, renders=RENDERS)[:2]
     chains = sampler.sample(model, views, 3)
-    assert all(c.sampled for c in chains)
+    assert all(c.check.sampled for c in chains)
     varied = sc.group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 0.0]), 3, scale=True)
     grads = _grads(model, sampler, chains, varied)
     assert sum(g.abs().sum().item() for g in grads if g is not None) > 0
@@ -184,7 +196,7 @@ def test_kl_to_the_reference_starts_at_zero_and_grows(tiny_model, stage4_file):
 # --- (c) learning -----------------------------------------------------------------------------------
 
 def says_no(chain) -> float:
-    """A reward for one behaviour: asking for the reconstruction (Q6 answered No)."""
+    """A reward for one behaviour: asking for the second look (the check answered No)."""
     return float(sc.chain_outcome(chain)["said_no"])
 
 
@@ -227,18 +239,17 @@ def test_stage4_config_and_views(stage4_file):
         (ModelArguments, DataArguments, PhaseArguments, sc.SelfCorrectArguments, TrainingArguments), [], CONFIG)
     assert model.model_name_or_path == "outputs/demo/checkpoints/step3"
     assert data.train_data == "outputs/demo/stages/step4_train.jsonl"
-    assert training.output_dir == "outputs/demo/checkpoints/step4" and phases.phases == "sft,rl"
-    assert (rl.reward_correct, rl.reward_calibration, rl.reward_fix, rl.kl_beta) == (1.0, 0.5, 0.5, 0.02)
+    assert training.output_dir == "outputs/demo/checkpoints/step4" and phases.phases == "sft"
+    assert (rl.reward_correct, rl.reward_calibration, rl.kl_beta) == (1.0, 0.5, 0.02)
     args = sc.rl_training_arguments(training, rl)
     assert (args.max_steps, args.learning_rate, args.per_device_train_batch_size) == (
         rl.rl_steps, rl.rl_learning_rate, rl.rl_images_per_step)
     recs = records.read_records(stage4_file)
     views = sc.load_views(stage4_file, renders=RENDERS)
-    assert len(views) == sum(not r["id"].endswith("#plan") for r in recs)
+    assert [v.id for v in views] == [r["id"] for r in recs if "#" not in r["id"]]  # the check records
     assert all(v.render.parent.name == "stage4_test" and v.render.name == f"{v.id}.png" for v in views)
-    no_render = sc.load_views(stage4_file, renders="renders/none")  # unclear views keep their second image
-    assert {v.id for v in no_render if v.render == v.image} == {
-        r["id"] for r in recs if not isinstance(r["image"], list) and not r["id"].endswith("#plan")}
+    no_render = sc.load_views(stage4_file, renders="renders/none")  # no render: the image itself
+    assert all(v.render == v.image for v in no_render)
 
 
 @pytest.mark.slow
@@ -247,10 +258,17 @@ def test_stage4_runs_both_phases(tiny_model, stage4_file, tmp_path):
     out = run(["--model_name_or_path", str(tiny_model), "--train_data", str(stage4_file), "--output_dir",
                str(tmp_path / "step4"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--augment", "false",
                "--save_strategy", "no", "--rl_steps", "2", "--rl_images_per_step", "2", "--rl_group_size", "2",
-               "--rl_max_new_tokens", "6", "--renders", RENDERS, "--disable_tqdm", "true"], default_config=CONFIG)
+               "--rl_max_new_tokens", "6", "--renders", RENDERS, "--disable_tqdm", "true", "--phases", "sft,rl"],
+              default_config=CONFIG)
     assert out == tmp_path / "step4"
     load_model(tmp_path / "step4_cot_sft")  # phase 1's checkpoint, where phase 2 started
     load_model(out)
+    # the config's phase 1 alone saves the stage's checkpoint into output_dir
+    alone = run(["--model_name_or_path", str(tiny_model), "--train_data", str(stage4_file), "--output_dir",
+                 str(tmp_path / "sft_only"), "--max_steps", "1", "--per_device_train_batch_size", "4", "--augment",
+                 "false", "--save_strategy", "no", "--disable_tqdm", "true"], default_config=CONFIG)
+    assert alone == tmp_path / "sft_only" and not (tmp_path / "sft_only_cot_sft").exists()
+    load_model(alone)
 
 
 def test_missing_stage3_checkpoint_is_one_line_error(tmp_path, capsys):

@@ -102,22 +102,18 @@ def test_preference_with_same_answers_is_an_error(tiny_model, tmp_path, capsys):
 # --- stage-3 data ----------------------------------------------------------------------------
 
 def test_reference_clarity_pairs(synth_small, tmp_path):
-    """--reference-clarity: the reference file's question text, clarity pairs only, same labels."""
+    """--reference-clarity: the reference file's question text, clarity pairs only, balanced, with
+    No. chosen exactly where the model's answer was wrong."""
     views = load_dataset(synth_small).split(None)
     preds = _predictions(views)
     (tmp_path / "p.json").write_text(json.dumps(preds))
     from step3_mpo.make_data import main
-    assert main(["--data", str(synth_small), "--split", "train", "--out", str(tmp_path / "default.jsonl"),
-                 "--predictions", str(tmp_path / "p.json")]) == 0
-    assert main(["--data", str(synth_small), "--split", "train", "--out", str(tmp_path / "ref.jsonl"),
+    assert main(["--data", str(synth_small), "--split", "train", "--part", "all", "--out", str(tmp_path / "ref.jsonl"),
                  "--predictions", str(tmp_path / "p.json"), "--reference-clarity"]) == 0
-    default = records.read_records(tmp_path / "default.jsonl", "preference")
     ref = records.read_records(tmp_path / "ref.jsonl", "preference")
     assert {r["question"] for r in ref} == {"Is it clear to identify the object in the hand?\n"}
     assert Counter(r["chosen"] for r in ref) == {"Yes.": len(ref) // 2, "No.": len(ref) // 2}
-    clarity = {r["id"]: (r["chosen"], r["rejected"]) for r in default if r["id"].endswith("#clarity")}
-    assert {r["id"]: (r["chosen"], r["rejected"]) for r in ref} == clarity
-    for r in ref:  # the reference's rule: No. chosen exactly where the model's answer was wrong
+    for r in ref:
         assert (r["chosen"] == "No.") == (preds[r["id"].split("#")[0]] != category_answer(r["meta"]["category"]))
 
 
@@ -135,8 +131,9 @@ def test_preference_rows_are_the_sft_tokens(tiny_model, synth_small, step3_file)
     dataset = mpo.preference_dataset(step3_file, None, processor)
     recs = records.read_records(step3_file, "preference")
     assert len(dataset) == len(recs) and dataset[0]["id"] == recs[0]["id"]
-    picks = [0, len(recs) - 1]  # a clarity pair and a category pair
-    assert [recs[k]["id"].split("#")[1] for k in picks] == ["clarity", "category"]
+    # a pair against the model's wrong answer and one against another category
+    picks = [next(k for k, r in enumerate(recs) if not r["meta"]["correct"]),
+             next(k for k, r in enumerate(recs) if r["meta"]["correct"])]
     batch = DataCollatorForVisionPreference(processor)([dict(dataset[k]) for k in picks])
     encoder = ConversationEncoder(processor)
     rows = [(k, "chosen") for k in picks] + [(k, "rejected") for k in picks]  # TRL's order: chosen, then rejected
@@ -186,7 +183,7 @@ def test_stage2_trains_from_stage1_checkpoint(tiny_model, synth_small, tmp_path)
     step1 = shutil.copytree(tiny_model, tmp_path / "step1")  # a stage-1-like checkpoint
     ds = load_dataset(synth_small)
     views = ds.split(None)
-    step2 = builders.write_stage(builders.step2_records(views, builders.clarity_from_occlusion(views)),
+    step2 = builders.write_stage(builders.step2_records(views),
                                  tmp_path / "step2.jsonl", ds, "step2")
     out = subprocess.run([sys.executable, "-m", "step2_multiquery.train", "--model_name_or_path", str(step1),
                           "--train_data", str(step2), "--output_dir", str(tmp_path / "step2"), "--max_steps", "2",
@@ -198,7 +195,7 @@ def test_stage2_trains_from_stage1_checkpoint(tiny_model, synth_small, tmp_path)
     args = torch.load(tmp_path / "step2/training_args.bin", weights_only=False)
     assert args.learning_rate == 5e-4 and args.max_steps == 2  # stage 2's config, flags on top
     changed = [n for n, p in trained.named_parameters() if not torch.equal(p, before.get_parameter(n))]
-    assert any("language_model" in n for n in changed) and any("vision_tower" in n for n in changed)
+    assert any("language_model" in n for n in changed) and not any("vision_tower" in n for n in changed)  # frozen
 
 
 def _log_ratio_margins(policy, reference, encoder, root, recs) -> torch.Tensor:

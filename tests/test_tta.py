@@ -51,6 +51,25 @@ def test_one_step_moves_likelihood_toward_the_best_rewarded(setup):
     assert torch.softmax(after, 0)[1] > torch.softmax(before, 0)[1]
 
 
+def test_sgd_update_follows_the_reward_and_adamw_does_not(setup):
+    """Halving every reward halves SGD's first step; AdamW's first step is about the learning rate
+    whatever the reward's size."""
+    model, encoder, pixels, tiles = setup
+    tta.only_adapted_trainable(model)
+    batch = tta.answer_batch(encoder, Q1, [category_answer(c) for c in CATEGORIES[:3]], pixels, tiles)
+    params = tta.adapted_parameters(model)
+
+    def first_step(rewards, optimizer, lr=1.0):  # steps far above the weights' float32 resolution
+        with tta.Episode(params) as episode:
+            tta.adapt(model, batch, rewards, steps=1, lr=lr, optimizer=optimizer)
+            return torch.cat([(p - s).flatten() for p, s in zip(params, episode.saved)])
+    rewards = tta.baseline_rewards(torch.tensor([1.0, 0.0, 0.5]))
+    full, half = first_step(rewards, "sgd"), first_step(rewards / 2, "sgd")
+    assert full.abs().max() > 1e-3 and torch.allclose(half, full / 2, rtol=1e-3, atol=1e-6)
+    full, half = first_step(rewards, "adamw", 1e-2), first_step(rewards / 2, "adamw", 1e-2)
+    assert abs(half.norm() / full.norm() - 1) < 0.05  # the same size (Adam's eps aside)
+
+
 def test_episode_restores_every_weight_bit_for_bit(setup):
     model, encoder, pixels, tiles = setup
     tta.only_adapted_trainable(model)

@@ -1,0 +1,192 @@
+"""The chain of thought: one definition for the data builders, every training stage, inference and
+the report.
+
+1. **First answer**: Q1 with the image.
+2. **Check**: Q6 ("Is it clear to identify the object in the hand?") asked right after the first
+   answer, in the same conversation. ``No.`` means one thing in every stage: *the first answer is
+   likely wrong*. Its training labels come from the model's own first answers on views it never
+   trained on (the held-out share of the training split, ``is_held_out``), never from occlusion.
+3. **Second look**, where the check says ``No.``: Q1 asked again in a fresh conversation that shows
+   the image and the reconstruction render (``SECOND_LOOK``). The first answer is not in it, so the
+   second look cannot copy it.
+4. **Gate**: at inference the second look is taken where P(``No.``) (the model's probability of
+   ``No.`` against ``Yes.`` as the check's answer) is at least the gate. The gate is chosen on the
+   validation split (``choose_gate``; ``python -m occmllm.chain gate``) and stored with the
+   checkpoint (``GATE_FILE``); without one it is 0.5, the model's own verdict.
+5. **Final answer**: the second look's where it was taken, else the first.
+
+The RL reward (``reward``) pays for a right final answer and for a truthful check (``No.`` exactly
+when the first answer is wrong). It pays nothing for ``No.`` by itself, so a policy that always
+says ``No.`` earns at most what a policy that answers right and says ``Yes.`` earns.
+
+Answer keys in predictions: ``Q1`` (first answer), ``Q6`` (the check, as decided by the gate),
+``Q1#2`` (the second look, where taken); the P(``No.``) of each view is kept beside them.
+
+    python -m occmllm.chain gate --predictions VAL/predictions.jsonl --data VAL.jsonl --checkpoint NAME --save CKPT
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from occmllm import fileio
+from occmllm.errors import OccError, cli
+from occmllm.questions import IMAGE_TOKEN, NO, Q1, Q6, YES, parse_category
+
+FIRST, CHECK, SECOND = "Q1", "Q6", "Q1#2"
+CHECK_QUESTION = Q6
+# The image and, after the question, the render: two placeholders, filled in that order.
+SECOND_LOOK = f"{Q1}\n{IMAGE_TOKEN}"
+GATE_FILE = "chain_gate.json"
+DEFAULT_GATE = 0.5
+HELD_OUT_SHARE = 0.25  # of the training scenes: the chain's views, kept out of stages 1 and 2
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def is_held_out(scene: str, share: float = HELD_OUT_SHARE) -> bool:
+    """Whether a training scene belongs to the chain's held-out share (decided by a hash of the scene
+    id, so a scene's views stay together and the split does not depend on the order of the views)."""
+    digest = hashlib.sha256(str(scene).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < share
+
+
+def check_answer(first_right: bool) -> str:
+    """The check's label: ``Yes.`` where the first answer was right, ``No.`` where it was wrong."""
+    return YES if first_right else NO
+
+
+def first_turns(first_answer: str | None = None) -> list[dict]:
+    """The first answer's conversation: Q1 (with the image), and the answer when given."""
+    turns = [{"from": "human", "value": Q1}]
+    if first_answer is not None:
+        turns.append({"from": "gpt", "value": first_answer.replace(IMAGE_TOKEN, "")})
+    return turns
+
+
+def check_turns(first_answer: str, check: str | None = None) -> list[dict]:
+    """The check's conversation: the first answer's, then Q6 (and its answer when given)."""
+    turns = first_turns(first_answer) + [{"from": "human", "value": CHECK_QUESTION}]
+    if check is not None:
+        turns.append({"from": "gpt", "value": check})
+    return turns
+
+
+def second_look_turns(answer: str | None = None) -> list[dict]:
+    """The second look's own conversation: Q1 over the image and the render, nothing before it."""
+    turns = [{"from": "human", "value": SECOND_LOOK}]
+    if answer is not None:
+        turns.append({"from": "gpt", "value": answer})
+    return turns
+
+
+# --- decisions ---------------------------------------------------------------------------------------
+
+def looks_again(p_no: float, gate: float) -> bool:
+    return p_no >= gate
+
+
+def final_answer(first: str, second: str | None) -> str:
+    return second if second is not None else first
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    correct: float = 1.0
+    calibration: float = 0.5
+
+
+def reward(first_right: bool, said_no: bool | None, final_right: bool,
+           weights: RewardWeights = RewardWeights()) -> float:
+    """A chain's reward: a right final answer, and a check that tells the truth about the first
+    answer (``said_no`` None: the check's answer did not parse, which earns nothing)."""
+    truthful = said_no is not None and said_no == (not first_right)
+    return weights.correct * final_right + weights.calibration * truthful
+
+
+# --- the gate ----------------------------------------------------------------------------------------
+
+def gate_table(rows: list[tuple[float, bool, bool]]) -> list[dict]:
+    """Final accuracy at every useful gate, for views given as (P(No.), first right, second right):
+    the second look taken where P(No.) >= gate. Candidates: each view's P(No.), and one above all."""
+    if not rows:
+        raise OccError("no labelled views to choose the gate on")
+    gates = sorted({p for p, _, _ in rows} | {1.0 + 1e-9})
+    out = []
+    for g in gates:
+        right = sum(second if looks_again(p, g) else first for p, first, second in rows)
+        looked = sum(looks_again(p, g) for p, _, _ in rows)
+        out.append({"gate": g, "accuracy": right / len(rows), "looked": looked / len(rows)})
+    return out
+
+
+def choose_gate(rows: list[tuple[float, bool, bool]]) -> dict:
+    """The gate with the best final accuracy; among ties, the one that looks again least (the
+    second look costs a reconstruction)."""
+    table = gate_table(rows)
+    best = max(table, key=lambda r: (round(r["accuracy"], 12), -r["looked"]))
+    never = table[-1]
+    return {**best, "first_only_accuracy": never["accuracy"], "n": len(rows)}
+
+
+def gate_rows(predictions: list[dict], truths: dict[str, str]) -> list[tuple[float, bool, bool]]:
+    """(P(No.), first right, second right) of each labelled view of a chain run in which the second
+    look was taken everywhere (``--gate 0``)."""
+    rows = []
+    for p in predictions:
+        truth = truths.get(str(p["id"]))
+        if truth is None:
+            continue
+        answers, chain = p["answers"], p.get("chain") or {}
+        if SECOND not in answers or "p_no" not in chain:
+            raise OccError(f"prediction {p['id']!r}: no second look or P(No.); choose the gate on a chain run "
+                           "that looks again everywhere (inference.py --mode cot --gate 0)")
+        rows.append((float(chain["p_no"]), parse_category(answers[FIRST]) == truth,
+                     parse_category(answers[SECOND]) == truth))
+    return rows
+
+
+def read_gate(checkpoint: str | Path) -> float:
+    path = Path(checkpoint) / GATE_FILE
+    if not path.is_file():
+        return DEFAULT_GATE
+    gate = fileio.read_json(path).get("gate")
+    if not isinstance(gate, (int, float)):
+        raise OccError(f"{path}: no numeric 'gate'; choose it again (python -m occmllm.chain gate)")
+    return float(gate)
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m occmllm.chain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gate", help="choose the second-look gate on a validation chain run (--gate 0)")
+    g.add_argument("--predictions", required=True, type=Path, help="predictions.jsonl of inference.py --mode cot --gate 0")
+    g.add_argument("--data", required=True, type=Path, help="the labelled records the run answered")
+    g.add_argument("--checkpoint", help="which checkpoint's rows, when the file has several")
+    g.add_argument("--save", type=Path, help=f"checkpoint folder to write {GATE_FILE} into")
+    args = p.parse_args(argv)
+    from occmllm import records
+    from occmllm.report import truth_category
+    truths = {str(r["id"]): truth_category(r) for r in records.read_records(args.data, kind="test")}
+    preds = [row for _, row in fileio.iter_jsonl(args.predictions)
+             if row.get("mode") == "cot" and (args.checkpoint is None or row.get("checkpoint") == args.checkpoint)]
+    names = {row.get("checkpoint") for row in preds}
+    if len(names) > 1:
+        raise OccError(f"{args.predictions}: chain rows of {len(names)} checkpoints ({', '.join(sorted(map(str, names)))}); "
+                       "pick one with --checkpoint")
+    choice = choose_gate(gate_rows(preds, {k: v for k, v in truths.items() if v is not None}))
+    print(f"gate {choice['gate']:.4f}: final accuracy {choice['accuracy']:.4f} with the second look on "
+          f"{choice['looked']:.1%} of {choice['n']} views (first answers alone: {choice['first_only_accuracy']:.4f})")
+    if args.save is not None:
+        fileio.write_json(args.save / GATE_FILE, {**choice, "predictions": str(args.predictions)})
+        print(f"wrote {args.save / GATE_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The chain of thought's rules (occmllm.chain): its turns, the held-out share, the reward, the gate."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from occmllm import chain
+from occmllm.errors import OccError
+from occmllm.questions import IMAGE_TOKEN, NO, Q1, Q6, YES, question_id
+
+
+def test_turns_follow_one_order():
+    first = chain.first_turns("The object is jar.")
+    assert first == [{"from": "human", "value": Q1}, {"from": "gpt", "value": "The object is jar."}]
+    check = chain.check_turns("The object is jar.", NO)
+    assert check[:2] == first and check[2] == {"from": "human", "value": Q6} and check[3]["value"] == NO
+    # the second look stands alone: one question over two images, the first answer nowhere in it
+    second = chain.second_look_turns()
+    assert len(second) == 1 and second[0]["value"].count(IMAGE_TOKEN) == 2
+    assert question_id(second[0]["value"]) == "Q1"
+    assert chain.first_turns("<image> jar")[1]["value"] == " jar"  # an answer cannot open an image slot
+    assert chain.check_answer(True) == YES and chain.check_answer(False) == NO
+
+
+def test_held_out_share_is_by_scene_and_stable():
+    scenes = [f"s{i:05d}" for i in range(4000)]
+    held = [chain.is_held_out(s) for s in scenes]
+    assert abs(np.mean(held) - chain.HELD_OUT_SHARE) < 0.03
+    assert held == [chain.is_held_out(s) for s in scenes]  # a hash of the id: the same every run
+    assert not any(chain.is_held_out(s, share=0.0) for s in scenes)
+
+
+def test_always_no_earns_no_more_than_answering_right():
+    """For every outcome of a chain that says No., the reward is at most that of a right first
+    answer followed by Yes.; and No. by itself pays nothing."""
+    w = chain.RewardWeights(1.0, 0.5)
+    right_and_sure = chain.reward(True, False, True, w)
+    for first_right, final_right in itertools.product((True, False), repeat=2):
+        assert chain.reward(first_right, True, final_right, w) <= right_and_sure
+    # the same outcome with and without a look: No. adds only what telling the truth adds
+    assert chain.reward(True, True, True, w) < chain.reward(True, False, True, w)
+    assert chain.reward(False, True, False, w) == chain.reward(False, False, False, w) + w.calibration
+    assert chain.reward(True, None, True, w) == w.correct  # an unreadable check earns nothing
+
+
+def test_chosen_gate_is_the_best_by_brute_force():
+    rng = np.random.default_rng(0)
+    rows = [(float(rng.random()), bool(rng.random() < 0.7), bool(rng.random() < 0.6)) for _ in range(200)]
+    choice = chain.choose_gate(rows)
+
+    def accuracy(gate):
+        return np.mean([second if p >= gate else first for p, first, second in rows])
+    grid = np.linspace(0, 1.01, 2000)
+    assert choice["accuracy"] == pytest.approx(max(accuracy(g) for g in grid))
+    assert choice["accuracy"] == pytest.approx(accuracy(choice["gate"]))
+    assert choice["first_only_accuracy"] == pytest.approx(np.mean([f for _, f, _ in rows]))
+    # a second look that never helps: the gate looks nowhere
+    never = chain.choose_gate([(p, True, False) for p, _, _ in rows])
+    assert never["looked"] == 0 and never["accuracy"] == 1.0
+    with pytest.raises(OccError, match="no labelled views"):
+        chain.choose_gate([])
+
+
+def test_gate_rows_need_a_run_that_looked_everywhere(tmp_path):
+    preds = [{"id": "a", "answers": {"Q1": "The object is jar.", "Q6": "No.", "Q1#2": "The object is can."},
+              "chain": {"p_no": 0.2}},
+             {"id": "b", "answers": {"Q1": "The object is jar.", "Q6": "Yes."}, "chain": {"p_no": 0.1}}]
+    assert chain.gate_rows(preds[:1], {"a": "can"}) == [(0.2, False, True)]
+    with pytest.raises(OccError, match="--gate 0"):
+        chain.gate_rows(preds, {"a": "can", "b": "jar"})
+    assert chain.read_gate(tmp_path) == chain.DEFAULT_GATE
+    (tmp_path / chain.GATE_FILE).write_text(json.dumps({"gate": 0.3}))
+    assert chain.read_gate(tmp_path) == 0.3
+    (tmp_path / chain.GATE_FILE).write_text(json.dumps({"gate": "high"}))
+    with pytest.raises(OccError, match="numeric"):
+        chain.read_gate(tmp_path)
