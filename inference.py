@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from occmllm import fileio, records, report
+from occmllm.chain import DEFAULT_GATE
 from occmllm.errors import OccError, cli
 from occmllm.questions import IMAGE_TOKEN, category_answer
 
@@ -157,7 +158,7 @@ class Context:
     checkpoint), the CLIP reward model and settings (tta)."""
     renders: "RenderCache | None" = None
     alpha: float | None = None
-    gate: float = 0.5                   # cot: the second look where P(No.) >= gate (per checkpoint)
+    gate: float = DEFAULT_GATE          # cot: the second look where P(No.) >= gate (per checkpoint)
     clip: tuple | None = None           # (model, tokenizer, image processor) from occmllm.clip.load
     tta: object | None = None           # occmllm.tta.TTASettings
 

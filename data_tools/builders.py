@@ -62,14 +62,25 @@ def step2_records(views: list[dict]) -> list[dict]:
     """Stage 2: one multi-turn record per view asking Q1-Q5 in the test records' order, so every
     test conversation is one of them. Q6 is the chain's question (``occmllm.chain``), asked after the
     first answer in stages 3-4, where the model's own answers give its labels."""
-    return [{"id": v["id"], "image": v["image"], "conversations": _q1_to_q5(v), "meta": view_meta(v)} for v in views]
+    return [{"id": v["id"], "image": v["image"], "conversations": _asked_in_turn(v), "meta": view_meta(v)}
+            for v in views]
 
 
-def _q1_to_q5(view: dict) -> list[dict]:
+IMAGE_FACT_QUESTIONS = ("Q1", *ATTRIBUTE_QUESTIONS, "Q5")
+
+
+def _asked_in_turn(view: dict, question_ids: tuple[str, ...] = IMAGE_FACT_QUESTIONS) -> list[dict]:
+    """The view's reference answers to ``question_ids``, asked in order in one conversation; the
+    first question carries the image placeholder, the others none."""
     ans = _answers(view)
-    turns = [_human(Q1), _gpt(ans["Q1"])]
-    for qid in (*ATTRIBUTE_QUESTIONS, "Q5"):
-        turns += [_human(QUESTIONS[qid]), _gpt(ans[qid])]
+    turns = []
+    for k, qid in enumerate(question_ids):
+        text = QUESTIONS[qid]
+        if k == 0 and "<image>" not in text:
+            text = f"{text}\n<image>"
+        if k > 0:
+            text = text.replace("\n<image>", "")
+        turns += [_human(text), _gpt(ans[qid])]
     return turns
 
 
@@ -150,12 +161,13 @@ def step4_records(views: list[dict], first_right: dict[str, bool], renders_dir: 
     for v in views:
         truth = category_answer(v["category"])
         right = first_right[v["id"]]
-        out.append({"id": v["id"], "image": v["image"], "conversations": chain.check_turns(truth, chain.check_answer(right)),
+        out.append({"id": v["id"], "image": v["image"],
+                    "conversations": chain.check_turns(truth, chain.check_answer(right)),
                     "meta": view_meta(v, first_right=right)})
         out.append({"id": f"{v['id']}#second", "image": [v["image"], render_path(renders_dir, v["id"])],
                     "conversations": chain.second_look_turns(truth), "meta": view_meta(v)})
         if replay:
-            out.append({"id": f"{v['id']}#replay", "image": v["image"], "conversations": _q1_to_q5(v),
+            out.append({"id": f"{v['id']}#replay", "image": v["image"], "conversations": _asked_in_turn(v),
                         "meta": view_meta(v)})
         if rng.random() < plan_fraction:
             out.append({"id": f"{v['id']}#plan", "image": v["image"],
@@ -163,25 +175,14 @@ def step4_records(views: list[dict], first_right: dict[str, bool], renders_dir: 
     return out
 
 
-def test_records(views: list[dict], question_ids: tuple[str, ...] = ("Q1", "Q2", "Q3", "Q4", "Q5")) -> list[dict]:
+def test_records(views: list[dict], question_ids: tuple[str, ...] = IMAGE_FACT_QUESTIONS) -> list[dict]:
     """The test set: one multi-turn record per view asking ``question_ids`` in order (the first
     carries the image placeholder)."""
-    unknown = [q for q in question_ids if q not in ("Q1", *ATTRIBUTE_QUESTIONS, "Q5")]
+    unknown = [q for q in question_ids if q not in IMAGE_FACT_QUESTIONS]
     if unknown or not question_ids:
         raise OccError(f"test questions must be among Q1-Q5, got {', '.join(question_ids) or 'none'}")
-    out = []
-    for v in views:
-        ans = _answers(v)
-        turns = []
-        for k, qid in enumerate(question_ids):
-            text = QUESTIONS[qid]
-            if k == 0 and "<image>" not in text:
-                text = f"{text}\n<image>"
-            if k > 0:
-                text = text.replace("\n<image>", "")
-            turns += [_human(text), _gpt(ans[qid])]
-        out.append({"id": v["id"], "image": v["image"], "conversations": turns, "meta": view_meta(v)})
-    return out
+    return [{"id": v["id"], "image": v["image"], "conversations": _asked_in_turn(v, question_ids),
+             "meta": view_meta(v)} for v in views]
 
 
 # --- writing ---------------------------------------------------------------------------------

@@ -165,7 +165,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gate", help="choose the second-look gate on a validation chain run (--gate 0)")
-    g.add_argument("--predictions", required=True, type=Path, help="predictions.jsonl of inference.py --mode cot --gate 0")
+    g.add_argument("--predictions", required=True, type=Path,
+                   help="predictions.jsonl of inference.py --mode cot --gate 0")
     g.add_argument("--data", required=True, type=Path, help="the labelled records the run answered")
     g.add_argument("--checkpoint", help="which checkpoint's rows, when the file has several")
     g.add_argument("--save", type=Path, help=f"checkpoint folder to write {GATE_FILE} into")
@@ -177,8 +178,8 @@ def main(argv=None) -> int:
              if row.get("mode") == "cot" and (args.checkpoint is None or row.get("checkpoint") == args.checkpoint)]
     names = {row.get("checkpoint") for row in preds}
     if len(names) > 1:
-        raise OccError(f"{args.predictions}: chain rows of {len(names)} checkpoints ({', '.join(sorted(map(str, names)))}); "
-                       "pick one with --checkpoint")
+        listed = ", ".join(sorted(map(str, names)))
+        raise OccError(f"{args.predictions}: chain rows of {len(names)} checkpoints ({listed}); pick one with --checkpoint")
     choice = choose_gate(gate_rows(preds, {k: v for k, v in truths.items() if v is not None}))
     print(f"gate {choice['gate']:.4f}: final accuracy {choice['accuracy']:.4f} with the second look on "
           f"{choice['looked']:.1%} of {choice['n']} views (first answers alone: {choice['first_only_accuracy']:.4f})")
