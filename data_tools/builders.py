@@ -15,8 +15,8 @@ from data_tools.dataset import Dataset
 from data_tools.predictions import read_predictions
 from occmllm import chain, fileio, records
 from occmllm.errors import OccError
-from occmllm.questions import (ATTRIBUTE_QUESTIONS, CATEGORIES, Q0, Q0_PLAN, Q1, Q6, QUESTIONS, YES, answers_for,
-                               category_answer, yes_no)
+from occmllm.questions import (ATTRIBUTE_QUESTIONS, CAPTION_PROMPT, CATEGORIES, Q0, Q0_PLAN, Q1, Q6, QUESTIONS, YES,
+                               answers_for, caption, category_answer, yes_no)
 
 
 def view_meta(view: dict, **extra) -> dict:
@@ -56,6 +56,15 @@ def q1_record(view: dict) -> dict:
 def step1_records(views: list[dict]) -> list[dict]:
     """Stage 1: the category question, one record per view."""
     return [q1_record(v) for v in views]
+
+
+def caption_records(views: list[dict]) -> list[dict]:
+    """The pretrained base's alignment data (make base): each view with its caption
+    (``questions.caption``: category and colour), so the projector and the language model learn to
+    read the tower's tokens before any stage asks a question of the recipe."""
+    return [{"id": v["id"], "image": v["image"],
+             "conversations": [_human(CAPTION_PROMPT), _gpt(caption(v["category"], v.get("colour")))],
+             "meta": view_meta(v)} for v in views]
 
 
 def step2_records(views: list[dict]) -> list[dict]:

@@ -32,6 +32,7 @@ from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIP
 
 from data_tools.dataset import load_dataset
 from occmllm import questions as q
+from occmllm.questions import caption  # the text that stands for a category, in training and in scoring
 from occmllm.conversation import load_images
 from occmllm.errors import OccError, cli
 from occmllm.fileio import dumps, read_json, replace_folder, resolve_in_root
@@ -44,11 +45,6 @@ MAX_TEXT_TOKENS = 64
 DEFAULT_STEPS = 600
 DEFAULT_BATCH = 32
 DEFAULT_LR = 2e-3
-
-
-def caption(category: str) -> str:
-    """The text that stands for a category, in training and in scoring."""
-    return f"a photo of a {category} in a hand"
 
 
 # --- building ---------------------------------------------------------------------------------

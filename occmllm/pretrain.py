@@ -34,6 +34,7 @@ from occmllm.conversation import ConversationEncoder, load_images
 from occmllm.errors import OccError, cli
 from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint
 from occmllm.questions import CATEGORIES, CATEGORY_ATTRIBUTES
+from occmllm.tiny import MERGE_HELP, build
 
 INFO = "pretrain.json"
 
@@ -160,6 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--base", type=Path, help="checkpoint to start from [a fresh tiny InternVL, occmllm.tiny, with "
                                              "--image-size]")
     p.add_argument("--image-size", type=int, default=64, help="tile size of the fresh tiny model [64]")
+    p.add_argument("--merge", type=int, default=2, help="of the fresh tiny model: " + MERGE_HELP)
     p.add_argument("--train", required=True, type=Path, help="stage-1 JSONL of the pretraining scenes")
     p.add_argument("--val", type=Path, help="stage-1 JSONL to report the tower's category accuracy on")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
@@ -173,9 +175,9 @@ def main(argv=None) -> int:
         raise OccError("--epochs and --batch must be at least 1 and --lr positive")
     import tempfile
 
-    from occmllm.tiny import build
     with tempfile.TemporaryDirectory() as tmp:  # holds the fresh tiny model when no --base is given
-        base = args.base or build(Path(tmp) / "tiny", image_size=args.image_size, seed=args.seed)
+        base = args.base or build(Path(tmp) / "tiny", image_size=args.image_size, seed=args.seed,
+                                     merge=args.merge)
         info = pretrain(base, args.train, args.val, args.out, args.epochs, args.batch, args.lr, args.seed,
                         not args.no_progress)
     print(json.dumps(info))

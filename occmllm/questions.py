@@ -54,13 +54,25 @@ def yes_no(flag: bool) -> str:
     return YES if flag else NO
 
 
+def _with_article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+# The pretrained base's alignment data (make base) and CLIP's text: a caption, not a question of
+# the recipe, so the base learns to read images without learning the recipe's answers.
+CAPTION_PROMPT = "Write a short caption for this image.\n<image>"
+
+
+def caption(category: str, colour: str | None = None) -> str:
+    """``a photo of a bottle in a hand``; with a colour, ``a photo of an orange bottle in a hand``."""
+    return f"a photo of {_with_article(f'{colour} {category}' if colour else category)} in a hand"
+
+
 def description(category: str, colour: str | None = None) -> str:
     """Q5 answer composed from category, colour and attributes, e.g.
     ``A red bottle. It is round and long.``"""
     attrs = [name for name, on in CATEGORY_ATTRIBUTES[category].items() if on]
-    noun = f"{colour} {category}" if colour else category
-    article = "An" if noun[0] in "aeiou" else "A"
-    text = f"{article} {noun}."
+    text = _with_article(f"{colour} {category}" if colour else category).capitalize() + "."
     if attrs:
         text += " It is " + (" and ".join(attrs) if len(attrs) <= 2 else ", ".join(attrs[:-1]) + " and " + attrs[-1]) + "."
     return text

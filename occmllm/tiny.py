@@ -114,10 +114,10 @@ def init_vision_tower(tower: InternVLVisionModel, seed: int = 0) -> None:
 
 
 def build(out: Path, image_size: int = 96, patch_size: int = 8, vision_hidden: int = 96, vision_layers: int = 4,
-          text_hidden: int = 128, text_layers: int = 2, seed: int = 0) -> Path:
-    if image_size % (2 * patch_size):
-        raise OccError(f"--image-size {image_size} must be a multiple of 2 x --patch-size ({2 * patch_size}) "
-                       "for InternVL's 2x2 pixel shuffle")
+          text_hidden: int = 128, text_layers: int = 2, seed: int = 0, merge: int = 2) -> Path:
+    if image_size % (merge * patch_size):
+        raise OccError(f"--image-size {image_size} must be a multiple of --merge x --patch-size ({merge * patch_size}) "
+                       f"for InternVL's {merge}x{merge} pixel shuffle")
     for flag, width in (("--vision-hidden", vision_hidden), ("--text-hidden", text_hidden)):
         if width % 4:
             raise OccError(f"{flag} {width} must be a multiple of 4 (the tiny model's 4 attention heads)")
@@ -132,7 +132,7 @@ def build(out: Path, image_size: int = 96, patch_size: int = 8, vision_hidden: i
         num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5,
+    config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=1 / merge,
                             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
                             projector_hidden_act="gelu", vision_feature_layer=-1,
                             vision_feature_select_strategy="default")
@@ -140,7 +140,7 @@ def build(out: Path, image_size: int = 96, patch_size: int = 8, vision_hidden: i
     init_vision_tower(model.model.vision_tower, seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tokens_per_tile = (image_size // patch_size) ** 2 // 4
+    tokens_per_tile = (image_size // patch_size // merge) ** 2
     image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size},
                                                crop_to_patches=False, max_patches=1)
     processor = ImageOnlyInternVLProcessor(image_processor, tokenizer, image_seq_length=tokens_per_tile,
@@ -150,6 +150,11 @@ def build(out: Path, image_size: int = 96, patch_size: int = 8, vision_hidden: i
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return out
+
+
+MERGE_HELP = ("patches per side merged into one image token by the pixel shuffle [2, as InternVL does]; the "
+              "demo's base merges all 8 x 8 (one token an image), so its two-layer language model reads every "
+              "patch in its place, as the pretrained tower learned to be read (benchmarks/RESULTS.md)")
 
 
 @cli
@@ -164,11 +169,12 @@ def main(argv=None) -> int:
     p.add_argument("--text-hidden", type=int, default=128)
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge", type=int, default=2, help=MERGE_HELP)
     args = p.parse_args(argv)
     if args.out.exists():
         raise OccError(f"{args.out} already exists; choose another --out or remove it")
     build(args.out, args.image_size, args.patch_size, args.vision_hidden, args.vision_layers, args.text_hidden,
-          args.text_layers, args.seed)
+          args.text_layers, args.seed, args.merge)
     n = sum(t.numel() for t in InternVLForConditionalGeneration.from_pretrained(args.out).parameters())
     print(f"wrote tiny InternVL ({n / 1e6:.2f}M parameters) to {args.out}")
     return 0

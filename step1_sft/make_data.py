@@ -2,6 +2,9 @@
 split, the scenes stages 1-2 fit: the chain's held-out share is left for stages 3-4).
 
     python -m step1_sft.make_data --data DATA --out OUT.jsonl [--split train] [--part fit]
+
+With ``--captions`` it writes the pretrained base's alignment data instead (make base): each view
+with a caption of its object, not a question of the recipe.
 """
 from __future__ import annotations
 
@@ -14,10 +17,14 @@ from occmllm.errors import cli
 
 @cli
 def main(argv=None) -> int:
-    args = builders.stage_parser("python -m step1_sft.make_data", __doc__, part="fit").parse_args(argv)
+    p = builders.stage_parser("python -m step1_sft.make_data", __doc__, part="fit")
+    p.add_argument("--captions", action="store_true", help="write captions (the base's alignment data) instead of Q1")
+    args = p.parse_args(argv)
     dataset = load_dataset(args.data)
-    recs = builders.step1_records(builders.stage_views(dataset, args))
-    builders.report(builders.write_stage(recs, args.out, dataset, f"step1_{args.split}"), recs)
+    views = builders.stage_views(dataset, args)
+    recs = builders.caption_records(views) if args.captions else builders.step1_records(views)
+    name = f"{'captions' if args.captions else 'step1'}_{args.split}"
+    builders.report(builders.write_stage(recs, args.out, dataset, name), recs)
     return 0
 
 

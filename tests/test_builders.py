@@ -12,7 +12,7 @@ from data_tools import builders
 from data_tools.dataset import load_dataset
 from occmllm import chain, records
 from occmllm.errors import OccError
-from occmllm.questions import Q0, Q0_PLAN, Q1, Q6, category_answer
+from occmllm.questions import CAPTION_PROMPT, Q0, Q0_PLAN, Q1, Q6, category_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +31,21 @@ def test_step1(synth, tmp_path):
         assert r["conversations"] == [{"from": "human", "value": Q1}, {"from": "gpt", "value": category_answer(v["category"])}]
         assert r["meta"]["occlusion"] == v["occlusion"]
     assert (tmp_path / "s1.meta.json").is_file()
+
+
+def test_captions(synth, tmp_path):
+    """The base's alignment data: every view of the training split with its object's caption, no
+    question of the recipe."""
+    out = _run("step1_sft.make_data", "--data", str(synth), "--out", str(tmp_path / "c.jsonl"), "--part", "all",
+               "--captions")
+    assert out.returncode == 0, out.stderr
+    recs = records.read_records(tmp_path / "c.jsonl", root=synth, verify_images=True)
+    train = load_dataset(synth).split("train")
+    assert [r["id"] for r in recs] == [v["id"] for v in train]
+    for r, v in zip(recs, train):
+        assert r["conversations"] == [{"from": "human", "value": CAPTION_PROMPT},
+                                      {"from": "gpt", "value": f"a photo of a{'n' if v['colour'][0] in 'aeiou' else ''} "
+                                                               f"{v['colour']} {v['category']} in a hand"}]
 
 
 def test_parts_split_the_training_scenes(synth):

@@ -155,6 +155,24 @@ def test_tiny_build_refuses_widths_its_heads_cannot_split(tmp_path):
     assert not (tmp_path / "tiny").exists()
 
 
+def test_tiny_build_merges_patches_into_fewer_image_tokens(tmp_path):
+    """``merge`` patches per side become one image token: 32 px tiles of 8 px patches are 4 x 4
+    patches, so 4 tokens a tile at merge 2 (InternVL's pixel shuffle) and 1 at merge 4, whose
+    projector then reads all 16 patches, each in its place. A merge that does not divide the grid
+    is refused."""
+    from occmllm.tiny import build
+    for merge, tokens in ((2, 4), (4, 1)):
+        out = build(tmp_path / f"m{merge}", image_size=32, vision_hidden=32, vision_layers=1, text_hidden=32,
+                    text_layers=1, merge=merge)
+        model, processor = load_model(out)
+        assert processor.image_seq_length == tokens
+        features = model.get_image_features(pixel_values=torch.zeros(3, 3, 32, 32), return_dict=True).pooler_output
+        assert features.shape == (3, tokens, 32)
+        assert model.model.multi_modal_projector.linear_1.in_features == 32 * merge * merge
+    with pytest.raises(OccError, match="multiple of --merge x --patch-size"):
+        build(tmp_path / "m3", image_size=32, merge=3)
+
+
 def _train(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, "-m", "step1_sft.train", *args], capture_output=True, text=True,
                           cwd=cwd, env=env)
