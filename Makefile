@@ -109,15 +109,16 @@ demo-report:
 		--out $(DEMO)/report
 
 # OCC-MLLM-Alpha on the final checkpoint: the dual visual path (a short fine-tune with a learnable
-# alpha on the held-out views and their reconstruction renders), and test-time adaptation with a
+# alpha on the held-out views' Q1-Q5, so Q2-Q5 are kept, and their reconstruction renders; steps
+# and alpha chosen on validation, benchmarks/RESULTS.md), and test-time adaptation with a
 # tiny CLIP trained on the dataset's image/caption pairs
-DEMO_DUAL_STEPS ?= 160
+DEMO_DUAL_STEPS ?= 320
 demo-alpha:
 	$(PY) -m occmllm.clip build --out $(DEMO)/models/clip --image-size 64
 	$(PY) -m occmllm.clip train --clip $(DEMO)/models/clip --data $(DEMO)/data --no-progress
 	$(PY) -m occmllm.clip zero-shot --clip $(DEMO)/models/clip --data $(DEMO)/data --split test \
 		| tee $(DEMO)/models/clip/zero_shot.txt
-	$(PY) -m step1_sft.make_data --data $(DEMO)/data --out $(DEMO)/stages/dual_train.jsonl --part held-out
+	$(PY) -m step2_multiquery.make_data --data $(DEMO)/data --out $(DEMO)/stages/dual_train.jsonl --part held-out
 	PYTHON=$(PY) bash step1_sft/run.sh --model_name_or_path $(DEMO)/checkpoints/step4 \
 		--train_data $(DEMO)/stages/dual_train.jsonl --dual_renders renders/recon \
 		--output_dir $(DEMO)/checkpoints/step4_dual --dual_alpha 0.5 --dual_learnable true \
