@@ -136,7 +136,7 @@ demo-alpha:
 # demo's (a scene is drawn from its seed and index alone, so none is shared with the demo's splits).
 # The tiny model merges each image's 8 x 8 patches into one token (InternVL: 2 x 2): the tower is
 # pretrained to be read patch by patch, and the two-layer language model reads it best that way
-# (benchmarks/RESULTS.md, "The pretrained base").
+# (benchmarks/RESULTS.md, "Why the VLM read less than its tower, and the aligned base").
 BASE := occmllm/pretrained/tiny-synthocc
 BASE_SCENES ?= 16000
 BASE_SEED ?= 1

@@ -270,7 +270,7 @@ def run_tta(generate: Generator, batch: list[Sample], context: Context) -> list[
     from occmllm import clip as clip_module
     from occmllm import tta
     from occmllm.conversation import load_images
-    from occmllm.questions import Q1
+    from occmllm.questions import Q1, caption
     model, encoder, settings = generate.model, generate.encoder, context.tta
     clip_model, clip_tokenizer, clip_processor = context.clip
     tta.only_adapted_trainable(model)
@@ -280,7 +280,7 @@ def run_tta(generate: Generator, batch: list[Sample], context: Context) -> list[
         pixels, tiles = encoder.pixel_values(image)
         cands = tta.candidates(model, encoder, Q1, pixels, tiles, settings.k)
         scores = clip_module.scores(clip_model, clip_tokenizer, clip_processor, image,
-                                    [clip_module.caption(c) for c in cands])[0]
+                                    [caption(c) for c in cands])[0]
         best = category_answer(cands[int(scores.argmax())])
         answers = tta.answer_batch(encoder, Q1, [category_answer(c) for c in cands], pixels, tiles)
         with tta.Episode(tta.adapted_parameters(model)):

@@ -32,7 +32,6 @@ from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIP
 
 from data_tools.dataset import load_dataset
 from occmllm import questions as q
-from occmllm.questions import caption  # the text that stands for a category, in training and in scoring
 from occmllm.conversation import load_images
 from occmllm.errors import OccError, cli
 from occmllm.fileio import dumps, read_json, replace_folder, resolve_in_root
@@ -59,7 +58,7 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     instead of at the end token. Here the end token has id 1, so pooling reads the first
     ``<|endoftext|>``: the real end of the text, whatever padding follows."""
     from occmllm.tiny import _corpus, byte_level_bpe
-    tok = byte_level_bpe([caption(c) for c in q.CATEGORIES] + _corpus(), vocab_size, [START, END])
+    tok = byte_level_bpe([q.caption(c) for c in q.CATEGORIES] + _corpus(), vocab_size, [START, END])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{START} $A {END}", special_tokens=[(START, tok.token_to_id(START)), (END, tok.token_to_id(END))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=START, eos_token=END, pad_token=END,
@@ -131,7 +130,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
 def _check_pooling(path: Path, model: CLIPModel, tokenizer) -> None:
     """The text model must pool at the last token the tokenizer writes (its end token), or every
     text embedding reads the wrong position without any error."""
-    ids = tokenizer(caption(q.CATEGORIES[0])).input_ids
+    ids = tokenizer(q.caption(q.CATEGORIES[0])).input_ids
     eos = model.config.text_config.eos_token_id
     # eos_token_id == 2 is transformers' legacy path: pool at the highest token id.
     pooled = max(range(len(ids)), key=ids.__getitem__) if eos == 2 else (ids.index(eos) if eos in ids else None)
@@ -240,7 +239,7 @@ def train(clip_dir: str | os.PathLike, data_root: str | os.PathLike, split: str 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     images = _Images(dataset, image_processor)
-    text = tokenizer([caption(c) for c in q.CATEGORIES], padding=True, return_tensors="pt")
+    text = tokenizer([q.caption(c) for c in q.CATEGORIES], padding=True, return_tensors="pt")
     index = {c: i for i, c in enumerate(q.CATEGORIES)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
@@ -289,7 +288,7 @@ def zero_shot(clip_dir: str | os.PathLike, data_root: str | os.PathLike, split: 
         raise OccError(f"--limit {limit} leaves no views to score")
     model, tokenizer, image_processor = load(clip_dir)
     images = _Images(dataset, image_processor)
-    texts = _text_embeds(model, tokenizer, [caption(c) for c in q.CATEGORIES])
+    texts = _text_embeds(model, tokenizer, [q.caption(c) for c in q.CATEGORIES])
     right, total = defaultdict(int), defaultdict(int)
     for i in range(0, len(views), batch_size):
         chunk = views[i:i + batch_size]

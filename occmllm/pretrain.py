@@ -7,7 +7,7 @@ scratch inside stage 1 on the demo's 5,120 images, stays far below what the pixe
 vision tower, with a throw-away head, to name the category and the round/long/thin attributes of
 every view of a labelled conversation file (stage 1's format, ``meta.category``), then saves the
 whole InternVL with the trained tower. The projector and the language model keep their fresh
-weights: the training stages teach those.
+weights (``make base`` then aligns them to the tower on captions).
 
 Give it SynthOcc scenes that the demo never uses (another ``--seed``): pretraining on the same
 synthetic distribution flatters the demo compared with real data, and must never see the demo's
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m occmllm.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, help="checkpoint to start from [a fresh tiny InternVL, occmllm.tiny, with "
-                                             "--image-size]")
+                                             "--image-size and --merge]")
     p.add_argument("--image-size", type=int, default=64, help="tile size of the fresh tiny model [64]")
     p.add_argument("--merge", type=int, default=2, help="of the fresh tiny model: " + MERGE_HELP)
     p.add_argument("--train", required=True, type=Path, help="stage-1 JSONL of the pretraining scenes")

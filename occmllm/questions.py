@@ -58,8 +58,9 @@ def _with_article(noun: str) -> str:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
-# The pretrained base's alignment data (make base) and CLIP's text: a caption, not a question of
-# the recipe, so the base learns to read images without learning the recipe's answers.
+# The pretrained base's alignment data (make base) asks for a caption, not a question of the
+# recipe, so the base learns to read images without learning the recipe's answers. CLIP's text is
+# the same caption without a colour.
 CAPTION_PROMPT = "Write a short caption for this image.\n<image>"
 
 

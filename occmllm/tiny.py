@@ -115,6 +115,8 @@ def init_vision_tower(tower: InternVLVisionModel, seed: int = 0) -> None:
 
 def build(out: Path, image_size: int = 96, patch_size: int = 8, vision_hidden: int = 96, vision_layers: int = 4,
           text_hidden: int = 128, text_layers: int = 2, seed: int = 0, merge: int = 2) -> Path:
+    if merge < 1:
+        raise OccError(f"--merge {merge} must be at least 1 (patches per side in one image token)")
     if image_size % (merge * patch_size):
         raise OccError(f"--image-size {image_size} must be a multiple of --merge x --patch-size ({merge * patch_size}) "
                        f"for InternVL's {merge}x{merge} pixel shuffle")

@@ -22,9 +22,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dataset = load_dataset(args.data)
     views = builders.stage_views(dataset, args)
-    recs = builders.caption_records(views) if args.captions else builders.step1_records(views)
-    name = f"{'captions' if args.captions else 'step1'}_{args.split}"
-    builders.report(builders.write_stage(recs, args.out, dataset, name), recs)
+    build, name = (builders.caption_records, "captions") if args.captions else (builders.step1_records, "step1")
+    recs = build(views)
+    builders.report(builders.write_stage(recs, args.out, dataset, f"{name}_{args.split}"), recs)
     return 0
 
 

@@ -10,7 +10,7 @@ from data_tools.dataset import load_dataset
 from occmllm import clip
 from occmllm.conversation import load_images
 from occmllm.errors import OccError
-from occmllm.questions import CATEGORIES
+from occmllm.questions import CATEGORIES, caption
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +40,7 @@ def test_build_load_round_trip(clip_dir, loaded):
         assert torch.equal(a, b), name
     assert not model.training
     assert image_processor.crop_size == {"height": 32, "width": 32}
-    ids = tokenizer(clip.caption("knife")).input_ids
+    ids = tokenizer(caption("knife")).input_ids
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert model.config.text_config.eos_token_id == tokenizer.eos_token_id != 2  # 2 = transformers' legacy pooling
 
@@ -53,7 +53,7 @@ def _text_embed(model, ids):
 @torch.no_grad()
 def test_text_pooling_reads_the_end_token(loaded):
     model, tokenizer, _ = loaded
-    ids = tokenizer(clip.caption("bottle")).input_ids
+    ids = tokenizer(caption("bottle")).input_ids
     end = tokenizer.eos_token_id
     a, b = tokenizer.convert_tokens_to_ids(["a", "b"])
     base = _text_embed(model, ids + [a, a])
@@ -66,7 +66,7 @@ def test_text_pooling_reads_the_end_token(loaded):
     hidden = model.text_model(input_ids=torch.tensor([ids + [a, a]])).last_hidden_state[0]
     assert torch.allclose(base, model.text_projection(hidden[ids.index(end)]), atol=1e-6)
     # padding a batch changes nothing
-    short, long = clip.caption("can"), "a photo of a cellphone in a hand. It is thin."
+    short, long = caption("can"), "a photo of a cellphone in a hand. It is thin."
     batch = clip._text_embeds(model, tokenizer, [short, long])
     assert torch.allclose(batch[0], clip._text_embeds(model, tokenizer, [short])[0], atol=1e-5)
 
@@ -75,7 +75,7 @@ def test_text_pooling_reads_the_end_token(loaded):
 def test_scores_is_clip_s(loaded, synth_small):
     model, tokenizer, image_processor = loaded
     _, images = _views_and_images(synth_small, 5)
-    texts = [clip.caption(c) for c in CATEGORIES] + ["The object is jar."]
+    texts = [caption(c) for c in CATEGORIES] + ["The object is jar."]
     got = clip.scores(model, tokenizer, image_processor, images, texts)
     assert got.shape == (5, 9) and (got >= 0).all()
 
@@ -100,7 +100,7 @@ def test_loss_is_clips_own_when_categories_differ(loaded, synth_small):
     idx = sorted(firsts.values())
     labels = torch.tensor([CATEGORIES.index(views[i]["category"]) for i in idx])
     assert len(idx) >= 3
-    enc = tokenizer([clip.caption(CATEGORIES[k]) for k in labels], padding=True, return_tensors="pt")
+    enc = tokenizer([caption(CATEGORIES[k]) for k in labels], padding=True, return_tensors="pt")
     out = model(**enc, pixel_values=image_processor(images=[images[i] for i in idx], return_tensors="pt").pixel_values,
                 return_loss=True)
     assert torch.allclose(clip.contrastive_loss(out.logits_per_image, labels), out.loss, atol=1e-6)
@@ -117,7 +117,7 @@ def _loss_on(clip_dir, data):
     model, tokenizer, image_processor = clip.load(clip_dir)
     views, images = _views_and_images(data)
     labels = torch.tensor([CATEGORIES.index(v["category"]) for v in views])
-    enc = tokenizer([clip.caption(v["category"]) for v in views], padding=True, return_tensors="pt")
+    enc = tokenizer([caption(v["category"]) for v in views], padding=True, return_tensors="pt")
     out = model(**enc, pixel_values=image_processor(images=images, return_tensors="pt").pixel_values)
     return clip.contrastive_loss(out.logits_per_image, labels).item()
 

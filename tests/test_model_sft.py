@@ -171,6 +171,8 @@ def test_tiny_build_merges_patches_into_fewer_image_tokens(tmp_path):
         assert model.model.multi_modal_projector.linear_1.in_features == 32 * merge * merge
     with pytest.raises(OccError, match="multiple of --merge x --patch-size"):
         build(tmp_path / "m3", image_size=32, merge=3)
+    with pytest.raises(OccError, match="--merge 0 must be at least 1"):
+        build(tmp_path / "m0", image_size=32, merge=0)
 
 
 def _train(*args, cwd=ROOT, env=None):
