@@ -25,6 +25,9 @@ outside the question set is ``"T<turn number>"``), as :func:`turns_of` names the
                "seconds": float | null, "samples_per_s": float | null,
                "cot": {"no_rate", "calibration", "no_when_wrong", "yes_when_right",      # chain-of-thought rows only
                        "wrong_to_right", "right_to_wrong"}}],
+     "gains": [{"row": [checkpoint, mode], "against": [checkpoint, mode],   # see compared_with
+                "final": {"n", "delta", "se", "gained", "lost"},               # paired: see paired_difference
+                "most_occluded_third": {"n", "delta", "se", "gained", "lost"}}],
      "confusion": {"checkpoint": str, "mode": str, "truth": [categories], "predicted": [categories + "(none)"],
                    "matrix": [[count]]} | null}
 
@@ -37,8 +40,9 @@ accuracy null. For an unlabelled file every accuracy is null and ``confusion`` i
 ``most_occluded_third`` is the final accuracy on the third of the scored records with the highest
 occlusion ratio (the same records for every row; ``min_occlusion`` is the lowest ratio among them):
 the views the second look is for, in a group large enough to compare, where the top fixed bin may
-hold a handful. ``se`` is sqrt(p (1 - p) / n): two rows whose accuracies differ by less than about
-twice it are within the noise of one test set.
+hold a handful. ``se`` is sqrt(p (1 - p) / n), the spread of one accuracy over test sets of this
+size. Whether one row beats another is judged by the paired se in ``gains`` instead: rows that
+agree on most records differ far more surely than their two se's suggest.
 """
 from __future__ import annotations
 
@@ -150,8 +154,8 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
     asked = {key for r in records for key in predictions[r["id"]]["answers"]}
     correct: Counter = Counter()
     scored: Counter = Counter()
-    final_correct = final_scored = 0
-    final_right: dict = {}  # record id -> final answer right, for the scored records
+    final_right = final_correctness(records, predictions)  # record id -> final answer right, scored records
+    final_scored, final_correct = len(final_right), sum(final_right.values())
     nbins = len(OCCLUSION_EDGES) - 1
     bin_n, bin_correct = [0] * (nbins + 1), [0] * (nbins + 1)  # the last slot: no occlusion ratio
     for rec in records:
@@ -161,12 +165,9 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
             if turn.key in asked and turn.reference is not None:
                 scored[turn.key] += 1
                 correct[turn.key] += is_correct(turn.qid, pred["answers"].get(turn.key, ""), turn.reference)
-        fin = _final_turn(rec)
-        if fin.reference is None:  # an unlabelled record: answered, not scored
+        if rec["id"] not in final_right:  # an unlabelled record: answered, not scored
             continue
-        ok = final_right[rec["id"]] = is_correct(fin.qid, pred["final"], fin.reference)
-        final_scored += 1
-        final_correct += ok
+        ok = final_right[rec["id"]]
         b = occlusion_bin(rec)
         b = nbins if b is None else b
         bin_n[b] += 1
@@ -194,6 +195,55 @@ def score_row(checkpoint: str, mode: str, records: list[dict], predictions: dict
             "by_occlusion": by_occlusion,
             "seconds": round(seconds, 4) if seconds is not None else None,
             "samples_per_s": round(timed / seconds, 4) if seconds and timed else None}
+
+
+def final_correctness(records: list[dict], predictions: dict) -> dict:
+    """Record id -> whether its final answer is right, for the records whose final question has a
+    reference answer."""
+    out = {}
+    for rec in records:
+        fin = _final_turn(rec)
+        if fin.reference is not None:
+            out[rec["id"]] = is_correct(fin.qid, predictions[rec["id"]]["final"], fin.reference)
+    return out
+
+
+def paired_difference(right: dict, right_before: dict, ids: list) -> dict:
+    """Accuracy of one row minus another's on the same records ``ids``, with the standard error of
+    that difference taken record by record (each record's difference is +1, 0 or -1). Two rows that
+    mostly agree have a far smaller se than either accuracy's: this is what tells a gain from noise
+    on one test set. ``gained``/``lost``: records right only in the first row / only in the second."""
+    n = len(ids)
+    gained = sum(right[i] and not right_before[i] for i in ids)
+    lost = sum(right_before[i] and not right[i] for i in ids)
+    if not n:
+        return {"n": 0, "delta": None, "se": None, "gained": 0, "lost": 0}
+    mean = (gained - lost) / n
+    return {"n": n, "delta": mean, "se": math.sqrt(max((gained + lost) / n - mean * mean, 0.0) / n),
+            "gained": gained, "lost": lost}
+
+
+def compared_with(rows: list[dict], i: int) -> int | None:
+    """The row a row's gain is measured against: the last plain row above it. For a plain row that
+    is the stage before it; for another mode, the same model asked plainly."""
+    return next((j for j in range(i - 1, -1, -1) if rows[j]["mode"] == "plain"), None)
+
+
+def gains(records: list[dict], runs: list[dict], rows: list[dict]) -> list[dict]:
+    """Each row's paired difference (final accuracy, and on the most-occluded third) against the row
+    :func:`compared_with` picks."""
+    right = [final_correctness(records, r["predictions"]) for r in runs]
+    third = [r["id"] for r in most_occluded_third(records)]
+    out = []
+    for i in range(len(rows)):
+        j = compared_with(rows, i)
+        if j is None:
+            continue
+        ids = [rid for rid in right[i] if rid in right[j]]
+        out.append({"row": [rows[i]["checkpoint"], rows[i]["mode"]], "against": [rows[j]["checkpoint"], rows[j]["mode"]],
+                    "final": paired_difference(right[i], right[j], ids),
+                    "most_occluded_third": paired_difference(right[i], right[j], third)})
+    return out
 
 
 def cot_stats(records: list[dict], predictions: dict) -> dict:
@@ -264,7 +314,7 @@ def build_report(test_file: str | os.PathLike, records: list[dict], runs: list[d
             "q1_majority_rate": majority[1] / sum(truths.values()) if majority else None,
             "q1_chance_rate": 1 / len(CATEGORIES),
             "occlusion_bins": [[OCCLUSION_EDGES[i], OCCLUSION_EDGES[i + 1]] for i in range(len(OCCLUSION_EDGES) - 1)],
-            "rows": rows, "confusion": conf}
+            "rows": rows, "gains": gains(records, runs, rows) if labelled else [], "confusion": conf}
 
 
 # --- markdown ----------------------------------------------------------------------------------
@@ -324,6 +374,23 @@ def cot_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _signed(diff: dict) -> str:
+    if diff["delta"] is None:
+        return "-"
+    return f"{diff['delta']:+.3f} ± {diff['se']:.3f} (+{diff['gained']} / -{diff['lost']})"
+
+
+def gains_table(report: dict) -> str:
+    if not report.get("gains"):
+        return ""
+    lines = ["| row | against | final: gain ± se (records gained / lost) | most-occluded third: gain ± se |",
+             "|" + " --- |" * 4]
+    for g in report["gains"]:
+        lines.append(f"| {g['row'][0]} ({g['row'][1]}) | {g['against'][0]} ({g['against'][1]}) | "
+                     f"{_signed(g['final'])} | {_signed(g['most_occluded_third'])} |")
+    return "\n".join(lines)
+
+
 def unlabelled_table(report: dict) -> str:
     """Rows of an unlabelled run: what was answered and how fast (and, for the chain of thought,
     how often the model asked for the render)."""
@@ -350,11 +417,21 @@ def markdown(report: dict) -> str:
             "", markdown_table(report), "",
             ("Accuracy is the fraction of answers scored right (category questions by the category named, yes/no "
              "questions by polarity); `final` is the answer to the category question, with its binomial standard "
-             "error (a gap under about twice it is within the noise of this test set); the most-occluded third "
+             "error (the spread over test sets of this size; whether one row beats another, see the paired "
+             "gains below); the most-occluded third "
              "is the final accuracy on the third of the records with the highest occlusion ratio (the same "
              "records for every row; their number in brackets); occlusion bins show the final accuracy and, in "
              "brackets, the number of records. Plots: "
              f"`{FILES['accuracy_plot']}`, `{FILES['occlusion_plot']}`, `{FILES['confusion_plot']}`."), ""]
+    paired = gains_table(report)
+    if paired:
+        text += ["## Gains, record by record", "",
+                 ("Each row against the last plain row above it: a stage against the stage before it, another mode "
+                  "against the same model asked plainly. The gain is the difference in final accuracy on the same records and its "
+                  "standard error is that of the per-record differences: rows that agree on most records differ "
+                  "with a far smaller se than either accuracy has, so a gain over about twice this se is signal on "
+                  "this test set. Records gained / lost: right only in the row / only in the one it is compared "
+                  "with."), "", paired, ""]
     cot = cot_table(report)
     if cot:
         text += ["## Chain of thought", "",

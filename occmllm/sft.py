@@ -276,10 +276,13 @@ def build_model(args: ModelArguments, training: TrainingArguments, dual_supporte
     is_dual = check_dual(args, dual_supported)
     check_checkpoint(args.model_name_or_path)
     init_deepspeed_comm(training)
-    dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # fp32 weights whatever bf16/fp16 say: the Trainer then computes in half precision under
+    # autocast and steps fp32 weights (DeepSpeed keeps its own fp32 master copy). Half-precision
+    # weights stepped in half precision lose every update under half a bf16 step: at lr 1e-5 most of
+    # a layer's weights never move.
     model = InternVLForConditionalGeneration.from_pretrained(
-        args.model_name_or_path, use_safetensors=True, dtype=dtype,
+        args.model_name_or_path, use_safetensors=True, dtype=torch.float32,
         attn_implementation=args.attn_implementation or default_attention(device))
     freeze(model, args.freeze_vision, args.freeze_projector, args.freeze_llm)
     if args.use_lora:

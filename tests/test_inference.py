@@ -291,3 +291,42 @@ def test_occlusion_bins_edges():
     assert [report.occlusion_bin(rec(x)) for x in (0.0, 0.19999, 0.2, 0.4, 0.6, 0.8, 0.99, 1.0)] == \
         [0, 0, 1, 2, 3, 4, 4, 4]
     assert report.occlusion_bin({"meta": {}}) is None and report.occlusion_bin({}) is None
+
+
+def test_paired_gains_match_an_independent_computation():
+    """Each row's gain over the row it is compared with, and the se of the per-record differences,
+    recomputed here with numpy; every row against the last plain row above it."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    n = 60
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": "What's the object in the hand?\n<image>"},
+                                                  {"from": "gpt", "value": category_answer(CATEGORIES[i % 8])}],
+                "meta": {"occlusion": float(rng.uniform()), "category": CATEGORIES[i % 8]}} for i in range(n)]
+    right = {name: rng.uniform(size=n) < p for name, p in (("s1", 0.5), ("s2", 0.6), ("cot", 0.7), ("s3", 0.65))}
+    right["s2"][:50] = right["s1"][:50]  # rows that agree on most records, as stages do
+
+    def preds(ok):
+        return {r["id"]: {"answers": {"Q1": category_answer(CATEGORIES[i % 8] if ok[i] else CATEGORIES[(i + 1) % 8])},
+                          "final": category_answer(CATEGORIES[i % 8] if ok[i] else CATEGORIES[(i + 1) % 8])}
+                for i, r in enumerate(records)}
+    runs = [{"checkpoint": "s1", "mode": "plain", "predictions": preds(right["s1"])},
+            {"checkpoint": "s2", "mode": "plain", "predictions": preds(right["s2"])},
+            {"checkpoint": "s2", "mode": "cot", "predictions": preds(right["cot"])},
+            {"checkpoint": "s3", "mode": "plain", "predictions": preds(right["s3"])}]
+    rep = report.build_report("t.jsonl", records, runs)
+    pairs = [(tuple(g["row"]), tuple(g["against"])) for g in rep["gains"]]
+    assert pairs == [(("s2", "plain"), ("s1", "plain")), (("s2", "cot"), ("s2", "plain")),
+                     (("s3", "plain"), ("s2", "plain"))]
+    third = np.argsort([-r["meta"]["occlusion"] for r in records])[:20]
+    for g in rep["gains"]:
+        a, b = right[g["row"][0] if g["row"][1] == "plain" else "cot"], right[g["against"][0]]
+        for got, idx in ((g["final"], np.arange(n)), (g["most_occluded_third"], third)):
+            d = a[idx].astype(float) - b[idx].astype(float)
+            assert got["n"] == len(idx)
+            assert got["delta"] == pytest.approx(d.mean())
+            assert got["se"] == pytest.approx(d.std() / np.sqrt(len(idx)))
+            assert (got["gained"], got["lost"]) == (int((d > 0).sum()), int((d < 0).sum()))
+    # agreeing rows: the paired se is below the se either accuracy has alone
+    s2 = rep["gains"][0]["final"]
+    assert s2["se"] < min(r["final_se"] for r in rep["rows"][:2])
+    assert "## Gains, record by record" in report.markdown(rep)

@@ -202,6 +202,24 @@ def test_stage1_trains_saves_and_resumes(tiny_model, synth_small, tmp_path):
     assert steps == [1, 2, 3, 4]  # steps 1-2 come from the first run: resumed, not restarted
 
 
+def test_bf16_training_steps_fp32_weights(tiny_model, synth_small, tmp_path):
+    """--bf16 true computes in bf16 but steps fp32 weights: three AdamW steps at lr 1e-5 move
+    nearly every projector weight (bf16 weights stepped in bf16 would round most updates away)."""
+    from safetensors.torch import load_file
+    out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(synth_small / "stages/step1.jsonl"),
+                 "--output_dir", str(tmp_path / "bf16"), "--bf16", "true", "--use_cpu", "true", "--learning_rate",
+                 "1e-5", "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--max_steps", "3",
+                 "--per_device_train_batch_size", "4", "--save_strategy", "no", "--disable_tqdm", "true")
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "bf16/model.safetensors")
+    projector = [k for k in before if "multi_modal_projector" in k and k.endswith("weight")]
+    assert projector
+    for key in projector:
+        moved = (after[key] != before[key].to(after[key].dtype)).float().mean().item()  # not the rounding alone
+        assert moved > 0.95, (key, moved)
+        assert after[key].dtype == torch.float32
+
+
 def test_stage1_lora_saves_merged_model(tiny_model, synth_small, tmp_path):
     out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(synth_small / "stages/step1.jsonl"),
                  "--output_dir", str(tmp_path / "lora"), "--use_lora", "true", "--lora_r", "4", "--max_steps", "1",
