@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import sys
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,7 +289,9 @@ def generate(out: Path, settings: Settings, workers: int = 1, overwrite: bool = 
         results = map(_generate_one, jobs)
         pool = None
     else:
-        pool = ProcessPoolExecutor(max_workers=workers)
+        # workers from a fork server, not forked from this process: a caller that has run torch or a
+        # tokenizer's threads can leave locks held that a forked child would wait on forever
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
         results = pool.map(_generate_one, jobs, chunksize=1)
     try:
         for lines in results:

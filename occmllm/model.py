@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration, InternVLProcessor
 
+from occmllm.conversation import IGNORE_INDEX
 from occmllm.errors import OccError
 from occmllm.fileio import read_json
 
@@ -127,3 +128,38 @@ class ResumesInternVL:
                 Path(resume_from_checkpoint) / "model.safetensors").is_file():
             return load_weights_into(target, resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, length) bool: the positions whose next token is a label, the only logits a causal
+    language-model loss reads."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def answer_token_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """transformers' causal-LM loss (``ForCausalLMLoss``: fp32 cross-entropy, summed over
+    ``num_items_in_batch`` when given, else the mean) on logits made at ``answer_positions`` only:
+    ``outputs.logits`` is (positions kept, vocabulary), in the mask's row-major order."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    targets = labels[:, 1:][answer_positions(labels)[:, :-1]]
+    return ForCausalLMLoss(outputs.logits, None, outputs.logits.shape[-1], num_items_in_batch, shift_labels=targets)
+
+
+class AnswerLogitsOnly:
+    """Trainer mixin: the output head runs only where the loss reads it (``answer_positions``: the
+    answers, a few percent of a sequence that holds 256 image tokens a tile), not at every position,
+    and the loss is ``answer_token_loss``, the same cross-entropy. With a real vocabulary (151,674
+    rows) the full logits are the largest tensor of a step. The Trainer's own handling of
+    ``num_items_in_batch`` (gradient accumulation, token averaging across devices) is unchanged: it
+    treats ``answer_token_loss`` as its ``compute_loss_func``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("compute_loss_func", answer_token_loss)
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "labels" in inputs and self.compute_loss_func is answer_token_loss:
+            inputs = {**inputs, "logits_to_keep": answer_positions(inputs["labels"])}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

@@ -23,7 +23,8 @@ from occmllm.augment import flip_draw, hflip
 from occmllm.config import parse_config
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images, pad_batch
 from occmllm.errors import OccError, cli
-from occmllm.model import ImageOnlyInternVLProcessor, ResumesInternVL, check_checkpoint, default_attention
+from occmllm.model import (AnswerLogitsOnly, ImageOnlyInternVLProcessor, ResumesInternVL, check_checkpoint,
+                           default_attention)
 from occmllm.stages import missing_checkpoint_hint, stage_of
 
 LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -317,8 +318,9 @@ def save_final(trainer: Trainer, processor, output_dir: str) -> None:
         processor.save_pretrained(output_dir)
 
 
-class StageTrainer(ResumesInternVL, Trainer):
-    """The HF Trainer, resuming InternVL weights correctly (``occmllm.model.ResumesInternVL``)."""
+class StageTrainer(AnswerLogitsOnly, ResumesInternVL, Trainer):
+    """The HF Trainer, resuming InternVL weights correctly (``occmllm.model.ResumesInternVL``), with
+    logits made only where the loss reads them (``occmllm.model.AnswerLogitsOnly``)."""
 
 
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments):

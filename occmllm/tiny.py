@@ -123,25 +123,39 @@ def build(out: Path, image_size: int = 96, patch_size: int = 8, vision_hidden: i
     for flag, width in (("--vision-hidden", vision_hidden), ("--text-hidden", text_hidden)):
         if width % 4:
             raise OccError(f"{flag} {width} must be a multiple of 4 (the tiny model's 4 attention heads)")
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
     vision = InternVLVisionConfig(
         hidden_size=vision_hidden, num_hidden_layers=vision_layers, num_attention_heads=4,
         intermediate_size=4 * vision_hidden, image_size=[image_size, image_size], patch_size=[patch_size, patch_size],
         use_absolute_position_embeddings=True, layer_scale_init_value=0.1, norm_type="layer_norm")
     text = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
-        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+    return write_checkpoint(out, vision, text, merge, seed)
+
+
+def write_checkpoint(out: Path, vision: InternVLVisionConfig, text: Qwen2Config, merge: int = 2, seed: int = 0,
+                     init_tower: bool = True, vocab_size: int | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """An InternVL checkpoint with random weights of the given vision and text shapes, the
+    project's tokenizer and chat template, and its image-only processor (one tile of the tower's
+    image size, ``merge`` x ``merge`` patches an image token). The text model's vocabulary is the
+    tokenizer's, or ``vocab_size`` rows when that is larger (a real model's size, for timing: this
+    tokenizer never produces the extra ids). ``init_tower``: ``init_vision_tower``'s start for small
+    towers."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text.vocab_size = max(vocab_size or 0, len(tokenizer))
+    text.bos_token_id, text.eos_token_id, text.pad_token_id = None, tokenizer.eos_token_id, tokenizer.pad_token_id
     config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=1 / merge,
                             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
                             projector_hidden_act="gelu", vision_feature_layer=-1,
                             vision_feature_select_strategy="default")
     model = InternVLForConditionalGeneration(config)
-    init_vision_tower(model.model.vision_tower, seed)
+    if init_tower:
+        init_vision_tower(model.model.vision_tower, seed)
+    model.to(dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_size, patch_size = vision.image_size[0], vision.patch_size[0]
     tokens_per_tile = (image_size // patch_size // merge) ** 2
     image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size},
                                                crop_to_patches=False, max_patches=1)

@@ -103,6 +103,41 @@ def test_one_training_step_lowers_the_loss(tiny_model):
     assert after.item() < before.item() - 1e-3
 
 
+def test_answer_logits_only_follows_the_full_logits_loss(tiny_model):
+    """Three AdamW steps, two copies of one model: the loss from logits made at the answer positions
+    only (occmllm.model.AnswerLogitsOnly's path) equals the model's own loss over every position,
+    step by step, with and without the Trainer's num_items_in_batch."""
+    from occmllm.model import answer_positions, answer_token_loss
+    torch.manual_seed(0)
+    full_model, processor = load_model(tiny_model)
+    kept_model, _ = load_model(tiny_model)
+    enc = ConversationEncoder(processor)
+    collate = Collator(processor.tokenizer.pad_token_id)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (full_model, kept_model)]
+    for step in range(3):
+        items = [enc.encode([_image()], Q1_Q6[: 2 + 2 * ((k + step) % 3)]) for k in range(4)]  # ragged lengths
+        batch = collate([{"input_ids": i.input_ids, "labels": i.labels, "pixel_values": i.pixel_values}
+                         for i in items])
+        keep = answer_positions(batch["labels"])
+        n_labels = int((batch["labels"] != IGNORE_INDEX).sum())
+        assert int(keep.sum()) == n_labels - int((batch["labels"][:, 0] != IGNORE_INDEX).sum())
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = kept_model(**inputs, logits_to_keep=keep)
+        assert out.logits.shape == (int(keep.sum()), kept_model.config.text_config.vocab_size)
+        full = full_model(**batch).loss
+        kept = answer_token_loss(out, batch["labels"])
+        assert kept.item() == pytest.approx(full.item(), rel=1e-5)
+        n = torch.tensor(n_labels + 3)  # as if accumulated with another batch: sum / n
+        assert answer_token_loss(out, batch["labels"], n).item() == pytest.approx(
+            full_model(**batch, num_items_in_batch=n).loss.item(), rel=1e-5)
+        for opt, loss in zip(opts, (full, kept)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for a, b in zip(full_model.parameters(), kept_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_lora_merge_matches_adapter_logits(tiny_model):
     torch.manual_seed(0)
     model, processor = load_model(tiny_model)
@@ -203,8 +238,10 @@ def test_stage1_trains_saves_and_resumes(tiny_model, synth_small, tmp_path):
 
 
 def test_bf16_training_steps_fp32_weights(tiny_model, synth_small, tmp_path):
-    """--bf16 true computes in bf16 but steps fp32 weights: three AdamW steps at lr 1e-5 move
-    nearly every projector weight (bf16 weights stepped in bf16 would round most updates away)."""
+    """--bf16 true computes in bf16 but steps fp32 weights: three AdamW steps at lr 1e-5 move at
+    least 90% of every trained matrix's elements (bf16 weights stepped in bf16 moved about 15%:
+    most updates are under half a bf16 step and round away). The tower, frozen by stage 1's
+    config, stays as it was."""
     from safetensors.torch import load_file
     out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(synth_small / "stages/step1.jsonl"),
                  "--output_dir", str(tmp_path / "bf16"), "--bf16", "true", "--use_cpu", "true", "--learning_rate",
@@ -212,12 +249,16 @@ def test_bf16_training_steps_fp32_weights(tiny_model, synth_small, tmp_path):
                  "--per_device_train_batch_size", "4", "--save_strategy", "no", "--disable_tqdm", "true")
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "bf16/model.safetensors")
-    projector = [k for k in before if "multi_modal_projector" in k and k.endswith("weight")]
-    assert projector
-    for key in projector:
-        moved = (after[key] != before[key].to(after[key].dtype)).float().mean().item()  # not the rounding alone
-        assert moved > 0.95, (key, moved)
+    matrices = [k for k in before if before[k].dim() == 2]
+    trained = [k for k in matrices if not k.startswith("vision_tower.")]
+    assert any("multi_modal_projector" in k for k in trained) and any("language_model" in k for k in trained)
+    for key in matrices:
         assert after[key].dtype == torch.float32
+        moved = (after[key] != before[key]).float().mean().item()
+        if key in trained:
+            assert moved >= 0.9, (key, moved)
+        else:
+            assert moved == 0.0, key
 
 
 def test_stage1_lora_saves_merged_model(tiny_model, synth_small, tmp_path):

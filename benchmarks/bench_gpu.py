@@ -1,0 +1,343 @@
+"""Training and inference speed at InternVL scale: the project's own stage trainers and inference
+path on InternVL-shaped checkpoints with random weights, built offline.
+
+Shapes (``--shape``): ``1b`` (default) is InternVL3-1B's (InternViT-300M at 448 px, 1,025 tokens a
+tile, 256 image tokens after the 2 x 2 pixel shuffle; a Qwen2-0.5B-shaped language model with a
+151,674-row vocabulary), ``8b`` InternVL3-8B's (the same tower; a Qwen2.5-7B-shaped language model),
+``tiny`` a few-layer model that runs on CPU in seconds (what ``make test`` runs, so the script
+cannot rot). The tokenizer is the project's (``occmllm.tiny``); only timing, not answers, means
+anything with random weights.
+
+Runs (``--runs``, comma-separated):
+  full     stage 1, every part trained (``freeze_vision false``)
+  frozen   stage 1, vision tower frozen (the recipe's setting after pretraining)
+  lora     stage 1, tower frozen, LoRA on the language model
+  frozen-all-logits  the frozen run with the output head at every position, as before
+           ``occmllm.model.AnswerLogitsOnly`` (its loss is the same)
+  mpo      stage 3 (TRL's DPOTrainer with the MPO losses), tower frozen, with its frozen reference
+  plain    ``inference.py``'s plain mode (Q1-Q5 in turn, greedy, batches of ``--batch-size``)
+
+Each training run takes ``--warmup`` steps, then times ``--steps`` more (the device synchronised at
+each step's edges). Inference times its first batch (cold: includes any per-shape set-up) and then
+``--steps`` warm batches.
+
+Model FLOPs of a step, counted from the batch itself (tiles, and each sequence's tokens): each part
+costs 2 x parameters x tokens forward (the vision tower on 1,025 tokens a tile, the projector on
+the image tokens, the language model and its output head on every text token, embeddings not
+counted), plus attention 4 x length^2 x width per layer and sequence (per tile for the tower).
+A trained part costs 3x its forward (forward and backward), a frozen part that gradients pass
+through 2x (the language model under LoRA), a frozen part before everything trained 1x (the
+frozen tower). MPO runs the policy (3x) and its reference (1x) on both answers of each pair.
+The output head counts at every text token, the work the model defines, so making logits only
+where the loss reads them (the stage trainers do) shows as a higher rate.
+The share of peak is against a bf16 matrix-multiply rate measured in the same run (fp32 on CPU).
+
+    python benchmarks/bench_gpu.py [--shape 1b|8b|tiny] [--tiles 1|dynamic] [--batch-size 16]
+        [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain] [--gradient-checkpointing]
+        [--vocab-size N] [--device cuda|cpu] [--json OUT]
+
+Prints a table, then one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import InternVLVisionConfig, Qwen2Config, TrainerCallback  # noqa: E402
+
+VISION_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                   image_size=448, patch_size=14)
+SHAPES = {
+    "tiny": {"vision": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                            image_size=32, patch_size=8),
+             "text": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=128, tie_word_embeddings=True),
+             "vocab_size": None},
+    "1b": {"vision": VISION_300M,
+           "text": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                        intermediate_size=4864, tie_word_embeddings=True),
+           "vocab_size": 151674},
+    "8b": {"vision": VISION_300M,
+           "text": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                        intermediate_size=18944, tie_word_embeddings=False),
+           "vocab_size": 151674},
+}
+TRAIN_RUNS = {"full": ["--freeze_vision", "false"], "frozen": ["--freeze_vision", "true"],
+              "frozen-all-logits": ["--freeze_vision", "true"],
+              "lora": ["--freeze_vision", "true", "--use_lora", "true"], "mpo": ["--freeze_vision", "true"]}
+# tiles for --tiles dynamic: image sizes in tiles (columns x rows); with a thumbnail above one tile
+# these make 1, 3, 3, 4, 5 and 7 tiles, InternVL's dynamic tiling of up to 6 tiles
+DYNAMIC_GRIDS = [(1, 1), (2, 1), (1, 2), (3, 1), (2, 2), (3, 2)]
+
+
+def build_checkpoint(shape: str, out: Path, tiles: str, vocab_size: int | None = None) -> Path:
+    from occmllm.model import ImageOnlyInternVLProcessor
+    from occmllm.tiny import write_checkpoint
+    spec = SHAPES[shape]
+    v = spec["vision"]
+    vision = InternVLVisionConfig(
+        **{k: v[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")},
+        image_size=[v["image_size"]] * 2, patch_size=[v["patch_size"]] * 2, use_absolute_position_embeddings=True,
+        layer_scale_init_value=0.1, norm_type="layer_norm")
+    text = Qwen2Config(**spec["text"], max_position_embeddings=32768)
+    write_checkpoint(out, vision, text, merge=2, init_tower=False, vocab_size=vocab_size or spec["vocab_size"],
+                     dtype=torch.bfloat16 if shape != "tiny" else torch.float32)
+    if tiles == "dynamic":  # InternVL's dynamic tiling: up to 6 tiles and a thumbnail
+        processor = ImageOnlyInternVLProcessor.from_folder(out)
+        processor.image_processor.crop_to_patches, processor.image_processor.max_patches = True, 6
+        processor.save_pretrained(out)
+    return out
+
+
+def build_data(out: Path, tile: int, tiles: str, samples: int) -> dict[str, Path]:
+    """SynthOcc views, resized to whole tiles (varied grids for dynamic tiling), with stage-1,
+    stage-3 and test files over them."""
+    from data_tools import builders
+    from data_tools.dataset import load_dataset
+    from data_tools.synthocc import Settings, generate
+    from occmllm.questions import category_answer
+    scenes = max(4, (samples + 1) // 2)
+    data = generate(out / "data", Settings(scenes=scenes, views=2, seed=0, size=64), progress=False)
+    ds = load_dataset(data)
+    views = ds.split(None)[:samples]
+    for k, view in enumerate(views):
+        cols, rows = DYNAMIC_GRIDS[k % len(DYNAMIC_GRIDS)] if tiles == "dynamic" else (1, 1)
+        path = ds.root / view["image"]
+        Image.open(path).convert("RGB").resize((cols * tile, rows * tile)).save(path)
+    wrong = {v["id"]: category_answer("remote" if v["category"] != "remote" else "jar") for v in views}
+    (out / "predictions.json").write_text(json.dumps(wrong))
+    return {"step1": builders.write_stage(builders.step1_records(views), out / "step1.jsonl", ds, "step1"),
+            "step3": builders.write_stage(builders.step3_pairs(views, out / "predictions.json", right_pairs=False),
+                                          out / "step3.jsonl", ds, "step3", kind="preference"),
+            "test": builders.write_stage(builders.test_records(views), out / "test.jsonl", ds, "test")}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device) -> float:
+    """Measured matrix-multiply FLOP/s: bf16 8192^2 on a GPU, fp32 1024^2 on CPU."""
+    n, dtype, repeats = (8192, torch.bfloat16, 20) if device.type == "cuda" else (1024, torch.float32, 10)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
+class Shape:
+    """The parameter counts and widths the FLOP count needs, read from a model."""
+
+    def __init__(self, model):
+        inner = model.model if hasattr(model.model, "vision_tower") else model.base_model.model.model
+        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        config = inner.config
+        self.vision, self.text = config.vision_config, config.text_config
+        self.vision_params = count(inner.vision_tower)
+        self.projector_params = count(inner.multi_modal_projector)
+        self.text_params = count(inner.language_model) - inner.language_model.embed_tokens.weight.numel()
+        self.head_params = self.text.vocab_size * self.text.hidden_size
+        patches = (self.vision.image_size[0] // self.vision.patch_size[0]) ** 2
+        self.vit_tokens = patches + 1
+        self.image_tokens = int(patches * config.downsample_ratio ** 2)
+
+    def forward_flops(self, tiles: int, lengths: list[int]) -> dict[str, float]:
+        v, t = self.vision, self.text
+        vision = tiles * (2 * self.vision_params * self.vit_tokens
+                          + 4 * v.num_hidden_layers * v.hidden_size * self.vit_tokens ** 2)
+        projector = 2 * self.projector_params * tiles * self.image_tokens
+        text = sum(2 * (self.text_params + self.head_params) * n + 4 * t.num_hidden_layers * t.hidden_size * n * n
+                   for n in lengths)
+        return {"vision": vision, "projector": projector, "text": text}
+
+
+MULTIPLIERS = {"full": {"vision": 3, "projector": 3, "text": 3}, "frozen": {"vision": 1, "projector": 3, "text": 3},
+               "frozen-all-logits": {"vision": 1, "projector": 3, "text": 3},
+               "lora": {"vision": 1, "projector": 3, "text": 2}, "mpo": {"vision": 1 + 1, "projector": 3 + 1,
+                                                                          "text": 3 + 1}}
+
+
+class StepClock(TrainerCallback):
+    """Wall time of each optimizer step, the device synchronised at both edges."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        synchronize(self.device)
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        synchronize(self.device)
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+class BatchLog:
+    """Wraps a collator: per batch, the tiles and each sequence's length (for the FLOP count). TRL's
+    preference collator already stacks each pair's chosen and rejected sequences (and their images)."""
+
+    def __init__(self, collate):
+        self.collate, self.batches = collate, []
+
+    def __call__(self, batch):
+        out = self.collate(batch)
+        lengths = [int(n) for n in out["attention_mask"].sum(dim=1)]
+        self.batches.append({"tiles": int(out["pixel_values"].shape[0]), "lengths": lengths, "samples": len(batch)})
+        return out
+
+
+def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.device, out: Path) -> dict:
+    from occmllm import mpo, sft
+    from occmllm.config import parse_config
+    flags = ["--model_name_or_path", str(checkpoint), "--output_dir", str(out / run), "--save_strategy", "no",
+             "--max_steps", str(args.warmup + args.steps), "--per_device_train_batch_size", str(args.batch_size),
+             "--disable_tqdm", "true", "--logging_steps", "1000000", "--report_to", "none",
+             "--warmup_steps", "0", "--dataloader_num_workers", "0", "--activation_checkpointing",
+             str(args.gradient_checkpointing).lower(), "--bf16", str(device.type == "cuda").lower(),
+             "--use_cpu", str(device.type == "cpu").lower(), *TRAIN_RUNS[run]]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if run == "mpo":
+        from trl import DPOConfig
+        model_args, data_args, config = parse_config(
+            (sft.ModelArguments, mpo.PreferenceDataArguments, DPOConfig),
+            [*flags, "--train_data", str(files["step3"])], ROOT / "step3_mpo/config.yaml")
+        from occmllm.model import ImageOnlyInternVLProcessor
+        processor = ImageOnlyInternVLProcessor.from_folder(checkpoint)
+        dataset = mpo.preference_dataset(data_args.train_data, data_args.data_root, processor)
+        model = sft.build_model(model_args, config)
+        trainer = mpo.MPOTrainer(model=model, ref_model=mpo.reference_model(checkpoint, model), args=config,
+                                 train_dataset=dataset, processing_class=processor)
+        log = BatchLog(trainer.data_collator)
+    else:
+        model_args, data_args, training = parse_config(
+            (sft.ModelArguments, sft.DataArguments, sft.TrainingArguments),
+            [*flags, "--train_data", str(files["step1"]), "--cache_encoded", "false", "--augment", "false"], ROOT / "step1_sft/config.yaml")
+        trainer, _ = sft.build_trainer(model_args, data_args, training)
+        if run == "frozen-all-logits":
+            trainer.compute_loss_func = None  # the model's own loss over logits at every position
+        log = BatchLog(trainer.data_collator)
+    trainer.data_collator = log
+    clock = StepClock(device)
+    trainer.add_callback(clock)
+    trainer.train()
+    shape = Shape(trainer.model)
+    timed = log.batches[args.warmup: args.warmup + len(clock.seconds[args.warmup:])]
+    seconds = sum(clock.seconds[args.warmup:])
+    flops = sum(MULTIPLIERS[run][part] * f for b in timed
+                for part, f in shape.forward_flops(b["tiles"], b["lengths"]).items())
+    samples = sum(b["samples"] for b in timed)
+    return {"run": run, "batch": args.batch_size, "steps": len(timed), "seconds": seconds,
+            "samples_per_s": samples / seconds, "tokens_per_s": sum(sum(b["lengths"]) for b in timed) / seconds,
+            "tiles_per_sample": sum(b["tiles"] for b in timed) / samples,
+            "tokens_per_sample": sum(sum(b["lengths"]) for b in timed) / samples, "flops": flops,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
+
+
+def plain_row(checkpoint: Path, files: dict, args, device: torch.device) -> dict:
+    import inference
+    from occmllm.model import load_model
+    root = inference.dataset_root(files["test"], None)
+    samples = [inference.sample_of(r, root) for r in inference.load_test(files["test"], root, None)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, processor = load_model(checkpoint, device=device)
+    generate = inference.Generator(model, processor, args.max_new_tokens)
+    batches = [samples[(k * args.batch_size) % len(samples):][: args.batch_size] for k in range(args.steps + 1)]
+    times = []
+    for batch in batches:
+        synchronize(device)
+        start = time.perf_counter()
+        inference.run_plain(generate, batch)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    warm = times[1:]
+    records = sum(len(b) for b in batches[1:])
+    return {"run": "plain", "batch": args.batch_size, "steps": len(warm), "seconds": sum(warm),
+            "samples_per_s": records / sum(warm), "first_batch_s": times[0],
+            "first_over_warm": times[0] / (sum(warm) / len(warm)), "flops": None,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
+
+
+def table(rows: list[dict], peak: float) -> str:
+    def cell(value, fmt: str, width: int) -> str:
+        return f"{'-' if value is None else format(value, fmt):>{width}}"
+    lines = [f"{'run':<17} {'batch':>5} {'tiles/sample':>12} {'tokens/sample':>13} {'samples/s':>9} {'tokens/s':>9} "
+             f"{'TFLOP/s':>8} {'of peak':>7} {'memory GiB':>10}  note"]
+    for r in rows:
+        tflops = r["flops"] / r["seconds"] / 1e12 if r["flops"] else None
+        note = f"first batch {r['first_over_warm']:.2f}x a warm one" if "first_over_warm" in r else ""
+        lines.append(f"{r['run']:<17} {r['batch']:>5} {cell(r.get('tiles_per_sample'), '.2f', 12)} "
+                     f"{cell(r.get('tokens_per_sample'), '.1f', 13)} {cell(r['samples_per_s'], '.2f', 9)} "
+                     f"{cell(r.get('tokens_per_s'), '.0f', 9)} {cell(tflops, '.3f', 8)} "
+                     f"{cell(tflops and 100 * tflops * 1e12 / peak, '.1f', 6)}% "
+                     f"{cell(r['peak_memory_gib'], '.1f', 10)}  {note}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="benchmarks/bench_gpu.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=tuple(SHAPES), default="1b", help="model shape [1b]")
+    p.add_argument("--tiles", choices=("1", "dynamic"), default="1", help="tiles per image: 1, or dynamic 1-6 [1]")
+    p.add_argument("--batch-size", type=int, default=16, help="samples (records for plain) per step [16]")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (batches for plain) [10]")
+    p.add_argument("--warmup", type=int, default=3, help="untimed training steps first [3]")
+    p.add_argument("--runs", default="full,frozen,lora,mpo,plain",
+                   help="comma-separated runs (above) [full,frozen,lora,mpo,plain]")
+    p.add_argument("--vocab-size", type=int, help="the language model's vocabulary rows [the shape's]: e.g. a real "
+                                                  "151,674 on the tiny shape, to see the output head's share on CPU")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in training")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="plain: new tokens per answer at most [8]")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, help="also write the JSON line here")
+    args = p.parse_args(argv)
+    runs = [r for r in args.runs.split(",") if r]
+    unknown = [r for r in runs if r not in (*TRAIN_RUNS, "plain")]
+    if unknown or not runs:
+        p.error(f"--runs: unknown run {unknown[0] if unknown else '(none)'}; choose from "
+                f"{', '.join((*TRAIN_RUNS, 'plain'))}")
+    if min(args.batch_size, args.steps) < 1 or args.warmup < 0:
+        p.error("--batch-size and --steps must be at least 1, --warmup at least 0")
+    device = torch.device(args.device)
+    peak = matmul_peak(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = build_checkpoint(args.shape, tmp / "model", args.tiles, args.vocab_size)
+        tile = SHAPES[args.shape]["vision"]["image_size"]
+        files = build_data(tmp, tile, args.tiles, max(args.batch_size * 2, 8))
+        for run in runs:
+            rows.append(plain_row(checkpoint, files, args, device) if run == "plain"
+                        else train_row(run, checkpoint, files, args, device, tmp))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result = {"shape": args.shape, "tiles": args.tiles, "device": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else "cpu", "gradient_checkpointing": args.gradient_checkpointing,
+              "peak_tflops": peak / 1e12, "rows": rows}
+    print(f"{args.shape}-shaped InternVL, random weights, tiles {args.tiles}, on {result['device']}; "
+          f"matmul peak measured {peak / 1e12:.3f} TFLOP/s")
+    print(table(rows, peak))
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        args.json.write_text(line + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

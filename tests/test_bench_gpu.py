@@ -1,0 +1,76 @@
+"""benchmarks/bench_gpu.py in its tiny configuration on CPU: every run times, the FLOP count of a
+batch matches a count made here from the model's shapes, and bad options are refused."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks/bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_configuration_times_every_run(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--shape", "tiny", "--device", "cpu", "--tiles",
+                          "dynamic", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--json",
+                          str(tmp_path / "out.json"), "--runs", "full,frozen,lora,mpo,plain,frozen-all-logits"],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    rows = {r["run"]: r for r in result["rows"]}
+    assert list(rows) == ["full", "frozen", "lora", "mpo", "plain", "frozen-all-logits"]
+    assert result["peak_tflops"] > 0
+    for run in ("full", "frozen", "lora", "mpo", "frozen-all-logits"):
+        r = rows[run]
+        assert r["steps"] == 2 and r["samples_per_s"] > 0 and r["flops"] > 0
+        assert r["tiles_per_sample"] > 1  # dynamic tiling: several tiles for most images
+    # the same batches (same seed): training the tower costs more than freezing it, LoRA's frozen
+    # language model less than training it; MPO stacks each pair's two answers and their images
+    assert rows["full"]["flops"] > rows["frozen"]["flops"] > rows["lora"]["flops"]
+    assert rows["mpo"]["tiles_per_sample"] == pytest.approx(2 * rows["frozen"]["tiles_per_sample"], rel=0.35)
+    assert rows["frozen-all-logits"]["flops"] == rows["frozen"]["flops"]  # the same work, counted the same way
+    assert rows["plain"]["samples_per_s"] > 0 and rows["plain"]["first_batch_s"] > 0
+    assert "TFLOP/s" in out.stdout and json.loads(out.stdout.strip().splitlines()[-1]) == result
+
+
+def test_flop_count_matches_the_shapes(tiny_model):
+    """Forward FLOPs of one tile and one 40-token sequence, counted here from the config alone."""
+    from transformers import InternVLForConditionalGeneration
+    bench = _bench()
+    model = InternVLForConditionalGeneration.from_pretrained(tiny_model)
+    shape = bench.Shape(model)
+    cfg = model.config
+    v, t = cfg.vision_config, cfg.text_config
+    d, f = v.hidden_size, v.intermediate_size
+    layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d + 2 * d  # q k v o (+ biases), mlp, 2 norms, 2 scales
+    patches = (v.image_size[0] // v.patch_size[0]) ** 2
+    vit_tokens = patches + 1
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    assert vision >= v.num_hidden_layers * layer  # the count covers every layer (plus embeddings)
+    got = shape.forward_flops(1, [40])
+    assert got["vision"] == 2 * vision * vit_tokens + 4 * v.num_hidden_layers * d * vit_tokens ** 2
+    image_tokens = patches // 4  # 2 x 2 pixel shuffle
+    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    assert got["projector"] == 2 * projector * image_tokens
+    text_params = sum(p.numel() for p in model.model.language_model.parameters()) - t.vocab_size * t.hidden_size
+    assert got["text"] == 2 * (text_params + t.vocab_size * t.hidden_size) * 40 \
+        + 4 * t.num_hidden_layers * t.hidden_size * 40 ** 2
+
+
+def test_help_and_bad_options():
+    out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "--shape" in out.stdout and "FLOPs" in out.stdout
+    out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--runs", "full,fast"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown run fast" in out.stderr
