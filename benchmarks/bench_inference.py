@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import inference  # noqa: E402
+from occmllm import chain  # noqa: E402
 from occmllm.conversation import ConversationEncoder, load_images  # noqa: E402
 from occmllm.errors import OccError  # noqa: E402
 from occmllm.model import load_model  # noqa: E402
@@ -114,7 +115,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             context = inference.Context(renders=inference.RenderCache(args.recon, root, Path(tmp), 64, "cpu"))
             answers, cot_s = timed(lambda: batched(cot_generate, samples, size, inference.run_cot, context))
-        unclear = sum("Q1#2" in a for a in answers)
+        unclear = sum(chain.SECOND in a for a in answers)
         cot = {"plain_s": round(plain_s, 2), "cot_s": round(cot_s, 2), "cost": round(cot_s / plain_s, 2),
                "reconstructed": unclear}
 

@@ -7,9 +7,8 @@ collator are timed where the Trainer calls them (in the training process: the de
 loader workers). With ``cache_encoded`` the first epoch decodes and tiles every image and later
 epochs read the cache, so the table has one row per epoch.
 
-FLOPs per step are estimated as 6 x parameters x tokens for each part (vision tower on its patch
-tokens, projector on the image tokens, language model and its head on every token), plus the
-attention score and value products (12 x layers x width x length^2 per sequence).
+FLOPs per step are counted as ``bench_gpu.py`` counts them (its docstring): 2 x parameters x tokens
+forward for each part plus attention, 3x that for a trained part, 1x for a frozen tower.
 
     python benchmarks/bench_train.py [--samples 1024] [--epochs 2] [-- --flag value ...]
 """
@@ -29,6 +28,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from occmllm import sft  # noqa: E402
+from bench_gpu import Shape  # noqa: E402
 from occmllm.config import parse_config  # noqa: E402
 
 CONFIG = ROOT / "step1_sft/config.yaml"
@@ -100,22 +100,11 @@ def matmul_rate(threads: int, n: int = 1024, repeats: int = 10) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
-def flops_per_sample(model, text_tokens: float) -> float:
-    """Training FLOPs (forward + backward) for one sample of ``text_tokens`` tokens with one tile."""
-    config = model.config
-    vision, text = config.vision_config, config.text_config
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    patches = (vision.image_size[0] // vision.patch_size[0]) * (vision.image_size[1] // vision.patch_size[1])
-    vit_tokens = patches + 1  # + CLS
-    image_tokens = int(patches * config.downsample_ratio ** 2)
-    inner = model.model
-    llm = count(inner.language_model) - inner.language_model.embed_tokens.weight.numel()
-    head = text.vocab_size * text.hidden_size
-    total = 6 * count(inner.vision_tower) * vit_tokens + 6 * count(inner.multi_modal_projector) * image_tokens
-    total += 6 * (llm + head) * text_tokens
-    total += 12 * vision.num_hidden_layers * vision.hidden_size * vit_tokens ** 2
-    total += 12 * text.num_hidden_layers * text.hidden_size * text_tokens ** 2
-    return float(total)
+def flops_per_sample(model, text_tokens: float, vision_trained: bool) -> float:
+    """Training FLOPs of one one-tile sample of ``text_tokens`` tokens: ``bench_gpu.Shape``'s count,
+    3x the forward for each trained part and 1x for a frozen tower (nothing flows back into it)."""
+    parts = Shape(model).forward_flops(1, [text_tokens])
+    return parts["vision"] * (3 if vision_trained else 1) + 3 * (parts["projector"] + parts["text"])
 
 
 def main() -> None:
@@ -146,7 +135,8 @@ def main() -> None:
     model = trainer.model
     samples = len(full)
     tokens_per_sample = collate.tokens / (samples * args.epochs)
-    step_flops = flops_per_sample(model, tokens_per_sample) * training.per_device_train_batch_size
+    step_flops = flops_per_sample(model, tokens_per_sample, not model_args.freeze_vision) \
+        * training.per_device_train_batch_size
     rate = matmul_rate(args.threads)
     print(f"stage 1, {samples} samples x {args.epochs} epochs, batch {training.per_device_train_batch_size}, "
           f"cache_encoded={data_args.cache_encoded}, {args.threads} threads, "
