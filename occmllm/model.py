@@ -82,6 +82,15 @@ def check_checkpoint(path: str | os.PathLike, missing_hint: str | None = None) -
                    "expected a transformers InternVLForConditionalGeneration folder")
 
 
+def checkpoint_dtype(config: dict) -> torch.dtype:
+    """The dtype a checkpoint's config says its weights are stored in (``dtype``, or the older
+    ``torch_dtype``, at the top or in ``text_config``); fp32 when it says none."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    name = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -24,7 +24,7 @@ from occmllm.config import parse_config
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images, pad_batch
 from occmllm.errors import OccError, cli
 from occmllm.model import (AnswerLogitsOnly, ImageOnlyInternVLProcessor, ResumesInternVL, check_checkpoint,
-                           default_attention)
+                           checkpoint_dtype, default_attention)
 from occmllm.stages import missing_checkpoint_hint, stage_of
 
 LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -275,7 +275,7 @@ def build_model(args: ModelArguments, training: TrainingArguments, dual_supporte
     """The model to train. With ``dual_alpha`` (only where the caller passes ``dual_supported``:
     the SFT stages, whose data carry renders) it is wrapped in ``occmllm.dual.DualVisual``."""
     is_dual = check_dual(args, dual_supported)
-    check_checkpoint(args.model_name_or_path)
+    config = check_checkpoint(args.model_name_or_path)
     init_deepspeed_comm(training)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # fp32 weights whatever bf16/fp16 say: the Trainer then computes in half precision under
@@ -285,6 +285,7 @@ def build_model(args: ModelArguments, training: TrainingArguments, dual_supporte
     model = InternVLForConditionalGeneration.from_pretrained(
         args.model_name_or_path, use_safetensors=True, dtype=torch.float32,
         attn_implementation=args.attn_implementation or default_attention(device))
+    model.saved_dtype = checkpoint_dtype(config)  # save_final stores the stage in the dtype it started from
     freeze(model, args.freeze_vision, args.freeze_projector, args.freeze_llm)
     if args.use_lora:
         if args.freeze_llm:
@@ -306,12 +307,18 @@ def is_finished(output_dir: str | os.PathLike) -> bool:
 def save_final(trainer: Trainer, processor, output_dir: str) -> None:
     """The stage's checkpoint: a plain InternVL folder (LoRA merged in) with its processor. With
     the dual visual path, ``occmllm.dual.DualTrainer`` saves it by ``dual.save``: the same folder
-    plus ``dual_alpha.json``."""
+    plus ``dual_alpha.json``. Trained in fp32, the weights are stored in the dtype of the checkpoint
+    the stage started from (a bf16 InternVL stays bf16: half the size); DeepSpeed saves its own."""
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
-        merged = model.merge_and_unload()
+        model = model.merge_and_unload()
+    internvl = model.model if isinstance(model, dual.DualVisual) else model
+    dtype = getattr(internvl, "saved_dtype", torch.float32)
+    if dtype != torch.float32 and not trainer.is_deepspeed_enabled:
+        model.to(dtype)  # training is over: nothing steps these weights again
+    if hasattr(trainer.model, "merge_and_unload"):
         if trainer.args.should_save:
-            merged.save_pretrained(output_dir)
+            model.save_pretrained(output_dir)
     else:
         trainer.save_model(output_dir)
     if trainer.args.should_save:

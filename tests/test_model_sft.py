@@ -261,6 +261,27 @@ def test_bf16_training_steps_fp32_weights(tiny_model, synth_small, tmp_path):
             assert moved == 0.0, key
 
 
+def test_stage_saves_in_the_dtype_it_started_from(tiny_model, synth_small, tmp_path):
+    """A bf16 checkpoint trains in fp32 and its stage checkpoint is stored in bf16 again (a real
+    InternVL's size), plain and with LoRA merged in."""
+    from safetensors.torch import load_file
+    from transformers import InternVLForConditionalGeneration
+    from occmllm.model import ImageOnlyInternVLProcessor, checkpoint_dtype
+    source = tmp_path / "bf16_source"
+    InternVLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(source)
+    ImageOnlyInternVLProcessor.from_folder(tiny_model).save_pretrained(source)
+    assert checkpoint_dtype(json.loads((source / "config.json").read_text())) == torch.bfloat16
+    for name, extra in (("plain", []), ("lora", ["--use_lora", "true", "--lora_r", "4"])):
+        out = _train("--model_name_or_path", str(source), "--train_data", str(synth_small / "stages/step1.jsonl"),
+                     "--output_dir", str(tmp_path / name), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                     "--save_strategy", "no", "--disable_tqdm", "true", *extra)
+        assert out.returncode == 0, out.stderr[-2000:]
+        saved = load_file(tmp_path / name / "model.safetensors")
+        assert {t.dtype for t in saved.values()} == {torch.bfloat16}, name
+        assert checkpoint_dtype(json.loads((tmp_path / name / "config.json").read_text())) == torch.bfloat16
+        load_model(tmp_path / name)
+
+
 def test_stage1_lora_saves_merged_model(tiny_model, synth_small, tmp_path):
     out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(synth_small / "stages/step1.jsonl"),
                  "--output_dir", str(tmp_path / "lora"), "--use_lora", "true", "--lora_r", "4", "--max_steps", "1",
