@@ -216,17 +216,13 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
         model_args, data_args, config = parse_config(
             (sft.ModelArguments, mpo.PreferenceDataArguments, DPOConfig),
             [*flags, "--train_data", str(files["step3"])], ROOT / "step3_mpo/config.yaml")
-        from occmllm.model import ImageOnlyInternVLProcessor
-        processor = ImageOnlyInternVLProcessor.from_folder(checkpoint)
-        dataset = mpo.preference_dataset(data_args.train_data, data_args.data_root, processor)
-        model = sft.build_model(model_args, config)
-        trainer = mpo.MPOTrainer(model=model, ref_model=mpo.reference_model(checkpoint, model), args=config,
-                                 train_dataset=dataset, processing_class=processor)
+        trainer, _ = mpo.build_trainer(model_args, data_args, config)
         log = BatchLog(trainer.data_collator)
     else:
         model_args, data_args, training = parse_config(
             (sft.ModelArguments, sft.DataArguments, sft.TrainingArguments),
-            [*flags, "--train_data", str(files["step1"]), "--cache_encoded", "false", "--augment", "false"], ROOT / "step1_sft/config.yaml")
+            [*flags, "--train_data", str(files["step1"]), "--cache_encoded", "false", "--augment", "false"],
+            ROOT / "step1_sft/config.yaml")
         trainer, _ = sft.build_trainer(model_args, data_args, training)
         if run == "frozen-all-logits":
             trainer.compute_loss_func = None  # the model's own loss over logits at every position

@@ -114,7 +114,8 @@ class MPOTrainer(ResumesInternVL, DPOTrainer):
     """TRL's DPOTrainer, resuming InternVL weights correctly (``occmllm.model.ResumesInternVL``)."""
 
 
-def train(model_args: ModelArguments, data_args: PreferenceDataArguments, config: DPOConfig) -> Path:
+def build_trainer(model_args: ModelArguments, data_args: PreferenceDataArguments, config: DPOConfig):
+    """The stage's MPOTrainer (policy, frozen reference, preference dataset) and the processor it saves."""
     if config.precompute_ref_log_probs:
         raise OccError("precompute_ref_log_probs is not supported by TRL for image data; leave it false")
     processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
@@ -122,6 +123,11 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, config
     model = build_model(model_args, config)
     ref = reference_model(model_args.model_name_or_path, model)
     trainer = MPOTrainer(model=model, ref_model=ref, args=config, train_dataset=dataset, processing_class=processor)
+    return trainer, processor
+
+
+def train(model_args: ModelArguments, data_args: PreferenceDataArguments, config: DPOConfig) -> Path:
+    trainer, processor = build_trainer(model_args, data_args, config)
     return fit(trainer, processor, data_args.resume)
 
 

@@ -239,9 +239,10 @@ def gains(records: list[dict], runs: list[dict], rows: list[dict]) -> list[dict]
         j = compared_with(rows, i)
         if j is None:
             continue
-        ids = [rid for rid in right[i] if rid in right[j]]
-        out.append({"row": [rows[i]["checkpoint"], rows[i]["mode"]], "against": [rows[j]["checkpoint"], rows[j]["mode"]],
-                    "final": paired_difference(right[i], right[j], ids),
+        # every row scores the same records (those with a reference answer): right[i] and right[j] share keys
+        out.append({"row": [rows[i]["checkpoint"], rows[i]["mode"]],
+                    "against": [rows[j]["checkpoint"], rows[j]["mode"]],
+                    "final": paired_difference(right[i], right[j], list(right[i])),
                     "most_occluded_third": paired_difference(right[i], right[j], third)})
     return out
 
@@ -427,8 +428,9 @@ def markdown(report: dict) -> str:
     if paired:
         text += ["## Gains, record by record", "",
                  ("Each row against the last plain row above it: a stage against the stage before it, another mode "
-                  "against the same model asked plainly. The gain is the difference in final accuracy on the same records and its "
-                  "standard error is that of the per-record differences: rows that agree on most records differ "
+                  "against the same model asked plainly. The gain is the difference in final accuracy on the same "
+                  "records and its standard error is that of the per-record differences: rows that agree on most "
+                  "records differ "
                   "with a far smaller se than either accuracy has, so a gain over about twice this se is signal on "
                   "this test set. Records gained / lost: right only in the row / only in the one it is compared "
                   "with."), "", paired, ""]

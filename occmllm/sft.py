@@ -310,17 +310,17 @@ def save_final(trainer: Trainer, processor, output_dir: str) -> None:
     plus ``dual_alpha.json``. Trained in fp32, the weights are stored in the dtype of the checkpoint
     the stage started from (a bf16 InternVL stays bf16: half the size); DeepSpeed saves its own."""
     model = trainer.model
-    if hasattr(model, "merge_and_unload"):
+    lora = hasattr(model, "merge_and_unload")
+    if lora:
         model = model.merge_and_unload()
     internvl = model.model if isinstance(model, dual.DualVisual) else model
     dtype = getattr(internvl, "saved_dtype", torch.float32)
     if dtype != torch.float32 and not trainer.is_deepspeed_enabled:
         model.to(dtype)  # training is over: nothing steps these weights again
-    if hasattr(trainer.model, "merge_and_unload"):
-        if trainer.args.should_save:
-            model.save_pretrained(output_dir)
-    else:
+    if not lora:
         trainer.save_model(output_dir)
+    elif trainer.args.should_save:
+        model.save_pretrained(output_dir)
     if trainer.args.should_save:
         processor.save_pretrained(output_dir)
 
