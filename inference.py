@@ -3,7 +3,7 @@
     python inference.py --checkpoint NAME=PATH [--checkpoint NAME=PATH ...] --data TEST.jsonl --out DIR
                         [--data-root ROOT] [--batch-size 16] [--max-new-tokens 32] [--mode plain|cot|dual]
                         [--recon RECON] [--alpha A] [--tta clip --clip CLIP] [--limit N] [--device cpu|cuda]
-    python inference.py --score-reference PRED.json --data TEST.jsonl --out DIR [--name NAME]
+    python inference.py --score-reference PRED.json --data TEST.jsonl --out DIR [--name NAME] [--id-prefix P]
 
 Each record's human turns are asked in order, each with the model's own earlier answers in the
 history (the first carries the image placeholder); the reference answers and ``meta`` are read
@@ -194,24 +194,24 @@ class RenderCache:
     """Reconstruction renders of test views, made on first use and kept as ``DIR/<id>.png``.
 
     The reconstruction model reads the view's image, its visible-object and hand masks and its
-    depth (the dataset manifest's inputs for that id); nothing about the answer."""
+    depth (the manifest's inputs for that id in the dataset folder ``data``); nothing about the answer."""
 
-    def __init__(self, checkpoint: Path, root: Path, folder: Path, resolution: int, device: str):
+    def __init__(self, checkpoint: Path, data: Path, folder: Path, resolution: int, device: str):
         from data_tools.dataset import load_dataset
         from reconstruction.reconstruct import Reconstructor, depth_scale_of
         self.reconstructor = Reconstructor(checkpoint, resolution, device)
-        dataset = load_dataset(root)
-        self.root, self.lines, self.depth_scale = dataset.root, dataset.by_id(), depth_scale_of(root)
+        self.dataset = load_dataset(data)
+        self.lines, self.depth_scale = self.dataset.by_id(), depth_scale_of(data)
         self.folder = folder
 
     def paths(self, samples: list[Sample]) -> list[Path]:
         from reconstruction.reconstruct import reconstruct_views
         missing = [s.id for s in samples if str(s.id) not in self.lines]
         if missing:
-            raise OccError(f"{self.root}/manifest.jsonl: no view {missing[0]!r} to reconstruct; CoT mode needs the "
-                           "test records' dataset (its masks and depth)")
-        reconstruct_views(self.reconstructor, self.root, [self.lines[str(s.id)] for s in samples], self.depth_scale,
-                          self.folder, batch_size=max(len(samples), 1), progress=False)
+            raise OccError(f"{self.dataset.folder}/manifest.jsonl: no view {missing[0]!r} to reconstruct; CoT mode "
+                           "needs the test records' dataset (its masks and depth)")
+        reconstruct_views(self.reconstructor, self.dataset.roots, [self.lines[str(s.id)] for s in samples],
+                          self.depth_scale, self.folder, batch_size=max(len(samples), 1), progress=False)
         return [self.folder / f"{s.id}.png" for s in samples]
 
 
@@ -415,6 +415,21 @@ def dataset_root(data: Path, given: Path | None) -> Path:
     return roots[0]
 
 
+def dataset_folder(data: Path, root: Path) -> Path:
+    """The dataset folder (manifest, masks, depth) of the test file's views: the ``dataset`` its
+    meta JSON names (converted real data, whose images stay in the source root), else the root."""
+    meta = data.with_name(data.stem + ".meta.json")
+    if meta.is_file():
+        entries = [e for e in fileio.read_json(meta).values() if isinstance(e, dict)]
+        mine = [e for e in entries if (meta.parent / str(e.get("annotation"))).resolve() == data.resolve()]
+        if not mine and len(entries) == 1:  # as in dataset_root: a lone entry is the test file's
+            mine = entries
+        for entry in mine:
+            if entry.get("dataset"):
+                return meta.parent / entry["dataset"]
+    return root
+
+
 def load_test(data: Path, root: Path | None, limit: int | None) -> list[dict]:
     """Validated test records (the first ``limit``); with ``root``, every image of them must exist and decode."""
     if not data.is_file():
@@ -525,8 +540,8 @@ def mode_context(args, root: Path) -> Context:
         if args.recon is None:
             raise OccError(f"--mode {args.mode} needs --recon CKPT: a reconstruction model (python -m "
                            "reconstruction.train)")
-        context.renders = RenderCache(args.recon, root, args.out / "renders", args.recon_resolution,
-                                      args.device or str(default_device()))
+        context.renders = RenderCache(args.recon, dataset_folder(args.data, root), args.out / "renders",
+                                      args.recon_resolution, args.device or str(default_device()))
     if args.mode == "tta":
         from occmllm import clip
         from occmllm.tta import TTASettings
@@ -544,6 +559,7 @@ def score_reference(args) -> Path:
         raise OccError(f"{args.score_reference}: --score-reference takes the reference format {{id: \"The object "
                        "is X.\"}} (a .json file); this project's predictions.jsonl is reported by inference itself")
     preds = read_predictions(args.score_reference)
+    answers = {args.id_prefix + i: a for i, a in preds.answers.items()}
     if preds.wrong_ids is not None:
         raise OccError(f"{args.score_reference}: a list of wrongly answered ids has no answers to score; "
                        "give a {id: answer} file")
@@ -553,21 +569,24 @@ def score_reference(args) -> Path:
         raise OccError(f"{args.data}: record {no_q1[0]!r} (and {len(no_q1) - 1} more) asks no category question "
                        "(Q1); reference predictions answer only Q1")
     ids = {str(r["id"]) for r in test}
-    matched = ids & preds.answers.keys()
+    matched = ids & answers.keys()
     if not matched:
-        raise OccError(f"{args.score_reference}: none of its {len(preds.answers)} ids are in {args.data} "
-                       f"(e.g. {next(iter(sorted(preds.answers)), None)!r} vs {str(test[0]['id'])!r}); "
-                       "it answers another test set")
+        example, test_id = next(iter(sorted(answers)), ""), str(test[0]["id"])
+        # converted ObMan ids are obman_<split>_<stem>; the reference's are the bare stems
+        hint = (f"; pass --id-prefix {test_id[: -len(example)]!r}" if example and test_id.endswith(example[-8:])
+                and not args.id_prefix else "; it answers another test set")
+        raise OccError(f"{args.score_reference}: none of its {len(answers)} ids are in {args.data} "
+                       f"(e.g. {example!r} vs {test_id!r}){hint}")
     if len(matched) < len(ids):
         missing = sorted(ids - matched)
         raise OccError(f"{args.score_reference}: answers only {len(matched)} of the {len(ids)} test records of "
                        f"{args.data} (missing e.g. {missing[0]!r}); score it on the test set it was made for, "
                        "or pass --limit")
-    predictions = {r["id"]: {"answers": {"Q1": preds.answers[str(r["id"])]}, "final": preds.answers[str(r["id"])]}
+    predictions = {r["id"]: {"answers": {"Q1": answers[str(r["id"])]}, "final": answers[str(r["id"])]}
                    for r in test}
     name = args.name or args.score_reference.stem
     runs = [{"checkpoint": name, "mode": "reference", "predictions": predictions}]
-    extra = len(preds.answers) - len(matched)
+    extra = len(answers) - len(matched)
     if extra:
         print(f"{args.score_reference}: {extra} ids are not in the test set and are not scored")
     return finish(args.out, report.build_report(args.data, test, runs))
@@ -625,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N test records")
     p.add_argument("--device", choices=("cpu", "cuda"), help="[cuda when available, else cpu]")
     p.add_argument("--name", help="--score-reference: the row's name in the report [the file's stem]")
+    p.add_argument("--id-prefix", default="", help="--score-reference: put before each of the file's ids, e.g. "
+                   "obman_test_ (the reference names ObMan views by file stem; data_tools.obman by obman_<split>_<stem>)")
     return p
 
 

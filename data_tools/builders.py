@@ -205,7 +205,8 @@ def write_stage(recs: list[dict], out: str | os.PathLike, dataset: Dataset, name
         for rel in records.images_of(rec):
             fileio.resolve_in_root(dataset.root, rel, f"{out} record {k + 1}")
     fileio.write_jsonl(out, recs)
-    records.write_meta(out.with_name(out.stem + ".meta.json"), name, dataset.root, out, len(recs))
+    records.write_meta(out.with_name(out.stem + ".meta.json"), name, dataset.root, out, len(recs),
+                       dataset=dataset.folder)
     return out
 
 

@@ -1,13 +1,18 @@
 """A dataset on disk: a folder with ``manifest.jsonl`` (one line per view) and ``dataset.json``.
 
 SynthOcc writes both; the ObMan and DexYCB converters write them for real data, with
-``dataset.json["root"]`` naming where the images are (paths in the manifest are relative to it).
+``dataset.json["root"]`` naming where the images are. A converted dataset has two roots: the
+source's own files (images) stay in that root, and the files a converter writes (masks, depth)
+live in the dataset folder. A manifest path is taken from the folder when it exists there, else
+from the root (``Dataset.roots``, ``resolve_in_roots``); converters write under their own
+``views/`` folder, which no source root has, so nothing there shadows a source file. Whichever
+root a path is read from, it must stay inside it.
 """
 from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +24,26 @@ from occmllm.questions import CATEGORIES
 REQUIRED = ("id", "image", "category", "split")
 
 
+def resolve_in_roots(roots, relative: str, context: str) -> Path:
+    """``relative`` under the first of ``roots`` (a path or a sequence of them) where it exists, else
+    under the first; refused if it escapes any of them (``fileio.resolve_in_root``)."""
+    roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
+    paths = [fileio.resolve_in_root(r, relative, context) for r in roots]
+    return next((p for p in paths if p.exists()), paths[0])
+
+
 @dataclass
 class Dataset:
     folder: Path      # where manifest.jsonl lives
     root: Path        # image paths are relative to this
     views: list[dict]
+    info: dict = field(default_factory=dict)  # dataset.json
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Where manifest paths are looked up, in order: the folder, then the image root."""
+        folder, root = self.folder.resolve(), self.root.resolve()
+        return (folder,) if folder == root else (folder, root)
 
     def split(self, name: str | None) -> list[dict]:
         """Views of one split (all views for None); an empty split is an error."""
@@ -61,7 +81,7 @@ def load_dataset(folder: str | os.PathLike) -> Dataset:
         views.append(rec)
     if not views:
         raise OccError(f"{manifest}: empty manifest")
-    return Dataset(folder, root, views)
+    return Dataset(folder, root, views, info)
 
 
 # --- writing a converted dataset -------------------------------------------------------------
@@ -74,16 +94,21 @@ def _matrix(value, shapes: tuple[tuple[int, int], ...], context: str, key: str) 
     return m
 
 
+def homogeneous(value, context: str, key: str) -> list:
+    """A 3x4 [R|t] or 4x4 transform as a 4x4 list (the bottom row added)."""
+    m = _matrix(value, ((3, 4), (4, 4)), context, key)
+    full = np.eye(4)
+    full[: m.shape[0]] = m
+    return full.tolist()
+
+
 def camera_fields(intrinsics, world_to_cam, context: str) -> dict:
     """Manifest camera fields (3x3 K, 4x4 world->camera) from whatever of them is given."""
     out = {}
     if intrinsics is not None:
         out["intrinsics"] = _matrix(intrinsics, ((3, 3),), context, "intrinsics").tolist()
     if world_to_cam is not None:
-        m = _matrix(world_to_cam, ((3, 4), (4, 4)), context, "world_to_cam")
-        full = np.eye(4)
-        full[: m.shape[0]] = m  # a 3x4 [R|t] gets the homogeneous bottom row
-        out["world_to_cam"] = full.tolist()
+        out["world_to_cam"] = homogeneous(world_to_cam, context, "world_to_cam")
     return out
 
 

@@ -1,6 +1,11 @@
-"""Read DexYCB-derived JSONL annotations into the project's manifest (``manifest.jsonl`` + ``dataset.json``).
+"""DexYCB into the project's manifest (``manifest.jsonl`` + ``dataset.json``), in two modes.
 
-Each line is one JSON object describing one image, with at least:
+From DexYCB's own files (``--root`` alone; ``data_tools.dexycb_root``): every camera's frames of
+the sequences under the root, with visible and hand masks, depth, camera, occlusion and the
+object's YCB model and pose: what reconstruction, ``inference.py --mode cot`` and ``--mode dual``
+read.
+
+From a DexYCB-derived JSONL (``--jsonl``): each line is one JSON object describing one image, with at least:
 
 - the image path, relative to the DexYCB root: ``image`` (or ``color_file`` / ``image_path``);
 - the grasped YCB object, one of: ``ycb_name`` or ``object`` (``"006_mustard_bottle"`` or
@@ -9,14 +14,16 @@ Each line is one JSON object describing one image, with at least:
 
 Optional: ``id``, ``split`` (default: the ``--split`` flag), ``mask`` (an image path relative to the
 root), ``intrinsics`` (3x3, or DexYCB's ``{"fx", "fy", "ppx", "ppy"}``), ``world_to_cam`` (3x4 or
-4x4), ``occlusion`` (a ratio in [0, 1] computed elsewhere). DexYCB itself has no amodal object mask,
-so occlusion is null unless the line supplies it.
+4x4), ``occlusion`` (a ratio in [0, 1] computed elsewhere). Such lines carry no masks or depth, so
+this mode serves the category questions only; occlusion is null unless the line supplies it.
 
-Only objects of ObMan's eight categories are kept (table ``YCB_CATEGORY``); lines with other
-objects are skipped and counted, and the counts are printed and stored in ``dataset.json``.
+Only objects of ObMan's eight categories are kept (table ``YCB_CATEGORY``); other objects are
+skipped and counted, and the counts are printed and stored in ``dataset.json``.
 
 Usage::
 
+    python -m data_tools.dexycb --root DEXYCB_ROOT --out OUT_DIR [--subjects S1,S2] [--setup s0]
+                                [--limit N] [--stride K]
     python -m data_tools.dexycb --jsonl FILE --root DEXYCB_ROOT --out OUT_DIR [--split test]
 """
 from __future__ import annotations
@@ -31,6 +38,7 @@ from occmllm import fileio
 from occmllm.errors import OccError, cli, where
 from occmllm.questions import CATEGORY_ATTRIBUTES
 from data_tools.dataset import camera_fields, write_dataset
+from data_tools.realviews import positive
 
 # DexYCB's 21 YCB objects, indexed as in its annotations (ycb_ids).
 YCB_OBJECTS = (
@@ -162,22 +170,36 @@ def read_dexycb(path: str | Path, root: str | Path, split: str = "test",
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_tools.dexycb", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--jsonl", required=True, help="DexYCB-derived annotation file, one JSON object per line")
-    p.add_argument("--root", required=True, help="DexYCB root; image paths in the file are relative to it")
-    p.add_argument("--out", required=True, help="folder for manifest.jsonl and dataset.json")
-    p.add_argument("--split", default="test", help="split for lines that name none [test]")
+    p.add_argument("--root", required=True, help="DexYCB root (subject folders, calibration/, models/)")
+    p.add_argument("--out", required=True, help="folder for manifest.jsonl, dataset.json and the view files")
+    p.add_argument("--jsonl", help="read this DexYCB-derived annotation file instead of DexYCB's own files")
+    p.add_argument("--split", default="test", help="--jsonl: split for lines that name none [test]")
+    p.add_argument("--subjects", help="comma-separated subject folders [all present]")
+    p.add_argument("--setup", default="s0", help="the toolkit's split setup: s0, s1, s2 or s3 [s0]")
+    p.add_argument("--limit", type=positive, help="only the first N frames of each camera of each sequence")
+    p.add_argument("--stride", type=positive, default=1, help="every K-th frame [1]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    skipped: Counter = Counter()
-    records = read_dexycb(args.jsonl, args.root, args.split, skipped)
-    if not records:
-        raise OccError(f"{args.jsonl}: no line holds an object of ObMan's categories "
-                       f"(skipped {dict(sorted(skipped.items()))}); nothing to write")
-    info = write_dataset(Path(args.out), records, "DexYCB", Path(args.root), source="dexycb",
-                         skipped_objects=dict(sorted(skipped.items())))
+    if args.jsonl is None:
+        from data_tools.dexycb_root import convert_root
+        subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+        info = convert_root(args.root, args.out, subjects, args.limit, args.stride, args.setup,
+                            progress=not args.no_progress)
+        skipped = Counter(info["skipped_objects"])
+        unit = "views"
+    else:
+        skipped = Counter()
+        records = read_dexycb(args.jsonl, args.root, args.split, skipped)
+        if not records:
+            raise OccError(f"{args.jsonl}: no line holds an object of ObMan's categories "
+                           f"(skipped {dict(sorted(skipped.items()))}); nothing to write")
+        info = write_dataset(Path(args.out), records, "DexYCB", Path(args.root), source="dexycb",
+                             skipped_objects=dict(sorted(skipped.items())))
+        unit = "lines"
     print(f"wrote {info['views']} views to {Path(args.out) / 'manifest.jsonl'} "
           f"(splits {info['splits']}, categories {info['categories']})")
     if skipped:
-        print(f"skipped {sum(skipped.values())} lines whose object has no ObMan category: "
+        print(f"skipped {sum(skipped.values())} {unit} whose object has no ObMan category: "
               f"{dict(sorted(skipped.items()))}")
     return 0
 

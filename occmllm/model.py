@@ -17,7 +17,7 @@ from occmllm.conversation import IGNORE_INDEX
 from occmllm.errors import OccError
 from occmllm.fileio import read_json
 
-CONVERT_HINT = ("convert it with transformers' models/internvl/convert_internvl_weights_to_hf.py, or download "
+CONVERT_HINT = ("convert it with `python -m occmllm.convert --src FOLDER --out NEW_FOLDER`, or download "
                 "the '-hf' release (e.g. OpenGVLab/InternVL3-1B-hf)")
 
 

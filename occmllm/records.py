@@ -151,14 +151,18 @@ def read_records(path: str | os.PathLike, kind: str = "conversation", root: str 
 # --- InternVL meta JSON ----------------------------------------------------------------------
 
 def write_meta(path: str | os.PathLike, name: str, root: str | os.PathLike, annotation: str | os.PathLike,
-               length: int, repeat_time: float = 1.0) -> None:
+               length: int, repeat_time: float = 1.0, dataset: str | os.PathLike | None = None) -> None:
     """InternVL's dataset meta file: ``{name: {root, annotation, data_augment, repeat_time, length}}``.
-    Paths are written relative to the meta file's folder so the set can be moved as a whole."""
+    Paths are written relative to the meta file's folder so the set can be moved as a whole.
+    ``dataset``: the dataset folder (its manifest), recorded as ``dataset`` where it is not the root,
+    as for converted real data whose images stay in the source root; InternVL ignores the key."""
     base = Path(path).parent.resolve()
-    fileio.write_json(path, {name: {
-        "root": os.path.relpath(Path(root).resolve(), base),
-        "annotation": os.path.relpath(Path(annotation).resolve(), base),
-        "data_augment": False, "repeat_time": repeat_time, "length": length}})
+    entry = {"root": os.path.relpath(Path(root).resolve(), base),
+             "annotation": os.path.relpath(Path(annotation).resolve(), base),
+             "data_augment": False, "repeat_time": repeat_time, "length": length}
+    if dataset is not None and Path(dataset).resolve() != Path(root).resolve():
+        entry["dataset"] = os.path.relpath(Path(dataset).resolve(), base)
+    fileio.write_json(path, {name: entry})
 
 
 def iter_meta(path: str | os.PathLike) -> Iterator[tuple[str, Path, Path, float]]:

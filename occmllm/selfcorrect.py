@@ -324,8 +324,10 @@ def sampled_log_probs(model, batch: ChainBatch) -> tuple[torch.Tensor, torch.Ten
                 pixel_values=batch.pixel_values.to(device=device, dtype=dtype),
                 logits_to_keep=(columns - 1).to(device))  # the logits at t-1 predict the token at t
     logits = out.logits.float() / batch.temperature               # (n, P, vocab)
-    if batch.suppressed:
-        logits[..., list(batch.suppressed)] = float("-inf")
+    # an id past the logits (a converted checkpoint's added <video> token) can never be sampled anyway
+    suppressed = [i for i in batch.suppressed if i < logits.shape[-1]]
+    if suppressed:
+        logits[..., suppressed] = float("-inf")
     targets = batch.input_ids[:, columns].to(device)              # (n, P)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     mask = batch.sampled[:, columns].to(device)

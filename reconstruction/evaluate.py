@@ -9,19 +9,22 @@ frame with depth, so no alignment is applied) and the true object mesh are each 
 nearest-neighbour distances, in millimetres; F-score at 5 and 10 mm from precision (predicted
 points within the threshold of the truth) and recall (true points within it of the prediction);
 silhouette IoU = the reconstruction's silhouette in the input view against the object's amodal
-mask. An empty reconstruction scores F = 0 and no Chamfer.
+mask. An empty reconstruction scores F = 0 and no Chamfer. A metric whose truth a view lacks (a
+converted real dataset whose object models are not on this machine, or without amodal masks) is
+null for that view, and the command says in one line per cause which metric it could not compute.
 
 Baseline, "visible only": the object pixels the hand does not cover, back-projected with the
 depth map, i.e. exactly the visible surface and nothing else (its silhouette is the visible mask).
 
 metrics.json: ``chamfer``, ``fscore_5mm``, ``fscore_10mm``, ``silhouette_iou`` (means), ``n``,
 ``by_occlusion`` (bins with ``n`` and the same means), ``baseline`` (the same for the
-baseline), ``samples`` (per view), ``protocol``.
+baseline), ``samples`` (per view), ``declined`` (cause -> views), ``protocol``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +32,14 @@ import trimesh
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data_tools.dataset import load_dataset
+from data_tools.dataset import load_dataset, resolve_in_roots
 from data_tools.synthocc import OBJECT_COLOURS
 from occmllm import fileio
-from occmllm.errors import OccError, cli
+from occmllm.errors import cli
 from occmllm.render import RayCaster, render_rgb
 from reconstruction.metrics import by_occlusion, mean_metrics, sample_surface, silhouette_iou, surface_metrics
 from reconstruction.reconstruct import Reconstructor, add_common_arguments, depth_scale_of, render
+from reconstruction.truth import true_mesh
 from reconstruction.views import backproject, load_view, to_world
 
 SURFACE_SAMPLES = 10_000
@@ -46,10 +50,12 @@ PROTOCOL = ("10k points uniformly on each surface, world frame, metres, no align
             "back-projected with depth.")
 
 
-def _scores(pred_points: np.ndarray, true_points: np.ndarray, silhouette: np.ndarray, amodal: np.ndarray) -> dict:
-    m = surface_metrics(pred_points, true_points)
-    return {"chamfer": m["chamfer_mm"], "fscore_5mm": m["fscore_5mm"], "fscore_10mm": m["fscore_10mm"],
-            "silhouette_iou": silhouette_iou(silhouette, amodal)}
+def _scores(pred_points: np.ndarray, true_points: np.ndarray | None, silhouette: np.ndarray,
+            amodal: np.ndarray | None) -> dict:
+    """A view's metrics; those whose truth is missing (None) are None."""
+    m = surface_metrics(pred_points, true_points) if true_points is not None else {}
+    return {"chamfer": m.get("chamfer_mm"), "fscore_5mm": m.get("fscore_5mm"), "fscore_10mm": m.get("fscore_10mm"),
+            "silhouette_iou": silhouette_iou(silhouette, amodal) if amodal is not None else None}
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -62,39 +68,43 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
     scale = depth_scale_of(data)
     lines = dataset.split(split)
     lines = lines[:limit] if limit else lines
-    for key in ("mesh", "mask_amodal"):
-        if key not in lines[0]:
-            raise OccError(f"{data}: manifest lines lack {key!r}; evaluation needs the true object meshes and masks")
     ours, baseline, sheet_cells = [], [], []
-    true_cache: dict[str, tuple[trimesh.Trimesh, np.ndarray]] = {}
+    declined: Counter = Counter()
+    true_cache: dict[str, tuple[trimesh.Trimesh | None, np.ndarray | None]] = {}
     for start in tqdm(range(0, len(lines), batch_size), desc="evaluate", unit="batch", disable=not progress):
         chunk = lines[start: start + batch_size]
-        views = [load_view(dataset.root, line, scale) for line in chunk]
+        views = [load_view(dataset.roots, line, scale) for line in chunk]
         for line, view, rec in zip(chunk, views, reconstructor(views)):
-            if line["mesh"] not in true_cache:
+            key = line.get("mesh", line["id"])  # SynthOcc's views of a scene share one mesh
+            if key not in true_cache:
                 true_cache.clear()
-                mesh = trimesh.load(fileio.resolve_in_root(dataset.root, line["mesh"], line["id"]), process=False)
-                true_cache[line["mesh"]] = (mesh, sample_surface(mesh, SURFACE_SAMPLES, seed=1))
-            true_mesh, true_points = true_cache[line["mesh"]]
-            amodal = np.asarray(fileio.read_image(
-                fileio.resolve_in_root(dataset.root, line["mask_amodal"], line["id"]), None, "L")) > 127
-            shape = amodal.shape
-            pred_sil = (RayCaster([rec.mesh]).render(view.camera).label >= 0).reshape(shape)
+                mesh, why = true_mesh(dataset, line)
+                if mesh is None:
+                    declined[f"chamfer and F-scores: {why}"] += 1
+                true_cache[key] = (mesh, sample_surface(mesh, SURFACE_SAMPLES, seed=1) if mesh is not None else None)
+            truth, true_points = true_cache[key]
+            amodal = None
+            if "mask_amodal" in line:
+                amodal = np.asarray(fileio.read_image(
+                    resolve_in_roots(dataset.roots, line["mask_amodal"], line["id"]), None, "L")) > 127
+            else:
+                declined["silhouette IoU: the manifest has no amodal masks (mask_amodal)"] += 1
+            pred_sil = (RayCaster([rec.mesh]).render(view.camera).label >= 0).reshape(view.size)
             pred_points = sample_surface(rec.mesh, SURFACE_SAMPLES, seed=2)
             meta = {"id": line["id"], "category": line["category"], "occlusion": line["occlusion"]}
             ours.append({**meta, **_scores(pred_points, true_points, pred_sil, amodal), "empty": rec.empty,
                          "evaluations": rec.evaluations})
             visible_points = to_world(backproject(view.visible, view.depth, view.camera.intrinsics), view.camera)
             baseline.append({**meta, **_scores(visible_points, true_points, view.visible, amodal)})
-            if sheet is not None:
+            if sheet is not None and truth is not None and line["occlusion"] is not None:
                 colour = tuple(c / 255 for c in OBJECT_COLOURS.get(line.get("colour"), (200, 200, 200)))
-                truth = render_rgb(RayCaster([true_mesh]), view.camera, [colour])
-                sheet_cells.append((ours[-1], baseline[-1], view.rgb, truth, render(rec, view.camera)))
+                truth_image = render_rgb(RayCaster([truth]), view.camera, [colour])
+                sheet_cells.append((ours[-1], baseline[-1], view.rgb, truth_image, render(rec, view.camera)))
     result = {"protocol": PROTOCOL, "checkpoint": None, "data": str(data), "split": split, **_summary(ours),
               "baseline": {"name": "visible only (back-projected visible depth)", **_summary(baseline)},
               "empty_reconstructions": sum(r["empty"] for r in ours), "samples": ours,
-              "baseline_samples": baseline}
-    if sheet is not None:
+              "baseline_samples": baseline, "declined": dict(declined)}
+    if sheet is not None and sheet_cells:
         contact_sheet(sheet_cells, sheet)
     return result
 
@@ -150,6 +160,8 @@ def main(argv=None) -> int:
     result["checkpoint"] = str(args.checkpoint)
     fileio.write_json(args.out, result)
     print(table(result))
+    for why, n in result["declined"].items():
+        print(f"not computed for {n} of {result['n']} views: {why}")
     print(f"wrote {args.out}" + (f" and {args.sheet}" if args.sheet else ""))
     return 0
 

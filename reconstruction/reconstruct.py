@@ -129,10 +129,11 @@ def select_views(dataset, split: str | None, records_file: Path | None, limit: i
     return lines[:limit] if limit else lines
 
 
-def reconstruct_views(reconstructor: Reconstructor, root: Path, lines: list[dict], depth_scale: float, folder: Path,
+def reconstruct_views(reconstructor: Reconstructor, root, lines: list[dict], depth_scale: float, folder: Path,
                       batch_size: int = 8, progress: bool = True) -> dict:
-    """Render the reconstruction of every view (manifest ``lines`` under ``root``) as
-    ``folder/<view id>.png``, keeping renders already there; returns counts (rendered, kept, empty)."""
+    """Render the reconstruction of every view (manifest ``lines``, files under ``root``: a path or
+    a dataset's ``roots``) as ``folder/<view id>.png``, keeping renders already there; returns
+    counts (rendered, kept, empty)."""
     def target(view_id: str) -> Path:
         return Path(render_path(str(folder), view_id))
 
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
     dataset = load_dataset(args.data)
     lines = select_views(dataset, args.split, args.records, args.limit)
     folder = fileio.resolve_in_root(dataset.root, args.out, "--out")
-    counts = reconstruct_views(reconstructor, dataset.root, lines, depth_scale_of(dataset.folder), folder,
+    counts = reconstruct_views(reconstructor, dataset.roots, lines, depth_scale_of(dataset.folder), folder,
                                args.batch_size, not args.no_progress)
     print(f"rendered {counts['rendered']} views into {dataset.root / args.out} ({counts['kept']} already there, "
           f"{len(counts['empty'])} empty reconstructions)")

@@ -1,4 +1,4 @@
-"""Train the reconstruction model on a SynthOcc-layout dataset (CPU or GPU).
+"""Train the reconstruction model on a dataset folder: SynthOcc, or ObMan/DexYCB converted by data_tools (CPU or GPU).
 
     python -m reconstruction.train [--config reconstruction/config.yaml] [--flag value ...]
 
@@ -41,7 +41,7 @@ SILHOUETTE_SHARPNESS = 0.003  # m: occupancy = sigmoid(-sdf / this)
 
 @dataclass
 class ReconTrainArguments:
-    data: str = field(default="outputs/demo/data", metadata={"help": "SynthOcc-layout dataset folder"})
+    data: str = field(default="outputs/demo/data", metadata={"help": "dataset folder (SynthOcc or converted)"})
     output_dir: str = field(default="outputs/demo/recon/model", metadata={"help": "where the model is written"})
     split: str = "train"
     max_scenes: int | None = field(default=None, metadata={"help": "only the first N scenes of the split"})

@@ -7,11 +7,12 @@ behind the visible part of the object, so the prediction is metric and needs no 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from data_tools.dataset import resolve_in_roots
 from occmllm import fileio
 from occmllm.errors import OccError
 from occmllm.render import Camera
@@ -68,21 +69,23 @@ def hand_points(view: ViewInput, count: int = HAND_POINTS) -> np.ndarray:
     return points
 
 
-def _image(root: Path, rel: str, mode: str, context: str) -> np.ndarray:
-    path = fileio.resolve_in_root(root, rel, context)
+def _image(root, rel: str, mode: str, context: str) -> np.ndarray:
+    path = resolve_in_roots(root, rel, context)
     if not path.is_file():
-        raise OccError(f"{context}: image {rel!r} not found under {root}")
+        where = " or ".join(map(str, [root] if isinstance(root, (str, os.PathLike)) else root))
+        raise OccError(f"{context}: image {rel!r} not found under {where}")
     return np.asarray(fileio.read_image(path, f"{context}: image {rel!r}", mode if mode != "I" else None))
 
 
-def load_view(root: Path, line: dict, depth_scale: float, context: str = "") -> ViewInput:
-    """A manifest line's view. Masks and depth are required: the model places the object and the
-    hand from them."""
+def load_view(root, line: dict, depth_scale: float, context: str = "") -> ViewInput:
+    """A manifest line's view, its files under ``root`` (a path, or a dataset's ``roots``). Masks
+    and depth are required: the model places the object and the hand from them."""
     context = context or f"view {line.get('id')!r}"
     missing = [k for k in REQUIRED_FIELDS if k not in line]
     if missing:
         raise OccError(f"{context}: lacks {', '.join(missing)}; the reconstruction model needs the hand mask, "
-                       "the object's visible mask and depth (a SynthOcc-layout manifest)")
+                       "the object's visible mask and depth (SynthOcc's manifest, or one from data_tools.obman / "
+                       "data_tools.dexycb --root)")
     rgb = _image(root, line["image"], "RGB", context)
     visible = _image(root, line["mask_visible"], "L", context) > 127
     hand = _image(root, line["mask_hand"], "L", context) > 127

@@ -64,6 +64,28 @@ def synth_small(tmp_path_factory) -> Path:
 SMALL_RECON = dict(widths=[8, 16], local_width=8, global_width=16, hidden=32, layers=2, fourier=2)
 
 
+def losses_before_and_after(views, steps: int) -> tuple[dict, dict]:
+    """Every reconstruction loss on one fixed batch of four of ``views`` (TrainingViews), before and
+    after ``steps`` Adam steps of a fresh ``SMALL_RECON`` model on it."""
+    import numpy as np
+    import torch
+    from reconstruction.model import ReconConfig, SDFReconstructor
+    from reconstruction.train import ReconTrainArguments, collate, losses
+    torch.manual_seed(0)
+    model = SDFReconstructor(ReconConfig(**SMALL_RECON))
+    args = ReconTrainArguments(sdf_points=256, eikonal_points=32, colour_points=64, silhouette_rays=32, ray_samples=8)
+    rng = np.random.default_rng(0)
+    batch = collate([views.item(i, rng, 256, 64, 32, 8) for i in range(4)], "cpu")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = {k: float(v.detach()) for k, v in losses(model, batch, args).items()}
+    for _ in range(steps):
+        parts = losses(model, batch, args)
+        opt.zero_grad()
+        parts["total"].backward()
+        opt.step()
+    return first, {k: float(v.detach()) for k, v in losses(model, batch, args).items()}
+
+
 @pytest.fixture(scope="session")
 def recon_model(synth, tmp_path_factory) -> Path:
     """A small reconstruction model trained for a few steps on ``synth`` (mechanics, not quality)."""

@@ -16,10 +16,10 @@ from reconstruction import reconstruct as reconstruct_cmd
 from reconstruction.model import ReconConfig, SDFReconstructor, load_reconstructor, view_batch
 from reconstruction.reconstruct import Reconstructor
 from reconstruction.supervision import TrainingViews, silhouette_rays
-from reconstruction.train import ReconTrainArguments, collate, losses, train
+from reconstruction.train import ReconTrainArguments, train
 from reconstruction.views import CUBE_HALF, cube_centre, load_view
 
-from conftest import SMALL_RECON as SMALL  # noqa: E402
+from conftest import SMALL_RECON as SMALL, losses_before_and_after  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +81,7 @@ def test_model_shapes_and_save_load_round_trip(views, tmp_path):
 
 
 def test_a_few_steps_lower_every_loss_on_a_fixed_batch(views):
-    torch.manual_seed(0)
-    model = SDFReconstructor(ReconConfig(**SMALL))
-    args = ReconTrainArguments(sdf_points=256, eikonal_points=32, colour_points=64, silhouette_rays=32, ray_samples=8)
-    rng = np.random.default_rng(0)
-    batch = collate([views.item(i, rng, 256, 64, 32, 8) for i in range(4)], "cpu")
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    first = {k: float(v.detach()) for k, v in losses(model, batch, args).items()}
-    for _ in range(40):
-        parts = losses(model, batch, args)
-        opt.zero_grad()
-        parts["total"].backward()
-        opt.step()
-    last = {k: float(v.detach()) for k, v in losses(model, batch, args).items()}
+    first, last = losses_before_and_after(views, 40)
     print(first, last)
     for key in ("sdf", "silhouette", "colour", "total"):
         assert last[key] < first[key], key
