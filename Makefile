@@ -139,7 +139,7 @@ demo-alpha:
 # pretrained to be read patch by patch, and the two-layer language model reads it best that way
 # (benchmarks/RESULTS.md, "Why the VLM read less than its tower, and the aligned base").
 BASE := occmllm/pretrained/tiny-synthocc
-BASE_SCENES ?= 16000
+BASE_SCENES ?= 32000
 BASE_SEED ?= 1
 base: $(VENV)/.installed
 	rm -rf outputs/base
