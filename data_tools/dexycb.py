@@ -35,10 +35,9 @@ from collections import Counter
 from pathlib import Path
 
 from occmllm import fileio
-from occmllm.errors import OccError, cli, where
+from occmllm.errors import OccError, cli, positive_int, where
 from occmllm.questions import CATEGORY_ATTRIBUTES
 from data_tools.dataset import camera_fields, write_dataset
-from data_tools.realviews import positive
 
 # DexYCB's 21 YCB objects, indexed as in its annotations (ycb_ids).
 YCB_OBJECTS = (
@@ -176,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", help="--jsonl: split for lines that name none [test]")
     p.add_argument("--subjects", help="comma-separated subject folders [all present]")
     p.add_argument("--setup", default="s0", help="the toolkit's split setup: s0, s1, s2 or s3 [s0]")
-    p.add_argument("--limit", type=positive, help="only the first N frames of each camera of each sequence")
-    p.add_argument("--stride", type=positive, default=1, help="every K-th frame [1]")
+    p.add_argument("--limit", type=positive_int, help="only the first N frames of each camera of each sequence")
+    p.add_argument("--stride", type=positive_int, default=1, help="every K-th frame [1]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.jsonl is None:

@@ -64,10 +64,9 @@ from tqdm import tqdm
 
 from data_tools.dataset import camera_fields
 from data_tools.plainpickle import load_plain
-from data_tools.realviews import (ViewWriter, depth_image, finish, mask_image, model_entry, occlusion_ratio,
-                                  positive)
+from data_tools.realviews import ViewWriter, depth_image, finish, mask_image, model_entry, occlusion_ratio
 from occmllm import fileio
-from occmllm.errors import OccError, cli
+from occmllm.errors import OccError, cli, positive_int
 from occmllm.questions import CATEGORIES, CATEGORY_ATTRIBUTES
 
 # ShapeNet synsets of ObMan's eight object classes.
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", required=True, help="ObMan root (holding train/, val/, test/)")
     p.add_argument("--out", required=True, help="folder for manifest.jsonl, dataset.json and the view files")
     p.add_argument("--splits", default="train,val,test", help="comma-separated splits [train,val,test]")
-    p.add_argument("--limit", type=positive, default=None, help="convert only the first N samples of each split")
+    p.add_argument("--limit", type=positive_int, default=None, help="convert only the first N samples of each split")
     p.add_argument("--shapenet-root", help="ShapeNetCore.v2 folder: the object models, for reconstruction targets "
                                            "and metrics [none: evaluation then skips the surface metrics]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -19,7 +19,6 @@ mapping the model's coordinates (metres) to the world of the view's ``world_to_c
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Callable
 
@@ -104,11 +103,3 @@ class ViewWriter:
 def finish(out: Path, records: list[dict], name: str, root: Path, **extra) -> dict:
     """Write the manifest and ``dataset.json`` (with the depth scale) once every view converted."""
     return write_dataset(Path(out), records, name, root, depth_scale=DEPTH_SCALE, **extra)
-
-
-def positive(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value

@@ -33,7 +33,7 @@ from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIP
 from data_tools.dataset import load_dataset
 from occmllm import questions as q
 from occmllm.conversation import load_images
-from occmllm.errors import OccError, cli
+from occmllm.errors import OccError, cli, positive_int
 from occmllm.fileio import dumps, read_json, replace_folder, resolve_in_root
 
 START, END = "<|startoftext|>", "<|endoftext|>"
@@ -313,13 +313,6 @@ def format_table(result: dict) -> str:
 
 # --- command line -----------------------------------------------------------------------------
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 @cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m occmllm.clip", description=__doc__,
@@ -333,8 +326,8 @@ def main(argv=None) -> int:
     t.add_argument("--clip", required=True, type=Path, help="CLIP checkpoint folder, updated in place")
     t.add_argument("--data", required=True, type=Path, help="dataset folder (manifest.jsonl)")
     t.add_argument("--split", default="train", help="split to train on [train]")
-    t.add_argument("--steps", type=_positive, default=DEFAULT_STEPS, help=f"optimizer steps [{DEFAULT_STEPS}]")
-    t.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH, help=f"images per step [{DEFAULT_BATCH}]")
+    t.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help=f"optimizer steps [{DEFAULT_STEPS}]")
+    t.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH, help=f"images per step [{DEFAULT_BATCH}]")
     t.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate [{DEFAULT_LR}]")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -342,7 +335,7 @@ def main(argv=None) -> int:
     z.add_argument("--clip", required=True, type=Path, help="CLIP checkpoint folder")
     z.add_argument("--data", required=True, type=Path, help="dataset folder (manifest.jsonl)")
     z.add_argument("--split", default="test", help="split to score [test]")
-    z.add_argument("--limit", type=_positive, default=None, help="score only the split's first N views")
+    z.add_argument("--limit", type=positive_int, default=None, help="score only the split's first N views")
     args = p.parse_args(argv)
 
     if args.command == "build":

@@ -1,6 +1,8 @@
-"""User-facing errors and the command-line wrapper that prints them as one line."""
+"""User-facing errors, the command-line wrapper that prints them as one line, and the shared
+argparse type for counts."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -34,3 +36,11 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int | None]:
             raise SystemExit(130) from None
 
     return wrapper
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse turns the error into its usage line)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
