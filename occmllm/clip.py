@@ -30,9 +30,9 @@ from tqdm import tqdm
 from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextConfig,
                           CLIPVisionConfig, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup)
 
-from data_tools.dataset import load_dataset
 from occmllm import questions as q
 from occmllm.conversation import load_images
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli, positive_int
 from occmllm.fileio import dumps, read_json, replace_folder, resolve_in_root
 

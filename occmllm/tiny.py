@@ -40,10 +40,9 @@ CHAT_TEMPLATE = (
 
 
 def _corpus() -> list[str]:
-    from data_tools.synthocc import OBJECT_COLOURS
     texts = [*q.QUESTIONS.values(), q.Q0_PLAN, q.YES, q.NO, "user\n", "assistant\n", "system\n"]
     texts += [q.category_answer(c) for c in q.CATEGORIES]
-    texts += [q.description(c, colour) for c in q.CATEGORIES for colour in OBJECT_COLOURS]
+    texts += [q.description(c, colour) for c in q.CATEGORIES for colour in q.OBJECT_COLOURS]
     return texts
 
 

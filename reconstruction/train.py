@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_tools.dataset import load_dataset
 from occmllm import fileio
 from occmllm.config import parse_config
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli
 from reconstruction.model import ReconConfig, SDFReconstructor, load_reconstructor, view_batch
 from reconstruction.supervision import TrainingViews
