@@ -31,8 +31,8 @@ class ConversationDataset(Dataset):
     With ``cache``, the first encoding of each record is kept, and later epochs only flip its
     pixel tensor where augmentation asks for it (a flip commutes with resizing and normalising;
     an image cut into several tiles is encoded again, since its tiles would also change places).
-    Without a cache, image decoding and preprocessing took about half of a stage-1 step on the
-    demo model.
+    Without a cache, image decoding and preprocessing are a large share of a stage-1 step on the
+    demo model (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU").
 
     With ``renders`` (a folder under the image root: the dual visual path, ``occmllm.dual``) each
     item also has ``render_pixel_values``: ``<renders>/<record id>.png``, resized to its image's

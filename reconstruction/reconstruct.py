@@ -33,8 +33,8 @@ from reconstruction.views import CUBE_HALF, ViewInput, load_view, to_world
 BACKGROUND = (0.5, 0.5, 0.5)
 KEEP_COMPONENT = 0.1  # drop floating pieces smaller than this fraction of the largest piece
 # Samples per axis of the coarsest grid, evaluated densely (reconstruction.extract): a 64^3 grid
-# then goes 17 -> 33 -> 64, 23% fewer SDF evaluations than starting at 33 and the same renders
-# on the demo's test views.
+# then goes 17 -> 33 -> 64; a coarser start spends fewer SDF evaluations for the same renders
+# (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU").
 COARSE_SAMPLES = 16
 
 

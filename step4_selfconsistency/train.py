@@ -4,7 +4,7 @@
 2. self-correction RL from that checkpoint (``occmllm.selfcorrect``) into ``output_dir``.
 
 The demo's config runs phase 1 alone (into ``output_dir``): on its validation split the RL phase
-lowered accuracy (``benchmarks/RESULTS.md``).
+lowered accuracy (``benchmarks/RESULTS.md``, "The recipe with one chain of thought").
 
     python -m step4_selfconsistency.train [--config step4_selfconsistency/config.yaml] [--flag value ...]
 
