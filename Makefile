@@ -22,16 +22,18 @@ test: $(VENV)/.installed
 # The pipeline on the embedded default: synthetic data, tiny offline model, CPU.
 # Everything goes under outputs/demo/; each line is a command you can run on its own, and each
 # part is a target of its own (demo-data, demo-recon, demo-stages, demo-report, demo-alpha) for re-running it.
-# The parts run one after the other: the reconstruction model trains 2.4x slower on one thread
-# than on two, so running it beside the VLM stages would not save time on 2 cores.
+# The parts run one after the other: the reconstruction model trains far slower on one thread
+# than on two, so running it beside the VLM stages would not save time on 2 cores
+# (benchmarks/RESULTS.md, "Figures behind settings in the code").
 DEMO_SCENES ?= 3200
 DEMO_VIEWS ?= 2
 DEMO_RECON_STEPS ?= 1500
 DEMO_RECON_EVAL ?= 80
-# stage 2 for 320 steps: at 160 a second training seed never learnt Q2-Q4 (benchmarks/RESULTS.md)
+# stage 2 for 320 steps: at 160 a second training seed never learnt Q2-Q4 (benchmarks/RESULTS.md,
+# "A second training seed")
 DEMO_STEP2_STEPS ?= 320
 # the VLM reads 64-px tiles: renders of a 48^3 reconstruction grid look the same at that size and take
-# two thirds of the time of the default 64^3 (640 validation views: 56 s against 84 s, CoT accuracy 0.550 against 0.555)
+# less time than the default 64^3, at the same CoT accuracy (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU")
 DEMO_RENDER_RES ?= 48
 SUBMAKE = $(MAKE) --no-print-directory
 demo: $(VENV)/.installed
@@ -111,8 +113,9 @@ demo-report:
 
 # OCC-MLLM-Alpha on the final checkpoint: the dual visual path (a short fine-tune with a learnable
 # alpha on the held-out views' Q1-Q5, so Q2-Q5 are kept, and their reconstruction renders; steps
-# and alpha chosen on validation, benchmarks/RESULTS.md), and test-time adaptation with a
-# tiny CLIP trained on the dataset's image/caption pairs
+# and alpha chosen on validation, benchmarks/RESULTS.md, "Why the VLM read less than its tower, and
+# the aligned base"), and test-time adaptation with a tiny CLIP trained on the dataset's
+# image/caption pairs
 DEMO_DUAL_STEPS ?= 320
 demo-alpha:
 	$(PY) -m occmllm.clip build --out $(DEMO)/models/clip --image-size 64

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import InternVLVisionConfig, Qwen2Config, TrainerCallback  # noqa: E402
+from transformers import InternVLVisionConfig, Qwen2Config, TrainerCallback, TrainingArguments  # noqa: E402
 
 VISION_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                    image_size=448, patch_size=14)
@@ -102,8 +102,8 @@ def build_data(out: Path, tile: int, tiles: str, samples: int) -> dict[str, Path
     """SynthOcc views, resized to whole tiles (varied grids for dynamic tiling), with stage-1,
     stage-3 and test files over them."""
     from data_tools import builders
-    from data_tools.dataset import load_dataset
     from data_tools.synthocc import Settings, generate
+    from occmllm.dataset import load_dataset
     from occmllm.questions import category_answer
     scenes = max(4, (samples + 1) // 2)
     data = generate(out / "data", Settings(scenes=scenes, views=2, seed=0, size=64), progress=False)
@@ -115,8 +115,8 @@ def build_data(out: Path, tile: int, tiles: str, samples: int) -> dict[str, Path
         Image.open(path).convert("RGB").resize((cols * tile, rows * tile)).save(path)
     wrong = {v["id"]: category_answer("remote" if v["category"] != "remote" else "jar") for v in views}
     (out / "predictions.json").write_text(json.dumps(wrong))
-    return {"step1": builders.write_stage(builders.step1_records(views), out / "step1.jsonl", ds, "step1"),
-            "step3": builders.write_stage(builders.step3_pairs(views, out / "predictions.json", right_pairs=False),
+    return {"step1": builders.write_stage(builders.stage1_records(views), out / "step1.jsonl", ds, "step1"),
+            "step3": builders.write_stage(builders.stage3_pairs(views, out / "predictions.json", right_pairs=False),
                                           out / "step3.jsonl", ds, "step3", kind="preference"),
             "test": builders.write_stage(builders.test_records(views), out / "test.jsonl", ds, "test")}
 
@@ -203,6 +203,7 @@ class BatchLog:
 def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.device, out: Path) -> dict:
     from occmllm import mpo, sft
     from occmllm.config import parse_config
+    from occmllm.stage import DataArguments, ModelArguments
     flags = ["--model_name_or_path", str(checkpoint), "--output_dir", str(out / run), "--save_strategy", "no",
              "--max_steps", str(args.warmup + args.steps), "--per_device_train_batch_size", str(args.batch_size),
              "--disable_tqdm", "true", "--logging_steps", "1000000", "--report_to", "none",
@@ -214,13 +215,13 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
     if run == "mpo":
         from trl import DPOConfig
         model_args, data_args, config = parse_config(
-            (sft.ModelArguments, mpo.PreferenceDataArguments, DPOConfig),
+            (ModelArguments, mpo.PreferenceDataArguments, DPOConfig),
             [*flags, "--train_data", str(files["step3"])], ROOT / "step3_mpo/config.yaml")
         trainer, _ = mpo.build_trainer(model_args, data_args, config)
         log = BatchLog(trainer.data_collator)
     else:
         model_args, data_args, training = parse_config(
-            (sft.ModelArguments, sft.DataArguments, sft.TrainingArguments),
+            (ModelArguments, DataArguments, TrainingArguments),
             [*flags, "--train_data", str(files["step1"]), "--cache_encoded", "false", "--augment", "false"],
             ROOT / "step1_sft/config.yaml")
         trainer, _ = sft.build_trainer(model_args, data_args, training)
@@ -245,20 +246,21 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
 
 
 def plain_row(checkpoint: Path, files: dict, args, device: torch.device) -> dict:
-    import inference
+    from occmllm.answering import Answerer, dataset_root, load_test, sample_of
     from occmllm.model import load_model
-    root = inference.dataset_root(files["test"], None)
-    samples = [inference.sample_of(r, root) for r in inference.load_test(files["test"], root, None)]
+    from occmllm.modes import run_plain
+    root = dataset_root(files["test"], None)
+    samples = [sample_of(r, root) for r in load_test(files["test"], root, None)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, processor = load_model(checkpoint, device=device)
-    generate = inference.Generator(model, processor, args.max_new_tokens)
+    answerer = Answerer(model, processor, args.max_new_tokens)
     batches = [samples[(k * args.batch_size) % len(samples):][: args.batch_size] for k in range(args.steps + 1)]
     times = []
     for batch in batches:
         synchronize(device)
         start = time.perf_counter()
-        inference.run_plain(generate, batch)
+        run_plain(answerer, batch)
         synchronize(device)
         times.append(time.perf_counter() - start)
     warm = times[1:]

@@ -3,7 +3,7 @@ reference implementation's style, on the same checkpoint, test samples and machi
 
 The loop does what the reference's evaluation does per test image: load and tile the image, then
 for each question build the multi-turn prompt with the earlier answers and call ``generate`` on that
-one prompt (no padding). The project's path is ``inference.run_plain`` at batch sizes 1, 8 and 32
+one prompt (no padding). The project's path is ``occmllm.modes.run_plain`` at batch sizes 1, 8 and 32
 (left-padded greedy generation). Every batched run must give the loop's answers, word for word.
 Then the chain-of-thought mode's cost per sample relative to plain (renders made afresh).
 
@@ -27,16 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import inference  # noqa: E402
 from occmllm import chain  # noqa: E402
+from occmllm.answering import Answerer, Sample, dataset_root, load_test, sample_of  # noqa: E402
 from occmllm.conversation import ConversationEncoder, load_images  # noqa: E402
 from occmllm.errors import OccError  # noqa: E402
 from occmllm.model import load_model  # noqa: E402
+from occmllm.modes import Context, run_cot, run_plain  # noqa: E402
+from reconstruction.reconstruct import RenderCache  # noqa: E402
 
 BATCH_SIZES = (1, 8, 32)
 
 
-def one_by_one(model, processor, samples: list[inference.Sample], max_new_tokens: int) -> list[dict]:
+def one_by_one(model, processor, samples: list[Sample], max_new_tokens: int) -> list[dict]:
     """The reference's way: one image, one question, one ``generate`` call at a time (the prompt
     built as the project builds it, so the answers can be compared)."""
     tokenizer = processor.tokenizer
@@ -61,10 +63,10 @@ def one_by_one(model, processor, samples: list[inference.Sample], max_new_tokens
     return out
 
 
-def batched(generate: inference.Generator, samples, batch_size: int, runner=inference.run_plain, context=None):
+def batched(answerer: Answerer, samples, batch_size: int, runner=run_plain, context=None):
     out = []
     for start in range(0, len(samples), batch_size):
-        out += [r["answers"] for r in runner(generate, samples[start: start + batch_size], context)]
+        out += [r["answers"] for r in runner(answerer, samples[start: start + batch_size], context)]
     return out
 
 
@@ -89,18 +91,18 @@ def main() -> None:
         if not path.exists():
             raise SystemExit(f"{path}: not found; run `make demo` first or pass --checkpoint/--data")
     torch.set_num_threads(args.threads)
-    root = inference.dataset_root(args.data, None)
-    samples = [inference.sample_of(rec, root) for rec in inference.load_test(args.data, root, args.samples)]
+    root = dataset_root(args.data, None)
+    samples = [sample_of(rec, root) for rec in load_test(args.data, root, args.samples)]
     questions = sum(len(s.questions) for s in samples)
     model, processor = load_model(args.checkpoint, device=torch.device("cpu"), dtype=torch.float32)
-    generate = inference.Generator(model, processor, args.max_new_tokens)
-    batched(generate, samples[:2], 2)  # warm-up
+    answerer = Answerer(model, processor, args.max_new_tokens)
+    batched(answerer, samples[:2], 2)  # warm-up
 
     reference, loop_s = timed(lambda: one_by_one(model, processor, samples, args.max_new_tokens))
     rows = [("one-by-one loop (reference style)", 1, loop_s, 1.0, True)]
     speedup, identical = {}, True
     for size in BATCH_SIZES:
-        answers, seconds = timed(lambda: batched(generate, samples, size))
+        answers, seconds = timed(lambda: batched(answerer, samples, size))
         same = answers == reference
         identical &= same
         speedup[str(size)] = round(loop_s / seconds, 2)
@@ -109,12 +111,12 @@ def main() -> None:
     cot = None
     if args.cot_checkpoint.is_dir() and args.recon.is_dir():
         cot_model, cot_processor = load_model(args.cot_checkpoint, device=torch.device("cpu"), dtype=torch.float32)
-        cot_generate = inference.Generator(cot_model, cot_processor, args.max_new_tokens)
+        cot_answerer = Answerer(cot_model, cot_processor, args.max_new_tokens)
         size = BATCH_SIZES[-1]
-        _, plain_s = timed(lambda: batched(cot_generate, samples, size))
+        _, plain_s = timed(lambda: batched(cot_answerer, samples, size))
         with tempfile.TemporaryDirectory() as tmp:
-            context = inference.Context(renders=inference.RenderCache(args.recon, root, Path(tmp), 64, "cpu"))
-            answers, cot_s = timed(lambda: batched(cot_generate, samples, size, inference.run_cot, context))
+            context = Context(renders=RenderCache(args.recon, root, Path(tmp), 64, "cpu"))
+            answers, cot_s = timed(lambda: batched(cot_answerer, samples, size, run_cot, context))
         unclear = sum(chain.SECOND in a for a in answers)
         cot = {"plain_s": round(plain_s, 2), "cot_s": round(cot_s, 2), "cost": round(cot_s / plain_s, 2),
                "reconstructed": unclear}

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from data_tools.dataset import load_dataset  # noqa: E402
+from occmllm.dataset import load_dataset  # noqa: E402
 from occmllm.errors import OccError  # noqa: E402
 from reconstruction.model import view_batch  # noqa: E402
 from reconstruction.reconstruct import Reconstructor, depth_scale_of, render  # noqa: E402

@@ -25,11 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from occmllm import sft  # noqa: E402
 from bench_gpu import Shape  # noqa: E402
 from occmllm.config import parse_config  # noqa: E402
+from occmllm.stage import DataArguments, ModelArguments  # noqa: E402
 
 CONFIG = ROOT / "step1_sft/config.yaml"
 
@@ -117,7 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_args, data_args, training = parse_config(
-            (sft.ModelArguments, sft.DataArguments, sft.TrainingArguments),
+            (ModelArguments, DataArguments, TrainingArguments),
             ["--output_dir", tmp, "--num_train_epochs", str(args.epochs), "--save_strategy", "no",
              "--disable_tqdm", "true", "--logging_steps", "1000000", *args.flags], CONFIG)
         for path in (model_args.model_name_or_path, data_args.train_data):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.dataset import Dataset
-from data_tools.predictions import read_predictions
 from occmllm import chain, fileio, records
+from occmllm.dataset import Dataset
 from occmllm.errors import OccError
+from occmllm.predictions import read_predictions
 from occmllm.questions import (ATTRIBUTE_QUESTIONS, CAPTION_PROMPT, CATEGORIES, Q0, Q0_PLAN, Q1, Q6, QUESTIONS, YES,
                                answers_for, caption, category_answer, yes_no)
 
@@ -53,7 +53,7 @@ def q1_record(view: dict) -> dict:
             "conversations": [_human(Q1), _gpt(category_answer(view["category"]))], "meta": view_meta(view)}
 
 
-def step1_records(views: list[dict]) -> list[dict]:
+def stage1_records(views: list[dict]) -> list[dict]:
     """Stage 1: the category question, one record per view."""
     return [q1_record(v) for v in views]
 
@@ -67,7 +67,7 @@ def caption_records(views: list[dict]) -> list[dict]:
              "meta": view_meta(v)} for v in views]
 
 
-def step2_records(views: list[dict]) -> list[dict]:
+def stage2_records(views: list[dict]) -> list[dict]:
     """Stage 2: one multi-turn record per view asking Q1-Q5 in the test records' order, so every
     test conversation is one of them. Q6 is the chain's question (``occmllm.chain``), asked after the
     first answer in stages 3-4, where the model's own answers give its labels."""
@@ -109,8 +109,8 @@ def _undersample(items: list, key, seed: int) -> list:
 REFERENCE_CLARITY_QUESTION = Q6 + "\n"
 
 
-def step3_pairs(views: list[dict], predictions_path, checkpoint: str | None = None, seed: int = 0,
-                reference_clarity: bool = False, right_pairs: bool = True) -> list[dict]:
+def stage3_pairs(views: list[dict], predictions_path, checkpoint: str | None = None, seed: int = 0,
+                 reference_clarity: bool = False, right_pairs: bool = True) -> list[dict]:
     """Stage 3 preference pairs from a model's own Q1 answers (to views it did not train on).
 
     Category pairs: for each wrong answer, the true answer chosen over the model's; with
@@ -150,13 +150,8 @@ def step3_pairs(views: list[dict], predictions_path, checkpoint: str | None = No
     return pairs
 
 
-def render_path(renders_dir: str, view_id: str) -> str:
-    """Where the reconstruction render of a view lives, relative to the dataset root."""
-    return f"{renders_dir.rstrip('/')}/{view_id}.png"
-
-
-def step4_records(views: list[dict], first_right: dict[str, bool], renders_dir: str, seed: int = 0,
-                  plan_fraction: float = 0.25, replay: bool = True) -> list[dict]:
+def stage4_records(views: list[dict], first_right: dict[str, bool], renders_dir: str, seed: int = 0,
+                   plan_fraction: float = 0.25, replay: bool = True) -> list[dict]:
     """Stage 4 chain-of-thought records (``occmllm.chain``), per view:
 
     - the check: Q1 with the true answer, then Q6 answered ``Yes.``/``No.`` as the model's own first
@@ -173,7 +168,7 @@ def step4_records(views: list[dict], first_right: dict[str, bool], renders_dir: 
         out.append({"id": v["id"], "image": v["image"],
                     "conversations": chain.check_turns(truth, chain.check_answer(right)),
                     "meta": view_meta(v, first_right=right)})
-        out.append({"id": f"{v['id']}#second", "image": [v["image"], render_path(renders_dir, v["id"])],
+        out.append({"id": f"{v['id']}#second", "image": [v["image"], records.render_path(renders_dir, v["id"])],
                     "conversations": chain.second_look_turns(truth), "meta": view_meta(v)})
         if replay:
             out.append({"id": f"{v['id']}#replay", "image": v["image"], "conversations": _asked_in_turn(v),
@@ -205,7 +200,7 @@ def write_stage(recs: list[dict], out: str | os.PathLike, dataset: Dataset, name
         for rel in records.images_of(rec):
             fileio.resolve_in_root(dataset.root, rel, f"{out} record {k + 1}")
     fileio.write_jsonl(out, recs)
-    records.write_meta(out.with_name(out.stem + ".meta.json"), name, dataset.root, out, len(recs),
+    records.write_meta(records.meta_path(out), name, dataset.root, out, len(recs),
                        dataset=dataset.folder)
     return out
 
@@ -250,6 +245,6 @@ def add_predictions_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="which checkpoint's answers, when the predictions file has several")
 
 
-def report(out: Path, recs: list[dict]) -> None:
-    print(f"wrote {len(recs)} records to {out} (meta: {out.with_name(out.stem + '.meta.json')})")
+def print_summary(out: Path, recs: list[dict]) -> None:
+    print(f"wrote {len(recs)} records to {out} (meta: {records.meta_path(out)})")
 

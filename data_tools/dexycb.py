@@ -35,9 +35,9 @@ from collections import Counter
 from pathlib import Path
 
 from occmllm import fileio
+from occmllm.dataset import camera_fields, write_dataset
 from occmllm.errors import OccError, cli, positive_int, where
 from occmllm.questions import CATEGORY_ATTRIBUTES
-from data_tools.dataset import camera_fields, write_dataset
 
 # DexYCB's 21 YCB objects, indexed as in its annotations (ycb_ids).
 YCB_OBJECTS = (

@@ -36,10 +36,10 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from data_tools.dataset import camera_fields
 from data_tools.dexycb import YCB_CATEGORY, YCB_OBJECTS
 from data_tools.realviews import ViewWriter, depth_image, finish, load_model, mask_image, model_entry, occlusion_ratio
 from occmllm import fileio
+from occmllm.dataset import camera_fields
 from occmllm.errors import OccError
 from occmllm.questions import CATEGORY_ATTRIBUTES
 from occmllm.render import Camera, RayCaster

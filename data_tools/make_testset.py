@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
-from data_tools.dataset import load_dataset
 from occmllm import fileio
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli
 
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     if args.ids:
         views = keep_listed(views, args.ids, args.id_prefix)
     recs = builders.test_records(views, tuple(q.strip() for q in args.questions.split(",")))
-    builders.report(builders.write_stage(recs, args.out, dataset, f"test_{args.split}"), recs)
+    builders.print_summary(builders.write_stage(recs, args.out, dataset, f"test_{args.split}"), recs)
     return 0
 
 

@@ -17,7 +17,7 @@ Per view, under ``OUT/views/{split}/``: ``mask_visible``, ``mask_hand``, ``mask_
 (and ``depth_object`` where ``rgb_obj`` exists) ``/{id}.png``, in ``data_tools.realviews``'s formats:
 the visible mask is the full scene's object pixels, the hand mask its forearm and hand parts, the
 amodal mask the object-only render's object pixels, the depth the full scene's. Manifest lines give those paths relative to OUT and the image's relative to ROOT (which
-``dataset.json`` names; ``data_tools.dataset`` reads each from where it is), with the category,
+``dataset.json`` names; ``occmllm.dataset`` reads each from where it is), with the category,
 attributes, occlusion ratio, camera and object model.
 
 Where each encoding comes from (hassony2/obman ``obman/obman.py``; hassony2/obman_render
@@ -62,10 +62,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.dataset import camera_fields
 from data_tools.plainpickle import load_plain
 from data_tools.realviews import ViewWriter, depth_image, finish, mask_image, model_entry, occlusion_ratio
 from occmllm import fileio
+from occmllm.dataset import camera_fields
 from occmllm.errors import OccError, cli, positive_int
 from occmllm.questions import CATEGORIES, CATEGORY_ATTRIBUTES
 

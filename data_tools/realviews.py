@@ -26,9 +26,9 @@ import numpy as np
 import trimesh
 from PIL import Image
 
-from data_tools.dataset import homogeneous, write_dataset
 from data_tools.synthocc import DEPTH_SCALE
 from occmllm import fileio
+from occmllm.dataset import homogeneous, write_dataset
 from occmllm.errors import OccError
 
 

@@ -16,11 +16,10 @@ import trimesh
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools.builders import render_path
-from data_tools.dataset import load_dataset
-from data_tools.synthocc import OBJECT_COLOURS
-from occmllm import fileio
+from occmllm import fileio, records
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli
+from occmllm.questions import OBJECT_COLOURS
 from occmllm.render import Camera, RayCaster, render_rgb
 
 
@@ -32,7 +31,7 @@ def render_views(data: Path, out: str, split: str | None, progress: bool = True)
     casters: dict[str, tuple[RayCaster, tuple]] = {}
     done = 0
     for v in tqdm(views, desc="oracle renders", unit="view", disable=not progress):
-        target = fileio.resolve_in_root(dataset.root, render_path(out, v["id"]), str(data))
+        target = fileio.resolve_in_root(dataset.root, records.render_path(out, v["id"]), str(data))
         if target.is_file():
             continue
         if v["mesh"] not in casters:

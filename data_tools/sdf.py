@@ -118,6 +118,13 @@ def evaluate_posed(shape: list[dict], rotation, translation, points: np.ndarray)
     return evaluate(shape, transform_points(points, np.asarray(rotation), np.asarray(translation)))
 
 
+def scene_sdf(scene: dict, points: np.ndarray, part: str = "object") -> np.ndarray:
+    """Exact signed distance (metres) of a SynthOcc scene's object (or hand) at world points
+    (``scene``: its ``scene.json``)."""
+    pose = np.asarray(scene["object_to_world"])
+    return evaluate_posed(scene[f"{part}_shape"], pose[:3, :3], pose[:3, 3], points)
+
+
 def primitive_bounds(prim: dict) -> tuple[np.ndarray, np.ndarray] | None:
     """Axis-aligned box containing a primitive, or None when it is unbounded (a half space)."""
     t = prim["type"]

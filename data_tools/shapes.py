@@ -181,11 +181,6 @@ def make_object(category: str, rng: np.random.Generator, cell: float) -> tuple[l
     return translate(shape, -center), mesh
 
 
-def _rotation_z(angle: float) -> np.ndarray:
-    c, s = math.cos(angle), math.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-
-
 def make_hand(category: str, half_extent: np.ndarray, rng: np.random.Generator) -> list[dict]:
     """A grasping hand around the object's z axis: palm on one side, four fingers and a thumb
     curling round the object, and the start of the forearm. ``half_extent`` is the object's

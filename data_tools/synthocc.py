@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools import sdf, shapes
+from data_tools import shapes
 from occmllm import fileio
 from occmllm.errors import OccError, cli
-from occmllm.questions import CATEGORIES, CATEGORY_ATTRIBUTES
+from occmllm.questions import CATEGORIES, CATEGORY_ATTRIBUTES, OBJECT_COLOURS
 from occmllm.render import Camera, RayCaster, lambert
 
 FORMAT_VERSION = 1
@@ -42,12 +42,7 @@ def mesh_cells(size: int) -> tuple[float, float]:
     factor = min(2.0, max(1.0, 224 / size))
     return OBJECT_CELL * factor, HAND_CELL * factor
 
-# One palette for every category, so colour never tells the category.
-OBJECT_COLOURS = {
-    "red": (200, 40, 40), "green": (50, 160, 60), "blue": (40, 80, 200), "yellow": (230, 200, 40),
-    "orange": (235, 130, 30), "purple": (130, 60, 170), "white": (235, 235, 230), "black": (35, 35, 40),
-    "gray": (130, 130, 135), "pink": (235, 140, 175), "brown": (120, 80, 45), "cyan": (40, 190, 200),
-}
+
 SKIN_TONES = [(255, 219, 172), (241, 194, 125), (224, 172, 105), (198, 134, 66), (141, 85, 36), (90, 56, 37)]
 PATTERNS = ("plain", "band", "stripes", "checker")
 PATTERN_WEIGHTS = (0.4, 0.2, 0.2, 0.2)
@@ -240,12 +235,6 @@ def generate_scene(index: int, category: str, split: str, settings: Settings, sc
     # scene.json is written last: its presence marks the scene complete (see ``resume``).
     fileio.write_json(scene_dir / "scene.json", scene)
     return lines
-
-
-def scene_sdf(scene: dict, points: np.ndarray, part: str = "object") -> np.ndarray:
-    """Exact signed distance (metres) of a scene's object (or hand) at world points."""
-    pose = np.asarray(scene["object_to_world"])
-    return sdf.evaluate_posed(scene[f"{part}_shape"], pose[:3, :3], pose[:3, 3], points)
 
 
 def _generate_one(job):

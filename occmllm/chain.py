@@ -34,7 +34,7 @@ from pathlib import Path
 
 from occmllm import fileio
 from occmllm.errors import OccError, cli
-from occmllm.questions import IMAGE_TOKEN, NO, Q1, Q6, YES, parse_category
+from occmllm.questions import IMAGE_TOKEN, NO, Q1, Q6, YES, answer_in_history, parse_category
 
 FIRST, CHECK, SECOND = "Q1", "Q6", "Q1#2"
 CHECK_QUESTION = Q6
@@ -63,7 +63,7 @@ def first_turns(first_answer: str | None = None) -> list[dict]:
     """The first answer's conversation: Q1 (with the image), and the answer when given."""
     turns = [{"from": "human", "value": Q1}]
     if first_answer is not None:
-        turns.append({"from": "gpt", "value": first_answer.replace(IMAGE_TOKEN, "")})
+        turns.append({"from": "gpt", "value": answer_in_history(first_answer)})
     return turns
 
 
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     g.add_argument("--save", type=Path, help=f"checkpoint folder to write {GATE_FILE} into")
     args = p.parse_args(argv)
     from occmllm import records
-    from occmllm.report import truth_category
+    from occmllm.scoring import truth_category
     truths = {str(r["id"]): truth_category(r) for r in records.read_records(args.data, kind="test")}
     preds = [row for _, row in fileio.iter_jsonl(args.predictions)
              if row.get("mode") == "cot" and (args.checkpoint is None or row.get("checkpoint") == args.checkpoint)]

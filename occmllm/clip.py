@@ -30,9 +30,9 @@ from tqdm import tqdm
 from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextConfig,
                           CLIPVisionConfig, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup)
 
-from data_tools.dataset import load_dataset
 from occmllm import questions as q
 from occmllm.conversation import load_images
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli, positive_int
 from occmllm.fileio import dumps, read_json, replace_folder, resolve_in_root
 
@@ -40,7 +40,7 @@ START, END = "<|startoftext|>", "<|endoftext|>"
 CLIP_S_WEIGHT = 2.5  # RLCF's (and CLIPScore's) w in CLIP-S = w * max(cos, 0)
 MAX_TEXT_TOKENS = 64
 
-# Defaults sized for the demo data on 2 CPU cores (about 40 s; see train's docstring).
+# Defaults sized for the demo data on 2 CPU cores (benchmarks/RESULTS.md, "Figures behind settings in the code").
 DEFAULT_STEPS = 600
 DEFAULT_BATCH = 32
 DEFAULT_LR = 2e-3
@@ -229,8 +229,7 @@ def train(clip_dir: str | os.PathLike, data_root: str | os.PathLike, split: str 
     ``clip_dir`` (replaced whole, only when training succeeds). AdamW with warmup and cosine decay.
 
     Returns ``steps``, ``loss_first`` and ``loss_last`` (the mean loss of the first and last tenth of
-    the steps, at least one step each) and ``seconds``. The defaults take about 40 s on the demo data
-    on 2 CPU cores."""
+    the steps, at least one step each) and ``seconds``."""
     if steps < 1 or batch_size < 2:
         raise OccError(f"--steps must be at least 1 and --batch-size at least 2 (got {steps} and {batch_size})")
     dataset = load_dataset(data_root)  # a bad dataset fails before the model loads

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -73,7 +72,3 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None, default_
     if remaining:
         raise OccError(f"unknown option(s) {' '.join(remaining)}; see --help")
     return tuple(parsed[: len(dataclass_types)])  # the last holds --config itself
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))

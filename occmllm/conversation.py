@@ -123,6 +123,20 @@ class ConversationEncoder:
                                                        add_generation_prompt=True)["input_ids"])
 
 
+def pad_id(tokenizer) -> int:
+    """The id padding is written with: the pad token, else the end-of-turn token (some tokenizers
+    define no pad token; padding is masked out, so any id serves)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def stop_ids(tokenizer, generation_config) -> list[int]:
+    """The ids that end a generated answer: the tokenizer's end-of-turn token and any end token the
+    checkpoint's generation config adds."""
+    extra = getattr(generation_config, "eos_token_id", None)
+    extra = extra if isinstance(extra, list) else [extra]
+    return list(dict.fromkeys(e for e in [tokenizer.eos_token_id, *extra] if e is not None))
+
+
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str, value_for_labels: int | None = None):
     """Pad to a rectangle; returns (ids, attention_mask) tensors. ``side`` is "left" for
     generation (so every prompt ends at the last column) and "right" for training."""

@@ -14,7 +14,10 @@ plus ``dual_alpha.json``: ``{"alpha": float, "learnable": bool}``.
     dual = DualVisual(model, alpha=0.5, learnable=True)
     out = dual(input_ids, attention_mask, pixel_values=image_tiles, render_pixel_values=render_tiles, labels=...)
     features = dual.features(image_tiles, render_tiles)          # (tiles, image tokens, text hidden)
-    save(dual, folder); read_alpha(folder) -> 0.5; load(folder) -> (DualVisual, processor)
+    save(dual, folder); read_alpha(folder) -> 0.5
+
+Inference (``inference.py --mode dual``) blends with ``blended_features`` on the plain model, as
+``DualVisual.features`` does.
 """
 from __future__ import annotations
 
@@ -50,6 +53,19 @@ def check_alpha(alpha, context: str = "dual_alpha") -> float:
         raise OccError(f"{context}: alpha must be a number in [0, 1] (1: the image alone, 0: the render alone), "
                        f"got {alpha!r}")
     return float(alpha)
+
+
+def blended_features(model, pixel_values: torch.Tensor, render_pixel_values: torch.Tensor, alpha) -> torch.Tensor:
+    """Blended visual tokens ``(tiles, image tokens, text hidden)`` of an InternVL ``model``: the
+    vision tower runs once over the image tiles and the render tiles together (tile ``i`` of the
+    renders is the render of tile ``i`` of the images), then the two halves are blended."""
+    if pixel_values.shape != render_pixel_values.shape:
+        raise ValueError(f"pixel_values {tuple(pixel_values.shape)} and render_pixel_values "
+                         f"{tuple(render_pixel_values.shape)} differ: each render needs its image's tiles")
+    n = pixel_values.shape[0]
+    both = torch.cat([pixel_values, render_pixel_values.to(pixel_values.device, pixel_values.dtype)])
+    tokens = model.get_image_features(pixel_values=both, return_dict=True).pooler_output
+    return blend(tokens[:n], tokens[n:], alpha)
 
 
 def mm_outputs(features: torch.Tensor) -> dict:
@@ -112,16 +128,8 @@ class DualVisual(nn.Module):
         return float(self.effective_alpha().detach().float().cpu())
 
     def features(self, pixel_values: torch.Tensor, render_pixel_values: torch.Tensor) -> torch.Tensor:
-        """Blended visual tokens ``(tiles, image tokens, text hidden)``: the vision tower runs once
-        over the image tiles and the render tiles together (tile ``i`` of the renders is the
-        render of tile ``i`` of the images), then the two halves are blended."""
-        if pixel_values.shape != render_pixel_values.shape:
-            raise ValueError(f"pixel_values {tuple(pixel_values.shape)} and render_pixel_values "
-                             f"{tuple(render_pixel_values.shape)} differ: each render needs its image's tiles")
-        n = pixel_values.shape[0]
-        both = torch.cat([pixel_values, render_pixel_values.to(pixel_values.device, pixel_values.dtype)])
-        tokens = self.model.get_image_features(pixel_values=both, return_dict=True).pooler_output
-        return blend(tokens[:n], tokens[n:], self.effective_alpha())
+        """Blended visual tokens ``(tiles, image tokens, text hidden)`` (``blended_features``)."""
+        return blended_features(self.model, pixel_values, render_pixel_values, self.effective_alpha())
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, render_pixel_values=None, labels=None,
                 **kwargs):
@@ -132,16 +140,6 @@ class DualVisual(nn.Module):
             raise ValueError("render_pixel_values without pixel_values: the render is blended into its image's tokens")
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                           mm_encoder_outputs=mm_outputs(self.features(pixel_values, render_pixel_values)), **kwargs)
-
-    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, render_pixel_values=None, **kwargs):
-        """``model.generate`` with the blended image tokens (the plain model's without a render)."""
-        if render_pixel_values is not None:
-            if pixel_values is None:
-                raise ValueError("render_pixel_values without pixel_values")
-            kwargs["mm_encoder_outputs"] = mm_outputs(self.features(pixel_values, render_pixel_values))
-        elif pixel_values is not None:
-            kwargs["pixel_values"] = pixel_values
-        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 # --- checkpoints: a normal InternVL folder plus its alpha --------------------------------------
@@ -196,16 +194,6 @@ def resolve_alpha(checkpoint: str | os.PathLike, given: float | None = None) -> 
         raise OccError(f"{checkpoint}: no {ALPHA_FILE}, not a dual-path checkpoint (it was not trained on the dual "
                        "path); give an alpha (inference.py --alpha A) to blend with a fixed weight")
     return saved
-
-
-def load(checkpoint: str | os.PathLike, device=None, dtype: torch.dtype | None = None, attention: str | None = None,
-         alpha: float | None = None):
-    """``(DualVisual in eval mode with a fixed alpha, processor)`` from a checkpoint folder; alpha
-    from its ``dual_alpha.json`` unless given."""
-    from occmllm.model import load_model
-    alpha = resolve_alpha(checkpoint, alpha)
-    model, processor = load_model(checkpoint, device=device, dtype=dtype, attention=attention)
-    return DualVisual(model, alpha, learnable=False).eval(), processor
 
 
 def load_weights(dual: DualVisual, checkpoint: str | os.PathLike) -> None:

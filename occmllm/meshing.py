@@ -1,8 +1,6 @@
 """Triangle meshes from signed distance functions (marching cubes on a grid)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import trimesh
 from skimage import measure
@@ -31,19 +29,3 @@ def mesh_from_sdf_grid(values: np.ndarray, lo: np.ndarray, spacing: np.ndarray) 
     # skimage orders faces for a positive-outside field with normals pointing to increasing
     # values, i.e. outwards here; flip to trimesh's counter-clockwise-outward convention.
     return trimesh.Trimesh(verts, faces[:, ::-1], process=False)
-
-
-def mesh_from_sdf(sdf: Callable[[np.ndarray], np.ndarray], lo, hi, resolution: float | int) -> trimesh.Trimesh:
-    """Mesh of ``sdf``'s zero level set inside [lo, hi].
-
-    ``resolution``: an int is the number of samples along each axis; a float is the cell size,
-    so a thin box gets as many cells across its thin side as its cell size allows.
-    """
-    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
-    if isinstance(resolution, int):
-        shape = (resolution,) * 3
-    else:
-        shape = tuple(int(max(8, np.ceil((hi[i] - lo[i]) / resolution) + 1)) for i in range(3))
-    points, spacing = grid_points(lo, hi, shape)
-    values = np.asarray(sdf(points), dtype=np.float64).reshape(shape)
-    return mesh_from_sdf_grid(values, lo, spacing)

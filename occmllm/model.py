@@ -62,7 +62,7 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
 def check_checkpoint(path: str | os.PathLike, missing_hint: str | None = None) -> dict:
     """The folder's config if it is a transformers-native InternVL checkpoint; a clear error if not.
     ``missing_hint`` is added to the error for a folder that does not exist (e.g. which stage
-    writes it: ``occmllm.stages.missing_checkpoint_hint``)."""
+    writes it: ``occmllm.stage.missing_checkpoint_hint``)."""
     path = Path(path)
     config_file = path / "config.json"
     if not path.is_dir():

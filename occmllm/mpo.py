@@ -3,9 +3,9 @@
 MPO (InternVL 2.5's preference stage) is a weighted sum of three losses, which TRL computes when
 given ``DPOConfig(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])``:
 DPO's preference loss, BCO's quality loss and the SFT loss on the chosen answer. The reference
-model is explicit: a frozen second copy of the starting checkpoint. This module supplies the
-dataset mapping, the reference model and the stage's YAML config; the training loop, the losses,
-DeepSpeed and checkpointing are TRL's and the HF Trainer's.
+model is explicit: a frozen second copy of the starting checkpoint (``occmllm.stage.reference_model``).
+This module supplies the dataset mapping and the trainer; the training loop, the losses, DeepSpeed
+and checkpointing are TRL's and the HF Trainer's, and the stage command is ``occmllm.stage``'s.
 
 How a preference record ``{"id", "image", "question", "chosen", "rejected"}`` reaches TRL: its
 vision collator (``DataCollatorForVisionPreference``) takes rows of ``images``, ``prompt``,
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from transformers import InternVLForConditionalGeneration
 from trl import DPOConfig, DPOTrainer
 
 from occmllm import records
@@ -33,7 +32,7 @@ from occmllm.errors import OccError
 from occmllm.fileio import resolve_in_root
 from occmllm.model import ImageOnlyInternVLProcessor, ResumesInternVL
 from occmllm.questions import IMAGE_TOKEN
-from occmllm.sft import ModelArguments, build_model, fit, load_training_records, stage_commands
+from occmllm.stage import ModelArguments, build_model, fit, reference_model, stage_commands
 
 
 @dataclass
@@ -95,20 +94,12 @@ def preference_dataset(train_data, data_root: str | None, processor) -> datasets
     """Rows for DPOTrainer from preference records: ``images`` (decoded as RGB when a batch is
     built), ``prompt``, ``chosen``, ``rejected``. Every image is checked to exist and decode first,
     so a bad file stops here with its file and line, not mid-training."""
-    items = load_training_records(train_data, data_root, kind="preference", verify_images=True)
+    items = records.load_training_records(train_data, data_root, kind="preference", verify_images=True)
     formatter = PreferenceFormatter(processor)
     return datasets.Dataset.from_list([formatter.row(root, rec) for root, rec in items], features=FEATURES)
 
 
 # --- model -----------------------------------------------------------------------------------
-
-def reference_model(path, policy) -> InternVLForConditionalGeneration:
-    """A frozen copy of the starting checkpoint, in the policy's dtype and attention."""
-    model = InternVLForConditionalGeneration.from_pretrained(
-        path, use_safetensors=True, dtype=policy.dtype, attn_implementation=policy.config._attn_implementation)
-    model.requires_grad_(False)
-    return model.eval()
-
 
 class MPOTrainer(ResumesInternVL, DPOTrainer):
     """TRL's DPOTrainer, resuming InternVL weights correctly (``occmllm.model.ResumesInternVL``)."""

@@ -42,8 +42,7 @@ INFO = "pretrain.json"
 def load_labelled_images(path: Path, encoder: ConversationEncoder, progress: bool = False):
     """Pixel values (each record's first image as one tile) and labels: category ids (N,) and
     round/long/thin targets (N, 3), from ``meta.category``."""
-    from occmllm.sft import load_training_records
-    items = load_training_records(path)
+    items = records.load_training_records(path)
     pixels, labels = [], []
     for root, rec in tqdm(items, desc=f"reading {path.name}", unit="image", disable=not progress):
         category = (rec.get("meta") or {}).get("category")

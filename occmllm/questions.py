@@ -45,6 +45,14 @@ CATEGORY_ATTRIBUTES = {
 }
 ATTRIBUTE_QUESTIONS = {"Q2": "round", "Q3": "long", "Q4": "thin"}
 
+# Q5's colour words and the sRGB each names (SynthOcc paints its objects with them; renders of true
+# meshes shade with them). One palette for every category, so colour never tells the category.
+OBJECT_COLOURS = {
+    "red": (200, 40, 40), "green": (50, 160, 60), "blue": (40, 80, 200), "yellow": (230, 200, 40),
+    "orange": (235, 130, 30), "purple": (130, 60, 170), "white": (235, 235, 230), "black": (35, 35, 40),
+    "gray": (130, 130, 135), "pink": (235, 140, 175), "brown": (120, 80, 45), "cyan": (40, 190, 200),
+}
+
 
 def category_answer(category: str) -> str:
     return f"The object is {category}."
@@ -52,6 +60,12 @@ def category_answer(category: str) -> str:
 
 def yes_no(flag: bool) -> str:
     return YES if flag else NO
+
+
+def answer_in_history(answer: str) -> str:
+    """A model's answer as it goes back into the conversation: without a literal ``<image>``, which
+    the encoder would take for an image placeholder."""
+    return answer.replace(IMAGE_TOKEN, "")
 
 
 def _with_article(noun: str) -> str:

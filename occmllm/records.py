@@ -13,6 +13,9 @@ Image paths are relative to a dataset root. Each ``<image>`` placeholder in the 
 one image, in order. The reference implementation's preference file has no ``id`` and no
 placeholder in its question; reading fills ``id`` from the image name and keeps every original
 field as it was.
+
+Every JSONL a generator writes has its InternVL meta JSON beside it (``<stem>.meta.json``), which
+names the image root; a view's render lives at ``<renders>/<id>.png`` under it (``render_path``).
 """
 from __future__ import annotations
 
@@ -25,6 +28,12 @@ from occmllm.errors import OccError, where
 from occmllm.questions import IMAGE_TOKEN
 
 ROLES = ("human", "gpt")
+
+
+def render_path(renders: str, record_id) -> str:
+    """Where the reconstruction (or oracle) render of a view or record lives: ``<renders>/<id>.png``,
+    relative to the dataset root when ``renders`` is."""
+    return f"{str(renders).rstrip('/')}/{record_id}.png"
 
 
 def images_of(record: dict) -> list[str]:
@@ -179,3 +188,58 @@ def iter_meta(path: str | os.PathLike) -> Iterator[tuple[str, Path, Path, float]
         if not isinstance(repeat, (int, float)) or repeat <= 0:
             raise OccError(f"{path}: dataset {name!r} repeat_time must be a positive number")
         yield name, base / entry["root"], base / entry["annotation"], float(repeat)
+
+
+def meta_path(annotation: str | os.PathLike) -> Path:
+    """The InternVL meta JSON written beside a stage or test JSONL: ``<stem>.meta.json``."""
+    annotation = Path(annotation)
+    return annotation.with_name(annotation.stem + ".meta.json")
+
+
+def own_entries(annotation: str | os.PathLike, entries: list[tuple[Path, object]]) -> list:
+    """Of a meta JSON's entries, given as (annotation path, value), the values of those naming
+    ``annotation``; a lone entry is taken as its own whatever it names."""
+    mine = [value for path, value in entries if path.resolve() == Path(annotation).resolve()]
+    return mine if mine or len(entries) != 1 else [entries[0][1]]
+
+
+def root_from_meta(annotation: str | os.PathLike, flag: str) -> Path:
+    """The image root of a JSONL, as the meta JSON beside it names it (``own_entries``); ``flag``
+    is the option that gives the root instead, for the messages."""
+    annotation = Path(annotation)
+    meta = meta_path(annotation)
+    if not meta.is_file():
+        raise OccError(f"{annotation}: no {flag} given and no {meta.name} beside it to say where images are")
+    roots = own_entries(annotation, [(path, root) for _, root, path, _ in iter_meta(meta)])
+    if len(roots) != 1:
+        raise OccError(f"{meta}: does not name {annotation.name} as its annotation; pass {flag}")
+    return roots[0]
+
+
+def dataset_folder(annotation: str | os.PathLike, root: Path) -> Path:
+    """The dataset folder (manifest, masks, depth) of a JSONL's views: the ``dataset`` its meta JSON
+    names (converted real data, whose images stay in the source root), else ``root``."""
+    meta = meta_path(annotation)
+    if meta.is_file():
+        entries = [e for e in fileio.read_json(meta).values() if isinstance(e, dict)]
+        for entry in own_entries(annotation, [(meta.parent / str(e.get("annotation")), e) for e in entries]):
+            if entry.get("dataset"):
+                return meta.parent / entry["dataset"]
+    return root
+
+
+def load_training_records(train_data: str | os.PathLike, data_root: str | None = None, kind: str = "conversation",
+                          verify_images: bool = False) -> list[tuple[Path, dict]]:
+    """``(image root, record)`` pairs from a JSONL or an InternVL meta JSON, with repeat_time applied
+    (a fraction keeps that share of the records, deterministically). ``kind`` and
+    ``verify_images`` are ``read_records``'s."""
+    path = Path(train_data)
+    if path.suffix == ".json":
+        out = []
+        for _name, root, annotation, repeat in iter_meta(path):
+            recs = read_records(annotation, kind, root=root, verify_images=verify_images)
+            whole, frac = int(repeat), repeat - int(repeat)
+            out += [(root, r) for r in recs] * whole + [(root, r) for r in recs[: int(round(frac * len(recs)))]]
+        return out
+    root = Path(data_root) if data_root is not None else root_from_meta(path, "--data_root")
+    return [(root, r) for r in read_records(path, kind, root=root, verify_images=verify_images)]

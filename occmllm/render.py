@@ -84,7 +84,7 @@ class RayCaster:
             combined = trimesh.util.concatenate(nonempty)
             self._normals = combined.face_normals
             # The Embree-backed intersector: without embreex trimesh falls back to a pure-Python
-            # BVH that is ~100x slower, so its absence is an install error, not a slow path.
+            # BVH that takes seconds a view, so its absence is an install error, not a slow path.
             from trimesh.ray.ray_pyembree import RayMeshIntersector
             self._intersector = RayMeshIntersector(combined)
 

@@ -3,7 +3,7 @@
 The chain is ``occmllm.chain``'s, as ``inference.py --mode cot`` runs it: attempt 1 = Q1 with the
 image; the check (Q6 after it); where the sampled check says No, the second look = Q1 in a fresh
 conversation over the image and the reconstruction render. For each training view, K chains are
-sampled from the current policy and each gets ``occmllm.chain.reward``:
+sampled from the current policy (``occmllm.rollout``) and each gets ``occmllm.chain.reward``:
 
     r = w_correct [final answer right] + w_cal [check parsed, and No exactly when attempt 1 was wrong]
 
@@ -28,7 +28,7 @@ group mean as baseline.
 Why not TRL's GRPOTrainer: its rollouts are one completion after a prompt (or tool calls parsed
 from the completion); this chain asks a second question and, on a sampled "No.", opens a second
 conversation with a second image, which neither its prompt/completion split nor its forward pass
-can express. So this module writes the rollout, the rewards and the loss by hand, and the HF
+can express. So the rollout (``occmllm.rollout``), the rewards and the loss are written by hand, and the HF
 Trainer runs the loop (AdamW, schedule, accumulation, logging, checkpoints, DDP / DeepSpeed ZeRO-1/2).
 """
 from __future__ import annotations
@@ -43,13 +43,13 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from occmllm import chain as chain_rules
-from occmllm import fileio, records
 from occmllm.chain import RewardWeights
-from occmllm.conversation import ConversationEncoder, load_images, pad_batch
+from occmllm.conversation import pad_batch, stop_ids
 from occmllm.errors import OccError
 from occmllm.model import ImageOnlyInternVLProcessor, ResumesInternVL
-from occmllm.questions import CATEGORIES, parse_category, parse_yes_no, question_id
-from occmllm.sft import DataArguments, ModelArguments, SaveProcessor, build_model, fit, load_training_records
+from occmllm.questions import parse_category, parse_yes_no
+from occmllm.rollout import Chain, ChainSampler, load_views
+from occmllm.stage import DataArguments, ModelArguments, SaveProcessor, build_model, fit, reference_model
 
 
 @dataclass
@@ -74,173 +74,6 @@ class SelfCorrectArguments:
     separate_first_attempt: bool = field(default=True, metadata={
         "help": "score attempt 1's tokens on attempt 1 being right alone (false: on the chain's reward, whose "
                 "check term pays a No after a wrong attempt 1)"})
-
-
-# --- views -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class View:
-    """One training image: what the chain may show the model, and the category it is scored on."""
-    id: str
-    image: Path
-    render: Path      # the reconstruction render; the image itself where the view has none
-    category: str
-
-
-def is_check_record(rec: dict) -> bool:
-    """A chain's first-answer-and-check record: Q1 over one image, its answer, then Q6."""
-    turns = rec["conversations"]
-    return (len(turns) >= 4 and question_id(turns[0]["value"]) == "Q1" and question_id(turns[2]["value"]) == "Q6"
-            and len(records.images_of(rec)) == 1)
-
-
-def load_views(train_data, data_root: str | None = None, renders: str | None = None) -> list[View]:
-    """Views from a stage JSONL: each check record (``is_check_record``; the second-look, replay and
-    plan records are counted, not used). The category comes from ``meta`` or the record's Q1
-    answer; the render is ``renders/<id>.png`` under the data root."""
-    views, others, no_render = [], 0, 0
-    for root, rec in load_training_records(train_data, data_root):
-        if not is_check_record(rec):
-            others += 1
-            continue
-        turns = rec["conversations"]
-        context = f"{train_data} record {rec['id']!r}"
-        category = (rec.get("meta") or {}).get("category") or parse_category(turns[1]["value"])
-        if category not in CATEGORIES:
-            raise OccError(f"{context}: no category to score against (meta.category, or a Q1 answer naming one "
-                           f"of {', '.join(CATEGORIES)})")
-        image = fileio.resolve_in_root(root, records.images_of(rec)[0], context)
-        render = fileio.resolve_in_root(root, f"{renders.rstrip('/')}/{rec['id']}.png", context) if renders else None
-        if render is None or not render.is_file():
-            no_render += 1
-            render = None
-        views.append(View(str(rec["id"]), image, render or image, category))
-    if not views:
-        raise OccError(f"{train_data}: no chain record (Q1, then Q6); self-correction needs stage-4 records "
-                       "(python -m step4_selfconsistency.make_data)")
-    note = f"self-correction: {len(views)} views from {train_data}"
-    if others:
-        note += f"; {others} other records (second looks, replay, plans) not used"
-    if no_render:
-        note += f"; {no_render} views have no render under {renders} and show their own image again on the second look"
-    print(note, flush=True)
-    return views
-
-
-# --- rollouts ----------------------------------------------------------------------------------
-
-@dataclass
-class Conversation:
-    """One conversation a chain's policy wrote into, as token ids."""
-    ids: list[int] = field(default_factory=list)      # the tokens, as the policy saw and wrote them
-    sampled: list[int] = field(default_factory=list)  # positions in ids of tokens the policy sampled
-    first: int = 0                                     # how many of them are attempt 1's
-    pixel_values: torch.Tensor | None = None          # tiles of the images it shows
-
-
-@dataclass
-class Chain:
-    """A sampled chain (``occmllm.chain``): the first answer and the check in one conversation; the
-    second look, where the check said No., in a conversation of its own."""
-    view: View
-    check: Conversation = field(default_factory=Conversation)
-    second: Conversation | None = None
-    answers: list[str] = field(default_factory=list)  # attempt 1, the check's answer, the second look (when taken)
-
-    @property
-    def looks_again(self) -> bool:
-        """The check said No.: the second look follows (or followed)."""
-        return len(self.answers) >= 2 and parse_yes_no(self.answers[1]) is False
-
-
-class ChainSampler:
-    """Samples chains with a policy, batched with left padding, keeping the exact token ids."""
-
-    def __init__(self, processor, max_new_tokens: int = 24, temperature: float = 1.0, eos_ids: list[int] | None = None):
-        if temperature <= 0:
-            raise OccError(f"rl_temperature must be positive (sampling), got {temperature}")
-        self.encoder = ConversationEncoder(processor)
-        self.tokenizer = processor.tokenizer
-        self.eot = self.tokenizer.eos_token_id
-        self.eos_ids = list(dict.fromkeys([self.eot, *(eos_ids or [])]))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        # image tokens are never sampled (a stray one would claim image features that do not exist);
-        # the loss takes the same renormalised distribution (sampled_log_probs)
-        image_tokens = (processor.image_token, processor.start_image_token, processor.end_image_token,
-                        getattr(processor, "video_token", None))
-        unk = self.tokenizer.unk_token_id
-        self.suppressed = sorted({i for i in (self.tokenizer.convert_tokens_to_ids(t) for t in image_tokens if t)
-                                  if i is not None and i != unk})
-
-    def pixels(self, views: list[View]) -> dict[str, tuple[torch.Tensor, list[int]]]:
-        """Tiles of [image, render] per view, and the tile count of each."""
-        return {v.id: self.encoder.pixel_values(load_images([v.image, v.render])) for v in views}
-
-    def continued(self, conversation: Conversation, turns: list[dict], tiles: list[int]) -> list[int]:
-        """The prompt for the last of ``turns`` (a user turn): the template's ids of ``turns``, or,
-        when the conversation already has ids, those ids followed by only the template's tokens after
-        the last answer's end-of-turn token, so every token the policy sampled stays as it was."""
-        full = self.encoder.prompt_ids(tiles, turns)
-        if not conversation.ids:
-            return full
-        ends = [i for i, t in enumerate(full) if t == self.eot]
-        if len(ends) < 2:
-            raise OccError("the chat template does not close user and assistant turns with the end-of-turn token "
-                           f"{self.tokenizer.eos_token!r}; self-correction cannot continue a sampled chain")
-        return conversation.ids + full[ends[-2] + 1:]
-
-    def generate(self, model, prompts: list[list[int]], pixels: list[torch.Tensor]) -> list[list[int]]:
-        """Sampled answer tokens per prompt, up to and including the end-of-turn token (none when
-        the answer ran out of ``max_new_tokens``)."""
-        input_ids, attention_mask = pad_batch(prompts, self.pad_id, "left")  # (n, width)
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                 pixel_values=torch.cat(pixels).to(device=model.device, dtype=model.dtype),
-                                 do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
-                                 repetition_penalty=1.0, num_beams=1, max_new_tokens=self.max_new_tokens,
-                                 suppress_tokens=self.suppressed, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
-        answers = []
-        for row in out[:, input_ids.shape[1]:].tolist():
-            end = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), None)
-            answers.append(row[:end] if end is not None else row)
-        return answers
-
-    def _turn(self, model, items: list[tuple[Chain, Conversation, list[dict]]], pixels: dict, images: int) -> None:
-        """One sampled answer for each (chain, conversation, turns up to the question)."""
-        if not items:
-            return
-        prompts = []
-        for c, conv, turns in items:
-            all_pixels, tiles = pixels[c.view.id]
-            prompts.append(self.continued(conv, turns, tiles[:images]))
-            conv.pixel_values = all_pixels[: sum(tiles[:images])]
-        for (c, conv, _), prompt, answer in zip(items, prompts,
-                                                self.generate(model, prompts, [conv.pixel_values for _, conv, _ in items])):
-            conv.sampled += range(len(prompt), len(prompt) + len(answer))
-            conv.ids = prompt + answer
-            if not answer or answer[-1] not in self.eos_ids:  # cut off: close the turn (not sampled, not trained)
-                conv.ids.append(self.eot)
-            c.answers.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
-
-    def sample(self, model, views: list[View], k: int) -> list[Chain]:
-        """K chains per view (view-major: chains[i*k:(i+1)*k] are view i's)."""
-        was_training = model.training
-        model.eval()
-        try:
-            pixels = self.pixels(views)
-            chains = [Chain(v) for v in views for _ in range(k)]
-            self._turn(model, [(c, c.check, chain_rules.first_turns()) for c in chains], pixels, images=1)
-            for c in chains:
-                c.check.first = len(c.check.sampled)
-            self._turn(model, [(c, c.check, chain_rules.check_turns(c.answers[0])) for c in chains], pixels, images=1)
-            again = [c for c in chains if c.looks_again]
-            for c in again:
-                c.second = Conversation()
-            self._turn(model, [(c, c.second, chain_rules.second_look_turns()) for c in again], pixels, images=2)
-        finally:
-            model.train(was_training)
-        return chains
 
 
 # --- rewards and advantages ------------------------------------------------------------------
@@ -419,26 +252,6 @@ def rl_training_arguments(training: TrainingArguments, rl: SelfCorrectArguments)
                    remove_unused_columns=False, **save)
 
 
-def evaluate(model, sampler: ChainSampler, views: list[View], k: int, reward_fn: RewardFn, seed: int = 0) -> dict:
-    """Mean reward and outcome rates of K chains per view, sampled with a fixed seed (the global
-    random state is left as it was)."""
-    devices = [model.device.index or 0] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        chains = sampler.sample(model, views, k)
-    outcomes = [chain_outcome(c) for c in chains]
-    out = {"reward": sum(reward_fn(c) for c in chains) / len(chains)}
-    for key in ("first_right", "said_no", "final_right"):
-        out[key] = sum(o[key] for o in outcomes) / len(outcomes)
-    return out
-
-
-def reference_model(path, policy):
-    """The KL reference: the starting checkpoint loaded again, frozen (occmllm.mpo's)."""
-    from occmllm.mpo import reference_model as load_frozen  # imports TRL: only when a reference is wanted
-    return load_frozen(path, policy)
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, rl_args: SelfCorrectArguments,
           training: TrainingArguments, reward_fn: RewardFn | None = None) -> Path:
     """Self-correction RL from ``model_args.model_name_or_path`` into ``training.output_dir`` (a
@@ -450,9 +263,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, rl_args: SelfCor
     args = rl_training_arguments(training, rl_args)
     processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
     model = build_model(model_args, args)
-    extra_eos = getattr(model.generation_config, "eos_token_id", None)
     sampler = ChainSampler(processor, rl_args.rl_max_new_tokens, rl_args.rl_temperature,
-                           extra_eos if isinstance(extra_eos, list) else [extra_eos] if extra_eos is not None else [])
+                           stop_ids(processor.tokenizer, model.generation_config))
     first_reward_fn = None
     if reward_fn is None:
         weights = RewardWeights(rl_args.reward_correct, rl_args.reward_calibration)

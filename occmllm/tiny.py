@@ -40,10 +40,9 @@ CHAT_TEMPLATE = (
 
 
 def _corpus() -> list[str]:
-    from data_tools.synthocc import OBJECT_COLOURS
     texts = [*q.QUESTIONS.values(), q.Q0_PLAN, q.YES, q.NO, "user\n", "assistant\n", "system\n"]
     texts += [q.category_answer(c) for c in q.CATEGORIES]
-    texts += [q.description(c, colour) for c in q.CATEGORIES for colour in OBJECT_COLOURS]
+    texts += [q.description(c, colour) for c in q.CATEGORIES for colour in q.OBJECT_COLOURS]
     return texts
 
 
@@ -75,9 +74,8 @@ def init_vision_tower(tower: InternVLVisionModel, seed: int = 0) -> None:
       with the position embeddings below, attention starts strongest on a token's own patch and
       falls off with distance on the patch grid.
     - 2-D sin-cos position embeddings (half-amplitude), so neighbouring patches start out similar.
-    On the demo data stage-1 Q1 rises from 0.595 to 0.627 on validation, 0.559 to 0.606 on test
-    (benchmarks/RESULTS.md).
-    Layer scale stays at 0.1: at 1.0 the plain classifier gains but stage 1 falls to 0.505.
+    Both lift stage 1 on the demo data; layer scale stays at 0.1, since 1.0 helps the plain classifier
+    but costs stage 1 (benchmarks/RESULTS.md, "What limits stage 1").
     """
     config = tower.config
     d, grid = config.hidden_size, config.image_size[0] // config.patch_size[0]
@@ -170,7 +168,8 @@ def write_checkpoint(out: Path, vision: InternVLVisionConfig, text: Qwen2Config,
 
 MERGE_HELP = ("patches per side merged into one image token by the pixel shuffle [2, as InternVL does]; the "
               "demo's base merges all 8 x 8 (one token an image), so its two-layer language model reads every "
-              "patch in its place, as the pretrained tower learned to be read (benchmarks/RESULTS.md)")
+              "patch in its place, as the pretrained tower learned to be read (benchmarks/RESULTS.md, \"Why the VLM "
+              "read less than its tower, and the aligned base\")")
 
 
 @cli

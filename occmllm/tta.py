@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, pad_batch
+from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, pad_batch, pad_id
 from occmllm.questions import CATEGORIES, category_answer
 
 
@@ -81,7 +81,7 @@ def answer_batch(encoder: ConversationEncoder, question: str, answers: list[str]
                  tiles: list[int]) -> AnswerBatch:
     encoded = [encoder.tokens(tiles, [{"from": "human", "value": question}, {"from": "gpt", "value": a}])
                for a in answers]
-    pad = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(encoder.tokenizer)
     ids, mask = pad_batch([i for i, _ in encoded], pad, "right")
     labels, _ = pad_batch([lab for _, lab in encoded], pad, "right", value_for_labels=IGNORE_INDEX)
     return AnswerBatch(ids, mask, labels, torch.cat([pixels] * len(answers)))

@@ -32,10 +32,10 @@ import trimesh
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data_tools.dataset import load_dataset, resolve_in_roots
-from data_tools.synthocc import OBJECT_COLOURS
 from occmllm import fileio
+from occmllm.dataset import load_dataset, resolve_in_roots
 from occmllm.errors import cli
+from occmllm.questions import OBJECT_COLOURS
 from occmllm.render import RayCaster, render_rgb
 from reconstruction.metrics import by_occlusion, mean_metrics, sample_surface, silhouette_iou, surface_metrics
 from reconstruction.reconstruct import Reconstructor, add_common_arguments, depth_scale_of, render

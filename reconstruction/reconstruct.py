@@ -4,7 +4,7 @@ vision-language model reads.
     python -m reconstruction.reconstruct --checkpoint CKPT --data DATA [--split test | --records TEST.jsonl]
                                          [--out renders/recon] [--resolution 96] [--limit N]
 
-Renders go to ``DATA/<out>/<view id>.png`` (``data_tools.builders.render_path``), shaded and
+Renders go to ``DATA/<out>/<view id>.png`` (``occmllm.records.render_path``), shaded and
 coloured by the model's colour head, seen from the input camera; existing renders are kept, so
 an interrupted run resumes. A view whose reconstruction is empty (the SDF never crosses zero) is
 reported and rendered as a blank image; the batch goes on.
@@ -22,9 +22,8 @@ import trimesh
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools.builders import render_path
-from data_tools.dataset import load_dataset
-from occmllm import fileio
+from occmllm import fileio, records
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli
 from occmllm.render import Camera, RayCaster, render_vertex_colours
 from reconstruction.extract import extract_mesh
@@ -34,8 +33,8 @@ from reconstruction.views import CUBE_HALF, ViewInput, load_view, to_world
 BACKGROUND = (0.5, 0.5, 0.5)
 KEEP_COMPONENT = 0.1  # drop floating pieces smaller than this fraction of the largest piece
 # Samples per axis of the coarsest grid, evaluated densely (reconstruction.extract): a 64^3 grid
-# then goes 17 -> 33 -> 64, 23% fewer SDF evaluations than starting at 33 and the same renders
-# on the demo's test views.
+# then goes 17 -> 33 -> 64; a coarser start spends fewer SDF evaluations for the same renders
+# (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU").
 COARSE_SAMPLES = 16
 
 
@@ -135,7 +134,7 @@ def reconstruct_views(reconstructor: Reconstructor, root, lines: list[dict], dep
     a dataset's ``roots``) as ``folder/<view id>.png``, keeping renders already there; returns
     counts (rendered, kept, empty)."""
     def target(view_id: str) -> Path:
-        return Path(render_path(str(folder), view_id))
+        return Path(records.render_path(folder, view_id))
 
     todo = [line for line in lines if not target(line["id"]).is_file()]
     counts = {"rendered": 0, "kept": len(lines) - len(todo), "empty": []}
@@ -154,6 +153,29 @@ def reconstruct_views(reconstructor: Reconstructor, root, lines: list[dict], dep
         bar.update(len(chunk))
     bar.close()
     return counts
+
+
+class RenderCache:
+    """Reconstruction renders of test views, made on first use and kept as ``folder/<id>.png``
+    (inference's ``--mode cot`` and ``--mode dual``).
+
+    The reconstruction model reads the view's image, its visible-object and hand masks and its depth
+    (the manifest's inputs for that id in the dataset folder ``data``); nothing about the answer."""
+
+    def __init__(self, checkpoint: Path, data: Path, folder: Path, resolution: int, device: str):
+        self.reconstructor = Reconstructor(checkpoint, resolution, device)
+        self.dataset = load_dataset(data)
+        self.lines, self.depth_scale = self.dataset.by_id(), depth_scale_of(data)
+        self.folder = folder
+
+    def paths(self, ids: list) -> list[Path]:
+        missing = [i for i in ids if str(i) not in self.lines]
+        if missing:
+            raise OccError(f"{self.dataset.folder}/manifest.jsonl: no view {missing[0]!r} to reconstruct; CoT mode "
+                           "needs the test records' dataset (its masks and depth)")
+        reconstruct_views(self.reconstructor, self.dataset.roots, [self.lines[str(i)] for i in ids],
+                          self.depth_scale, self.folder, batch_size=max(len(ids), 1), progress=False)
+        return [Path(records.render_path(self.folder, i)) for i in ids]
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from data_tools.dataset import resolve_in_roots
-from data_tools.synthocc import scene_sdf
+from data_tools.sdf import scene_sdf
 from occmllm import fileio
+from occmllm.dataset import resolve_in_roots
 from occmllm.errors import OccError
 from occmllm.render import Camera
 from reconstruction.truth import mesh_sdf, true_mesh

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_tools.dataset import load_dataset
 from occmllm import fileio
 from occmllm.config import parse_config
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli
 from reconstruction.model import ReconConfig, SDFReconstructor, load_reconstructor, view_batch
 from reconstruction.supervision import TrainingViews
@@ -115,9 +115,9 @@ def release_free_memory() -> None:
     """Give the heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
 
     torch's large per-step buffers land on the heap between the long-lived cached views and
-    banks, and the freed space stays resident: without this, resident memory grew by ~10 MB a
-    step on the demo set (2 GB after 100 steps, against 0.8 GB with a trim every 10 steps, at the
-    same speed; a fixed mmap threshold also fixed it but made steps 1.8x slower)."""
+    banks, and the freed space stays resident: without this, resident memory grows with every step
+    on the demo set; a trim every 10 steps holds it at no cost in speed, where a fixed mmap threshold
+    slows the steps (benchmarks/RESULTS.md, "Figures behind settings in the code")."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -13,9 +13,9 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
-from data_tools.dataset import Dataset, resolve_in_roots
 from data_tools.realviews import load_model
 from occmllm import fileio
+from occmllm.dataset import Dataset, resolve_in_roots
 
 MODELS_KEPT = 8           # model files kept loaded (views of one object often come together)
 SDF_SURFACE_SAMPLES = 50_000

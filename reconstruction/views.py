@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_tools.dataset import resolve_in_roots
 from occmllm import fileio
+from occmllm.dataset import resolve_in_roots
 from occmllm.errors import OccError
 from occmllm.render import Camera
 

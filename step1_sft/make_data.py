@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
-from data_tools.dataset import load_dataset
+from occmllm.dataset import load_dataset
 from occmllm.errors import cli
 
 
@@ -22,9 +22,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dataset = load_dataset(args.data)
     views = builders.stage_views(dataset, args)
-    build, name = (builders.caption_records, "captions") if args.captions else (builders.step1_records, "step1")
+    build, name = (builders.caption_records, "captions") if args.captions else (builders.stage1_records, "step1")
     recs = build(views)
-    builders.report(builders.write_stage(recs, args.out, dataset, f"{name}_{args.split}"), recs)
+    builders.print_summary(builders.write_stage(recs, args.out, dataset, f"{name}_{args.split}"), recs)
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
-from data_tools.dataset import load_dataset
+from occmllm.dataset import load_dataset
 from occmllm.errors import cli
 
 
@@ -16,8 +16,8 @@ from occmllm.errors import cli
 def main(argv=None) -> int:
     args = builders.stage_parser("python -m step2_multiquery.make_data", __doc__, part="fit").parse_args(argv)
     dataset = load_dataset(args.data)
-    recs = builders.step2_records(builders.stage_views(dataset, args))
-    builders.report(builders.write_stage(recs, args.out, dataset, f"step2_{args.split}"), recs)
+    recs = builders.stage2_records(builders.stage_views(dataset, args))
+    builders.print_summary(builders.write_stage(recs, args.out, dataset, f"step2_{args.split}"), recs)
     return 0
 
 

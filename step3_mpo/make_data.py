@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
-from data_tools.dataset import load_dataset
+from occmllm.dataset import load_dataset
 from occmllm.errors import cli
 
 
@@ -29,9 +29,10 @@ def main(argv=None) -> int:
                              "right. Not the recipe's: its chain asks Q6 after the first answer (occmllm.chain)")
     args = parser.parse_args(argv)
     dataset = load_dataset(args.data)
-    recs = builders.step3_pairs(builders.stage_views(dataset, args), args.predictions, args.checkpoint, args.seed,
-                                reference_clarity=args.reference_clarity, right_pairs=not args.wrong_answers_only)
-    builders.report(builders.write_stage(recs, args.out, dataset, f"step3_{args.split}", kind="preference"), recs)
+    recs = builders.stage3_pairs(builders.stage_views(dataset, args), args.predictions, args.checkpoint, args.seed,
+                                 reference_clarity=args.reference_clarity, right_pairs=not args.wrong_answers_only)
+    out = builders.write_stage(recs, args.out, dataset, f"step3_{args.split}", kind="preference")
+    builders.print_summary(out, recs)
     return 0
 
 

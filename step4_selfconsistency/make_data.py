@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
-from data_tools.dataset import load_dataset
 from occmllm import fileio
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli
 
 
@@ -29,15 +29,15 @@ def main(argv=None) -> int:
     dataset = load_dataset(args.data)
     views = builders.stage_views(dataset, args)
     first_right = builders.first_answers_right(views, args.predictions, args.checkpoint)
-    recs = builders.step4_records(views, first_right, args.renders, args.seed, args.plan_fraction,
-                                  replay=not args.no_replay)
+    recs = builders.stage4_records(views, first_right, args.renders, args.seed, args.plan_fraction,
+                                   replay=not args.no_replay)
     for rec in recs:  # every render a second look names must exist
         if isinstance(rec["image"], list):
             path = fileio.resolve_in_root(dataset.root, rec["image"][1], str(args.out))
             if not path.is_file():
                 raise OccError(f"{path}: render missing for {rec['id']}; render the split first "
                                "(python -m data_tools.renders)")
-    builders.report(builders.write_stage(recs, args.out, dataset, f"step4_{args.split}"), recs)
+    builders.print_summary(builders.write_stage(recs, args.out, dataset, f"step4_{args.split}"), recs)
     return 0
 
 

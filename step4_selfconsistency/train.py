@@ -4,7 +4,7 @@
 2. self-correction RL from that checkpoint (``occmllm.selfcorrect``) into ``output_dir``.
 
 The demo's config runs phase 1 alone (into ``output_dir``): on its validation split the RL phase
-lowered accuracy (``benchmarks/RESULTS.md``).
+lowered accuracy (``benchmarks/RESULTS.md``, "The recipe with one chain of thought").
 
     python -m step4_selfconsistency.train [--config step4_selfconsistency/config.yaml] [--flag value ...]
 
@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from occmllm import selfcorrect, sft
+from occmllm import selfcorrect, sft, stage
 from occmllm.errors import OccError
-
-PHASES = ("sft", "rl")
 
 
 @dataclass
@@ -39,7 +37,7 @@ def parse_phases(text: str) -> list[str]:
     return phases
 
 
-def train(model_args: sft.ModelArguments, data_args: sft.DataArguments, phase_args: PhaseArguments,
+def train(model_args: stage.ModelArguments, data_args: stage.DataArguments, phase_args: PhaseArguments,
           rl_args: selfcorrect.SelfCorrectArguments, training: TrainingArguments) -> Path:
     phases = parse_phases(phase_args.phases)
     out = Path(model_args.model_name_or_path)
@@ -47,7 +45,7 @@ def train(model_args: sft.ModelArguments, data_args: sft.DataArguments, phase_ar
         # without the RL phase the SFT phase's checkpoint is the stage's own
         default = f"{training.output_dir.rstrip('/')}_cot_sft" if "rl" in phases else training.output_dir
         sft_dir = phase_args.sft_output_dir or default
-        if data_args.resume and sft.is_finished(sft_dir):
+        if data_args.resume and stage.is_finished(sft_dir):
             print(f"chain-of-thought SFT: already finished in {sft_dir}"
                   + ("; resuming the RL phase" if "rl" in phases else ""), flush=True)
             out = Path(sft_dir)
@@ -61,8 +59,8 @@ def train(model_args: sft.ModelArguments, data_args: sft.DataArguments, phase_ar
     return out
 
 
-run, main = sft.stage_commands(train, (sft.ModelArguments, sft.DataArguments, PhaseArguments,
-                                       selfcorrect.SelfCorrectArguments, sft.TrainingArguments))
+run, main = stage.stage_commands(train, (stage.ModelArguments, stage.DataArguments, PhaseArguments,
+                                         selfcorrect.SelfCorrectArguments, TrainingArguments))
 
 if __name__ == "__main__":
     main(default_config=Path(__file__).with_name("config.yaml"))

@@ -51,12 +51,12 @@ def tiny_model(tmp_path_factory) -> Path:
 def synth_small(tmp_path_factory) -> Path:
     """8 scenes x 2 views at 64 px, with stage-1 and test files (and their meta JSON)."""
     from data_tools import builders
-    from data_tools.dataset import load_dataset
     from data_tools.synthocc import Settings, generate
+    from occmllm.dataset import load_dataset
     out = generate(tmp_path_factory.mktemp("synth_small") / "data", Settings(scenes=8, views=2, seed=1, size=64,
                    focal=80.0), progress=False)
     ds = load_dataset(out)
-    builders.write_stage(builders.step1_records(ds.split(None)), out / "stages/step1.jsonl", ds, "step1")
+    builders.write_stage(builders.stage1_records(ds.split(None)), out / "stages/step1.jsonl", ds, "step1")
     builders.write_stage(builders.test_records(ds.split("test")), out / "stages/test.jsonl", ds, "test")
     return out
 
@@ -113,12 +113,12 @@ def step3_file(synth_small, tmp_path_factory) -> Path:
     """Stage-3 preference pairs (category) on every view of the small set."""
     import json
     from data_tools import builders
-    from data_tools.dataset import load_dataset
+    from occmllm.dataset import load_dataset
     ds = load_dataset(synth_small)
     views = ds.split(None)
     tmp = tmp_path_factory.mktemp("step3")
     (tmp / "predictions.json").write_text(json.dumps(_predictions(views)))
-    pairs = builders.step3_pairs(views, tmp / "predictions.json")
+    pairs = builders.stage3_pairs(views, tmp / "predictions.json")
     return builders.write_stage(pairs, tmp / "step3.jsonl", ds, "step3", kind="preference")
 
 
@@ -130,21 +130,21 @@ def stage4_file(synth_small, tmp_path_factory) -> Path:
     """Stage-4 chain records on every view of the small set (first answers wrong for every third
     view), with renders of the true meshes under ``STAGE4_RENDERS``."""
     from data_tools import builders
-    from data_tools.dataset import load_dataset
     from data_tools.renders import render_views
+    from occmllm.dataset import load_dataset
     ds = load_dataset(synth_small)
     views = ds.split(None)
     render_views(synth_small, STAGE4_RENDERS, None, progress=False)
     from occmllm.questions import parse_category
     first_right = {v["id"]: parse_category(answer) == v["category"] for v, answer in zip(views, _predictions(views).values())}
-    recs = builders.step4_records(views, first_right, STAGE4_RENDERS, seed=0, plan_fraction=0.25)
+    recs = builders.stage4_records(views, first_right, STAGE4_RENDERS, seed=0, plan_fraction=0.25)
     return builders.write_stage(recs, tmp_path_factory.mktemp("stage4") / "step4.jsonl", ds, "step4")
 
 
 def stop_inference_in_second_batch(monkeypatch, mode: str) -> None:
     """The next ``inference.py`` run in ``mode`` stops in its second batch, as a Ctrl-C would."""
-    import inference
-    real = inference.MODE_RUNNERS[mode]
+    from occmllm.modes import MODE_RUNNERS
+    real = MODE_RUNNERS[mode]
     calls = []
 
     def runner(*args):
@@ -152,4 +152,4 @@ def stop_inference_in_second_batch(monkeypatch, mode: str) -> None:
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setitem(inference.MODE_RUNNERS, mode, runner)
+    monkeypatch.setitem(MODE_RUNNERS, mode, runner)

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from data_tools import builders
-from data_tools.dataset import load_dataset
 from occmllm import chain, records
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError
 from occmllm.questions import CAPTION_PROMPT, Q0, Q0_PLAN, Q1, Q6, category_answer
 
@@ -112,7 +112,7 @@ def test_step4_chain_records(synth, tmp_path):
     ds = load_dataset(synth)
     views = builders.select_part(ds.split("train"), "train", "held-out")
     first_right = {v["id"]: k % 3 != 0 for k, v in enumerate(views)}
-    recs = builders.step4_records(views, first_right, "renders/oracle", plan_fraction=0.5)
+    recs = builders.stage4_records(views, first_right, "renders/oracle", plan_fraction=0.5)
     kinds = Counter(r["id"].partition("#")[2] for r in recs)
     assert kinds[""] == kinds["second"] == kinds["replay"] == len(views) and 0 < kinds["plan"] < len(views)
     for r in recs:
@@ -131,7 +131,7 @@ def test_step4_chain_records(synth, tmp_path):
                                                                            ("Q2", "Q3", "Q4", "Q5"))]
         else:
             assert r["conversations"] == [{"from": "human", "value": Q0}, {"from": "gpt", "value": Q0_PLAN}]
-    assert not any(kind == "replay" for kind in (r["id"].partition("#")[2] for r in builders.step4_records(
+    assert not any(kind == "replay" for kind in (r["id"].partition("#")[2] for r in builders.stage4_records(
         views, first_right, "renders/oracle", replay=False)))
 
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from data_tools.dataset import load_dataset
 from occmllm import clip
 from occmllm.conversation import load_images
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError
 from occmllm.questions import CATEGORIES, caption
 

@@ -21,8 +21,8 @@ def cot_setup(tiny_model, synth, tmp_path_factory):
     than 30% occluded, so both branches run) and the second look over image and oracle render; and a
     test file over ``synth``'s test views."""
     from data_tools import builders
-    from data_tools.dataset import load_dataset
     from data_tools.renders import render_views
+    from occmllm.dataset import load_dataset
     from occmllm.sft import run
     work = tmp_path_factory.mktemp("cot")
     ds = load_dataset(synth)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_tools import dexycb
-from data_tools.dataset import load_dataset
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError
 from occmllm.questions import CATEGORY_ATTRIBUTES
 from realdata_fixtures import DEX_SERIALS, DEX_SIZE, DEX_SUBJECT, make_dexycb_root, manifest, read_png

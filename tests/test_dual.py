@@ -17,7 +17,9 @@ from occmllm.conversation import ConversationEncoder, pad_batch
 from occmllm.errors import OccError
 from occmllm.model import ImageOnlyInternVLProcessor, load_model
 from occmllm.questions import Q1
-from occmllm.sft import Collator, ConversationDataset, ModelArguments, build_model, load_training_records, run
+from occmllm.records import load_training_records
+from occmllm.sft import Collator, ConversationDataset, run
+from occmllm.stage import ModelArguments, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "step1_sft/config.yaml"
@@ -73,7 +75,7 @@ def test_alpha_one_is_the_plain_model(loaded, batch):
     blended = _logits(wrapped, batch, pixel_values=batch["pixel_values"],
                       render_pixel_values=batch["render_pixel_values"])
     assert torch.equal(blended, plain)
-    # greedy generation: the same tokens
+    # greedy generation with the blended tokens (as inference's --mode dual gives them): the same tokens
     enc = ConversationEncoder(processor)
     prompts = [enc.prompt_ids([1], CONVERSATION[:1])] * 2
     ids, mask = pad_batch(prompts, processor.tokenizer.pad_token_id, "left")
@@ -81,10 +83,9 @@ def test_alpha_one_is_the_plain_model(loaded, batch):
                   pad_token_id=processor.tokenizer.pad_token_id)
     with torch.no_grad():
         a = model.generate(pixel_values=batch["pixel_values"], **common)
-        b = wrapped.generate(pixel_values=batch["pixel_values"], render_pixel_values=batch["render_pixel_values"],
-                             **common)
-        c = wrapped.generate(pixel_values=batch["pixel_values"], **common)  # no render: the plain model
-    assert a.shape[1] > ids.shape[1] and torch.equal(a, b) and torch.equal(a, c)
+        blended = dual.blended_features(model, batch["pixel_values"], batch["render_pixel_values"], 1.0)
+        b = model.generate(mm_encoder_outputs=dual.mm_outputs(blended), **common)
+    assert a.shape[1] > ids.shape[1] and torch.equal(a, b)
 
 
 def test_alpha_zero_is_the_render_and_between_is_the_blend(loaded, batch):
@@ -131,11 +132,10 @@ def test_save_and_read_alpha(loaded, tmp_path):
     plain, _ = load_model(out)  # a normal InternVL checkpoint
     for (name, a), (_, b) in zip(model.state_dict().items(), plain.state_dict().items()):
         assert torch.equal(a, b), name
-    again, _ = dual.load(out)
-    assert again.alpha_value() == 0.25 and not again.learnable
+    assert dual.resolve_alpha(out) == 0.25 and dual.resolve_alpha(out, 0.5) == 0.5
     assert dual.read_alpha(tmp_path) is None  # no file: a plain checkpoint
     with pytest.raises(OccError, match="not a dual-path checkpoint"):
-        dual.load(tmp_path)
+        dual.resolve_alpha(tmp_path)
     for text, message in [("{not json", "invalid JSON"), ('{"alpha": 1.5}', r"in \[0, 1\]"),
                           ('{"alpha": "x"}', r"in \[0, 1\]"), ("[0.5]", "malformed"),
                           ('{"alpha": 0.5, "learnable": "yes"}', "malformed")]:

@@ -1,4 +1,5 @@
-"""inference.py and occmllm.report: batched greedy answers, resuming, scoring, reports, bad input."""
+"""inference.py, occmllm.scoring and occmllm.report: batched greedy answers, resuming, scoring, reports,
+bad input."""
 import json
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import inference
-from occmllm import report
+from occmllm import report, scoring
 from occmllm.questions import CATEGORIES, category_answer, is_correct
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +46,8 @@ def models(tiny_model, tmp_path_factory):
 def dataset(tmp_path_factory) -> Path:
     """16 scenes x 2 views at 64 px; test.jsonl asks Q1-Q5 about every view (32 records)."""
     from data_tools import builders
-    from data_tools.dataset import load_dataset
     from data_tools.synthocc import Settings, generate
+    from occmllm.dataset import load_dataset
     out = generate(tmp_path_factory.mktemp("inference_data") / "data", Settings(scenes=16, views=2, seed=0, size=64),
                    progress=False)
     ds = load_dataset(out)
@@ -288,9 +289,9 @@ def test_command_line(models, tmp_path):
 def test_occlusion_bins_edges():
     def rec(x):
         return {"meta": {"occlusion": x}}
-    assert [report.occlusion_bin(rec(x)) for x in (0.0, 0.19999, 0.2, 0.4, 0.6, 0.8, 0.99, 1.0)] == \
+    assert [scoring.occlusion_bin(rec(x)) for x in (0.0, 0.19999, 0.2, 0.4, 0.6, 0.8, 0.99, 1.0)] == \
         [0, 0, 1, 2, 3, 4, 4, 4]
-    assert report.occlusion_bin({"meta": {}}) is None and report.occlusion_bin({}) is None
+    assert scoring.occlusion_bin({"meta": {}}) is None and scoring.occlusion_bin({}) is None
 
 
 def test_paired_gains_match_an_independent_computation():
@@ -313,7 +314,7 @@ def test_paired_gains_match_an_independent_computation():
             {"checkpoint": "s2", "mode": "plain", "predictions": preds(right["s2"])},
             {"checkpoint": "s2", "mode": "cot", "predictions": preds(right["cot"])},
             {"checkpoint": "s3", "mode": "plain", "predictions": preds(right["s3"])}]
-    rep = report.build_report("t.jsonl", records, runs)
+    rep = scoring.build_report("t.jsonl", records, runs)
     pairs = [(tuple(g["row"]), tuple(g["against"])) for g in rep["gains"]]
     assert pairs == [(("s2", "plain"), ("s1", "plain")), (("s2", "cot"), ("s2", "plain")),
                      (("s3", "plain"), ("s2", "plain"))]

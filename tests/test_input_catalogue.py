@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 import inference
-from data_tools.predictions import read_predictions
 from occmllm import fileio, records
 from occmllm.config import parse_config
 from occmllm.errors import OccError
 from occmllm.model import check_checkpoint
+from occmllm.predictions import read_predictions
 
 Q1 = "What's the object in the hand?\n<image>"
 GOOD = {"id": "a", "image": "img/a.png",
@@ -253,7 +253,7 @@ def test_malformed_image_is_one_line(tmp_path, name):
 def _parse(path):
     from transformers import TrainingArguments
 
-    from occmllm.sft import DataArguments, ModelArguments
+    from occmllm.stage import DataArguments, ModelArguments
     return parse_config((ModelArguments, DataArguments, TrainingArguments), ["--config", str(path),
                                                                             "--output_dir", str(path.parent / "o")])
 

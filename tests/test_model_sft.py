@@ -11,7 +11,8 @@ from occmllm.conversation import IGNORE_INDEX, ConversationEncoder
 from occmllm.errors import OccError
 from occmllm.model import check_checkpoint, load_model
 from occmllm.questions import Q1, Q6
-from occmllm.sft import Collator, ModelArguments, add_lora, freeze
+from occmllm.sft import Collator
+from occmllm.stage import ModelArguments, add_lora, freeze
 
 ROOT = Path(__file__).resolve().parents[1]
 Q1_Q6 = [{"from": "human", "value": Q1}, {"from": "gpt", "value": "The object is jar."},
@@ -311,7 +312,8 @@ def test_cached_dataset_gives_the_uncached_items(tiny_model, synth_small):
     """The encoded-sample cache (flip applied to the cached pixels) matches encoding afresh."""
     from occmllm.conversation import ConversationEncoder
     from occmllm.model import ImageOnlyInternVLProcessor
-    from occmllm.sft import ConversationDataset, load_training_records
+    from occmllm.records import load_training_records
+    from occmllm.sft import ConversationDataset
     items = load_training_records(synth_small / "stages/step1.jsonl")[:6]
     encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(tiny_model))
     fresh = ConversationDataset(items, encoder, augment_images=True, seed=3)

@@ -14,7 +14,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from data_tools import obman
-from data_tools.dataset import load_dataset, resolve_in_roots
+from occmllm.dataset import load_dataset, resolve_in_roots
 from occmllm.errors import OccError
 from occmllm.questions import CATEGORY_ATTRIBUTES
 from realdata_fixtures import OBMAN_SIZE, make_obman_root, manifest, read_png

@@ -32,12 +32,12 @@ def test_pretraining_trains_the_tower_and_keeps_the_rest(tiny_model, synth_small
 def fresh_sample(tmp_path_factory) -> Path:
     """96 scenes x 1 view of a seed neither the demo (0) nor the base (1) uses."""
     from data_tools import builders
-    from data_tools.dataset import load_dataset
     from data_tools.synthocc import Settings, generate
+    from occmllm.dataset import load_dataset
     out = generate(tmp_path_factory.mktemp("fresh") / "data", Settings(scenes=96, views=1, seed=77, size=128),
                    progress=False)
     ds = load_dataset(out)
-    return builders.write_stage(builders.step1_records(ds.split(None)), out / "all.jsonl", ds, "all")
+    return builders.write_stage(builders.stage1_records(ds.split(None)), out / "all.jsonl", ds, "all")
 
 
 def _nearest_class_mean_accuracy(tower, pixels: torch.Tensor, labels: torch.Tensor) -> float:
@@ -71,14 +71,14 @@ def test_shipped_base_beats_a_from_scratch_tower_on_fresh_scenes(fresh_sample, t
 def test_shipped_base_names_the_object_of_fresh_scenes_in_its_caption(fresh_sample):
     """The base's projector and language model are aligned to its tower on captions: asked for a
     caption of scenes it never saw, it names the object's category far above chance (0.125)."""
-    from inference import Generator, Prompt
     from occmllm import records
+    from occmllm.answering import Answerer, Prompt
     from occmllm.questions import CAPTION_PROMPT, parse_category
     model, processor = load_model(SHIPPED)
-    generator = Generator(model, processor, max_new_tokens=16)
+    answerer = Answerer(model, processor, max_new_tokens=16)
     recs = records.read_records(fresh_sample, root=fresh_sample.parent)
-    features = generator.images([[fresh_sample.parent / r["image"]] for r in recs])
-    captions = generator([Prompt([{"from": "human", "value": CAPTION_PROMPT}], f, tiles) for f, tiles in features])
+    features = answerer.images([[fresh_sample.parent / r["image"]] for r in recs])
+    captions = answerer([Prompt([{"from": "human", "value": CAPTION_PROMPT}], f, tiles) for f, tiles in features])
     right = sum(parse_category(c) == r["meta"]["category"] for c, r in zip(captions, recs)) / len(recs)
     print(f"caption names the category on 96 fresh scenes: {right:.3f}; e.g. {captions[0]!r}")
     assert right > 0.5  # 0.778 on the demo's 640 validation views

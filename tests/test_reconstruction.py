@@ -9,7 +9,7 @@ import pytest
 import torch
 import trimesh
 
-from data_tools.dataset import load_dataset
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError
 from reconstruction import evaluate as evaluate_cmd
 from reconstruction import reconstruct as reconstruct_cmd

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from data_tools import builders
-from data_tools.dataset import load_dataset
 from occmllm import fileio, records
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError
 
 GOOD = {"id": "a", "image": "img/a.png",
@@ -100,7 +100,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 
 def test_stage_file_with_bad_record_leaves_no_output(synth, tmp_path):
     ds = load_dataset(synth)
-    recs = builders.step1_records(ds.split("train"))
+    recs = builders.stage1_records(ds.split("train"))
     recs[3]["image"] = "../../escape.png"
     out = tmp_path / "step1.jsonl"
     with pytest.raises(OccError, match="escapes the dataset root"):
@@ -110,7 +110,7 @@ def test_stage_file_with_bad_record_leaves_no_output(synth, tmp_path):
 
 def test_meta_json_round_trip(synth, tmp_path):
     ds = load_dataset(synth)
-    out = builders.write_stage(builders.step1_records(ds.split("train")), tmp_path / "s1.jsonl", ds, "step1")
+    out = builders.write_stage(builders.stage1_records(ds.split("train")), tmp_path / "s1.jsonl", ds, "step1")
     (name, root, annotation, repeat), = records.iter_meta(tmp_path / "s1.meta.json")
     assert name == "step1" and root.resolve() == synth.resolve() and annotation.resolve() == out.resolve()
     assert repeat == 1.0

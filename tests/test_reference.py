@@ -1,11 +1,15 @@
-"""The reference implementation's published files read as they are, without loss."""
+"""The reference implementation's published files read as they are, without loss, by the readers the
+commands use (stage records, predictions, the ObMan test list)."""
+import collections
 import json
 
 import pytest
 
-from data_tools import reference
-from data_tools.predictions import read_predictions
+from data_tools.make_testset import keep_listed
+from occmllm import records
 from occmllm.errors import OccError
+from occmllm.predictions import read_predictions
+from occmllm.questions import parse_category
 
 COUNTS = {
     "v1/train_Q1_10140.jsonl": ("conversation", 10140),
@@ -17,8 +21,9 @@ COUNTS = {
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
 def test_v1_files_read_without_loss(fixtures, name):
-    kind, recs = reference.read_reference_jsonl(fixtures / name)
-    assert (kind, len(recs)) == COUNTS[name]
+    kind, count = COUNTS[name]
+    recs = records.read_records(fixtures / name, kind)
+    assert len(recs) == count
     with open(fixtures / name, encoding="utf-8") as fh:
         originals = [json.loads(line) for line in fh]
     for original, rec in zip(originals, recs):
@@ -31,21 +36,23 @@ def test_v1_files_read_without_loss(fixtures, name):
 
 
 def test_q1_category_distribution(fixtures):
-    _, recs = reference.read_reference_jsonl(fixtures / "v1/train_Q1_10140.jsonl")
-    assert reference.category_counts(recs) == {
+    recs = records.read_records(fixtures / "v1/train_Q1_10140.jsonl")
+    counts = collections.Counter(parse_category(r["conversations"][1]["value"]) for r in recs)
+    assert dict(counts.most_common()) == {
         "jar": 2720, "bottle": 2390, "cellphone": 2371, "bowl": 734,
         "knife": 720, "camera": 513, "can": 416, "remote": 276}
 
 
 def test_cot_files(fixtures):
-    tests = reference.read_test_list(fixtures / "cot/obman_view_test_all.txt")
-    assert len(tests) == 6227 and tests[0] == {"id": "00000000", "ref_view": 0, "view": 0, "image": "00000000.jpg"}
     preds = read_predictions(fixtures / "cot/predictions-sft1.json")
     assert len(preds.answers) == 6227
+    # the test list names the views the predictions answer (make_testset --ids keeps them)
+    views = [{"id": i} for i in sorted(preds.answers)]
+    assert len(keep_listed(views, fixtures / "cot/obman_view_test_all.txt", "")) == 6227
     wrong = read_predictions(fixtures / "cot/obman_train_checkpoint-30000_wrong_1_moho.json")
     assert len(wrong.wrong_ids) == 30202
     # the wrong list labels the reference's stage-2 file: an id in it is wrong, others right
-    _, q16 = reference.read_reference_jsonl(fixtures / "v1/train_Q1_Q6_10140.jsonl")
+    q16 = records.read_records(fixtures / "v1/train_Q1_Q6_10140.jsonl")
     truth = {r["id"]: "x" for r in q16}
     right = wrong.correctness(truth)
     assert sum(not ok for ok in right.values()) == 2938

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainingArguments
 
 from conftest import STAGE4_RENDERS as RENDERS
 from occmllm import chain as rules
 from occmllm import records
+from occmllm import rollout
 from occmllm import selfcorrect as sc
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
 from occmllm.model import load_model
-from occmllm.sft import DataArguments, ModelArguments, TrainingArguments
+from occmllm.stage import DataArguments, ModelArguments, reference_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "step4_selfconsistency/config.yaml"
@@ -38,7 +40,7 @@ def _scripted(sampler, tokenizer, answers):
 
 
 def _chain(answers, category="jar"):
-    return sc.Chain(sc.View("v", Path("a.png"), Path("r.png"), category), answers=answers)
+    return rollout.Chain(rollout.View("v", Path("a.png"), Path("r.png"), category), answers=answers)
 
 
 # --- (b) which tokens the loss reads ------------------------------------------------------------
@@ -50,8 +52,8 @@ def _supervised(tok, conv):
 def test_loss_mask_is_the_sampled_answer_tokens(tiny_model, stage4_file):
     model, processor = load_model(tiny_model)
     tok = processor.tokenizer
-    view = sc.load_views(stage4_file, renders=RENDERS)[0]
-    sampler = sc.ChainSampler(processor, max_new_tokens=8)
+    view = rollout.load_views(stage4_file, renders=RENDERS)[0]
+    sampler = rollout.ChainSampler(processor, max_new_tokens=8)
     _scripted(sampler, tok, [("The object is jar.", True), ("No.", True), ("The object is can.", True)])
     chain, = sampler.sample(model, [view], 1)
     assert _supervised(tok, chain.check) == "The object is jar.<|im_end|>No.<|im_end|>"
@@ -92,7 +94,7 @@ def test_loss_mask_is_the_sampled_answer_tokens(tiny_model, stage4_file):
 
 
 def test_rewards_and_advantages():
-    w = sc.RewardWeights(1.0, 0.5)
+    w = rules.RewardWeights(1.0, 0.5)
     assert sc.score_chain(_chain(["The object is can.", "No.", "The object is jar."]), w) == 1.5  # fixed
     assert sc.score_chain(_chain(["The object is jar.", "Yes."]), w) == 1.5        # right and sure
     assert sc.score_chain(_chain(["The object is jar.", "No.", "The object is can."]), w) == 0.0  # broke it
@@ -112,17 +114,17 @@ def test_attempt_one_is_scored_on_its_own(tiny_model, stage4_file):
     tokens the chain's positive one."""
     model, processor = load_model(tiny_model)
     tok = processor.tokenizer
-    view = sc.load_views(stage4_file, renders=RENDERS)[0]
+    view = rollout.load_views(stage4_file, renders=RENDERS)[0]
     right = f"The object is {view.category}."
     wrong = f"The object is {'can' if view.category != 'can' else 'jar'}."
-    sampler = sc.ChainSampler(processor, max_new_tokens=8)
+    sampler = rollout.ChainSampler(processor, max_new_tokens=8)
     scripts = [[(wrong, True), ("No.", True), (right, True)],  # fixed: r 1.5, r1 0
                [(right, True), ("No.", True), (right, True)]]  # right, looked for nothing: r 1.0, r1 1
     chains = []
     for script in scripts:
         _scripted(sampler, tok, script)
         chains += sampler.sample(model, [view], 1)
-    w = sc.RewardWeights(1.0, 0.5)
+    w = rules.RewardWeights(1.0, 0.5)
     rewards = torch.tensor([sc.score_chain(c, w) for c in chains])
     assert rewards.tolist() == [1.5, 1.0] and [sc.score_first(c, w) for c in chains] == [0.0, 1.0]
     batch = sc.chain_batch(chains, sampler)
@@ -151,8 +153,8 @@ def test_policy_gradient_is_zero_exactly_when_rewards_are_equal(tiny_model, stag
     torch.manual_seed(0)
     model, processor = load_model(tiny_model)
     model.train()
-    sampler = sc.ChainSampler(processor, max_new_tokens=6)
-    views = sc.load_views(stage4_file, renders=RENDERS)[:2]
+    sampler = rollout.ChainSampler(processor, max_new_tokens=6)
+    views = rollout.load_views(stage4_file, renders=RENDERS)[:2]
     chains = sampler.sample(model, views, 3)
     assert all(c.check.sampled for c in chains)
     varied = sc.group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 0.0]), 3, scale=True)
@@ -171,11 +173,11 @@ def test_policy_gradient_is_zero_exactly_when_rewards_are_equal(tiny_model, stag
 def test_kl_to_the_reference_starts_at_zero_and_grows(tiny_model, stage4_file):
     torch.manual_seed(0)
     policy, processor = load_model(tiny_model)
-    reference = sc.reference_model(tiny_model, policy)  # loaded again from the checkpoint, frozen
+    reference = reference_model(tiny_model, policy)  # loaded again from the checkpoint, frozen
     assert reference is not policy and not any(p.requires_grad for p in reference.parameters())
     policy.train()
-    sampler = sc.ChainSampler(processor, max_new_tokens=6)
-    chains = sampler.sample(policy, sc.load_views(stage4_file, renders=RENDERS)[:2], 3)
+    sampler = rollout.ChainSampler(processor, max_new_tokens=6)
+    chains = sampler.sample(policy, rollout.load_views(stage4_file, renders=RENDERS)[:2], 3)
     batch = sc.chain_batch(chains, sampler)
     advantages = sc.group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 0.0]), 3, scale=True)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
@@ -200,6 +202,19 @@ def says_no(chain) -> float:
     return float(sc.chain_outcome(chain)["said_no"])
 
 
+def mean_outcomes(model, sampler, views, k: int, reward_fn, seed: int) -> dict:
+    """Mean reward and outcome rates of K chains per view, sampled with a fixed seed (the global
+    random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        chains = sampler.sample(model, views, k)
+    outcomes = [sc.chain_outcome(c) for c in chains]
+    out = {"reward": sum(reward_fn(c) for c in chains) / len(chains)}
+    for key in ("first_right", "said_no", "final_right"):
+        out[key] = sum(o[key] for o in outcomes) / len(outcomes)
+    return out
+
+
 @pytest.mark.slow
 def test_rl_steps_raise_the_mean_reward(tiny_model, stage4_file, tmp_path):
     from step4_selfconsistency.train import run
@@ -210,10 +225,10 @@ def test_rl_steps_raise_the_mean_reward(tiny_model, stage4_file, tmp_path):
                    "--warmup_steps", "0", "--augment", "false", "--save_strategy", "no", "--logging_steps", "50",
                    "--disable_tqdm", "true"], default_config=CONFIG)
     assert sft_dir == tmp_path / "sft" and not (tmp_path / "step4").exists()
-    views = sc.load_views(stage4_file, renders=RENDERS)
+    views = rollout.load_views(stage4_file, renders=RENDERS)
     model, processor = load_model(sft_dir)
-    sampler = sc.ChainSampler(processor, max_new_tokens=10)
-    before = sc.evaluate(model, sampler, views, 4, says_no, seed=1)
+    sampler = rollout.ChainSampler(processor, max_new_tokens=10)
+    before = mean_outcomes(model, sampler, views, 4, says_no, seed=1)
     print("before RL:", before)
     assert before["said_no"] < 0.9  # room to learn
 
@@ -225,7 +240,7 @@ def test_rl_steps_raise_the_mean_reward(tiny_model, stage4_file, tmp_path):
                    training, reward_fn=says_no)
     assert out == tmp_path / "rl" and (out / "processor_config.json").is_file()
     model, processor = load_model(out)  # a plain InternVL folder
-    after = sc.evaluate(model, sc.ChainSampler(processor, max_new_tokens=10), views, 4, says_no, seed=1)
+    after = mean_outcomes(model, rollout.ChainSampler(processor, max_new_tokens=10), views, 4, says_no, seed=1)
     print("after RL:", after)
     assert after["reward"] > before["reward"] + 0.15
 
@@ -245,10 +260,10 @@ def test_stage4_config_and_views(stage4_file):
     assert (args.max_steps, args.learning_rate, args.per_device_train_batch_size) == (
         rl.rl_steps, rl.rl_learning_rate, rl.rl_images_per_step)
     recs = records.read_records(stage4_file)
-    views = sc.load_views(stage4_file, renders=RENDERS)
+    views = rollout.load_views(stage4_file, renders=RENDERS)
     assert [v.id for v in views] == [r["id"] for r in recs if "#" not in r["id"]]  # the check records
     assert all(v.render.parent.name == "stage4_test" and v.render.name == f"{v.id}.png" for v in views)
-    no_render = sc.load_views(stage4_file, renders="renders/none")  # no render: the image itself
+    no_render = rollout.load_views(stage4_file, renders="renders/none")  # no render: the image itself
     assert all(v.render == v.image for v in no_render)
 
 

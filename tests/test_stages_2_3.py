@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from data_tools import builders
-from data_tools.dataset import load_dataset
 from occmllm import mpo, records, sft
 from occmllm.config import parse_config
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
+from occmllm.dataset import load_dataset
 from occmllm.errors import OccError
 from occmllm.model import load_model
 from occmllm.questions import category_answer
@@ -183,7 +183,7 @@ def test_stage2_trains_from_stage1_checkpoint(tiny_model, synth_small, tmp_path)
     step1 = shutil.copytree(tiny_model, tmp_path / "step1")  # a stage-1-like checkpoint
     ds = load_dataset(synth_small)
     views = ds.split(None)
-    step2 = builders.write_stage(builders.step2_records(views),
+    step2 = builders.write_stage(builders.stage2_records(views),
                                  tmp_path / "step2.jsonl", ds, "step2")
     out = subprocess.run([sys.executable, "-m", "step2_multiquery.train", "--model_name_or_path", str(step1),
                           "--train_data", str(step2), "--output_dir", str(tmp_path / "step2"), "--max_steps", "2",

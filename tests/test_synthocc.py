@@ -9,8 +9,8 @@ import pytest
 import trimesh
 from PIL import Image
 
-from data_tools import synthocc
-from data_tools.dataset import load_dataset
+from data_tools import sdf, synthocc
+from occmllm.dataset import load_dataset
 from occmllm.questions import CATEGORIES, CATEGORY_ATTRIBUTES
 
 
@@ -74,18 +74,18 @@ def test_exact_sdf_matches_mesh(synth):
         # points near and around the surface
         pts = np.concatenate([mesh.sample(600, seed=1) + rng.normal(0, 0.01, (600, 3)),
                               rng.uniform(mesh.bounds[0] - 0.02, mesh.bounds[1] + 0.02, (600, 3))])
-        d = synthocc.scene_sdf(scene, pts)
+        d = sdf.scene_sdf(scene, pts)
         far = np.abs(d) > 0.003  # beyond the mesh's marching-cubes error
         inside = mesh.contains(pts[far])
         assert np.mean(inside == (d[far] < 0)) > 0.995, scene["scene"]
         assert (d < 0).any() and (d > 0).any()
         # on the surface the SDF is ~0 (within marching-cubes error)
-        assert np.abs(synthocc.scene_sdf(scene, mesh.vertices)).max() < 0.003
+        assert np.abs(sdf.scene_sdf(scene, mesh.vertices)).max() < 0.003
 
 
 def test_shapes_keep_their_attributes_and_sizes():
     """Every family keeps its documented geometric attributes (round, long, thin) and size."""
-    from data_tools import sdf, shapes
+    from data_tools import shapes
     rng = np.random.default_rng(0)
     for cat in CATEGORIES:
         for _ in range(6):

@@ -1,0 +1,155 @@
+"""Answering test records: what the model may see of a record, and one checkpoint answering prompts.
+
+A ``Sample`` is a test record stripped to its id, image files and questions: the reference answers
+and ``meta`` stay behind, so they cannot reach the model. An ``Answerer`` answers a batch of
+``Prompt``s greedily, left padded, stopping at the end of turn; each image goes through the vision
+tower once per batch, and every prompt that shows it reuses those features (``mm_encoder_outputs``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from occmllm import fileio, records
+from occmllm.errors import OccError
+from occmllm.questions import NO, YES
+from occmllm.scoring import turns_of
+
+
+# --- what the model may see ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sample:
+    """A test record stripped to what generation may use: its id, image files and questions."""
+    id: str | int
+    images: tuple[Path, ...]
+    questions: tuple[tuple[str, str, str], ...]  # (key, question id, human turn text) in order, as turns_of
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for key, _, _ in self.questions]
+
+    @property
+    def question_ids(self) -> list[str]:
+        return [qid for _, qid, _ in self.questions]
+
+
+def sample_of(record: dict, root: Path) -> Sample:
+    images = tuple(fileio.resolve_in_root(root, rel, f"record {record['id']!r}") for rel in records.images_of(record))
+    return Sample(record["id"], images, tuple((t.key, t.qid, t.question) for t in turns_of(record)))
+
+
+def dataset_root(data: Path, given: Path | None) -> Path:
+    """--data-root, else the root named by the InternVL meta JSON beside the test file."""
+    if given is not None:
+        if not given.is_dir():
+            raise OccError(f"--data-root {given}: folder not found")
+        return given
+    return records.root_from_meta(data, "--data-root")
+
+
+def load_test(data: Path, root: Path | None, limit: int | None) -> list[dict]:
+    """Validated test records (the first ``limit``); with ``root``, every image of them must exist and decode."""
+    if not data.is_file():
+        raise OccError(f"{data}: test file not found")
+    recs = records.read_records(data, "test", root=root)
+    recs = recs[:limit] if limit is not None else recs
+    if root is not None:
+        for k, rec in enumerate(recs):
+            records.check_images(rec, root, f"{data} record {k + 1} ({rec['id']!r})")
+    return recs
+
+
+# --- batched greedy answers ----------------------------------------------------------------------
+
+@dataclass
+class Prompt:
+    conversation: list[dict]   # human/gpt turns ending with a human turn
+    features: object           # (tiles, image tokens, width): vision features of the images it shows, or None
+    tiles: list[int]           # tiles per image
+
+
+class Answerer:
+    """One checkpoint: greedy answers for a batch of prompts (left padded, stop at end of turn)."""
+
+    def __init__(self, model, processor, max_new_tokens: int):
+        from occmllm.conversation import ConversationEncoder, pad_id, stop_ids
+        self.model, self.processor = model, processor
+        self.encoder = ConversationEncoder(processor)
+        self.tokenizer = processor.tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.pad_id = pad_id(self.tokenizer)
+        self.eos_ids = stop_ids(self.tokenizer, model.generation_config)
+
+    def tiled(self, paths: list) -> tuple[object, list[int]]:
+        """The images' tiles, concatenated, and how many tiles each image gave."""
+        from occmllm.conversation import load_images
+        return self.encoder.pixel_values(load_images(paths))
+
+    def images(self, paths_per_sample: list) -> list[tuple[object, list[int]]]:
+        """Per sample, its images' vision features (the vision tower and projector, run once in one
+        pass over every tile of the batch) and tiles per image. Each question that shows an image
+        reuses them: a record's five questions do not encode its image five times."""
+        return self.encode([self.tiled(paths) for paths in paths_per_sample])
+
+    def _pixels(self, tiled: list[tuple[object, list[int]]]):
+        import torch
+        return torch.cat([p for p, _ in tiled]).to(device=self.model.device, dtype=self.model.dtype)
+
+    @staticmethod
+    def _per_sample(features, tiled: list[tuple[object, list[int]]]) -> list[tuple[object, list[int]]]:
+        return [(f, tiles) for f, (_, tiles) in zip(features.split([len(p) for p, _ in tiled]), tiled)]
+
+    def encode(self, tiled: list[tuple[object, list[int]]]) -> list[tuple[object, list[int]]]:
+        """``images`` for samples already tiled: (pixel tiles, tiles per image) each."""
+        import torch
+        with torch.inference_mode():
+            features = self.model.get_image_features(pixel_values=self._pixels(tiled), return_dict=True).pooler_output
+        return self._per_sample(features, tiled)
+
+    def encode_dual(self, tiled: list[tuple[object, list[int]]], render_tiled: list[tuple[object, list[int]]],
+                    alpha: float) -> list[tuple[object, list[int]]]:
+        """``encode`` on the dual visual path: each sample's image features blended with its render's
+        (``occmllm.dual.blended_features``, one pass over the images' and the renders' tiles)."""
+        import torch
+
+        from occmllm.dual import blended_features
+        with torch.inference_mode():
+            features = blended_features(self.model, self._pixels(tiled), self._pixels(render_tiled), alpha)
+        return self._per_sample(features, tiled)
+
+    def __call__(self, prompts: list[Prompt]) -> list[str]:
+        import torch
+        with torch.inference_mode():
+            out, width = self._generate(prompts, max_new_tokens=self.max_new_tokens)
+        new = out[:, width:]
+        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _generate(self, prompts: list[Prompt], **kwargs):
+        """Greedy generation over a left-padded batch: ``(generate's output, the padded prompt width)``."""
+        import torch
+
+        from occmllm.conversation import pad_batch
+        from occmllm.dual import mm_outputs
+        device = self.model.device
+        ids = [self.encoder.prompt_ids(p.tiles, p.conversation) for p in prompts]
+        input_ids, attention_mask = pad_batch(ids, self.pad_id, "left")  # (batch, width); prompts end at the right
+        features = [p.features for p in prompts if p.features is not None and len(p.features)]
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        if features:  # tiles in prompt order, matching the image-token runs in input_ids
+            inputs["mm_encoder_outputs"] = mm_outputs(torch.cat(features))
+        out = self.model.generate(**inputs, do_sample=False, num_beams=1, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos_ids, **kwargs)
+        return out, input_ids.shape[1]
+
+    def p_no(self, prompts: list[Prompt]) -> list[float]:
+        """P(``No.``) against ``Yes.`` as each prompt's answer: the two answers' first tokens'
+        probabilities at the answer's first position, renormalised over the pair."""
+        import torch
+        no, yes = (self.tokenizer.encode(t, add_special_tokens=False)[0] for t in (NO, YES))
+        if no == yes:
+            raise OccError(f"the tokenizer starts {NO!r} and {YES!r} with the same token; the check cannot be read")
+        with torch.inference_mode():
+            out, _ = self._generate(prompts, max_new_tokens=1, output_logits=True, return_dict_in_generate=True)
+        pair = out.logits[0][:, [no, yes]].float()  # (batch, 2): the raw logits of the first answer token
+        return torch.softmax(pair, dim=-1)[:, 0].tolist()

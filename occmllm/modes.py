@@ -1,0 +1,129 @@
+"""The inference modes. Each answers a batch of samples with one checkpoint:
+``runner(answerer, batch, context) -> [{"answers": {key: text}, "final": text, ...}]``, one per sample.
+
+- ``plain``: every question of the record in order, multi-turn with the model's own answers;
+- ``cot``: the chain of thought of ``occmllm.chain``, with a reconstruction render for the second look;
+- ``dual``: the plain questions on OCC-MLLM-Alpha's dual visual path (``occmllm.dual``);
+- ``tta``: Q1 after episodic test-time adaptation to a CLIP reward (``occmllm.tta``), with the
+  best-of-K answer as a row of its own (``"also"``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from occmllm import chain
+from occmllm.answering import Answerer, Prompt, Sample
+from occmllm.errors import OccError
+from occmllm.questions import IMAGE_TOKEN, NO, Q1, YES, answer_in_history, caption, category_answer
+from occmllm.scoring import final_key
+
+
+@dataclass
+class Context:
+    """What a mode needs beside the model: renders (cot, dual), the blend weight (dual, per
+    checkpoint), the CLIP reward model and settings (tta)."""
+    renders: object | None = None       # paths(ids) -> render files: reconstruction.reconstruct.RenderCache
+    alpha: float | None = None
+    gate: float = chain.DEFAULT_GATE    # cot: the second look where P(No.) >= gate (per checkpoint)
+    clip: tuple | None = None           # (model, tokenizer, image processor) from occmllm.clip.load
+    tta: object | None = None           # occmllm.tta.TTASettings
+
+
+def run_plain(answerer: Answerer, batch: list[Sample], context: Context | None = None) -> list[dict]:
+    """Ask every question of each sample in order, multi-turn with the model's own answers; the
+    final answer is the category question's."""
+    return ask_in_turn(answerer, batch, answerer.images([s.images for s in batch]))
+
+
+def ask_in_turn(answerer: Answerer, batch: list[Sample], encoded: list[tuple]) -> list[dict]:
+    """The plain questioning with given image features: ``encoded`` holds (features, tiles) per
+    sample, computed once for all of its questions."""
+    history: list[list[dict]] = [[] for _ in batch]
+    answers: list[dict] = [{} for _ in batch]
+    for turn in range(max(len(s.questions) for s in batch)):
+        active = [i for i, s in enumerate(batch) if turn < len(s.questions)]
+        prompts = []
+        for i in active:
+            history[i].append({"from": "human", "value": batch[i].questions[turn][2]})
+            used = sum(t["value"].count(IMAGE_TOKEN) for t in history[i] if t["from"] == "human")
+            features, tiles = encoded[i]
+            prompts.append(Prompt(list(history[i]), features[: sum(tiles[:used])] if used else None, tiles[:used]))
+        for i, text in zip(active, answerer(prompts)):
+            answers[i][batch[i].questions[turn][0]] = text
+            history[i].append({"from": "gpt", "value": answer_in_history(text)})
+    return [{"answers": a, "final": a[final_key(s.keys)]} for s, a in zip(batch, answers)]
+
+
+def run_cot(answerer: Answerer, batch: list[Sample], context: Context) -> list[dict]:
+    """The chain of thought of ``occmllm.chain``: the first answer (Q1); the check (Q6 after it),
+    read as P(``No.``); where P(``No.``) reaches the gate, the render is made and Q1 is asked again in
+    a fresh conversation over the image and the render. Only the model's own answers decide."""
+    import torch
+    encoded = answerer.images([s.images[:1] for s in batch])
+    first = answerer([Prompt(chain.first_turns(), features, tiles) for features, tiles in encoded])
+    p_no = answerer.p_no([Prompt(chain.check_turns(answer), features, tiles)
+                          for answer, (features, tiles) in zip(first, encoded)])
+    look = [i for i, p in enumerate(p_no) if chain.looks_again(p, context.gate)]
+    second: dict[int, str] = {}
+    if look:
+        paths = context.renders.paths([batch[i].id for i in look])
+        prompts = []
+        # only the renders are new to the vision tower: the first image's features are already made
+        for i, (render_features, render_tiles) in zip(look, answerer.images([[path] for path in paths])):
+            features, tiles = encoded[i]
+            prompts.append(Prompt(chain.second_look_turns(), torch.cat([features, render_features]),
+                                  tiles + render_tiles))
+        second = dict(zip(look, answerer(prompts)))
+    out = []
+    for i in range(len(batch)):
+        answers = {chain.FIRST: first[i], chain.CHECK: NO if i in second else YES}
+        if i in second:
+            answers[chain.SECOND] = second[i]
+        out.append({"answers": answers, "final": chain.final_answer(first[i], second.get(i)),
+                    "chain": {"p_no": round(p_no[i], 6), "gate": context.gate}})
+    return out
+
+
+def run_dual(answerer: Answerer, batch: list[Sample], context: Context) -> list[dict]:
+    """The plain questions on the dual visual path (OCC-MLLM-Alpha): the image's visual tokens
+    blended with its reconstruction render's, alpha x image + (1 - alpha) x render."""
+    paths = context.renders.paths([s.id for s in batch])
+    images = [answerer.tiled(s.images[:1]) for s in batch]
+    renders = [answerer.tiled([p]) for p in paths]
+    for s, (_, tiles), (_, render_tiles) in zip(batch, images, renders):
+        if tiles != render_tiles:
+            raise OccError(f"record {s.id!r}: its image makes {tiles} tiles and its render {render_tiles}; the dual "
+                           "path blends tile by tile, so both need the same size")
+    return ask_in_turn(answerer, batch, answerer.encode_dual(images, renders, context.alpha))
+
+
+def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[dict]:
+    """Episodic test-time adaptation with the CLIP reward, one record at a time (occmllm.tta):
+    Q1 answered by the adapted model. Each result also carries the best-of-K answer (the candidate
+    CLIP ranks first, no gradient), written as its own row."""
+    from occmllm import clip as clip_module
+    from occmllm import tta
+    from occmllm.conversation import load_images
+    model, encoder, settings = answerer.model, answerer.encoder, context.tta
+    clip_model, clip_tokenizer, clip_processor = context.clip
+    tta.only_adapted_trainable(model)
+    out = []
+    for s in batch:
+        image = load_images(s.images[:1])
+        pixels, tiles = encoder.pixel_values(image)
+        cands = tta.candidates(model, encoder, Q1, pixels, tiles, settings.k)
+        scores = clip_module.scores(clip_model, clip_tokenizer, clip_processor, image,
+                                    [caption(c) for c in cands])[0]
+        best = category_answer(cands[int(scores.argmax())])
+        answers = tta.answer_batch(encoder, Q1, [category_answer(c) for c in cands], pixels, tiles)
+        with tta.Episode(tta.adapted_parameters(model)):
+            tta.adapt(model, answers, tta.baseline_rewards(scores), settings.steps, settings.lr, settings.optimizer)
+            # the image's features again: the adapted projector reads the same tiles differently
+            (answer,) = answerer([Prompt([{"from": "human", "value": Q1}], *answerer.encode([(pixels, tiles)])[0])])
+        out.append({"answers": {"Q1": answer}, "final": answer,
+                    "also": {f"best-of-{settings.k}": {"answers": {"Q1": best}, "final": best}}})
+    return out
+
+
+# --mode NAME -> its function(answerer, batch, context)
+MODE_RUNNERS = {"plain": run_plain, "cot": run_cot, "dual": run_dual, "tta": run_tta}
