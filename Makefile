@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := outputs/demo
 
-.PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha test bench clean-demo base
+.PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha test bench clean-demo base recon-base
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,14 @@ test: $(VENV)/.installed
 # The pipeline on the embedded default: synthetic data, tiny offline model, CPU.
 # Everything goes under outputs/demo/; each line is a command you can run on its own, and each
 # part is a target of its own (demo-data, demo-recon, demo-stages, demo-report, demo-alpha) for re-running it.
-# The parts run one after the other: the reconstruction model trains far slower on one thread
-# than on two, so running it beside the VLM stages would not save time on 2 cores
+# The parts run one after the other: reconstruction training (DEMO_RECON_STEPS > 0) is far slower
+# on one thread than on two, so running it beside the VLM stages would not save time on 2 cores
 # (benchmarks/RESULTS.md, "Figures behind settings in the code").
 DEMO_SCENES ?= 3200
 DEMO_VIEWS ?= 2
-DEMO_RECON_STEPS ?= 1500
+# the reconstruction model starts from the shipped pretrained one (RECON_BASE below); 0 steps uses
+# it as it is, N > 0 fine-tunes it N steps on the demo's training views
+DEMO_RECON_STEPS ?= 0
 DEMO_RECON_EVAL ?= 80
 # stage 2 for 320 steps: at 160 a second training seed never learnt Q2-Q4 (benchmarks/RESULTS.md,
 # "A second training seed")
@@ -65,11 +67,13 @@ demo-data:
 	$(PY) -m data_tools.make_testset --data $(DEMO)/data --out $(DEMO)/stages/val.jsonl --split val
 	$(PY) -m data_tools.make_testset --data $(DEMO)/data --out $(DEMO)/stages/test.jsonl
 
-# 3D reconstruction: train, evaluate against the true meshes (metrics.json, contact sheet), and render
-# the chain's held-out training views: the renders stage 4 and the dual path train on are the ones
-# inference makes
+# 3D reconstruction: the shipped pretrained model (or a fine-tune of it), evaluated against the true
+# meshes (metrics.json, contact sheet); then renders of the chain's held-out training views: the
+# renders stage 4 and the dual path train on are the ones inference makes
 demo-recon:
-	$(PY) -m reconstruction.train --progress false --log_steps 300 --steps $(DEMO_RECON_STEPS)
+	rm -rf $(DEMO)/recon/model && mkdir -p $(DEMO)/recon
+	if [ $(DEMO_RECON_STEPS) -gt 0 ]; then $(PY) -m reconstruction.train --init_from $(RECON_BASE) --progress false \
+		--log_steps 300 --steps $(DEMO_RECON_STEPS); else cp -r $(RECON_BASE) $(DEMO)/recon/model; fi
 	$(PY) -m reconstruction.evaluate --checkpoint $(DEMO)/recon/model --data $(DEMO)/data --split test \
 		--limit $(DEMO_RECON_EVAL) --out $(DEMO)/recon/metrics.json --sheet $(DEMO)/recon/contact_sheet.png --no-progress
 	$(PY) -m reconstruction.reconstruct --checkpoint $(DEMO)/recon/model --data $(DEMO)/data \
@@ -157,6 +161,21 @@ base: $(VENV)/.installed
 		--output_dir outputs/base/aligned --num_train_epochs 2 --save_strategy no --disable_tqdm true
 	rm -rf $(BASE) && mkdir -p $(BASE) && cp outputs/base/tower/pretrain.json $(BASE)/ && \
 		cp outputs/base/aligned/*.json outputs/base/aligned/*.jinja outputs/base/aligned/model.safetensors $(BASE)/
+
+# The demo's pretrained reconstruction model (occmllm/pretrained/recon-synthocc, shipped), as MOHO
+# pretrains on synthetic scenes before real ones: scenes of seed 2 (the base: seed 1, the demo:
+# seed 0, so none is shared with the demo's splits), trained longer than a demo could
+RECON_BASE := occmllm/pretrained/recon-synthocc
+RECON_BASE_SCENES ?= 6400
+RECON_BASE_STEPS ?= 3000
+recon-base: $(VENV)/.installed
+	rm -rf outputs/recon-base
+	$(PY) -m data_tools.synthocc --out outputs/recon-base/data --scenes $(RECON_BASE_SCENES) --views 2 --size 128 \
+		--seed 2 --val-frac 0.05 --test-frac 0 --no-progress
+	$(PY) -m reconstruction.train --data outputs/recon-base/data --output_dir outputs/recon-base/model \
+		--steps $(RECON_BASE_STEPS) --progress false --log_steps 500
+	rm -rf $(RECON_BASE) && mkdir -p $(RECON_BASE) && \
+		cp outputs/recon-base/model/*.json* outputs/recon-base/model/model.safetensors $(RECON_BASE)/
 
 # synthocc needs nothing; the others read the models and files `make demo` writes
 bench: $(VENV)/.installed

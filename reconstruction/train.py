@@ -43,6 +43,9 @@ SILHOUETTE_SHARPNESS = 0.003  # m: occupancy = sigmoid(-sdf / this)
 class ReconTrainArguments:
     data: str = field(default="outputs/demo/data", metadata={"help": "dataset folder (SynthOcc or converted)"})
     output_dir: str = field(default="outputs/demo/recon/model", metadata={"help": "where the model is written"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from this reconstruction model's weights and architecture (e.g. the shipped "
+                "occmllm/pretrained/recon-synthocc); the architecture flags are then ignored"})
     split: str = "train"
     max_scenes: int | None = field(default=None, metadata={"help": "only the first N scenes of the split"})
     steps: int = 2400
@@ -134,6 +137,8 @@ def train(args: ReconTrainArguments, model_args: ReconConfig) -> Path:
     device = torch.device(args.device)
     if args.resume and (last / "model").is_dir():
         model = load_reconstructor(last / "model", device).train()
+    elif args.init_from:
+        model = load_reconstructor(args.init_from, device).train()
     else:
         model = SDFReconstructor(model_args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -189,7 +194,7 @@ def train(args: ReconTrainArguments, model_args: ReconConfig) -> Path:
     with fileio.replace_folder(out) as tmp:  # the final model replaces the folder whole
         model.eval().save(tmp)
         fileio.write_jsonl(tmp / "train_log.jsonl", log)
-        fileio.write_json(tmp / "train_args.json", {**asdict(args), **asdict(model_args)})
+        fileio.write_json(tmp / "train_args.json", {**asdict(args), **asdict(model.cfg)})
     shutil.rmtree(last, ignore_errors=True)
     return out
 
