@@ -30,13 +30,13 @@ DEMO_VIEWS ?= 2
 # the reconstruction model starts from the shipped pretrained one (RECON_BASE below); 0 steps uses
 # it as it is, N > 0 fine-tunes it N steps on the demo's training views
 DEMO_RECON_STEPS ?= 0
-DEMO_RECON_EVAL ?= 80
 # stage 2 for 320 steps: at 160 a second training seed never learnt Q2-Q4 (benchmarks/RESULTS.md,
 # "A second training seed")
 DEMO_STEP2_STEPS ?= 320
-# the VLM reads 64-px tiles: renders of a 48^3 reconstruction grid look the same at that size and take
-# less time than the default 64^3, at the same CoT accuracy (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU")
-DEMO_RENDER_RES ?= 48
+# the VLM reads 64-px tiles: renders of a 33^3 reconstruction grid look the same at that size as
+# those of 48^3 or 64^3 and take less time, at the same validation accuracy of the chain and the dual
+# path (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU" and "Reconstruction at a third of the cost")
+DEMO_RENDER_RES ?= 33
 SUBMAKE = $(MAKE) --no-print-directory
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)/data $(DEMO)/data.partial $(DEMO)/models $(DEMO)/checkpoints $(DEMO)/report $(DEMO)/report_val \
@@ -68,14 +68,17 @@ demo-data:
 	$(PY) -m data_tools.make_testset --data $(DEMO)/data --out $(DEMO)/stages/test.jsonl
 
 # 3D reconstruction: the shipped pretrained model (or a fine-tune of it), evaluated against the true
-# meshes (metrics.json, contact sheet); then renders of the chain's held-out training views: the
-# renders stage 4 and the dual path train on are the ones inference makes
+# meshes on the whole test split at the grid the renders use (metrics.json, contact sheet); the
+# evaluation also writes the test views' renders where the report's CoT and dual rows read them.
+# Then renders of the chain's held-out training views: the renders stage 4 and the dual path train
+# on are the ones inference makes
 demo-recon:
 	rm -rf $(DEMO)/recon/model && mkdir -p $(DEMO)/recon
 	if [ $(DEMO_RECON_STEPS) -gt 0 ]; then $(PY) -m reconstruction.train --init_from $(RECON_BASE) --progress false \
 		--log_steps 300 --steps $(DEMO_RECON_STEPS); else cp -r $(RECON_BASE) $(DEMO)/recon/model; fi
 	$(PY) -m reconstruction.evaluate --checkpoint $(DEMO)/recon/model --data $(DEMO)/data --split test \
-		--limit $(DEMO_RECON_EVAL) --out $(DEMO)/recon/metrics.json --sheet $(DEMO)/recon/contact_sheet.png --no-progress
+		--resolution $(DEMO_RENDER_RES) --out $(DEMO)/recon/metrics.json --sheet $(DEMO)/recon/contact_sheet.png \
+		--renders $(DEMO)/report/renders --no-progress
 	$(PY) -m reconstruction.reconstruct --checkpoint $(DEMO)/recon/model --data $(DEMO)/data \
 		--records $(DEMO)/stages/heldout_q1.jsonl --out renders/recon --resolution $(DEMO_RENDER_RES) --batch-size 32 \
 		--no-progress

@@ -2,7 +2,8 @@
 
 Runs a trained reconstruction model on test views, one view at a time as chain-of-thought
 inference does, and times each part; then the same views with dense mesh extraction, for the
-coarse-to-fine saving. Prints a table, then one JSON line with the figures.
+coarse-to-fine saving; then the model's SDF-only path (``sdf``, what extraction calls) against its
+full query (SDF and colour) on the same points. Prints a table, then one JSON line with the figures.
 
     python benchmarks/bench_recon.py [--checkpoint outputs/demo/recon/model] [--data outputs/demo/data]
                                      [--views 32] [--resolution 96]
@@ -53,6 +54,22 @@ def run(reconstructor: Reconstructor, views) -> dict:
             "evaluations": evaluations // n, "per_s": round(n / (reconstruct + draw), 2)}
 
 
+def sdf_paths(reconstructor: Reconstructor, views, points: int = 40_000, repeats: int = 5) -> dict:
+    """Milliseconds per call of the model's two ways to the SDF on ``points`` points in a view's
+    cube: ``query`` (SDF and colour; the training path) and ``sdf`` (what mesh extraction calls)."""
+    model, rows = reconstructor.model, {}
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        enc = model.encode(view_batch(views[:1]))
+        pts = enc.centre[:, None] + (torch.rand(1, points, 3, generator=generator) - 0.5) * 0.3
+        for name, fn in (("query", lambda: model.query(enc, pts)[0]), ("sdf", lambda: model.sdf(enc, pts))):
+            fn()
+            _, t = timed(lambda: [fn() for _ in range(repeats)])
+            rows[name] = round(1000 * t / repeats, 1)
+    return {"points": points, **{f"{k}_ms": v for k, v in rows.items()},
+            "speedup_sdf_over_query": round(rows["query"] / rows["sdf"], 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=Path("outputs/demo/recon/model"))
@@ -71,6 +88,7 @@ def main() -> None:
             reconstructor = Reconstructor(args.checkpoint, args.resolution, mode=mode)
             run(reconstructor, views[:2])  # warm-up
             rows[mode] = run(reconstructor, views)
+        paths = sdf_paths(reconstructor, views)
     except OccError as exc:
         sys.exit(f"error: {exc} (train a model first: make demo)")
     print(f"{'extraction':>15} {'views':>6} {'encode ms':>10} {'extract ms':>11} {'render ms':>10} "
@@ -78,11 +96,14 @@ def main() -> None:
     for mode, r in rows.items():
         print(f"{mode:>15} {r['views']:>6} {r['encode_ms']:>10} {r['extract_ms']:>11} {r['render_ms']:>10} "
               f"{r['evaluations']:>10} {r['per_s']:>8}")
+    print(f"SDF at {paths['points']} points: query (SDF + colour) {paths['query_ms']} ms, sdf {paths['sdf_ms']} ms, "
+          f"{paths['speedup_sdf_over_query']}x")
     c2f, dense = rows["coarse_to_fine"], rows["dense"]
     print(json.dumps({"benchmark": "reconstruction", "cores": os.cpu_count(), "resolution": args.resolution,
                       "size": views[0].size[0], "reconstructions_per_s": c2f["per_s"],
                       "evaluation_ratio_dense_over_c2f": round(dense["evaluations"] / max(c2f["evaluations"], 1), 2),
-                      "speedup_c2f_over_dense": round(c2f["per_s"] / dense["per_s"], 2), "rows": rows}))
+                      "speedup_c2f_over_dense": round(c2f["per_s"] / dense["per_s"], 2), "sdf_paths": paths,
+                      "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Evaluate a reconstruction model on held-out views against the true object surfaces.
 
     python -m reconstruction.evaluate --checkpoint CKPT --data DATA [--split test] --out metrics.json
-                                      [--sheet sheet.png] [--limit N]
+                                      [--sheet sheet.png] [--limit N] [--renders FOLDER]
 
 Protocol: the reconstructed mesh (world frame, metres; the model works in the input camera's
 frame with depth, so no alignment is applied) and the true object mesh are each sampled with
@@ -32,13 +32,13 @@ import trimesh
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from occmllm import fileio
+from occmllm import fileio, records
 from occmllm.dataset import load_dataset, resolve_in_roots
 from occmllm.errors import cli
 from occmllm.questions import OBJECT_COLOURS
 from occmllm.render import RayCaster, render_rgb
 from reconstruction.metrics import by_occlusion, mean_metrics, sample_surface, silhouette_iou, surface_metrics
-from reconstruction.reconstruct import Reconstructor, add_common_arguments, depth_scale_of, render
+from reconstruction.reconstruct import Reconstructor, add_common_arguments, depth_scale_of, render, save_render
 from reconstruction.truth import true_mesh
 from reconstruction.views import backproject, load_view, to_world
 
@@ -63,7 +63,10 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | None, batch_size: int = 8,
-             progress: bool = True, sheet: Path | None = None) -> dict:
+             progress: bool = True, sheet: Path | None = None, renders: Path | None = None) -> dict:
+    """The metrics of ``reconstructor`` on a split; with ``renders``, each view's render is also
+    written there as ``reconstruction.reconstruct`` writes it (``<id>.png``; existing ones are kept),
+    so that inference's ``--mode cot`` and ``dual`` find them made."""
     dataset = load_dataset(data)
     scale = depth_scale_of(data)
     lines = dataset.split(split)
@@ -89,6 +92,8 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
                     resolve_in_roots(dataset.roots, line["mask_amodal"], line["id"]), None, "L")) > 127
             else:
                 declined["silhouette IoU: the manifest has no amodal masks (mask_amodal)"] += 1
+            if renders is not None and not Path(records.render_path(renders, rec.id)).is_file():
+                save_render(rec, view.camera, renders)
             pred_sil = (RayCaster([rec.mesh]).render(view.camera).label >= 0).reshape(view.size)
             pred_points = sample_surface(rec.mesh, SURFACE_SAMPLES, seed=2)
             meta = {"id": line["id"], "category": line["category"], "occlusion": line["occlusion"]}
@@ -153,10 +158,12 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test", help="held-out split [test]")
     p.add_argument("--out", required=True, type=Path, help="metrics.json to write")
     p.add_argument("--sheet", type=Path, help="also write a contact sheet PNG here")
+    p.add_argument("--renders", type=Path, help="also write each view's render into this folder (<id>.png), "
+                   "where inference --mode cot/dual then finds it (its --out/renders)")
     args = p.parse_args(argv)
     reconstructor = Reconstructor(args.checkpoint, args.resolution, args.device)
     result = evaluate(reconstructor, args.data, args.split, args.limit, progress=not args.no_progress,
-                      sheet=args.sheet)
+                      sheet=args.sheet, renders=args.renders)
     result["checkpoint"] = str(args.checkpoint)
     fileio.write_json(args.out, result)
     print(table(result))

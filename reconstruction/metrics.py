@@ -54,8 +54,8 @@ def surface_metrics(pred: np.ndarray, true: np.ndarray, thresholds: Sequence[flo
             label = threshold_label(tau)
             out.update({f"fscore_{label}": 0.0, f"precision_{label}": 0.0, f"recall_{label}": 0.0})
         return out
-    pred_to_true, _ = cKDTree(true).query(pred, k=1)
-    true_to_pred, _ = cKDTree(pred).query(true, k=1)
+    pred_to_true, _ = cKDTree(true).query(pred, k=1, workers=-1)
+    true_to_pred, _ = cKDTree(pred).query(true, k=1, workers=-1)
     out["chamfer_mm"] = float(1000.0 * 0.5 * (pred_to_true.mean() + true_to_pred.mean()))
     for tau in thresholds:
         label = threshold_label(tau)

@@ -78,7 +78,7 @@ class Reconstructor:
 
             def sdf_fn(points: np.ndarray, i=i) -> np.ndarray:
                 pts = torch.as_tensor(points, dtype=torch.float32, device=self.device)[None]
-                return self.model.query(_select(enc, i), pts)[0][0].cpu().numpy()
+                return self.model.sdf(_select(enc, i), pts)[0].cpu().numpy()
 
             mesh, evaluations = extract_mesh(sdf_fn, centre - CUBE_HALF, centre + CUBE_HALF, self.resolution,
                                              self.mode, coarse=min(COARSE_SAMPLES, self.resolution))
@@ -105,6 +105,12 @@ def render(rec: Reconstruction, camera: Camera) -> np.ndarray:
     if rec.empty:
         return np.full((camera.height, camera.width, 3), round(BACKGROUND[0] * 255), dtype=np.uint8)
     return render_vertex_colours(RayCaster([rec.mesh]), camera, rec.vertex_colours, background=BACKGROUND)
+
+
+def save_render(rec: Reconstruction, camera: Camera, folder: Path) -> None:
+    """``render`` written to ``folder/<view id>.png``, whole or not at all."""
+    with fileio.atomic_path(Path(records.render_path(folder, rec.id)), suffix=".png") as tmp:
+        Image.fromarray(render(rec, camera)).save(tmp, format="PNG")
 
 
 def depth_scale_of(data: Path) -> float:
@@ -147,8 +153,7 @@ def reconstruct_views(reconstructor: Reconstructor, root, lines: list[dict], dep
                 counts["empty"].append(rec.id)
                 print(f"view {rec.id}: the reconstruction is empty (the SDF never crosses zero); "
                       "rendering a blank image", file=sys.stderr)
-            with fileio.atomic_path(target(rec.id), suffix=".png") as tmp:
-                Image.fromarray(render(rec, view.camera)).save(tmp, format="PNG")
+            save_render(rec, view.camera, folder)
             counts["rendered"] += 1
         bar.update(len(chunk))
     bar.close()

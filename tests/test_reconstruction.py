@@ -80,6 +80,23 @@ def test_model_shapes_and_save_load_round_trip(views, tmp_path):
     assert torch.equal(sdf, sdf2) and torch.equal(colour, colour2)
 
 
+@pytest.mark.parametrize("layers", [1, 2, 4])  # the skip connection at layer 0 (read twice), 1 and 2
+def test_the_sdf_only_path_equals_query(views, layers):
+    """Mesh extraction's ``sdf`` (no colour head, the global feature as a per-view bias, the skip
+    connection as a second product) computes ``query``'s signed distance in another order."""
+    torch.manual_seed(layers)
+    model = SDFReconstructor(ReconConfig(**{**SMALL, "layers": layers})).eval()
+    for layer in model.layers:  # weights large enough that a wrongly placed column would show
+        torch.nn.init.normal_(layer.weight, std=0.3)
+    batch = view_batch([views.view(v) for v in views.views[:2]])
+    points = batch["centre"][:, None] + torch.randn(2, 300, 3) * 0.05
+    with torch.no_grad():
+        enc = model.encode(batch)
+        expected, fast = model.query(enc, points)[0], model.sdf(enc, points)
+    assert fast.shape == (2, 300) and expected.std() > 1e-3
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_few_steps_lower_every_loss_on_a_fixed_batch(views):
     first, last = losses_before_and_after(views, 40)
     print(first, last)
@@ -187,13 +204,23 @@ def test_an_empty_reconstruction_renders_blank_and_the_batch_goes_on(trained, sy
 def test_evaluate_writes_metrics_with_baseline_and_bins(trained, synth, tmp_path):
     out = tmp_path / "metrics.json"
     assert evaluate_cmd.main(["--checkpoint", str(trained), "--data", str(synth), "--out", str(out),
-                              "--sheet", str(tmp_path / "sheet.png"), "--resolution", "24", "--no-progress"]) == 0
+                              "--sheet", str(tmp_path / "sheet.png"), "--resolution", "24", "--no-progress",
+                              "--renders", str(tmp_path / "renders")]) == 0
     m = json.loads(out.read_text())
     for key in ("chamfer", "fscore_5mm", "fscore_10mm", "silhouette_iou", "by_occlusion", "baseline", "samples"):
         assert key in m
     assert m["n"] == len(m["samples"]) == sum(b["n"] for b in m["by_occlusion"])
     assert 0 <= m["baseline"]["fscore_10mm"] <= 1 and m["baseline"]["n"] == m["n"]
     assert (tmp_path / "sheet.png").stat().st_size > 0
+    # --renders: the images reconstruct writes, for every view it scored (inference then finds them made)
+    from PIL import Image
+    assert reconstruct_cmd.main(["--checkpoint", str(trained), "--data", str(synth), "--split", "test", "--out",
+                                 "renders/by_reconstruct", "--resolution", "24", "--no-progress"]) == 0
+    written = sorted((tmp_path / "renders").glob("*.png"))
+    assert [p.stem for p in written] == sorted(str(r["id"]) for r in m["samples"])
+    for path in written:
+        again = synth / "renders/by_reconstruct" / path.name
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(again))), path.name
 
 
 def test_bad_inputs_are_clear_errors(synth, tmp_path, trained):
