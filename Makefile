@@ -35,7 +35,7 @@ DEMO_RECON_STEPS ?= 0
 DEMO_STEP2_STEPS ?= 320
 # the VLM reads 64-px tiles: renders of a 33^3 reconstruction grid look the same at that size as
 # those of 48^3 or 64^3 and take less time, at the same validation accuracy of the chain and the dual
-# path (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU" and "Reconstruction at a third of the cost")
+# path (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU" and "Reconstruction at a lower cost")
 DEMO_RENDER_RES ?= 33
 SUBMAKE = $(MAKE) --no-print-directory
 demo: $(VENV)/.installed

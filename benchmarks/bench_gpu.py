@@ -17,6 +17,9 @@ Runs (``--runs``, comma-separated):
   mpo      stage 3 (TRL's DPOTrainer with the MPO losses), tower frozen, with its frozen reference
   plain    ``inference.py``'s plain mode (Q1-Q5 in turn, greedy, batches of ``--batch-size``)
 
+With ``--packed`` the stage-1 runs train on packed batches (``occmllm.sft.Collator``: one row, no
+padding); the FLOP count is the same, since padding is not work.
+
 Each training run takes ``--warmup`` steps, then times ``--steps`` more (the device synchronised at
 each step's edges). Inference times its first batch (cold: includes any per-shape set-up) and then
 ``--steps`` warm batches.
@@ -34,7 +37,7 @@ The share of peak is against a bf16 matrix-multiply rate measured in the same ru
 
     python benchmarks/bench_gpu.py [--shape 1b|8b|tiny] [--tiles 1|dynamic] [--batch-size 16]
         [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain] [--gradient-checkpointing]
-        [--vocab-size N] [--device cuda|cpu] [--json OUT]
+        [--packed] [--vocab-size N] [--device cuda|cpu] [--json OUT]
 
 Prints a table, then one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
 """
@@ -195,7 +198,11 @@ class BatchLog:
 
     def __call__(self, batch):
         out = self.collate(batch)
-        lengths = [int(n) for n in out["attention_mask"].sum(dim=1)]
+        if "attention_mask" in out:
+            lengths = [int(n) for n in out["attention_mask"].sum(dim=1)]
+        else:  # a packed row (--packed): each sample's positions count up from 0
+            starts = torch.nonzero(out["position_ids"][0] == 0).flatten().tolist() + [out["position_ids"].shape[1]]
+            lengths = [b - a for a, b in zip(starts, starts[1:])]
         self.batches.append({"tiles": int(out["pixel_values"].shape[0]), "lengths": lengths, "samples": len(batch)})
         return out
 
@@ -222,7 +229,8 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
     else:
         model_args, data_args, training = parse_config(
             (ModelArguments, DataArguments, TrainingArguments),
-            [*flags, "--train_data", str(files["step1"]), "--cache_encoded", "false", "--augment", "false"],
+            [*flags, "--train_data", str(files["step1"]), "--cache_encoded", "false", "--augment", "false",
+             "--packed", str(args.packed).lower()],
             ROOT / "step1_sft/config.yaml")
         trainer, _ = sft.build_trainer(model_args, data_args, training)
         if run == "frozen-all-logits":
@@ -300,6 +308,8 @@ def main(argv=None) -> dict:
     p.add_argument("--vocab-size", type=int, help="the language model's vocabulary rows [the shape's]: e.g. a real "
                                                   "151,674 on the tiny shape, to see the output head's share on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in training")
+    p.add_argument("--packed", action="store_true", help="stage-1 runs train on packed batches (one row, no "
+                   "padding; occmllm.sft.Collator); mpo pads as TRL does")
     p.add_argument("--max-new-tokens", type=int, default=8, help="plain: new tokens per answer at most [8]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, help="also write the JSON line here")
@@ -326,9 +336,9 @@ def main(argv=None) -> dict:
                 torch.cuda.empty_cache()
     result = {"shape": args.shape, "tiles": args.tiles, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "gradient_checkpointing": args.gradient_checkpointing,
-              "peak_tflops": peak / 1e12, "rows": rows}
-    print(f"{args.shape}-shaped InternVL, random weights, tiles {args.tiles}, on {result['device']}; "
-          f"matmul peak measured {peak / 1e12:.3f} TFLOP/s")
+              "packed": args.packed, "peak_tflops": peak / 1e12, "rows": rows}
+    print(f"{args.shape}-shaped InternVL, random weights, tiles {args.tiles}{', packed' if args.packed else ''}, "
+          f"on {result['device']}; matmul peak measured {peak / 1e12:.3f} TFLOP/s")
     print(table(rows, peak))
     line = json.dumps(result)
     print(line)

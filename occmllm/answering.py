@@ -73,7 +73,14 @@ class Answerer:
     """One checkpoint: greedy answers for a batch of prompts (left padded, stop at end of turn)."""
 
     def __init__(self, model, processor, max_new_tokens: int):
+        import torch
+
         from occmllm.conversation import ConversationEncoder, pad_id, stop_ids
+        if model.device.type == "cuda":
+            # cuDNN's attention builds a plan for every new shape, and each decoding step is one
+            # (benchmarks/RESULTS.md, "Toward GPU speed without a GPU"); PyTorch's other
+            # fused attention kernels take any shape at once
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.model, self.processor = model, processor
         self.encoder = ConversationEncoder(processor)
         self.tokenizer = processor.tokenizer

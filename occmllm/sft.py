@@ -124,13 +124,30 @@ def _flipped(pixels: torch.Tensor, images: int, encode_flipped) -> torch.Tensor:
 
 @dataclass
 class Collator:
+    """A training batch: rows padded on the right, or with ``packed`` one row holding every sample
+    end to end, without padding. A packed row has no attention mask and position ids that restart
+    at each sample, from which transformers builds attention that stays inside each sample (its
+    packed-sequence masks); the label of each sample's first token is never supervised (a prompt
+    token), so no loss term crosses from one sample into the next. ``use_cache`` is off: with a
+    cache transformers would not look for packed sequences."""
     pad_token_id: int
+    packed: bool = False
 
     def __call__(self, batch: list[dict]) -> dict:
-        ids, mask = pad_batch([b["input_ids"] for b in batch], self.pad_token_id, "right")
-        labels, _ = pad_batch([b["labels"] for b in batch], self.pad_token_id, "right", value_for_labels=IGNORE_INDEX)
-        out = {"input_ids": ids, "attention_mask": mask, "labels": labels,
-               "pixel_values": torch.cat([b["pixel_values"] for b in batch])}
+        if self.packed:
+            out = {"input_ids": torch.tensor([t for b in batch for t in b["input_ids"]])[None],
+                   "labels": torch.tensor([t for b in batch for t in b["labels"]])[None],
+                   "position_ids": torch.cat([torch.arange(len(b["input_ids"])) for b in batch])[None],
+                   "use_cache": False}
+            if any(b["labels"][0] != IGNORE_INDEX for b in batch):
+                raise OccError("a training sample's first token has a label: packed behind another sample it "
+                               "would be learnt from that sample's end; train without --packed true")
+        else:
+            ids, mask = pad_batch([b["input_ids"] for b in batch], self.pad_token_id, "right")
+            labels, _ = pad_batch([b["labels"] for b in batch], self.pad_token_id, "right",
+                                  value_for_labels=IGNORE_INDEX)
+            out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        out["pixel_values"] = torch.cat([b["pixel_values"] for b in batch])
         if "render_pixel_values" in batch[0]:  # the dual visual path: renders' tiles in the images' order
             out["render_pixel_values"] = torch.cat([b["render_pixel_values"] for b in batch])
         return out
@@ -162,7 +179,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     model = build_model(model_args, training, dual_supported=True)
     trainer_class = dual.DualTrainer if is_dual else ConversationTrainer
     trainer = trainer_class(model=model, args=training, train_dataset=dataset,
-                            data_collator=Collator(pad_id(processor.tokenizer)),
+                            data_collator=Collator(pad_id(processor.tokenizer), data_args.packed),
                             callbacks=[EpochSetter(dataset), SaveProcessor(processor)])
     return trainer, processor
 

@@ -55,6 +55,10 @@ class DataArguments:
     cache_encoded: bool = field(default=False, metadata={
         "help": "keep every encoded sample (tokens, labels, pixels) in memory after its first epoch: "
                 "no image decoding or preprocessing after that; for datasets that fit in RAM"})
+    packed: bool = field(default=False, metadata={
+        "help": "each batch as one row without padding: position ids restart at every sample and attention "
+                "stays inside it, so no compute goes to padding when samples differ in length (dynamic tiles). "
+                "For flash-attention 2, which attends each sample alone; SDPA masks one attention over the row"})
     resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint in output_dir"})
     dual_renders: str = field(default="renders/oracle", metadata={
         "help": "with dual_alpha: folder under the image root holding <record id>.png, the render of each "

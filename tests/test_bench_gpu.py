@@ -43,6 +43,23 @@ def test_tiny_configuration_times_every_run(tmp_path):
     assert "TFLOP/s" in out.stdout and json.loads(out.stdout.strip().splitlines()[-1]) == result
 
 
+def test_packed_batches_count_the_same_work_without_padding(tmp_path):
+    """--packed: the same batches (same seed), each as one row; the same tokens and model FLOPs are
+    counted (padding is not work), only the time differs."""
+    results = []
+    for packed in ([], ["--packed"]):
+        out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--shape", "tiny", "--device", "cpu",
+                              "--tiles", "dynamic", "--steps", "2", "--warmup", "1", "--batch-size", "3", "--runs",
+                              "frozen", "--json", str(tmp_path / "out.json"), *packed],
+                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        results.append(json.loads((tmp_path / "out.json").read_text()))
+    (padded,), (packed,) = (r["rows"] for r in results)
+    assert [r["packed"] for r in results] == [False, True]
+    assert packed["tokens_per_sample"] == padded["tokens_per_sample"] and packed["flops"] == padded["flops"]
+    assert packed["samples_per_s"] > 0
+
+
 def test_flop_count_matches_the_shapes(tiny_model):
     """Forward FLOPs of one tile and one 40-token sequence, counted here from the config alone."""
     from transformers import InternVLForConditionalGeneration

@@ -139,6 +139,40 @@ def test_answer_logits_only_follows_the_full_logits_loss(tiny_model):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_packed_batches_train_as_padded_ones(tiny_model):
+    """Samples of different lengths packed into one row (``Collator(packed=True)``) give the padded
+    batch's loss and gradients, through the answer-logits-only loss the trainer uses: attention and
+    the loss stay inside each sample. The packed row holds no padding."""
+    from occmllm.model import answer_positions, answer_token_loss
+    torch.manual_seed(0)
+    model, processor = load_model(tiny_model)
+    model.train()
+    enc = ConversationEncoder(processor)
+    items = [enc.encode([_image()], Q1_Q6[: 2 + 2 * k]) for k in range(3)]  # 1, 2 and 3 turns
+    samples = [{"input_ids": i.input_ids, "labels": i.labels, "pixel_values": i.pixel_values} for i in items]
+    results = []
+    for packed in (False, True):
+        batch = Collator(processor.tokenizer.pad_token_id, packed=packed)(samples)
+        model.zero_grad()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = model(**inputs, logits_to_keep=answer_positions(batch["labels"]))
+        loss = answer_token_loss(out, batch["labels"])
+        loss.backward()
+        results.append((batch, loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (padded, padded_loss, padded_grads), (packed, packed_loss, packed_grads) = results
+    assert packed["input_ids"].shape == (1, sum(len(i.input_ids) for i in items))
+    assert padded["attention_mask"].sum() == packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # without the restarting position ids the samples would see each other: the loss moves
+    leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
+    with torch.no_grad():
+        out = model(**{k: v for k, v in leaky.items() if k != "labels"},
+                    logits_to_keep=answer_positions(leaky["labels"]))
+    assert answer_token_loss(out, leaky["labels"]).item() != pytest.approx(padded_loss, rel=1e-3)
+
+
 def test_lora_merge_matches_adapter_logits(tiny_model):
     torch.manual_seed(0)
     model, processor = load_model(tiny_model)
