@@ -92,8 +92,10 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
                     resolve_in_roots(dataset.roots, line["mask_amodal"], line["id"]), None, "L")) > 127
             else:
                 declined["silhouette IoU: the manifest has no amodal masks (mask_amodal)"] += 1
+            image = None  # the render, made once for the renders folder and the sheet
             if renders is not None and not Path(records.render_path(renders, rec.id)).is_file():
-                save_render(rec, view.camera, renders)
+                image = render(rec, view.camera)
+                save_render(image, renders, rec.id)
             pred_sil = (RayCaster([rec.mesh]).render(view.camera).label >= 0).reshape(view.size)
             pred_points = sample_surface(rec.mesh, SURFACE_SAMPLES, seed=2)
             meta = {"id": line["id"], "category": line["category"], "occlusion": line["occlusion"]}
@@ -104,7 +106,8 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
             if sheet is not None and truth is not None and line["occlusion"] is not None:
                 colour = tuple(c / 255 for c in OBJECT_COLOURS.get(line.get("colour"), (200, 200, 200)))
                 truth_image = render_rgb(RayCaster([truth]), view.camera, [colour])
-                sheet_cells.append((ours[-1], baseline[-1], view.rgb, truth_image, render(rec, view.camera)))
+                sheet_cells.append((ours[-1], baseline[-1], view.rgb, truth_image,
+                                    image if image is not None else render(rec, view.camera)))
     result = {"protocol": PROTOCOL, "checkpoint": None, "data": str(data), "split": split, **_summary(ours),
               "baseline": {"name": "visible only (back-projected visible depth)", **_summary(baseline)},
               "empty_reconstructions": sum(r["empty"] for r in ours), "samples": ours,

@@ -107,10 +107,10 @@ def render(rec: Reconstruction, camera: Camera) -> np.ndarray:
     return render_vertex_colours(RayCaster([rec.mesh]), camera, rec.vertex_colours, background=BACKGROUND)
 
 
-def save_render(rec: Reconstruction, camera: Camera, folder: Path) -> None:
-    """``render`` written to ``folder/<view id>.png``, whole or not at all."""
-    with fileio.atomic_path(Path(records.render_path(folder, rec.id)), suffix=".png") as tmp:
-        Image.fromarray(render(rec, camera)).save(tmp, format="PNG")
+def save_render(image: np.ndarray, folder: Path, view_id: str) -> None:
+    """A ``render`` written to ``folder/<view id>.png``, whole or not at all."""
+    with fileio.atomic_path(Path(records.render_path(folder, view_id)), suffix=".png") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def depth_scale_of(data: Path) -> float:
@@ -153,7 +153,7 @@ def reconstruct_views(reconstructor: Reconstructor, root, lines: list[dict], dep
                 counts["empty"].append(rec.id)
                 print(f"view {rec.id}: the reconstruction is empty (the SDF never crosses zero); "
                       "rendering a blank image", file=sys.stderr)
-            save_render(rec, view.camera, folder)
+            save_render(render(rec, view.camera), folder, rec.id)
             counts["rendered"] += 1
         bar.update(len(chunk))
     bar.close()
