@@ -103,7 +103,7 @@ def run_inference(args) -> Path:
                 raise OccError(f"{path}: cannot load checkpoint {name!r} ({first}); the predictions so far are "
                                f"kept in {log.path}") from None
             answerer = Answerer(model, processor, args.max_new_tokens)
-            if args.mode == "dual":
+            if args.mode in ("cot", "dual"):
                 from occmllm.dual import resolve_alpha
                 context.alpha = resolve_alpha(path, args.alpha)
             if args.mode == "cot":
@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recon", type=Path, help="--mode cot/dual: reconstruction model folder")
     p.add_argument("--recon-resolution", type=int, default=64,
                    help="--mode cot/dual: marching-cubes grid per axis [64]")
-    p.add_argument("--alpha", type=float, help="--mode dual: image weight of the blend, 0-1 [the checkpoint's "
-                                               "dual_alpha.json]")
+    p.add_argument("--alpha", type=float, help="--mode cot/dual: image weight of the blend (cot: of the second look), "
+                                               "0-1 [the checkpoint's dual_alpha.json]")
     p.add_argument("--tta", choices=("clip",), help="test-time adaptation of Q1 with a CLIP reward (RLCF), one record "
                                                     "at a time; writes rows tta and best-of-K")
     p.add_argument("--clip", type=Path, help="--tta clip: CLIP model folder (python -m occmllm.clip)")

@@ -151,15 +151,18 @@ def stage3_pairs(views: list[dict], predictions_path, checkpoint: str | None = N
 
 
 def stage4_records(views: list[dict], first_right: dict[str, bool], renders_dir: str, seed: int = 0,
-                   plan_fraction: float = 0.25, replay: bool = True) -> list[dict]:
+                   plan_fraction: float = 0.25, replay: bool = True, second_look_repeats: int = 1) -> list[dict]:
     """Stage 4 chain-of-thought records (``occmllm.chain``), per view:
 
     - the check: Q1 with the true answer, then Q6 answered ``Yes.``/``No.`` as the model's own first
       answer to this (held-out) view was right or wrong (``first_right``);
-    - the second look: Q1 over the image and its reconstruction render, in a conversation of its own;
+    - the second look: Q1 in a conversation of its own over the image, blended with its
+      reconstruction render (the record's ``render``), ``second_look_repeats`` times;
     - with ``replay``, stage 2's Q1-Q5 record, so the attributes and the description are kept;
     - for ``plan_fraction`` of the views, a Q0 record (the 3-step plan).
     """
+    if second_look_repeats < 1:
+        raise OccError(f"second-look repeats must be at least 1, got {second_look_repeats}")
     rng = np.random.default_rng([seed, 4])
     out = []
     for v in views:
@@ -168,8 +171,10 @@ def stage4_records(views: list[dict], first_right: dict[str, bool], renders_dir:
         out.append({"id": v["id"], "image": v["image"],
                     "conversations": chain.check_turns(truth, chain.check_answer(right)),
                     "meta": view_meta(v, first_right=right)})
-        out.append({"id": f"{v['id']}#second", "image": [v["image"], records.render_path(renders_dir, v["id"])],
-                    "conversations": chain.second_look_turns(truth), "meta": view_meta(v)})
+        render = records.render_path(renders_dir, v["id"])
+        for k in range(second_look_repeats):
+            out.append({"id": f"{v['id']}#second" + (str(k + 1) if k else ""), "image": v["image"], "render": render,
+                        "conversations": chain.second_look_turns(truth), "meta": view_meta(v)})
         if replay:
             out.append({"id": f"{v['id']}#replay", "image": v["image"], "conversations": _asked_in_turn(v),
                         "meta": view_meta(v)})
@@ -197,7 +202,7 @@ def write_stage(recs: list[dict], out: str | os.PathLike, dataset: Dataset, name
     validate = records.validate_conversation if kind == "conversation" else records.validate_preference
     for k, rec in enumerate(recs):
         validate(rec, f"{out} record {k + 1}")
-        for rel in records.images_of(rec):
+        for rel in records.files_of(rec):
             fileio.resolve_in_root(dataset.root, rel, f"{out} record {k + 1}")
     fileio.write_jsonl(out, recs)
     records.write_meta(records.meta_path(out), name, dataset.root, out, len(recs),

@@ -6,9 +6,13 @@ the report.
    answer, in the same conversation. ``No.`` means one thing in every stage: *the first answer is
    likely wrong*. Its training labels come from the model's own first answers on views it never
    trained on (the held-out share of the training split, ``is_held_out``), never from occlusion.
-3. **Second look**, where the check says ``No.``: Q1 asked again in a fresh conversation that shows
-   the image and the reconstruction render (``SECOND_LOOK``). The first answer is not in it, so the
-   second look cannot copy it.
+3. **Second look**, where the check says ``No.``: Q1 asked again in a fresh conversation
+   (``SECOND_LOOK``) over the image whose visual tokens are blended with its reconstruction render's,
+   alpha x image + (1 - alpha) x render (``occmllm.dual.blend``; alpha is the checkpoint's
+   ``dual_alpha.json``, learnt in stage 4). The first answer is not in it, so the second look
+   cannot copy it. Blended, the render speaks through the image's own token positions; shown as a
+   second image beside it, the same renders moved the answers less (benchmarks/RESULTS.md, "Where
+   the second look's gain comes from").
 4. **Gate**: at inference the second look is taken where P(``No.``) (the model's probability of
    ``No.`` against ``Yes.`` as the check's answer) is at least the gate. The gate is chosen on the
    validation split (``choose_gate``; ``python -m occmllm.chain gate``) and stored with the
@@ -34,12 +38,12 @@ from pathlib import Path
 
 from occmllm import fileio
 from occmllm.errors import OccError, cli
-from occmllm.questions import IMAGE_TOKEN, NO, Q1, Q6, YES, answer_in_history, parse_category
+from occmllm.questions import NO, Q1, Q6, YES, answer_in_history, parse_category
 
 FIRST, CHECK, SECOND = "Q1", "Q6", "Q1#2"
 CHECK_QUESTION = Q6
-# The image and, after the question, the render: two placeholders, filled in that order.
-SECOND_LOOK = f"{Q1}\n{IMAGE_TOKEN}"
+# One placeholder: the image, its visual tokens blended with the render's.
+SECOND_LOOK = Q1
 GATE_FILE = "chain_gate.json"
 DEFAULT_GATE = 0.5
 HELD_OUT_SHARE = 0.25  # of the training scenes: the chain's views, kept out of stages 1 and 2
@@ -76,7 +80,7 @@ def check_turns(first_answer: str, check: str | None = None) -> list[dict]:
 
 
 def second_look_turns(answer: str | None = None) -> list[dict]:
-    """The second look's own conversation: Q1 over the image and the render, nothing before it."""
+    """The second look's own conversation: Q1 over the blended image, nothing before it."""
     turns = [{"from": "human", "value": SECOND_LOOK}]
     if answer is not None:
         turns.append({"from": "gpt", "value": answer})

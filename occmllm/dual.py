@@ -55,17 +55,40 @@ def check_alpha(alpha, context: str = "dual_alpha") -> float:
     return float(alpha)
 
 
-def blended_features(model, pixel_values: torch.Tensor, render_pixel_values: torch.Tensor, alpha) -> torch.Tensor:
-    """Blended visual tokens ``(tiles, image tokens, text hidden)`` of an InternVL ``model``: the
-    vision tower runs once over the image tiles and the render tiles together (tile ``i`` of the
-    renders is the render of tile ``i`` of the images), then the two halves are blended."""
-    if pixel_values.shape != render_pixel_values.shape:
-        raise ValueError(f"pixel_values {tuple(pixel_values.shape)} and render_pixel_values "
-                         f"{tuple(render_pixel_values.shape)} differ: each render needs its image's tiles")
+def blended_features(model, pixel_values: torch.Tensor, render_pixel_values: torch.Tensor, alpha,
+                     rendered: torch.Tensor | None = None) -> torch.Tensor:
+    """Visual tokens ``(tiles, image tokens, text hidden)`` of an InternVL ``model``, blended with
+    the renders' where there are renders: the vision tower runs once over the image tiles and the
+    render tiles together. ``rendered`` (bool, one per image tile) marks the tiles that have a
+    render, and ``render_pixel_values`` holds those tiles' renders in order (tile ``i`` of a render
+    is the render of its image's tile ``i``); the other tiles keep their own tokens. Without
+    ``rendered`` every tile has its render."""
     n = pixel_values.shape[0]
+    if rendered is None:
+        if pixel_values.shape != render_pixel_values.shape:
+            raise ValueError(f"pixel_values {tuple(pixel_values.shape)} and render_pixel_values "
+                             f"{tuple(render_pixel_values.shape)} differ: each render needs its image's tiles")
+    elif rendered.shape != (n,) or int(rendered.sum()) != render_pixel_values.shape[0] \
+            or pixel_values.shape[1:] != render_pixel_values.shape[1:]:
+        raise ValueError(f"rendered marks {int(rendered.sum())} of {tuple(rendered.shape)} tiles for "
+                         f"{tuple(render_pixel_values.shape)} render tiles and {tuple(pixel_values.shape)} image tiles: "
+                         "one render tile per marked image tile")
     both = torch.cat([pixel_values, render_pixel_values.to(pixel_values.device, pixel_values.dtype)])
     tokens = model.get_image_features(pixel_values=both, return_dict=True).pooler_output
-    return blend(tokens[:n], tokens[n:], alpha)
+    image, render = tokens[:n], tokens[n:]
+    if rendered is None:
+        return blend(image, render, alpha)
+    index = rendered.to(image.device).nonzero().squeeze(1)
+    return image.index_put((index,), blend(image[index], render, alpha))
+
+
+def stack_renders(pixel_values: list[torch.Tensor], render_pixel_values: list[torch.Tensor | None]
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """For a batch of images (tiles each) of which some have a render: the renders' tiles in order
+    (None when none has one), and which image tiles they go with (``rendered``, bool per tile)."""
+    renders = [r for r in render_pixel_values if r is not None]
+    rendered = torch.cat([torch.full((len(p),), r is not None) for p, r in zip(pixel_values, render_pixel_values)])
+    return (torch.cat(renders) if renders else None), rendered
 
 
 def mm_outputs(features: torch.Tensor) -> dict:
@@ -127,19 +150,28 @@ class DualVisual(nn.Module):
     def alpha_value(self) -> float:
         return float(self.effective_alpha().detach().float().cpu())
 
-    def features(self, pixel_values: torch.Tensor, render_pixel_values: torch.Tensor) -> torch.Tensor:
+    def features(self, pixel_values: torch.Tensor, render_pixel_values: torch.Tensor,
+                 rendered: torch.Tensor | None = None) -> torch.Tensor:
         """Blended visual tokens ``(tiles, image tokens, text hidden)`` (``blended_features``)."""
-        return blended_features(self.model, pixel_values, render_pixel_values, self.effective_alpha())
+        return blended_features(self.model, pixel_values, render_pixel_values, self.effective_alpha(), rendered)
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, render_pixel_values=None, labels=None,
-                **kwargs):
+                rendered=None, **kwargs):
         if render_pixel_values is None:  # no render: the plain model
             return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                               labels=labels, **kwargs)
         if pixel_values is None:
             raise ValueError("render_pixel_values without pixel_values: the render is blended into its image's tokens")
+        features = self.features(pixel_values, render_pixel_values, rendered)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                          mm_encoder_outputs=mm_outputs(self.features(pixel_values, render_pixel_values)), **kwargs)
+                          mm_encoder_outputs=mm_outputs(features), **kwargs)
+
+    def generate(self, pixel_values=None, render_pixel_values=None, rendered=None, **kwargs):
+        """The inner model's ``generate``, its image tokens blended as in ``forward``."""
+        if render_pixel_values is None:
+            return self.model.generate(pixel_values=pixel_values, **kwargs)
+        features = self.features(pixel_values, render_pixel_values, rendered)
+        return self.model.generate(mm_encoder_outputs=mm_outputs(features), **kwargs)
 
 
 # --- checkpoints: a normal InternVL folder plus its alpha --------------------------------------

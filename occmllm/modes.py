@@ -2,7 +2,7 @@
 ``runner(answerer, batch, context) -> [{"answers": {key: text}, "final": text, ...}]``, one per sample.
 
 - ``plain``: every question of the record in order, multi-turn with the model's own answers;
-- ``cot``: the chain of thought of ``occmllm.chain``, with a reconstruction render for the second look;
+- ``cot``: the chain of thought of ``occmllm.chain``, its second look blended with a reconstruction render;
 - ``dual``: the plain questions on OCC-MLLM-Alpha's dual visual path (``occmllm.dual``);
 - ``tta``: Q1 after episodic test-time adaptation to a CLIP reward (``occmllm.tta``), with the
   best-of-K answer as a row of its own (``"also"``).
@@ -20,7 +20,7 @@ from occmllm.scoring import final_key
 
 @dataclass
 class Context:
-    """What a mode needs beside the model: renders (cot, dual), the blend weight (dual, per
+    """What a mode needs beside the model: renders (cot, dual), the blend weight (cot, dual, per
     checkpoint), the CLIP reward model and settings (tta)."""
     renders: object | None = None       # paths(ids) -> render files: reconstruction.reconstruct.RenderCache
     alpha: float | None = None
@@ -57,22 +57,21 @@ def ask_in_turn(answerer: Answerer, batch: list[Sample], encoded: list[tuple]) -
 def run_cot(answerer: Answerer, batch: list[Sample], context: Context) -> list[dict]:
     """The chain of thought of ``occmllm.chain``: the first answer (Q1); the check (Q6 after it),
     read as P(``No.``); where P(``No.``) reaches the gate, the render is made and Q1 is asked again in
-    a fresh conversation over the image and the render. Only the model's own answers decide."""
-    import torch
-    encoded = answerer.images([s.images[:1] for s in batch])
+    a fresh conversation over the image blended with the render (``context.alpha``, the
+    checkpoint's). Only the model's own answers decide."""
+    from occmllm.dual import blend
+    tiled = [answerer.tiled(s.images[:1]) for s in batch]
+    encoded = answerer.encode(tiled)
     first = answerer([Prompt(chain.first_turns(), features, tiles) for features, tiles in encoded])
     p_no = answerer.p_no([Prompt(chain.check_turns(answer), features, tiles)
                           for answer, (features, tiles) in zip(first, encoded)])
     look = [i for i, p in enumerate(p_no) if chain.looks_again(p, context.gate)]
     second: dict[int, str] = {}
     if look:
-        paths = context.renders.paths([batch[i].id for i in look])
-        prompts = []
-        # only the renders are new to the vision tower: the first image's features are already made
-        for i, (render_features, render_tiles) in zip(look, answerer.images([[path] for path in paths])):
-            features, tiles = encoded[i]
-            prompts.append(Prompt(chain.second_look_turns(), torch.cat([features, render_features]),
-                                  tiles + render_tiles))
+        # only the renders are new to the vision tower: the images' features are already made
+        renders = rendered_like([batch[i] for i in look], [tiled[i] for i in look], answerer, context)
+        prompts = [Prompt(chain.second_look_turns(), blend(encoded[i][0], render_features, context.alpha),
+                          encoded[i][1]) for i, (render_features, _) in zip(look, answerer.encode(renders))]
         second = dict(zip(look, answerer(prompts)))
     out = []
     for i in range(len(batch)):
@@ -84,16 +83,22 @@ def run_cot(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     return out
 
 
+def rendered_like(batch: list[Sample], tiled: list[tuple], answerer: Answerer, context: Context) -> list[tuple]:
+    """Each sample's reconstruction render, tiled; a one-line error where a render's tiles differ
+    from its image's (the blend is tile by tile)."""
+    renders = [answerer.tiled([path]) for path in context.renders.paths([s.id for s in batch])]
+    for s, (_, tiles), (_, render_tiles) in zip(batch, tiled, renders):
+        if tiles != render_tiles:
+            raise OccError(f"record {s.id!r}: its image makes {tiles} tiles and its render {render_tiles}; the "
+                           "render is blended with its image tile by tile, so both need the same size")
+    return renders
+
+
 def run_dual(answerer: Answerer, batch: list[Sample], context: Context) -> list[dict]:
     """The plain questions on the dual visual path (OCC-MLLM-Alpha): the image's visual tokens
     blended with its reconstruction render's, alpha x image + (1 - alpha) x render."""
-    paths = context.renders.paths([s.id for s in batch])
     images = [answerer.tiled(s.images[:1]) for s in batch]
-    renders = [answerer.tiled([p]) for p in paths]
-    for s, (_, tiles), (_, render_tiles) in zip(batch, images, renders):
-        if tiles != render_tiles:
-            raise OccError(f"record {s.id!r}: its image makes {tiles} tiles and its render {render_tiles}; the dual "
-                           "path blends tile by tile, so both need the same size")
+    renders = rendered_like(batch, images, answerer, context)
     return ask_in_turn(answerer, batch, answerer.encode_dual(images, renders, context.alpha))
 
 

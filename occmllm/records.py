@@ -3,6 +3,7 @@
 Conversation record (InternVL fine-tuning JSONL)::
 
     {"id": str, "image": path | [paths], "conversations": [{"from": "human"|"gpt", "value": str}, ...],
+     "render": path,  # optional: the dual visual path blends the (one) image's tokens with this render's
      "meta": {...}}   # meta is optional, never shown to the model
 
 Preference record::
@@ -42,6 +43,18 @@ def images_of(record: dict) -> list[str]:
     if image is None:
         return []
     return list(image) if isinstance(image, list) else [image]
+
+
+def render_of(record: dict) -> str | None:
+    """The render a record's image is blended with (``render``, relative to the dataset root; the
+    dual visual path, ``occmllm.dual``), or None."""
+    return record.get("render")
+
+
+def files_of(record: dict) -> list[str]:
+    """Every file a record shows the model: its images, then its render when it has one."""
+    render = render_of(record)
+    return images_of(record) + ([render] if render else [])
 
 
 def count_placeholders(record: dict) -> int:
@@ -87,6 +100,12 @@ def validate_conversation(record: dict, context: str, answers_optional: bool = F
     if n != len(images):
         raise OccError(f"{context}: record {record['id']!r} has {n} {IMAGE_TOKEN} placeholder(s) for "
                        f"{len(images)} image(s); each placeholder takes exactly one image")
+    if "render" in record:
+        if not isinstance(record["render"], str) or not record["render"]:
+            raise OccError(f"{context}: record {record['id']!r} 'render' must be a path")
+        if len(images) != 1:
+            raise OccError(f"{context}: record {record['id']!r} has a 'render' and {len(images)} images; a render is "
+                           "blended with the record's one image")
     if "meta" in record and not isinstance(record["meta"], dict):
         raise OccError(f"{context}: record {record['id']!r} 'meta' must be an object")
     return record
@@ -145,7 +164,7 @@ def read_records(path: str | os.PathLike, kind: str = "conversation", root: str 
             if verify_images:
                 check_images(rec, root, ctx)
             else:
-                for rel in images_of(rec):
+                for rel in files_of(rec):
                     fileio.resolve_in_root(root, rel, ctx)
         if kind != "preference":
             if rec["id"] in seen:

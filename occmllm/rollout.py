@@ -3,8 +3,9 @@ training views and the chains a policy samples on them, with the exact token ids
 
 The chain is ``occmllm.chain``'s, as ``inference.py --mode cot`` runs it: attempt 1 = Q1 with the
 image; the check (Q6 after it); where the sampled check says No, the second look = Q1 in a fresh
-conversation over the image and the reconstruction render. A sampled answer's tokens are kept as
-the policy sampled them (no decode / re-encode), so the loss scores exactly those tokens.
+conversation over the image blended with its reconstruction render (``occmllm.dual.blend``, at the
+checkpoint's alpha). A sampled answer's tokens are kept as the policy sampled them (no decode /
+re-encode), so the loss scores exactly those tokens.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from occmllm import chain as chain_rules
 from occmllm import fileio, records
 from occmllm.conversation import ConversationEncoder, load_images, pad_batch, pad_id
+from occmllm.dual import blended_features, mm_outputs, stack_renders
 from occmllm.errors import OccError
 from occmllm.questions import CATEGORIES, parse_category, parse_yes_no, question_id
 
@@ -79,7 +82,8 @@ class Conversation:
     ids: list[int] = field(default_factory=list)      # the tokens, as the policy saw and wrote them
     sampled: list[int] = field(default_factory=list)  # positions in ids of tokens the policy sampled
     first: int = 0                                     # how many of them are attempt 1's
-    pixel_values: torch.Tensor | None = None          # tiles of the images it shows
+    pixel_values: torch.Tensor | None = None          # tiles of the image it shows
+    render_pixel_values: torch.Tensor | None = None   # the second look: its render's tiles, blended with the image's
 
 
 @dataclass
@@ -100,7 +104,8 @@ class Chain:
 class ChainSampler:
     """Samples chains with a policy, batched with left padding, keeping the exact token ids."""
 
-    def __init__(self, processor, max_new_tokens: int = 24, temperature: float = 1.0, eos_ids: list[int] | None = None):
+    def __init__(self, processor, alpha: float, max_new_tokens: int = 24, temperature: float = 1.0,
+                 eos_ids: list[int] | None = None):
         if temperature <= 0:
             raise OccError(f"rl_temperature must be positive (sampling), got {temperature}")
         self.encoder = ConversationEncoder(processor)
@@ -109,6 +114,7 @@ class ChainSampler:
         self.eos_ids = list(dict.fromkeys([self.eot, *(eos_ids or [])]))
         self.pad_id = pad_id(self.tokenizer)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.alpha = alpha  # the second look's blend weight
         # image tokens are never sampled (a stray one would claim image features that do not exist);
         # the loss takes the same renormalised distribution (sampled_log_probs)
         image_tokens = (processor.image_token, processor.start_image_token, processor.end_image_token,
@@ -117,9 +123,15 @@ class ChainSampler:
         self.suppressed = sorted({i for i in (self.tokenizer.convert_tokens_to_ids(t) for t in image_tokens if t)
                                   if i is not None and i != unk})
 
-    def pixels(self, views: list[View]) -> dict[str, tuple[torch.Tensor, list[int]]]:
-        """Tiles of [image, render] per view, and the tile count of each."""
-        return {v.id: self.encoder.pixel_values(load_images([v.image, v.render])) for v in views}
+    def pixels(self, views: list[View]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Tiles of the image and of its render, per view."""
+        out = {}
+        for v in views:
+            image, render = load_images([v.image, v.render])
+            if render.size != image.size:  # the blend is tile by tile: the render is cut like its image
+                render = render.resize(image.size, Image.BICUBIC)
+            out[v.id] = (self.encoder.pixel_values([image])[0], self.encoder.pixel_values([render])[0])
+        return out
 
     def continued(self, conversation: Conversation, turns: list[dict], tiles: list[int]) -> list[int]:
         """The prompt for the last of ``turns`` (a user turn): the template's ids of ``turns``, or,
@@ -134,13 +146,13 @@ class ChainSampler:
                            f"{self.tokenizer.eos_token!r}; self-correction cannot continue a sampled chain")
         return conversation.ids + full[ends[-2] + 1:]
 
-    def generate(self, model, prompts: list[list[int]], pixels: list[torch.Tensor]) -> list[list[int]]:
+    def generate(self, model, prompts: list[list[int]], convs: list[Conversation]) -> list[list[int]]:
         """Sampled answer tokens per prompt, up to and including the end-of-turn token (none when
         the answer ran out of ``max_new_tokens``)."""
         input_ids, attention_mask = pad_batch(prompts, self.pad_id, "left")  # (n, width)
         with torch.no_grad():
             out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                 pixel_values=torch.cat(pixels).to(device=model.device, dtype=model.dtype),
+                                 **visual_inputs(model, *stacked(convs), self.alpha),
                                  do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
                                  repetition_penalty=1.0, num_beams=1, max_new_tokens=self.max_new_tokens,
                                  suppress_tokens=self.suppressed, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
@@ -150,17 +162,18 @@ class ChainSampler:
             answers.append(row[:end] if end is not None else row)
         return answers
 
-    def _turn(self, model, items: list[tuple[Chain, Conversation, list[dict]]], pixels: dict, images: int) -> None:
-        """One sampled answer for each (chain, conversation, turns up to the question)."""
+    def _turn(self, model, items: list[tuple[Chain, Conversation, list[dict]]], pixels: dict, blended: bool) -> None:
+        """One sampled answer for each (chain, conversation, turns up to the question); ``blended``:
+        the conversation's image is blended with its render (the second look)."""
         if not items:
             return
         prompts = []
         for c, conv, turns in items:
-            all_pixels, tiles = pixels[c.view.id]
-            prompts.append(self.continued(conv, turns, tiles[:images]))
-            conv.pixel_values = all_pixels[: sum(tiles[:images])]
-        for (c, conv, _), prompt, answer in zip(items, prompts,
-                                                self.generate(model, prompts, [conv.pixel_values for _, conv, _ in items])):
+            image, render = pixels[c.view.id]
+            prompts.append(self.continued(conv, turns, [len(image)]))
+            conv.pixel_values = image
+            conv.render_pixel_values = render if blended else None
+        for (c, conv, _), prompt, answer in zip(items, prompts, self.generate(model, prompts, [conv for _, conv, _ in items])):
             conv.sampled += range(len(prompt), len(prompt) + len(answer))
             conv.ids = prompt + answer
             if not answer or answer[-1] not in self.eos_ids:  # cut off: close the turn (not sampled, not trained)
@@ -174,14 +187,32 @@ class ChainSampler:
         try:
             pixels = self.pixels(views)
             chains = [Chain(v) for v in views for _ in range(k)]
-            self._turn(model, [(c, c.check, chain_rules.first_turns()) for c in chains], pixels, images=1)
+            self._turn(model, [(c, c.check, chain_rules.first_turns()) for c in chains], pixels, blended=False)
             for c in chains:
                 c.check.first = len(c.check.sampled)
-            self._turn(model, [(c, c.check, chain_rules.check_turns(c.answers[0])) for c in chains], pixels, images=1)
+            self._turn(model, [(c, c.check, chain_rules.check_turns(c.answers[0])) for c in chains], pixels,
+                       blended=False)
             again = [c for c in chains if c.looks_again]
             for c in again:
                 c.second = Conversation()
-            self._turn(model, [(c, c.second, chain_rules.second_look_turns()) for c in again], pixels, images=2)
+            self._turn(model, [(c, c.second, chain_rules.second_look_turns()) for c in again], pixels, blended=True)
         finally:
             model.train(was_training)
         return chains
+
+
+def stacked(convs: list[Conversation]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The conversations' image tiles in order, the render tiles of those that have one, and which
+    image tiles those are (bool per tile)."""
+    renders, rendered = stack_renders([c.pixel_values for c in convs], [c.render_pixel_values for c in convs])
+    return torch.cat([c.pixel_values for c in convs]), renders, rendered
+
+
+def visual_inputs(model, pixel_values: torch.Tensor, render_pixel_values: torch.Tensor | None,
+                  rendered: torch.Tensor, alpha: float) -> dict:
+    """What an InternVL ``model``'s forward or generate takes for the images: their tiles, or,
+    where some are blended with renders, the blended visual tokens (``occmllm.dual``)."""
+    pixels = pixel_values.to(device=model.device, dtype=model.dtype)
+    if render_pixel_values is None:
+        return {"pixel_values": pixels}
+    return {"mm_encoder_outputs": mm_outputs(blended_features(model, pixels, render_pixel_values, alpha, rendered))}

@@ -2,7 +2,8 @@
 
 The chain is ``occmllm.chain``'s, as ``inference.py --mode cot`` runs it: attempt 1 = Q1 with the
 image; the check (Q6 after it); where the sampled check says No, the second look = Q1 in a fresh
-conversation over the image and the reconstruction render. For each training view, K chains are
+conversation over the image blended with its reconstruction render, at the blend weight the starting
+checkpoint learnt (its ``dual_alpha.json``, kept fixed here). For each training view, K chains are
 sampled from the current policy (``occmllm.rollout``) and each gets ``occmllm.chain.reward``:
 
     r = w_correct [final answer right] + w_cal [check parsed, and No exactly when attempt 1 was wrong]
@@ -27,7 +28,7 @@ group mean as baseline.
 
 Why not TRL's GRPOTrainer: its rollouts are one completion after a prompt (or tool calls parsed
 from the completion); this chain asks a second question and, on a sampled "No.", opens a second
-conversation with a second image, which neither its prompt/completion split nor its forward pass
+conversation over a blended image, which neither its prompt/completion split nor its forward pass
 can express. So the rollout (``occmllm.rollout``), the rewards and the loss are written by hand, and the HF
 Trainer runs the loop (AdamW, schedule, accumulation, logging, checkpoints, DDP / DeepSpeed ZeRO-1/2).
 """
@@ -43,12 +44,14 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from occmllm import chain as chain_rules
+from occmllm import fileio
 from occmllm.chain import RewardWeights
+from occmllm.dual import ALPHA_FILE, check_alpha, read_alpha
 from occmllm.conversation import pad_batch, stop_ids
 from occmllm.errors import OccError
 from occmllm.model import ImageOnlyInternVLProcessor, ResumesInternVL
 from occmllm.questions import parse_category, parse_yes_no
-from occmllm.rollout import Chain, ChainSampler, load_views
+from occmllm.rollout import Chain, ChainSampler, load_views, stacked, visual_inputs
 from occmllm.stage import DataArguments, ModelArguments, SaveProcessor, build_model, fit, reference_model
 
 
@@ -121,6 +124,9 @@ class ChainBatch:
     input_ids: torch.Tensor       # (rows, L) right padded
     attention_mask: torch.Tensor  # (rows, L)
     pixel_values: torch.Tensor    # (tiles of every row's images in order, 3, H, W)
+    render_pixel_values: torch.Tensor | None  # the second looks' render tiles, blended with their images'
+    rendered: torch.Tensor        # (tiles,) bool: the image tiles blended with a render
+    alpha: float                  # the blend's image weight
     sampled: torch.Tensor         # (rows, L) bool: tokens the policy sampled (the loss's tokens)
     first: torch.Tensor           # (rows, L) bool: the sampled tokens of attempt 1
     owner: torch.Tensor           # (rows,) the chain each row belongs to
@@ -141,7 +147,7 @@ def chain_batch(chains: list[Chain], sampler: ChainSampler) -> ChainBatch:
     for row, (_, conv) in enumerate(rows):
         sampled[row, conv.sampled] = True
         first[row, conv.sampled[: conv.first]] = True
-    return ChainBatch(ids, attention_mask, torch.cat([conv.pixel_values for _, conv in rows]), sampled, first,
+    return ChainBatch(ids, attention_mask, *stacked([conv for _, conv in rows]), sampler.alpha, sampled, first,
                       torch.tensor([i for i, _ in rows]), sampler.temperature, tuple(sampler.suppressed))
 
 
@@ -151,10 +157,12 @@ def sampled_log_probs(model, batch: ChainBatch) -> tuple[torch.Tensor, torch.Ten
     token (logits only there: the vocabulary of a real InternVL is 150k wide). Entries where
     ``mask`` is False are 0."""
     core = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model; the forward goes through the wrapper
-    device, dtype = core.device, core.dtype
+    device = core.device
     columns = batch.columns
-    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                pixel_values=batch.pixel_values.to(device=device, dtype=dtype),
+    # the vision tower runs on the unwrapped model, inside this autograd graph: the wrapper still
+    # reduces every gradient that reaches the loss
+    images = visual_inputs(core, batch.pixel_values, batch.render_pixel_values, batch.rendered, batch.alpha)
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), **images,
                 logits_to_keep=(columns - 1).to(device))  # the logits at t-1 predict the token at t
     logits = out.logits.float() / batch.temperature               # (n, P, vocab)
     # an id past the logits (a converted checkpoint's added <video> token) can never be sampled anyway
@@ -261,9 +269,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, rl_args: SelfCor
         raise OccError(f"rl_steps must be at least 1 for the RL phase, got {rl_args.rl_steps}")
     views = load_views(rl_args.rl_data or data_args.train_data, data_args.data_root, rl_args.renders)
     args = rl_training_arguments(training, rl_args)
+    alpha = second_look_alpha(model_args)
     processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
-    model = build_model(model_args, args)
-    sampler = ChainSampler(processor, rl_args.rl_max_new_tokens, rl_args.rl_temperature,
+    model = build_model(replace(model_args, dual_alpha=None, dual_learnable=False), args)
+    sampler = ChainSampler(processor, alpha, rl_args.rl_max_new_tokens, rl_args.rl_temperature,
                            stop_ids(processor.tokenizer, model.generation_config))
     first_reward_fn = None
     if reward_fn is None:
@@ -278,4 +287,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, rl_args: SelfCor
     steps_per_epoch = math.ceil(len(views) / (args.per_device_train_batch_size * args.world_size))
     print(f"self-correction: {args.max_steps} steps of {args.per_device_train_batch_size} views x "
           f"{rl_args.rl_group_size} chains ({args.max_steps / steps_per_epoch:.2f} passes over the views)", flush=True)
+    if args.should_save:  # the checkpoint carries the blend weight its second look was trained with
+        fileio.write_json(Path(args.output_dir) / ALPHA_FILE, {"alpha": alpha, "learnable": False})
     return fit(trainer, processor, data_args.resume)
+
+
+def second_look_alpha(model_args: ModelArguments) -> float:
+    """The second look's blend weight, fixed in the RL phase: the starting checkpoint's (stage 4's
+    SFT phase learns it), else ``dual_alpha``."""
+    alpha = read_alpha(model_args.model_name_or_path)
+    if alpha is None:
+        alpha = model_args.dual_alpha
+    if alpha is None:
+        raise OccError(f"{model_args.model_name_or_path}: no {ALPHA_FILE}, and no dual_alpha given: the chain's "
+                       "second look blends the image with its render at a weight stage 4's SFT phase learns "
+                       "(dual_alpha there); start the RL phase from that checkpoint, or set dual_alpha")
+    return check_alpha(alpha, "dual_alpha")

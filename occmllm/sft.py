@@ -34,10 +34,13 @@ class ConversationDataset(Dataset):
     Without a cache, image decoding and preprocessing are a large share of a stage-1 step on the
     demo model (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU").
 
-    With ``renders`` (a folder under the image root: the dual visual path, ``occmllm.dual``) each
-    item also has ``render_pixel_values``: ``<renders>/<record id>.png``, resized to its image's
-    size and tiled and processed like it, flipped with it, and cached beside it. Each record must
-    then have exactly one image and a render; both are checked here, before training."""
+    Renders (the dual visual path, ``occmllm.dual``): a record with a ``render`` (a path under the
+    image root, ``records.render_of``) has its image's visual tokens blended with that render's;
+    with ``renders`` (a folder under the image root) every record without one has
+    ``<renders>/<record id>.png``. Such an item also has ``render_pixel_values``: the render, resized
+    to its image's size and tiled and processed like it, flipped with it, and cached beside it. A
+    record with a render must have exactly one image; both are checked here, before training.
+    Records without a render (only where ``renders`` is None) stay plain."""
 
     def __init__(self, items: list[tuple[Path, dict]], encoder: ConversationEncoder, augment_images: bool = False,
                  seed: int = 0, cache: bool = False, renders: str | None = None):
@@ -46,9 +49,11 @@ class ConversationDataset(Dataset):
         self._cache: dict[int, object] | None = {} if cache else None
         self.renders = renders
         self._render_cache: dict[int, torch.Tensor] | None = {} if cache else None
-        if renders is not None:
-            for index in range(len(items)):
-                self._render_path(index)
+        self._render_paths = [self._find_render(index) for index in range(len(items))]
+
+    @property
+    def has_renders(self) -> bool:
+        return any(path is not None for path in self._render_paths)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -61,27 +66,30 @@ class ConversationDataset(Dataset):
             images = [hflip(im) for im in images]
         return self.encoder.encode(images, rec["conversations"])
 
-    def _render_path(self, index: int) -> Path:
-        """The record's render file; a one-line error for a record without exactly one image or
-        without its render."""
+    def _find_render(self, index: int) -> Path | None:
+        """The record's render file, or None for a plain record; a one-line error for a record with
+        a render but not exactly one image, or whose render is missing."""
         root, rec = self.items[index]
+        relative = records.render_of(rec)
+        if relative is None and self.renders is not None:
+            relative = records.render_path(self.renders, rec["id"])
+        if relative is None:
+            return None
         images = records.images_of(rec)
         if len(images) != 1:
-            raise OccError(f"record {rec['id']}: {len(images)} images; the dual visual path (dual_alpha) blends one "
-                           "image with its render")
-        relative = records.render_path(self.renders, rec["id"])
+            raise OccError(f"record {rec['id']}: {len(images)} images; the dual visual path blends one image with "
+                           "its render")
         path = fileio.resolve_in_root(root, relative, f"record {rec['id']}")
         if not path.is_file():
-            raise OccError(f"record {rec['id']}: no render at {path} (the dual visual path needs one per record: "
-                           "python -m data_tools.renders --data ROOT --out DUAL_RENDERS, or set --dual_renders)")
+            raise OccError(f"record {rec['id']}: no render at {path} (make the renders: python -m data_tools.renders "
+                           "--data ROOT --out RENDERS, or python -m reconstruction.reconstruct; or set --dual_renders)")
         return path
 
     def _encode_render(self, index: int, flip: bool) -> torch.Tensor:
         """Tiles of the record's render, at its image's size (so both are cut into the same tiles)."""
         root, rec = self.items[index]
         image = fileio.resolve_in_root(root, records.images_of(rec)[0], rec["id"])
-        path = self._render_path(index)
-        render, = load_images([path], f"record {rec['id']}")
+        render, = load_images([self._render_paths[index]], f"record {rec['id']}")
         size = fileio.image_size(image)  # header only: _encode decodes the image itself
         if render.size != size:
             render = render.resize(size, Image.BICUBIC)
@@ -111,7 +119,7 @@ class ConversationDataset(Dataset):
                 pixels = _flipped(pixels, len(records.images_of(self.items[index][1])),
                                   lambda: self._encode(index, True).pixel_values)
         item = {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
-        if self.renders is not None:
+        if self._render_paths[index] is not None:
             item["render_pixel_values"] = self._render_pixels(index, flip)
         return item
 
@@ -148,8 +156,9 @@ class Collator:
                                   value_for_labels=IGNORE_INDEX)
             out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         out["pixel_values"] = torch.cat([b["pixel_values"] for b in batch])
-        if "render_pixel_values" in batch[0]:  # the dual visual path: renders' tiles in the images' order
-            out["render_pixel_values"] = torch.cat([b["render_pixel_values"] for b in batch])
+        if any("render_pixel_values" in b for b in batch):  # the dual visual path: renders' tiles in the images' order
+            out["render_pixel_values"], out["rendered"] = dual.stack_renders(
+                [b["pixel_values"] for b in batch], [b.get("render_pixel_values") for b in batch])
         return out
 
 
@@ -176,6 +185,11 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     is_dual = check_dual(model_args)
     dataset = ConversationDataset(items, encoder, data_args.augment, training.seed, data_args.cache_encoded,
                                   renders=data_args.dual_renders if is_dual else None)
+    if dataset.has_renders != is_dual:
+        raise OccError(f"{data_args.train_data}: records carry renders to blend with their images (the dual visual "
+                       "path): set dual_alpha" if dataset.has_renders else
+                       f"{data_args.train_data}: dual_alpha is set, but no record names a 'render' and no dual_renders "
+                       "folder is given: nothing to blend")
     model = build_model(model_args, training, dual_supported=True)
     trainer_class = dual.DualTrainer if is_dual else ConversationTrainer
     trainer = trainer_class(model=model, args=training, train_dataset=dataset,

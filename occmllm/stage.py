@@ -60,9 +60,11 @@ class DataArguments:
                 "stays inside it, so no compute goes to padding when samples differ in length (dynamic tiles). "
                 "For flash-attention 2, which attends each sample alone; SDPA masks one attention over the row"})
     resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint in output_dir"})
-    dual_renders: str = field(default="renders/oracle", metadata={
+    dual_renders: str | None = field(default=None, metadata={
         "help": "with dual_alpha: folder under the image root holding <record id>.png, the render of each "
-                "record's (single) image (python -m data_tools.renders writes oracle renders there)"})
+                "record's (single) image, for records that name no 'render' of their own (python -m "
+                "data_tools.renders writes oracle renders to renders/oracle); unset: only records with a 'render' "
+                "are blended, the others stay plain"})
 
 
 class SaveProcessor(TrainerCallback):
@@ -115,8 +117,8 @@ def check_dual(args: ModelArguments, supported: bool = True) -> bool:
             raise OccError("dual_learnable trains the dual visual path's alpha: set dual_alpha (its starting value)")
         return False
     if not supported:
-        raise OccError("dual_alpha: the dual visual path trains in the SFT stages only (stages 1 and 2); "
-                       "unset dual_alpha for this stage")
+        raise OccError("dual_alpha: the dual visual path trains in the SFT phases only (stages 1, 2 and stage 4's "
+                       "first phase); unset dual_alpha for this stage")
     dual.check_alpha(args.dual_alpha)
     if args.use_lora:
         raise OccError("use_lora with dual_alpha is not supported: train the dual visual path without LoRA")

@@ -1,9 +1,12 @@
 """Stage 4 data: chain-of-thought records (occmllm.chain) on the chain's held-out views.
 
 Per view: Q1 then Q6, answered No. where the model's own first answer (PRED, from a model that
-never trained on these views) was wrong; the second look (Q1 over the image and its
-reconstruction render, ``RENDERS/<view id>.png`` under the dataset root); stage 2's Q1-Q5 record
-as replay; a Q0 (3-step plan) record for a fraction of views.
+never trained on these views) was wrong; the second look (Q1 over the image blended with its
+reconstruction render, ``RENDERS/<view id>.png`` under the dataset root), repeated
+``--second-look-repeats`` times; stage 2's Q1-Q5 record as replay; a Q0 (3-step plan) record for
+a fraction of views. Besides, the Q1 record of every view stages 1-2 fit (stage 1's records), so
+the plain first look keeps what the earlier stages taught while the blended second look is learnt
+(``--no-fit-replay`` leaves them out). Stage 4 trains these with ``dual_alpha`` set (the blend's weight).
 
     python -m step4_selfconsistency.make_data --data DATA --out OUT.jsonl --predictions PRED --renders renders/recon
 """
@@ -25,15 +28,22 @@ def main(argv=None) -> int:
                         help="folder of reconstruction renders, relative to the dataset root")
     parser.add_argument("--plan-fraction", type=float, default=0.25, help="share of views with a Q0 record [0.25]")
     parser.add_argument("--no-replay", action="store_true", help="leave out stage 2's Q1-Q5 records")
+    parser.add_argument("--no-fit-replay", action="store_true",
+                        help="leave out the Q1 records of the training views stages 1-2 fit")
+    parser.add_argument("--second-look-repeats", type=int, default=8,
+                        help="copies of each view's second-look record (chosen on validation: benchmarks/RESULTS.md, "
+                             "\"The blended second look\") [8]")
     args = parser.parse_args(argv)
     dataset = load_dataset(args.data)
     views = builders.stage_views(dataset, args)
     first_right = builders.first_answers_right(views, args.predictions, args.checkpoint)
     recs = builders.stage4_records(views, first_right, args.renders, args.seed, args.plan_fraction,
-                                   replay=not args.no_replay)
+                                   replay=not args.no_replay, second_look_repeats=args.second_look_repeats)
+    if not args.no_fit_replay and args.split == "train" and args.part == "held-out":
+        recs += builders.stage1_records(builders.select_part(dataset.split(args.split), args.split, "fit"))
     for rec in recs:  # every render a second look names must exist
-        if isinstance(rec["image"], list):
-            path = fileio.resolve_in_root(dataset.root, rec["image"][1], str(args.out))
+        if rec.get("render"):
+            path = fileio.resolve_in_root(dataset.root, rec["render"], str(args.out))
             if not path.is_file():
                 raise OccError(f"{path}: render missing for {rec['id']}; render the split first "
                                "(python -m data_tools.renders)")

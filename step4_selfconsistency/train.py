@@ -54,7 +54,7 @@ def train(model_args: stage.ModelArguments, data_args: stage.DataArguments, phas
         gc.collect()  # the SFT phase's model and optimizer state go before the RL phase loads its two models
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if "rl" in phases:
+    if "rl" in phases:  # the blend weight comes with the SFT phase's checkpoint (or dual_alpha, without one)
         out = selfcorrect.train(replace(model_args, model_name_or_path=str(out)), data_args, rl_args, training)
     return out
 

@@ -108,28 +108,34 @@ def test_step3_predictions_for_another_dataset(synth, tmp_path, fixtures):
 
 def test_step4_chain_records(synth, tmp_path):
     """Per held-out view: the check (Q1, then Q6 = the model's first answer was right), the second
-    look in its own conversation over image and render, stage 2's Q1-Q5 as replay, plans."""
+    look in its own conversation over the image blended with its render (repeated), stage 2's Q1-Q5
+    as replay, plans."""
     ds = load_dataset(synth)
     views = builders.select_part(ds.split("train"), "train", "held-out")
     first_right = {v["id"]: k % 3 != 0 for k, v in enumerate(views)}
-    recs = builders.stage4_records(views, first_right, "renders/oracle", plan_fraction=0.5)
-    kinds = Counter(r["id"].partition("#")[2] for r in recs)
-    assert kinds[""] == kinds["second"] == kinds["replay"] == len(views) and 0 < kinds["plan"] < len(views)
+    image_of = {v["id"]: v["image"] for v in views}
+    recs = builders.stage4_records(views, first_right, "renders/oracle", plan_fraction=0.5, second_look_repeats=3)
+    kinds = Counter(r["id"].partition("#")[2].rstrip("0123456789") for r in recs)
+    assert kinds[""] == kinds["replay"] == len(views) and kinds["second"] == 3 * len(views)
+    assert 0 < kinds["plan"] < len(views) and len({r["id"] for r in recs}) == len(recs)
     for r in recs:
         records.validate_conversation(r, "test")
         vid, _, kind = r["id"].partition("#")
+        kind = kind.rstrip("0123456789")
         truth = category_answer(r["meta"]["category"])
         if kind == "":
             assert r["conversations"] == chain.check_turns(truth, "Yes." if first_right[vid] else "No.")
             assert r["conversations"][2]["value"] == Q6 and isinstance(r["image"], str)
         elif kind == "second":
-            assert r["image"][1] == f"renders/oracle/{vid}.png"
+            assert r["render"] == f"renders/oracle/{vid}.png" and r["image"] == image_of[vid]
             assert r["conversations"] == [{"from": "human", "value": chain.SECOND_LOOK}, {"from": "gpt", "value": truth}]
-            assert records.count_placeholders(r) == 2
-        elif kind == "replay":
+            assert records.count_placeholders(r) == 1
+        else:
+            assert "render" not in r
+        if kind == "replay":
             assert [t["value"] for t in r["conversations"][::2]] == [Q1, *(builders.QUESTIONS[q] for q in
                                                                            ("Q2", "Q3", "Q4", "Q5"))]
-        else:
+        elif kind == "plan":
             assert r["conversations"] == [{"from": "human", "value": Q0}, {"from": "gpt", "value": Q0_PLAN}]
     assert not any(kind == "replay" for kind in (r["id"].partition("#")[2] for r in builders.stage4_records(
         views, first_right, "renders/oracle", replay=False)))
@@ -154,9 +160,18 @@ def test_oracle_renders_and_step4_cli(synth, tmp_path):
                "--renders", "renders/oracle", "--predictions", str(predictions))
     assert out.returncode == 0, out.stderr
     recs = records.read_records(tmp_path / "s4.jsonl", root=synth, verify_images=True)
-    held = {v["id"] for v in builders.select_part(load_dataset(synth).split("train"), "train", "held-out")}
-    assert {r["id"].partition("#")[0] for r in recs} == held  # the chain's views only
-    assert any(isinstance(r["image"], list) for r in recs)
+    train = load_dataset(synth).split("train")
+    held = {v["id"] for v in builders.select_part(train, "train", "held-out")}
+    chain_records = [r for r in recs if r["id"].partition("#")[0] in held]
+    assert {r["id"].partition("#")[0] for r in chain_records} == held
+    # the fit views: one plain Q1 record each (stage 1's), so the first look keeps what stages 1-3 taught
+    fit = [r for r in recs if r["id"] not in held and r["id"].partition("#")[0] not in held]
+    assert sorted(r["id"] for r in fit) == sorted(v["id"] for v in train if v["id"] not in held)
+    assert all(r["conversations"][0]["value"] == Q1 and len(r["conversations"]) == 2 and "render" not in r
+               for r in fit)
+    seconds = [r for r in recs if r.get("render")]
+    assert len(seconds) == 8 * len(held)  # the default repeats
+    assert all((synth / r["render"]).is_file() for r in seconds)
     again = _run("data_tools.renders", "--data", str(synth), "--split", "train", "--no-progress")
     assert "rendered 0 new views" in again.stdout  # resumable: nothing redone
 

@@ -15,9 +15,9 @@ def test_turns_follow_one_order():
     assert first == [{"from": "human", "value": Q1}, {"from": "gpt", "value": "The object is jar."}]
     check = chain.check_turns("The object is jar.", NO)
     assert check[:2] == first and check[2] == {"from": "human", "value": Q6} and check[3]["value"] == NO
-    # the second look stands alone: one question over two images, the first answer nowhere in it
+    # the second look stands alone: one question over one (blended) image, the first answer nowhere in it
     second = chain.second_look_turns()
-    assert len(second) == 1 and second[0]["value"].count(IMAGE_TOKEN) == 2
+    assert len(second) == 1 and second[0]["value"].count(IMAGE_TOKEN) == 1
     assert question_id(second[0]["value"]) == "Q1"
     assert chain.first_turns("<image> jar")[1]["value"] == " jar"  # an answer cannot open an image slot
     assert chain.check_answer(True) == YES and chain.check_answer(False) == NO

@@ -1,5 +1,5 @@
 """Chain-of-thought inference (occmllm.chain): Q1, the check (Q6) read as P(No.), and where it
-reaches the gate, the second look over the image and a reconstruction render; no ground truth may
+reaches the gate, the second look over the image blended with a reconstruction render; no ground truth may
 steer it; the gate chosen on one run predicts the next run's accuracy."""
 import json
 from pathlib import Path
@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 @pytest.fixture(scope="module")
 def cot_setup(tiny_model, synth, tmp_path_factory):
     """A tiny InternVL taught for a few steps the chain's records: the check (``No.`` for views more
-    than 30% occluded, so both branches run) and the second look over image and oracle render; and a
-    test file over ``synth``'s test views."""
+    than 30% occluded, so both branches run) and the second look over the image blended with its
+    oracle render (alpha learnt, saved with the checkpoint); and a test file over ``synth``'s test views."""
     from data_tools import builders
     from data_tools.renders import render_views
     from occmllm.dataset import load_dataset
@@ -33,14 +33,15 @@ def cot_setup(tiny_model, synth, tmp_path_factory):
         truth = category_answer(v["category"])
         recs.append({"id": v["id"], "image": v["image"],
                      "conversations": chain.check_turns(truth, "No." if v["occlusion"] > 0.3 else "Yes.")})
-        recs.append({"id": f"{v['id']}#second", "image": [v["image"], f"renders/cot_oracle/{v['id']}.png"],
+        recs.append({"id": f"{v['id']}#second", "image": v["image"], "render": f"renders/cot_oracle/{v['id']}.png",
                      "conversations": chain.second_look_turns(truth)})
     builders.write_stage(recs, work / "train.jsonl", ds, "cot_train")
     builders.write_stage(builders.test_records(ds.split("test")), work / "test.jsonl", ds, "test")
     model = run(["--model_name_or_path", str(tiny_model), "--train_data", str(work / "train.jsonl"),
                  "--output_dir", str(work / "ckpt"), "--num_train_epochs", "6", "--per_device_train_batch_size", "8",
                  "--learning_rate", "0.003", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
-                 "--disable_tqdm", "true", "--logging_steps", "50"], None)
+                 "--disable_tqdm", "true", "--logging_steps", "50", "--dual_alpha", "0.5", "--dual_learnable", "true"],
+                None)
     return work, model
 
 
@@ -102,7 +103,7 @@ def test_the_gate_decides_the_second_look(tiny_model, cot_setup, recon_model, tm
     """Gate 0 looks again everywhere; a gate above every P(No.) nowhere (and makes no render)."""
     work, _ = cot_setup
     common = ["--checkpoint", f"base={tiny_model}", "--data", str(work / "test.jsonl"), "--mode", "cot", "--recon",
-              str(recon_model), "--recon-resolution", "24"]
+              str(recon_model), "--recon-resolution", "24", "--alpha", "0.5"]
     _run([*common, "--gate", "0", "--out", str(tmp_path / "all")])
     everywhere = _predictions(tmp_path / "all")
     assert everywhere and all("Q1#2" in p["answers"] for p in everywhere)
@@ -163,7 +164,7 @@ def test_cot_needs_a_reconstruction_model(cot_setup, tmp_path, capsys):
 
 # --- the dual visual path in inference (OCC-MLLM-Alpha) ----------------------------------------------
 
-def test_dual_mode_at_alpha_one_answers_as_plain(cot_setup, recon_model, tmp_path, capsys):
+def test_dual_mode_at_alpha_one_answers_as_plain(tiny_model, cot_setup, recon_model, tmp_path, capsys):
     """alpha = 1 keeps only the image's visual tokens: every answer is the plain mode's; the
     renders are made and cached all the same."""
     work, model = cot_setup
@@ -175,16 +176,22 @@ def test_dual_mode_at_alpha_one_answers_as_plain(cot_setup, recon_model, tmp_pat
     assert [(p["id"], p["answers"]) for p in plain] == [(p["id"], p["answers"]) for p in one]
     assert {p["mode"] for p in one} == {"dual"}
     assert len(list((tmp_path / "dual1/renders").glob("*.png"))) == len(plain)
+    # the chain's second look at alpha = 1 is its first look: the same question, over the image alone
+    _run([*common, *dual, "--mode", "cot", "--gate", "0", "--alpha", "1", "--out", str(tmp_path / "cot1")])
+    looks = _predictions(tmp_path / "cot1")
+    assert looks and all(p["answers"]["Q1#2"] == p["answers"]["Q1"] for p in looks)
     _run([*common, *dual, "--alpha", "0", "--out", str(tmp_path / "dual0")])
     assert len(_predictions(tmp_path / "dual0")) == len(plain)  # the blend itself is tested in test_dual.py
     rows = json.loads((tmp_path / "dual0/report.json").read_text())["rows"]
     assert [(r["checkpoint"], r["mode"]) for r in rows] == [("m", "dual")]
-    # no alpha: the checkpoint was not trained on the dual path and none is given
+    # no alpha: the checkpoint was not trained on the dual path and none is given, in either mode that blends
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        inference.main([*common, *dual, "--out", str(tmp_path / "none")])
-    err = capsys.readouterr().err.strip()
-    assert exc.value.code == 2 and "\n" not in err and "dual_alpha.json" in err and "--alpha" in err
+    for mode in ("dual", "cot"):
+        with pytest.raises(SystemExit) as exc:
+            inference.main(["--checkpoint", f"base={tiny_model}", *common[2:], *dual, "--mode", mode,
+                            "--out", str(tmp_path / "none")])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and "\n" not in err and "dual_alpha.json" in err and "--alpha" in err
     # an alpha outside [0, 1] is refused before anything runs or is written
     for bad in ("1.5", "-0.1", "nan"):
         with pytest.raises(SystemExit) as exc:

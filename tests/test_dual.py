@@ -105,6 +105,34 @@ def test_alpha_zero_is_the_render_and_between_is_the_blend(loaded, batch):
     assert not torch.allclose(got, _logits(model, batch, pixel_values=batch["pixel_values"]), atol=1e-4)
 
 
+def test_only_the_rendered_tiles_are_blended(loaded, batch):
+    """``rendered`` marks the tiles that have a render: those are blended, the others keep their own
+    tokens, against features computed separately; the wrapper's forward and generate agree."""
+    model, processor = loaded
+    images, renders = batch["pixel_values"], batch["render_pixel_values"]
+    rendered = torch.tensor([False, True])
+    with torch.no_grad():
+        x1 = model.get_image_features(pixel_values=images, return_dict=True).pooler_output
+        x2 = model.get_image_features(pixel_values=renders[1:], return_dict=True).pooler_output
+        got = dual.blended_features(model, images, renders[1:], 0.3, rendered)
+    assert torch.equal(got[0], x1[0])
+    torch.testing.assert_close(got[1], 0.3 * x1[1] + 0.7 * x2[0], atol=1e-6, rtol=1e-6)
+    wrapped = dual.DualVisual(model, 0.3).eval()
+    expected = _logits(model, batch, mm_encoder_outputs=dual.mm_outputs(got))
+    torch.testing.assert_close(_logits(wrapped, batch, pixel_values=images, render_pixel_values=renders[1:],
+                                       rendered=rendered), expected, atol=1e-5, rtol=1e-5)
+    enc = ConversationEncoder(processor)
+    ids, mask = pad_batch([enc.prompt_ids([1], CONVERSATION[:1])] * 2, processor.tokenizer.pad_token_id, "left")
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                  pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(wrapped.generate(pixel_values=images, render_pixel_values=renders[1:], rendered=rendered,
+                                            **common),
+                           model.generate(mm_encoder_outputs=dual.mm_outputs(got), **common))
+    with pytest.raises(ValueError, match="one render tile per marked image tile"):
+        dual.blended_features(model, images, renders, 0.3, rendered)
+
+
 def test_learnable_alpha_trains_and_fixed_alpha_is_no_parameter(tiny_model, batch):
     torch.manual_seed(0)
     model, _ = load_model(tiny_model)
@@ -195,7 +223,7 @@ def test_missing_render_and_bad_settings_are_one_line_errors(tiny_model, renders
         with pytest.raises(OccError, match=message):
             run(_flags(tiny_model, renders, tmp_path / "x", "--max_steps", "1", *extra), default_config=CONFIG)
     # stages whose trainers are not the SFT one refuse it
-    with pytest.raises(OccError, match="SFT stages only"):
+    with pytest.raises(OccError, match="SFT phases only"):
         build_model(ModelArguments(model_name_or_path=str(tiny_model), dual_alpha=0.5),
                     TrainingArguments(output_dir=str(tmp_path / "y"), use_cpu=True, report_to="none"))
 
@@ -226,3 +254,30 @@ def test_dataset_renders_follow_their_images(tiny_model, renders):
     with pytest.raises(OccError, match=f"record {record['id']}: 2 images"):
         ConversationDataset([(root, {**record, "image": [record["image"], record["image"]]})], encoder,
                             renders=RENDERS)
+
+
+def test_records_that_name_their_render_are_blended_and_the_others_stay_plain(tiny_model, renders, tmp_path):
+    """Stage 4's mix: a record's own ``render`` is blended with its image; records without one are
+    plain, in the same batch (the collator marks which tiles have a render)."""
+    items = load_training_records(renders / "stages/step1.jsonl")[:3]
+    root, first = items[0]
+    own = f"{RENDERS}/{items[1][1]['id']}.png"  # another view's render: the record's own field decides
+    mixed = [(root, {**first, "render": own}), *items[1:]]
+    encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(tiny_model))
+    dataset = ConversationDataset(mixed, encoder)
+    assert dataset.has_renders
+    expected, _ = encoder.pixel_values([Image.open(root / own).convert("RGB")])
+    torch.testing.assert_close(dataset[0]["render_pixel_values"], expected)
+    assert "render_pixel_values" not in dataset[1]
+    batch = Collator(encoder.tokenizer.pad_token_id)([dataset[1], dataset[0], dataset[2]])
+    assert batch["rendered"].tolist() == [False, True, False]
+    torch.testing.assert_close(batch["render_pixel_values"], expected)
+    assert not ConversationDataset(items, encoder).has_renders
+    # a file of such records trains only on the dual path, and its renders must exist
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for _, r in mixed))
+    with pytest.raises(OccError, match="set dual_alpha"):
+        run(_flags(tiny_model, renders, tmp_path / "x", "--max_steps", "1", "--train_data", str(data),
+                   "--data_root", str(root)), default_config=CONFIG)
+    with pytest.raises(OccError, match="no render at"):
+        ConversationDataset([(root, {**first, "render": f"{RENDERS}/missing.png"})], encoder)

@@ -337,7 +337,7 @@ def test_obman_inference_reconstructs_and_answers(obman_converted, obman_recon, 
     assert (tmp_path / meta["root"]).resolve() == ds.root.resolve()  # images: the ObMan root
     assert (tmp_path / meta["dataset"]).resolve() == out.resolve()   # masks and depth: the converted folder
     run = tmp_path / "run"
-    extra = ["--gate", "0"] if mode == "cot" else ["--alpha", "0.5"]
+    extra = ["--alpha", "0.5"] + (["--gate", "0"] if mode == "cot" else [])
     assert inference.main(["--checkpoint", f"m={tiny_model}", "--data", str(test), "--out", str(run), "--mode", mode,
                            "--recon", str(obman_recon), "--recon-resolution", "16", "--batch-size", "2",
                            "--max-new-tokens", "4", "--device", "cpu", *extra]) == 0

@@ -19,6 +19,7 @@ from occmllm import records
 from occmllm import rollout
 from occmllm import selfcorrect as sc
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
+from occmllm.dual import read_alpha, read_dual
 from occmllm.model import load_model
 from occmllm.stage import DataArguments, ModelArguments, reference_model
 
@@ -33,7 +34,7 @@ def _scripted(sampler, tokenizer, answers):
     """Replace sampling by fixed answers (token ids as a tokenizer writes them), one list per turn."""
     turns = iter(answers)
 
-    def generate(model, prompts, pixels):
+    def generate(model, prompts, convs):
         text, close = next(turns)
         return [tokenizer.encode(text) + ([tokenizer.eos_token_id] if close else []) for _ in prompts]
     sampler.generate = generate
@@ -53,7 +54,7 @@ def test_loss_mask_is_the_sampled_answer_tokens(tiny_model, stage4_file):
     model, processor = load_model(tiny_model)
     tok = processor.tokenizer
     view = rollout.load_views(stage4_file, renders=RENDERS)[0]
-    sampler = rollout.ChainSampler(processor, max_new_tokens=8)
+    sampler = rollout.ChainSampler(processor, 0.5, max_new_tokens=8)
     _scripted(sampler, tok, [("The object is jar.", True), ("No.", True), ("The object is can.", True)])
     chain, = sampler.sample(model, [view], 1)
     assert _supervised(tok, chain.check) == "The object is jar.<|im_end|>No.<|im_end|>"
@@ -62,18 +63,21 @@ def test_loss_mask_is_the_sampled_answer_tokens(tiny_model, stage4_file):
     # each conversation is exactly what SFT encodes for the same turns, supervised on the same
     # positions (answers + end-of-turn tokens): no prompt, question or image token is in the loss
     encoder = ConversationEncoder(processor)
-    for conv, images, turns in ((chain.check, [view.image], rules.check_turns(*chain.answers[:2])),
-                                (chain.second, [view.image, view.render], rules.second_look_turns(chain.answers[2]))):
-        enc = encoder.encode(load_images(images), turns)
+    for conv, turns in ((chain.check, rules.check_turns(*chain.answers[:2])),
+                        (chain.second, rules.second_look_turns(chain.answers[2]))):
+        enc = encoder.encode(load_images([view.image]), turns)
         assert conv.ids == enc.input_ids[: len(conv.ids)]
         assert conv.sampled == [i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX]
         assert torch.equal(conv.pixel_values, enc.pixel_values)
         image_token = tok.convert_tokens_to_ids(processor.image_token)
-        assert sum(t == image_token for t in conv.ids) == len(images) * processor.image_seq_length
+        assert sum(t == image_token for t in conv.ids) == processor.image_seq_length
         assert not any(conv.ids[i] == image_token for i in conv.sampled)
+    # the check shows the image alone; the second look blends it with the render's tiles
+    assert chain.check.render_pixel_values is None
+    assert torch.equal(chain.second.render_pixel_values, encoder.pixel_values(load_images([view.render]))[0])
     # the second look cannot see the first answer: its prompt is the fresh second-look question alone
     prompt = chain.second.ids[: chain.second.sampled[0]]
-    assert prompt == encoder.prompt_ids([1, 1], rules.second_look_turns())
+    assert prompt == encoder.prompt_ids([1], rules.second_look_turns())
     assert "jar" not in tok.decode(prompt)
     first = len(sampler.encoder.prompt_ids([1], rules.first_turns()))
     assert chain.check.sampled[:6] == list(range(first, first + 6))  # attempt 1 follows the first prompt directly
@@ -82,6 +86,8 @@ def test_loss_mask_is_the_sampled_answer_tokens(tiny_model, stage4_file):
     assert tok.decode(batch.input_ids[0, batch.first[0]].tolist()) == "The object is jar.<|im_end|>"  # attempt 1
     assert not batch.first[1].any()
     assert torch.equal(batch.pixel_values, torch.cat([chain.check.pixel_values, chain.second.pixel_values]))
+    assert batch.rendered.tolist() == [False, True] and torch.equal(batch.render_pixel_values,
+                                                                    chain.second.render_pixel_values)
 
     # "Yes." ends the chain after the check; an answer cut off by max_new_tokens gets an end-of-turn
     # token to close the turn, which the policy did not sample and the loss does not read
@@ -117,7 +123,7 @@ def test_attempt_one_is_scored_on_its_own(tiny_model, stage4_file):
     view = rollout.load_views(stage4_file, renders=RENDERS)[0]
     right = f"The object is {view.category}."
     wrong = f"The object is {'can' if view.category != 'can' else 'jar'}."
-    sampler = rollout.ChainSampler(processor, max_new_tokens=8)
+    sampler = rollout.ChainSampler(processor, 0.5, max_new_tokens=8)
     scripts = [[(wrong, True), ("No.", True), (right, True)],  # fixed: r 1.5, r1 0
                [(right, True), ("No.", True), (right, True)]]  # right, looked for nothing: r 1.0, r1 1
     chains = []
@@ -153,7 +159,7 @@ def test_policy_gradient_is_zero_exactly_when_rewards_are_equal(tiny_model, stag
     torch.manual_seed(0)
     model, processor = load_model(tiny_model)
     model.train()
-    sampler = rollout.ChainSampler(processor, max_new_tokens=6)
+    sampler = rollout.ChainSampler(processor, 0.5, max_new_tokens=6)
     views = rollout.load_views(stage4_file, renders=RENDERS)[:2]
     chains = sampler.sample(model, views, 3)
     assert all(c.check.sampled for c in chains)
@@ -176,7 +182,7 @@ def test_kl_to_the_reference_starts_at_zero_and_grows(tiny_model, stage4_file):
     reference = reference_model(tiny_model, policy)  # loaded again from the checkpoint, frozen
     assert reference is not policy and not any(p.requires_grad for p in reference.parameters())
     policy.train()
-    sampler = rollout.ChainSampler(processor, max_new_tokens=6)
+    sampler = rollout.ChainSampler(processor, 0.5, max_new_tokens=6)
     chains = sampler.sample(policy, rollout.load_views(stage4_file, renders=RENDERS)[:2], 3)
     batch = sc.chain_batch(chains, sampler)
     advantages = sc.group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 0.0]), 3, scale=True)
@@ -227,7 +233,7 @@ def test_rl_steps_raise_the_mean_reward(tiny_model, stage4_file, tmp_path):
     assert sft_dir == tmp_path / "sft" and not (tmp_path / "step4").exists()
     views = rollout.load_views(stage4_file, renders=RENDERS)
     model, processor = load_model(sft_dir)
-    sampler = rollout.ChainSampler(processor, max_new_tokens=10)
+    sampler = rollout.ChainSampler(processor, read_alpha(sft_dir), max_new_tokens=10)
     before = mean_outcomes(model, sampler, views, 4, says_no, seed=1)
     print("before RL:", before)
     assert before["said_no"] < 0.9  # room to learn
@@ -239,8 +245,10 @@ def test_rl_steps_raise_the_mean_reward(tiny_model, stage4_file, tmp_path):
     out = sc.train(ModelArguments(model_name_or_path=str(sft_dir)), DataArguments(train_data=str(stage4_file)), rl,
                    training, reward_fn=says_no)
     assert out == tmp_path / "rl" and (out / "processor_config.json").is_file()
-    model, processor = load_model(out)  # a plain InternVL folder
-    after = mean_outcomes(model, rollout.ChainSampler(processor, max_new_tokens=10), views, 4, says_no, seed=1)
+    model, processor = load_model(out)  # a plain InternVL folder, with the blend weight phase 1 learnt
+    assert read_alpha(out) == read_alpha(sft_dir)
+    after = mean_outcomes(model, rollout.ChainSampler(processor, read_alpha(out), max_new_tokens=10), views, 4,
+                          says_no, seed=1)
     print("after RL:", after)
     assert after["reward"] > before["reward"] + 0.15
 
@@ -278,6 +286,8 @@ def test_stage4_runs_both_phases(tiny_model, stage4_file, tmp_path):
     assert out == tmp_path / "step4"
     load_model(tmp_path / "step4_cot_sft")  # phase 1's checkpoint, where phase 2 started
     load_model(out)
+    # phase 1 learnt the second look's blend weight; phase 2 kept it fixed and saved it with its checkpoint
+    assert read_dual(out) == {"alpha": read_alpha(tmp_path / "step4_cot_sft"), "learnable": False}
     # the config's phase 1 alone saves the stage's checkpoint into output_dir
     alone = run(["--model_name_or_path", str(tiny_model), "--train_data", str(stage4_file), "--output_dir",
                  str(tmp_path / "sft_only"), "--max_steps", "1", "--per_device_train_batch_size", "4", "--augment",
