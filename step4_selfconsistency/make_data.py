@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                         help="leave out the Q1 records of the training views stages 1-2 fit")
     parser.add_argument("--second-look-repeats", type=int, default=8,
                         help="copies of each view's second-look record (chosen on validation: benchmarks/RESULTS.md, "
-                             "\"The blended second look\") [8]")
+                             "\"The blended second look, in the recipe\") [8]")
     args = parser.parse_args(argv)
     dataset = load_dataset(args.data)
     views = builders.stage_views(dataset, args)
