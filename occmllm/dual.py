@@ -16,8 +16,8 @@ plus ``dual_alpha.json``: ``{"alpha": float, "learnable": bool}``.
     features = dual.features(image_tiles, render_tiles)          # (tiles, image tokens, text hidden)
     save(dual, folder); read_alpha(folder) -> 0.5
 
-Inference (``inference.py --mode dual``) blends with ``blended_features`` on the plain model, as
-``DualVisual.features`` does.
+Inference (``inference.py --mode dual``, and the chain's second look in ``--mode cot``) blends
+with ``blended_features`` on the plain model, as ``DualVisual.features`` does.
 """
 from __future__ import annotations
 

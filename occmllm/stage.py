@@ -127,7 +127,8 @@ def check_dual(args: ModelArguments, supported: bool = True) -> bool:
 
 def build_model(args: ModelArguments, training: TrainingArguments, dual_supported: bool = False):
     """The model to train. With ``dual_alpha`` (only where the caller passes ``dual_supported``:
-    the SFT stages, whose data carry renders) it is wrapped in ``occmllm.dual.DualVisual``."""
+    the SFT stages and stage 4's SFT phase, whose data carry renders) it is wrapped in
+    ``occmllm.dual.DualVisual``."""
     is_dual = check_dual(args, dual_supported)
     config = check_checkpoint(args.model_name_or_path)
     init_deepspeed_comm(training)
