@@ -46,8 +46,8 @@ from transformers import Trainer, TrainingArguments
 from occmllm import chain as chain_rules
 from occmllm import fileio
 from occmllm.chain import RewardWeights
-from occmllm.dual import ALPHA_FILE, check_alpha, read_alpha
 from occmllm.conversation import pad_batch, stop_ids
+from occmllm.dual import ALPHA_FILE, check_alpha, read_alpha
 from occmllm.errors import OccError
 from occmllm.model import ImageOnlyInternVLProcessor, ResumesInternVL
 from occmllm.questions import parse_category, parse_yes_no
