@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallback
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -80,6 +81,11 @@ def blended_features(model, pixel_values: torch.Tensor, render_pixel_values: tor
         return blend(image, render, alpha)
     index = rendered.to(image.device).nonzero().squeeze(1)
     return image.index_put((index,), blend(image[index], render, alpha))
+
+
+def render_at(render: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A render at its image's ``size``, so both are cut into the same tiles (the blend is tile by tile)."""
+    return render if render.size == size else render.resize(size, Image.BICUBIC)
 
 
 def stack_renders(pixel_values: list[torch.Tensor], render_pixel_values: list[torch.Tensor | None]
@@ -165,13 +171,6 @@ class DualVisual(nn.Module):
         features = self.features(pixel_values, render_pixel_values, rendered)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                           mm_encoder_outputs=mm_outputs(features), **kwargs)
-
-    def generate(self, pixel_values=None, render_pixel_values=None, rendered=None, **kwargs):
-        """The inner model's ``generate``, its image tokens blended as in ``forward``."""
-        if render_pixel_values is None:
-            return self.model.generate(pixel_values=pixel_values, **kwargs)
-        features = self.features(pixel_values, render_pixel_values, rendered)
-        return self.model.generate(mm_encoder_outputs=mm_outputs(features), **kwargs)
 
 
 # --- checkpoints: a normal InternVL folder plus its alpha --------------------------------------

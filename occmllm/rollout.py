@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from occmllm import chain as chain_rules
 from occmllm import fileio, records
 from occmllm.conversation import ConversationEncoder, load_images, pad_batch, pad_id
-from occmllm.dual import blended_features, mm_outputs, stack_renders
+from occmllm.dual import blended_features, mm_outputs, render_at, stack_renders
 from occmllm.errors import OccError
 from occmllm.questions import CATEGORIES, parse_category, parse_yes_no, question_id
 
@@ -128,8 +127,7 @@ class ChainSampler:
         out = {}
         for v in views:
             image, render = load_images([v.image, v.render])
-            if render.size != image.size:  # the blend is tile by tile: the render is cut like its image
-                render = render.resize(image.size, Image.BICUBIC)
+            render = render_at(render, image.size)
             out[v.id] = (self.encoder.pixel_values([image])[0], self.encoder.pixel_values([render])[0])
         return out
 

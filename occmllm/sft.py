@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -91,8 +90,7 @@ class ConversationDataset(Dataset):
         image = fileio.resolve_in_root(root, records.images_of(rec)[0], rec["id"])
         render, = load_images([self._render_paths[index]], f"record {rec['id']}")
         size = fileio.image_size(image)  # header only: _encode decodes the image itself
-        if render.size != size:
-            render = render.resize(size, Image.BICUBIC)
+        render = dual.render_at(render, size)
         if flip:
             render = hflip(render)
         return self.encoder.pixel_values([render])[0]

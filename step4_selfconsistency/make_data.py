@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from data_tools import builders
-from occmllm import fileio
+from occmllm import fileio, records
 from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli
 
@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     if not args.no_fit_replay and args.split == "train" and args.part == "held-out":
         recs += builders.stage1_records(builders.select_part(dataset.split(args.split), args.split, "fit"))
     for rec in recs:  # every render a second look names must exist
-        if rec.get("render"):
-            path = fileio.resolve_in_root(dataset.root, rec["render"], str(args.out))
+        if records.render_of(rec):
+            path = fileio.resolve_in_root(dataset.root, records.render_of(rec), str(args.out))
             if not path.is_file():
                 raise OccError(f"{path}: render missing for {rec['id']}; render the split first "
                                "(python -m data_tools.renders)")

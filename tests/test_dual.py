@@ -18,6 +18,7 @@ from occmllm.errors import OccError
 from occmllm.model import ImageOnlyInternVLProcessor, load_model
 from occmllm.questions import Q1
 from occmllm.records import load_training_records
+from occmllm.rollout import visual_inputs
 from occmllm.sft import Collator, ConversationDataset, run
 from occmllm.stage import ModelArguments, build_model
 
@@ -107,7 +108,8 @@ def test_alpha_zero_is_the_render_and_between_is_the_blend(loaded, batch):
 
 def test_only_the_rendered_tiles_are_blended(loaded, batch):
     """``rendered`` marks the tiles that have a render: those are blended, the others keep their own
-    tokens, against features computed separately; the wrapper's forward and generate agree."""
+    tokens, against features computed separately; the wrapper's forward and the RL rollout's
+    generation inputs (``rollout.visual_inputs``) agree with them."""
     model, processor = loaded
     images, renders = batch["pixel_values"], batch["render_pixel_values"]
     rendered = torch.tensor([False, True])
@@ -126,9 +128,9 @@ def test_only_the_rendered_tiles_are_blended(loaded, batch):
     common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                   pad_token_id=processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        assert torch.equal(wrapped.generate(pixel_values=images, render_pixel_values=renders[1:], rendered=rendered,
-                                            **common),
-                           model.generate(mm_encoder_outputs=dual.mm_outputs(got), **common))
+        sampled = model.generate(**visual_inputs(model, images, renders[1:], rendered, 0.3), **common)
+        assert sampled.shape[1] > ids.shape[1]
+        assert torch.equal(sampled, model.generate(mm_encoder_outputs=dual.mm_outputs(got), **common))
     with pytest.raises(ValueError, match="one render tile per marked image tile"):
         dual.blended_features(model, images, renders, 0.3, rendered)
 
