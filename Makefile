@@ -38,6 +38,9 @@ DEMO_STEP2_STEPS ?= 320
 # path (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU" and "Reconstruction at a lower cost")
 DEMO_RENDER_RES ?= 33
 SUBMAKE = $(MAKE) --no-print-directory
+# inference settings of every report line: the demo's longest reference answer is 10 tokens, so 16
+# new tokens cut short only the rambling of checkpoints that never learnt a question (base and step1 on Q2-Q5)
+ANSWER = --batch-size 32 --max-new-tokens 16
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)/data $(DEMO)/data.partial $(DEMO)/models $(DEMO)/checkpoints $(DEMO)/report $(DEMO)/report_val \
 		$(DEMO)/recon $(DEMO)/predictions $(DEMO)/stages
@@ -90,7 +93,7 @@ demo-stages:
 	PYTHON=$(PY) bash step1_sft/run.sh --disable_tqdm true
 	PYTHON=$(PY) bash step2_multiquery/run.sh --disable_tqdm true --max_steps $(DEMO_STEP2_STEPS)
 	$(PY) inference.py --checkpoint step2=$(DEMO)/checkpoints/step2 --data $(DEMO)/stages/heldout_q1.jsonl \
-		--out $(DEMO)/predictions/step2_heldout --batch-size 32
+		--out $(DEMO)/predictions/step2_heldout $(ANSWER)
 	$(PY) -m step3_mpo.make_data --data $(DEMO)/data --out $(DEMO)/stages/step3_train.jsonl \
 		--predictions $(DEMO)/predictions/step2_heldout/predictions.jsonl
 	PYTHON=$(PY) bash step3_mpo/run.sh --disable_tqdm true
@@ -101,22 +104,20 @@ demo-stages:
 # two reports, validation (report_val/, where settings are chosen) and test (report/): every
 # checkpoint in plain mode, then stage 4's chain of thought. On validation the chain first looks
 # again everywhere (row step4-always), and the gate that would have served it best is written into
-# the stage-4 checkpoint (python -m occmllm.chain gate); the step4 cot rows use it.
+# the stage-4 checkpoint (python -m occmllm.chain gate); the step4 cot rows use it. Each command
+# answers both splits (a --data/--out pair each), loading its checkpoints once.
 REPORT_CHECKPOINTS = --checkpoint base=$(DEMO)/models/tiny --checkpoint step1=$(DEMO)/checkpoints/step1 \
 	--checkpoint step2=$(DEMO)/checkpoints/step2 --checkpoint step3=$(DEMO)/checkpoints/step3 \
 	--checkpoint step4=$(DEMO)/checkpoints/step4
-COT = --mode cot --recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) --batch-size 32
+BOTH_SPLITS = --data $(DEMO)/stages/val.jsonl --out $(DEMO)/report_val --data $(DEMO)/stages/test.jsonl --out $(DEMO)/report
+COT = --mode cot --recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) $(ANSWER)
 demo-report:
-	$(PY) inference.py $(REPORT_CHECKPOINTS) --data $(DEMO)/stages/val.jsonl --out $(DEMO)/report_val --batch-size 32
+	$(PY) inference.py $(REPORT_CHECKPOINTS) $(BOTH_SPLITS) $(ANSWER)
 	$(PY) inference.py --checkpoint step4-always=$(DEMO)/checkpoints/step4 $(COT) --gate 0 \
 		--data $(DEMO)/stages/val.jsonl --out $(DEMO)/report_val
 	$(PY) -m occmllm.chain gate --predictions $(DEMO)/report_val/predictions.jsonl --checkpoint step4-always \
 		--data $(DEMO)/stages/val.jsonl --save $(DEMO)/checkpoints/step4
-	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 $(COT) --data $(DEMO)/stages/val.jsonl \
-		--out $(DEMO)/report_val
-	$(PY) inference.py $(REPORT_CHECKPOINTS) --data $(DEMO)/stages/test.jsonl --out $(DEMO)/report --batch-size 32
-	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 $(COT) --data $(DEMO)/stages/test.jsonl \
-		--out $(DEMO)/report
+	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 $(COT) $(BOTH_SPLITS)
 
 # OCC-MLLM-Alpha on the final checkpoint: the dual visual path (a short fine-tune with a learnable
 # alpha on the held-out views' Q1-Q5, so Q2-Q5 are kept, and their reconstruction renders; steps
@@ -134,12 +135,10 @@ demo-alpha:
 		--train_data $(DEMO)/stages/dual_train.jsonl --dual_renders renders/recon \
 		--output_dir $(DEMO)/checkpoints/step4_dual --dual_alpha 0.5 --dual_learnable true \
 		--max_steps $(DEMO_DUAL_STEPS) --warmup_steps 20 --learning_rate 0.0002 --disable_tqdm true
-	for split in val test; do report=$$([ $$split = val ] && echo report_val || echo report); \
-		$(PY) inference.py --checkpoint step4-dual=$(DEMO)/checkpoints/step4_dual --mode dual \
-			--recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) --data $(DEMO)/stages/$$split.jsonl \
-			--out $(DEMO)/$$report --batch-size 32 || exit 1; \
-		$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta clip --clip $(DEMO)/models/clip \
-			--data $(DEMO)/stages/$$split.jsonl --out $(DEMO)/$$report || exit 1; done
+	$(PY) inference.py --checkpoint step4-dual=$(DEMO)/checkpoints/step4_dual --mode dual \
+		--recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) $(BOTH_SPLITS) $(ANSWER)
+	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta clip --clip $(DEMO)/models/clip \
+		$(BOTH_SPLITS) $(ANSWER)
 
 # The demo's pretrained base (occmllm/pretrained/tiny-synthocc, shipped in the repository), in two
 # steps as InternVL is built: a vision tower pretrained alone, then the projector and the language

@@ -1,6 +1,7 @@
 """Checkpoint-by-checkpoint inference on a test set, and its accuracy report.
 
     python inference.py --checkpoint NAME=PATH [--checkpoint NAME=PATH ...] --data TEST.jsonl --out DIR
+                        [--data VAL.jsonl --out DIR2 ...]
                         [--data-root ROOT] [--batch-size 16] [--max-new-tokens 32] [--mode plain|cot|dual]
                         [--recon RECON] [--alpha A] [--tta clip --clip CLIP] [--limit N] [--device cpu|cuda]
     python inference.py --score-reference PRED.json --data TEST.jsonl --out DIR [--name NAME] [--id-prefix P]
@@ -11,7 +12,9 @@ only for scoring. A test file of questions alone (no answers) is answered and re
 unlabelled, with no accuracy. Generation is greedy and batched across records, one turn at a time, with left
 padding. Checkpoints run in the order given. ``--mode cot`` runs the chain of thought with a
 reconstruction render, ``--mode dual`` blends each image's visual tokens with its render's, and
-``--tta clip`` adapts each Q1 answer to a CLIP reward (rows ``tta`` and ``best-of-K``).
+``--tta clip`` adapts each Q1 answer to a CLIP reward (rows ``tta`` and ``best-of-K``). Several
+``--data``/``--out`` pairs run in one command, each checkpoint loaded once: the same as a command
+per pair, file for file.
 
 Files in DIR:
   predictions.jsonl   one line per checkpoint, mode and record, appended as each batch finishes:
@@ -29,8 +32,10 @@ Files in DIR:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from occmllm import records, report
@@ -59,7 +64,19 @@ def parse_checkpoints(specs: list[str]) -> list[tuple[str, Path]]:
 
 # --- the two commands -----------------------------------------------------------------------------
 
-def run_inference(args) -> Path:
+@dataclass
+class Target:
+    """One test file and the run folder its predictions and report go to."""
+    data: Path
+    out: Path
+    test: list[dict]
+    samples: list
+    context: Context
+    log: PredictionLog
+
+
+def run_inference(args) -> list[Path]:
+    """Every checkpoint on every (--data, --out) pair, each checkpoint loaded once; the reports' paths."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -67,32 +84,43 @@ def run_inference(args) -> Path:
     from occmllm.model import check_checkpoint, default_device, load_model
 
     checkpoints = parse_checkpoints(args.checkpoint)
-    if not args.data.is_file():
-        raise OccError(f"{args.data}: test file not found")
+    for data in args.data:
+        if not data.is_file():
+            raise OccError(f"{data}: test file not found")
     for _, path in checkpoints:  # every checkpoint before running any
         check_checkpoint(path)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise OccError("--device cuda: no CUDA device is available here; use --device cpu")
-    root = dataset_root(args.data, args.data_root)
-    test = load_test(args.data, root, args.limit)
-    samples = [sample_of(rec, root) for rec in test]
-    context = mode_context(args, root)  # its models load (or fail) before anything is written
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = PredictionLog(args.out)
-    check_run_settings(args.out, args.data, args.max_new_tokens, checkpoints, resuming=bool(log.done),
-                       recon=args.recon, clip=args.clip, recon_resolution=args.recon_resolution)
+    clip = load_clip(args)
+    targets = []
+    for data, out in zip(args.data, args.out):
+        root = dataset_root(data, args.data_root)
+        test = load_test(data, root, args.limit)
+        # the mode's models load (or fail) before anything is written
+        targets.append(Target(data, out, test, [sample_of(rec, root) for rec in test],
+                              mode_context(args, data, root, out, clip), None))
+    for target in targets:
+        target.out.mkdir(parents=True, exist_ok=True)
+        target.log = PredictionLog(target.out)
+        check_run_settings(target.out, target.data, args.max_new_tokens, checkpoints, resuming=bool(target.log.done),
+                           recon=args.recon, clip=args.clip, recon_resolution=args.recon_resolution)
     hf_logging.disable_progress_bar()
     runner = MODE_RUNNERS[args.mode]
     device = torch.device(args.device) if args.device else default_device()
-    with log:
+    with contextlib.ExitStack() as logs:
+        for target in targets:
+            logs.enter_context(target.log)
         for name, path in checkpoints:
-            todo = log.todo(name, args.mode, samples)
-            if not todo:
-                print(f"{name} ({args.mode}): all {len(samples)} samples already in {log.path}")
+            todo = [(target, target.log.todo(name, args.mode, target.samples)) for target in targets]
+            for target, samples in todo:
+                where = f" on {target.data}" if len(targets) > 1 else ""
+                if not samples:
+                    print(f"{name} ({args.mode}){where}: all {len(target.samples)} samples already in {target.log.path}")
+                else:
+                    print(f"{name} ({args.mode}){where}: {len(samples)} of {len(target.samples)} samples to run, "
+                          f"batches of {args.batch_size}", flush=True)
+            if not any(samples for _, samples in todo):
                 continue
-            print(f"{name} ({args.mode}): {len(todo)} of {len(samples)} samples to run, batches of {args.batch_size}",
-                  flush=True)
             torch.manual_seed(SEED)
             # fp32 on CPU; on a GPU load_model's default (bf16)
             try:
@@ -100,30 +128,40 @@ def run_inference(args) -> Path:
                                               dtype=torch.float32 if device.type == "cpu" else None)
             except (OSError, ValueError) as exc:  # missing or damaged weights / tokenizer files
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                kept = ", ".join(str(t.log.path) for t in targets)
                 raise OccError(f"{path}: cannot load checkpoint {name!r} ({first}); the predictions so far are "
-                               f"kept in {log.path}") from None
+                               f"kept in {kept}") from None
             answerer = Answerer(model, processor, args.max_new_tokens)
-            if args.mode in ("cot", "dual"):
-                from occmllm.dual import resolve_alpha
-                context.alpha = resolve_alpha(path, args.alpha)
-            if args.mode == "cot":
-                from occmllm.chain import read_gate
-                context.gate = args.gate if args.gate is not None else read_gate(path)
-            for start in range(0, len(todo), args.batch_size):
-                batch = todo[start: start + args.batch_size]
-                t0 = time.perf_counter()
-                results = runner(answerer, batch, context)
-                seconds = time.perf_counter() - t0
-                log.append(name, args.mode, batch, results, seconds)
-                print(f"  {name}: {start + len(batch)}/{len(todo)} ({len(batch) / seconds:.2f} samples/s)", flush=True)
+            for target, samples in todo:
+                set_checkpoint_context(args, target.context, path)
+                for start in range(0, len(samples), args.batch_size):
+                    batch = samples[start: start + args.batch_size]
+                    t0 = time.perf_counter()
+                    results = runner(answerer, batch, target.context)
+                    seconds = time.perf_counter() - t0
+                    target.log.append(name, args.mode, batch, results, seconds)
+                    print(f"  {name}: {start + len(batch)}/{len(samples)} ({len(batch) / seconds:.2f} samples/s)",
+                          flush=True)
             del model, processor, answerer
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    return finish(args.out, build_report(args.data, test, log.runs([s.id for s in samples])), log.path)
+    return [finish(t.out, build_report(t.data, t.test, t.log.runs([s.id for s in t.samples])), t.log.path)
+            for t in targets]
 
 
-def mode_context(args, root: Path) -> Context:
-    """The mode's extra inputs, checked before any model runs."""
+def load_clip(args):
+    """--tta clip's reward model (tokenizer and processor with it), loaded once for every test file."""
+    if args.mode != "tta":
+        return None
+    from occmllm import clip
+    if args.clip is None:
+        raise OccError("--tta clip needs --clip PATH: a CLIP model folder (python -m occmllm.clip build, then "
+                       "train)")
+    return clip.load(args.clip)
+
+
+def mode_context(args, data: Path, root: Path, out: Path, clip) -> Context:
+    """The mode's extra inputs for one test file, checked before any model runs."""
     from occmllm.model import default_device
     context = Context()
     if args.mode in ("cot", "dual"):
@@ -131,21 +169,28 @@ def mode_context(args, root: Path) -> Context:
             raise OccError(f"--mode {args.mode} needs --recon CKPT: a reconstruction model (python -m "
                            "reconstruction.train)")
         from reconstruction.reconstruct import RenderCache
-        context.renders = RenderCache(args.recon, records.dataset_folder(args.data, root), args.out / "renders",
+        context.renders = RenderCache(args.recon, records.dataset_folder(data, root), out / "renders",
                                       args.recon_resolution, args.device or str(default_device()))
     if args.mode == "tta":
-        from occmllm import clip
         from occmllm.tta import TTASettings
-        if args.clip is None:
-            raise OccError("--tta clip needs --clip PATH: a CLIP model folder (python -m occmllm.clip build, then "
-                           "train)")
-        context.clip = clip.load(args.clip)
+        context.clip = clip
         context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=args.tta_lr, optimizer=args.tta_optimizer)
     return context
 
 
+def set_checkpoint_context(args, context: Context, path: Path) -> None:
+    """What a mode reads from the checkpoint itself: the blend weight (cot, dual) and the gate (cot)."""
+    if args.mode in ("cot", "dual"):
+        from occmllm.dual import resolve_alpha
+        context.alpha = resolve_alpha(path, args.alpha)
+    if args.mode == "cot":
+        from occmllm.chain import read_gate
+        context.gate = args.gate if args.gate is not None else read_gate(path)
+
+
 def score_reference(args) -> Path:
     from occmllm.predictions import read_predictions
+    args.data, args.out = args.data[0], args.out[0]
     if args.score_reference.suffix == ".jsonl":
         raise OccError(f"{args.score_reference}: --score-reference takes the reference format {{id: \"The object "
                        "is X.\"}} (a .json file); this project's predictions.jsonl is reported by inference itself")
@@ -204,9 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a checkpoint folder to run, under a name for the report; repeat for several (run in order)")
     what.add_argument("--score-reference", type=Path, metavar="PRED.json",
                       help="score a reference-format predictions file {id: \"The object is X.\"} instead")
-    p.add_argument("--data", required=True, type=Path, help="test JSONL (e.g. from data_tools.make_testset), with "
-                                                              "reference answers or questions alone")
-    p.add_argument("--out", required=True, type=Path, help="run folder for predictions.jsonl and the report")
+    p.add_argument("--data", required=True, type=Path, action="append",
+                   help="test JSONL (e.g. from data_tools.make_testset), with reference answers or questions alone; "
+                        "repeat with --out for several test files (e.g. validation and test), each checkpoint "
+                        "loaded once for all")
+    p.add_argument("--out", required=True, type=Path, action="append",
+                   help="run folder for predictions.jsonl and the report; one per --data, in the same order")
     p.add_argument("--data-root", type=Path,
                    help="dataset root the image paths are relative to [the root in <data stem>.meta.json]")
     p.add_argument("--batch-size", type=int, default=16, help="records per generation batch [16]")
@@ -224,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--mode cot/dual: marching-cubes grid per axis [64]")
     p.add_argument("--alpha", type=float, help="--mode cot/dual: image weight of the blend (cot: of the second look), "
                                                "0-1 [the checkpoint's dual_alpha.json]")
-    p.add_argument("--tta", choices=("clip",), help="test-time adaptation of Q1 with a CLIP reward (RLCF), one record "
-                                                    "at a time; writes rows tta and best-of-K")
+    p.add_argument("--tta", choices=("clip",), help="test-time adaptation of Q1 with a CLIP reward (RLCF), each record "
+                                                    "in an episode of its own; writes rows tta and best-of-K")
     p.add_argument("--clip", type=Path, help="--tta clip: CLIP model folder (python -m occmllm.clip)")
     p.add_argument("--tta-k", type=int, default=4, help="--tta: candidate answers per record [4]")
     p.add_argument("--tta-steps", type=int, default=3, help="--tta: optimizer steps per record [3]")
@@ -258,7 +306,14 @@ def main(argv=None) -> int:
         if args.mode != "plain":
             raise OccError(f"--tta adapts the plain answer to Q1; it does not combine with --mode {args.mode}")
         args.mode = "tta"
+    if len(args.data) != len(args.out):
+        raise OccError(f"{len(args.data)} --data and {len(args.out)} --out: give one run folder per test file, "
+                       "in the same order")
+    if len(set(map(str, args.out))) != len(args.out):
+        raise OccError("--out: each test file needs a run folder of its own")
     if args.score_reference is not None:
+        if len(args.data) != 1:
+            raise OccError("--score-reference scores one test file: give one --data and one --out")
         score_reference(args)
     else:
         if args.name is not None:

@@ -5,14 +5,16 @@ The loop does what the reference's evaluation does per test image: load and tile
 for each question build the multi-turn prompt with the earlier answers and call ``generate`` on that
 one prompt (no padding). The project's path is ``occmllm.modes.run_plain`` at batch sizes 1, 8 and 32
 (left-padded greedy generation). Every batched run must give the loop's answers, word for word.
-Then the chain-of-thought mode's cost per sample relative to plain (renders made afresh).
+Then the chain-of-thought mode's cost per sample relative to plain (renders made afresh), and
+test-time adaptation (``--tta clip``) one record at a time against a batch of episodes (each record
+adapts its own copy of the projector, ``occmllm.tta``), which must give the same answers.
 
 Prints a table, then one JSON line:
 ``{"speedup": {"1": r1, "8": r8, "32": r32}, "identical": true, "cot_cost": c, ...}``
 
     python benchmarks/bench_inference.py [--checkpoint outputs/demo/checkpoints/step1]
         [--data outputs/demo/stages/test.jsonl] [--samples 64] [--cot-checkpoint outputs/demo/checkpoints/step4]
-        [--recon outputs/demo/recon/model]
+        [--recon outputs/demo/recon/model] [--clip outputs/demo/models/clip]
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ import torch  # noqa: E402
 from occmllm import chain  # noqa: E402
 from occmllm.answering import Answerer, Sample, dataset_root, load_test, sample_of  # noqa: E402
 from occmllm.conversation import ConversationEncoder, load_images  # noqa: E402
+from occmllm.dual import resolve_alpha  # noqa: E402
 from occmllm.errors import OccError  # noqa: E402
 from occmllm.model import load_model  # noqa: E402
-from occmllm.modes import Context, run_cot, run_plain  # noqa: E402
+from occmllm.modes import Context, run_cot, run_plain, run_tta  # noqa: E402
 from reconstruction.reconstruct import RenderCache  # noqa: E402
 
 BATCH_SIZES = (1, 8, 32)
@@ -84,6 +87,8 @@ def main() -> None:
     p.add_argument("--cot-checkpoint", type=Path, default=Path("outputs/demo/checkpoints/step4"),
                    help="checkpoint for the chain-of-thought cost (skipped if missing)")
     p.add_argument("--recon", type=Path, default=Path("outputs/demo/recon/model"))
+    p.add_argument("--clip", type=Path, default=Path("outputs/demo/models/clip"),
+                   help="CLIP reward model for the test-time adaptation figure (skipped if missing)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -115,11 +120,25 @@ def main() -> None:
         size = BATCH_SIZES[-1]
         _, plain_s = timed(lambda: batched(cot_answerer, samples, size))
         with tempfile.TemporaryDirectory() as tmp:
-            context = Context(renders=RenderCache(args.recon, root, Path(tmp), 64, "cpu"))
+            context = Context(renders=RenderCache(args.recon, root, Path(tmp), 64, "cpu"),
+                              alpha=resolve_alpha(args.cot_checkpoint, None), gate=chain.read_gate(args.cot_checkpoint))
             answers, cot_s = timed(lambda: batched(cot_answerer, samples, size, run_cot, context))
         unclear = sum(chain.SECOND in a for a in answers)
         cot = {"plain_s": round(plain_s, 2), "cot_s": round(cot_s, 2), "cost": round(cot_s / plain_s, 2),
                "reconstructed": unclear}
+
+    tta_figure = None
+    if args.cot_checkpoint.is_dir() and args.clip.is_dir():
+        from occmllm import clip
+        from occmllm.tta import TTASettings
+        tta_model, tta_processor = load_model(args.cot_checkpoint, device=torch.device("cpu"), dtype=torch.float32)
+        tta_answerer = Answerer(tta_model, tta_processor, args.max_new_tokens)
+        context = Context(clip=clip.load(args.clip), tta=TTASettings())
+        one, one_s = timed(lambda: batched(tta_answerer, samples, 1, run_tta, context))
+        together, together_s = timed(lambda: batched(tta_answerer, samples, BATCH_SIZES[-1], run_tta, context))
+        tta_figure = {"one_s": round(one_s, 2), "batched_s": round(together_s, 2),
+                      "speedup": round(one_s / together_s, 2), "identical": one == together}
+        identical &= one == together
 
     print(f"{len(samples)} test records, {questions} questions, {args.checkpoint}, {torch.get_num_threads()} threads")
     print(f"{'method':<36} {'batch':>5} {'seconds':>8} {'samples/s':>9} {'speedup':>8} {'same answers':>12}")
@@ -129,11 +148,15 @@ def main() -> None:
         print(f"chain of thought ({args.cot_checkpoint}, batch {BATCH_SIZES[-1]}): {cot['cot_s']:.2f} s against "
               f"{cot['plain_s']:.2f} s plain, {cot['cost']:.2f}x per sample; {cot['reconstructed']} of "
               f"{len(samples)} reconstructed and rendered")
+    if tta_figure:
+        print(f"test-time adaptation ({args.cot_checkpoint}): one record at a time {tta_figure['one_s']:.2f} s, "
+              f"{BATCH_SIZES[-1]} episodes at once {tta_figure['batched_s']:.2f} s ({tta_figure['speedup']:.2f}x); "
+              f"same answers: {tta_figure['identical']}")
     print(json.dumps({"speedup": speedup, "identical": identical, "samples": len(samples), "questions": questions,
                       "loop_samples_per_s": round(len(samples) / loop_s, 2), "cot_cost": cot and cot["cost"],
-                      "cot": cot, "threads": torch.get_num_threads()}))
+                      "cot": cot, "tta": tta_figure, "threads": torch.get_num_threads()}))
     if not identical:
-        raise SystemExit("batched answers differ from the one-by-one loop")
+        raise SystemExit("batched answers differ from one record at a time")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ dataset-root-safe paths."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -132,11 +133,27 @@ def resolve_in_root(root: str | os.PathLike, relative: str, context: str) -> Pat
         raise OccError(f"{context}: image path must be a non-empty string, got {relative!r}")
     if os.path.isabs(relative):
         raise OccError(f"{context}: image path {relative!r} is absolute; paths must be relative to the dataset root")
-    root = Path(root).resolve()
-    full = (root / relative).resolve()
-    if full != root and root not in full.parents:
-        raise OccError(f"{context}: image path {relative!r} escapes the dataset root {root}")
-    return full
+    real_root = _real_folder(os.fspath(root))
+    full = _realpath(os.path.join(real_root, relative))
+    if full != real_root and not full.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise OccError(f"{context}: image path {relative!r} escapes the dataset root {real_root}")
+    return Path(full)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _real_folder(path: str) -> str:
+    """``os.path.realpath`` of a folder, remembered: a dataset's files share a few thousand
+    folders, and resolving every component of every path again costs a system call each."""
+    return os.path.realpath(path)
+
+
+def _realpath(path: str) -> str:
+    """``os.path.realpath(path)``, the folder part from ``_real_folder``; the file itself is
+    looked at afresh (a link is followed)."""
+    folder, name = os.path.split(path)
+    if name in ("", ".", "..") or os.path.islink(path):
+        return os.path.realpath(path)
+    return os.path.join(_real_folder(folder), name)
 
 
 # --- images -------------------------------------------------------------------------------------

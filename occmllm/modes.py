@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from occmllm import chain
 from occmllm.answering import Answerer, Prompt, Sample
 from occmllm.errors import OccError
-from occmllm.questions import IMAGE_TOKEN, NO, Q1, YES, answer_in_history, caption, category_answer
+from occmllm.questions import CATEGORIES, IMAGE_TOKEN, NO, Q1, YES, answer_in_history, caption, category_answer
 from occmllm.scoring import final_key
 
 
@@ -103,28 +103,37 @@ def run_dual(answerer: Answerer, batch: list[Sample], context: Context) -> list[
 
 
 def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[dict]:
-    """Episodic test-time adaptation with the CLIP reward, one record at a time (occmllm.tta):
-    Q1 answered by the adapted model. Each result also carries the best-of-K answer (the candidate
-    CLIP ranks first, no gradient), written as its own row."""
+    """Episodic test-time adaptation with the CLIP reward (occmllm.tta), every record of the batch
+    in an episode of its own: Q1 answered by its adapted projector. Each result also carries the
+    best-of-K answer (the candidate CLIP ranks first, no gradient), written as its own row."""
+    import torch
+
     from occmllm import clip as clip_module
     from occmllm import tta
     from occmllm.conversation import load_images
     model, encoder, settings = answerer.model, answerer.encoder, context.tta
     clip_model, clip_tokenizer, clip_processor = context.clip
-    tta.only_adapted_trainable(model)
+    model.requires_grad_(False)  # the gradient is the episodes' copies' alone
+    images = [load_images(s.images[:1]) for s in batch]
+    tiled = [encoder.pixel_values(image) for image in images]
+    tiles = [t for _, t in tiled]
+    inputs = list(tta.projector_inputs(model, torch.cat([p for p, _ in tiled])).split([len(p) for p, _ in tiled]))
+    with torch.no_grad():
+        plain = [tta.adapted_module(model)(x) for x in inputs]
+    cands = tta.candidates(model, encoder, Q1, plain, tiles, settings.k)
+    every = clip_module.scores(clip_model, clip_tokenizer, clip_processor, [image[0] for image in images],
+                               [caption(c) for c in CATEGORIES])  # (records, categories)
+    scores = [row[[CATEGORIES.index(c) for c in cs]] for row, cs in zip(every, cands)]
+    answers = tta.answer_batch(encoder, Q1, [[category_answer(c) for c in cs] for cs in cands], tiles)
+    episodes = tta.Episodes(model, len(batch))
+    tta.adapt(model, episodes, inputs, answers, torch.cat([tta.baseline_rewards(s) for s in scores]),
+              settings.steps, settings.lr, settings.optimizer)
+    with torch.no_grad():
+        adapted = episodes.project(inputs)
+    final = answerer([Prompt([{"from": "human", "value": Q1}], features, t) for features, t in zip(adapted, tiles)])
     out = []
-    for s in batch:
-        image = load_images(s.images[:1])
-        pixels, tiles = encoder.pixel_values(image)
-        cands = tta.candidates(model, encoder, Q1, pixels, tiles, settings.k)
-        scores = clip_module.scores(clip_model, clip_tokenizer, clip_processor, image,
-                                    [caption(c) for c in cands])[0]
-        best = category_answer(cands[int(scores.argmax())])
-        answers = tta.answer_batch(encoder, Q1, [category_answer(c) for c in cands], pixels, tiles)
-        with tta.Episode(tta.adapted_parameters(model)):
-            tta.adapt(model, answers, tta.baseline_rewards(scores), settings.steps, settings.lr, settings.optimizer)
-            # the image's features again: the adapted projector reads the same tiles differently
-            (answer,) = answerer([Prompt([{"from": "human", "value": Q1}], *answerer.encode([(pixels, tiles)])[0])])
+    for answer, cs, s in zip(final, cands, scores):
+        best = category_answer(cs[int(s.argmax())])
         out.append({"answers": {"Q1": answer}, "final": answer,
                     "also": {f"best-of-{settings.k}": {"answers": {"Q1": best}, "final": best}}})
     return out

@@ -27,9 +27,12 @@ from occmllm.stage import DataArguments, ModelArguments, SaveProcessor, build_mo
 class ConversationDataset(Dataset):
     """Encodes one record per item: images loaded (and flipped), template applied, labels masked.
 
-    With ``cache``, the first encoding of each record is kept, and later epochs only flip its
-    pixel tensor where augmentation asks for it (a flip commutes with resizing and normalising;
-    an image cut into several tiles is encoded again, since its tiles would also change places).
+    With ``cache``, what is encoded is kept by content, so it is made once however many records
+    share it and however many epochs read it: an image's tiles by the image file (records that
+    show the same view, and copies of a record, decode it once), a conversation's tokens and labels
+    by its turns and its images' tiles, a render's tiles by the render file. Later reads only flip
+    the tiles where augmentation asks for it (a flip commutes with resizing and normalising; an
+    image cut into several tiles is encoded again, since its tiles would also change places).
     Without a cache, image decoding and preprocessing are a large share of a stage-1 step on the
     demo model (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU").
 
@@ -37,17 +40,19 @@ class ConversationDataset(Dataset):
     image root, ``records.render_of``) has its image's visual tokens blended with that render's;
     with ``renders`` (a folder under the image root) every record without one has
     ``<renders>/<record id>.png``. Such an item also has ``render_pixel_values``: the render, resized
-    to its image's size and tiled and processed like it, flipped with it, and cached beside it. A
-    record with a render must have exactly one image; both are checked here, before training.
-    Records without a render (only where ``renders`` is None) stay plain."""
+    to its image's size and tiled and processed like it, flipped with it. A record with a render
+    must have exactly one image; both are checked here, before training. Records without a render
+    (only where ``renders`` is None) stay plain."""
 
     def __init__(self, items: list[tuple[Path, dict]], encoder: ConversationEncoder, augment_images: bool = False,
                  seed: int = 0, cache: bool = False, renders: str | None = None):
         self.items, self.encoder, self.augment, self.seed = items, encoder, augment_images, seed
         self.epoch = 0
-        self._cache: dict[int, object] | None = {} if cache else None
+        self.cache = cache
+        self._images: dict[tuple, tuple[torch.Tensor, list[int]]] = {}  # image paths -> (tiles' pixels, tiles per image)
+        self._tokens: dict[tuple, tuple[list[int], list[int]]] = {}     # (tiles, turns) -> (input ids, labels)
+        self._renders: dict[Path, torch.Tensor] = {}                     # render file -> its tiles' pixels
         self.renders = renders
-        self._render_cache: dict[int, torch.Tensor] | None = {} if cache else None
         self._render_paths = [self._find_render(index) for index in range(len(items))]
 
     @property
@@ -57,13 +62,13 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _encode(self, index: int, flip: bool):
+    def _image_paths(self, index: int) -> tuple[Path, ...]:
         root, rec = self.items[index]
-        paths = [fileio.resolve_in_root(root, p, rec["id"]) for p in records.images_of(rec)]
-        images = load_images(paths, f"record {rec['id']}")
-        if flip:
-            images = [hflip(im) for im in images]
-        return self.encoder.encode(images, rec["conversations"])
+        return tuple(fileio.resolve_in_root(root, p, rec["id"]) for p in records.images_of(rec))
+
+    def _tiled(self, index: int, flip: bool) -> tuple[torch.Tensor, list[int]]:
+        images = load_images(self._image_paths(index), f"record {self.items[index][1]['id']}")
+        return self.encoder.pixel_values([hflip(im) for im in images] if flip else images)
 
     def _find_render(self, index: int) -> Path | None:
         """The record's render file, or None for a plain record; a one-line error for a record with
@@ -86,37 +91,44 @@ class ConversationDataset(Dataset):
 
     def _encode_render(self, index: int, flip: bool) -> torch.Tensor:
         """Tiles of the record's render, at its image's size (so both are cut into the same tiles)."""
-        root, rec = self.items[index]
-        image = fileio.resolve_in_root(root, records.images_of(rec)[0], rec["id"])
-        render, = load_images([self._render_paths[index]], f"record {rec['id']}")
-        size = fileio.image_size(image)  # header only: _encode decodes the image itself
-        render = dual.render_at(render, size)
+        render, = load_images([self._render_paths[index]], f"record {self.items[index][1]['id']}")
+        render = dual.render_at(render, fileio.image_size(self._image_paths(index)[0]))  # header only
         if flip:
             render = hflip(render)
         return self.encoder.pixel_values([render])[0]
 
     def _render_pixels(self, index: int, flip: bool) -> torch.Tensor:
-        if self._render_cache is None:
+        if not self.cache:
             return self._encode_render(index, flip)
-        pixels = self._render_cache.get(index)
-        if pixels is None:
-            pixels = self._render_cache[index] = self._encode_render(index, False)
+        path = self._render_paths[index]
+        if path not in self._renders:
+            self._renders[path] = self._encode_render(index, False)
+        pixels = self._renders[path]
         return _flipped(pixels, 1, lambda: self._encode_render(index, True)) if flip else pixels
+
+    def _pixels(self, index: int, flip: bool) -> tuple[torch.Tensor, list[int]]:
+        if not self.cache:
+            return self._tiled(index, flip)
+        key = self._image_paths(index)
+        if key not in self._images:
+            self._images[key] = self._tiled(index, False)
+        pixels, tiles = self._images[key]
+        return (_flipped(pixels, len(tiles), lambda: self._tiled(index, True)[0]) if flip else pixels), tiles
+
+    def _token_ids(self, index: int, tiles: list[int]) -> tuple[list[int], list[int]]:
+        turns = self.items[index][1]["conversations"]
+        if not self.cache:
+            return self.encoder.tokens(tiles, turns)
+        key = (tuple(tiles), tuple((t["from"], t["value"]) for t in turns))
+        if key not in self._tokens:
+            self._tokens[key] = self.encoder.tokens(tiles, turns)
+        return self._tokens[key]
 
     def __getitem__(self, index: int) -> dict:
         flip = self.augment and flip_draw(np.random.default_rng([self.seed, self.epoch, index]))
-        if self._cache is None:
-            enc = self._encode(index, flip)
-            pixels = enc.pixel_values
-        else:
-            enc = self._cache.get(index)
-            if enc is None:
-                enc = self._cache[index] = self._encode(index, False)
-            pixels = enc.pixel_values
-            if flip:
-                pixels = _flipped(pixels, len(records.images_of(self.items[index][1])),
-                                  lambda: self._encode(index, True).pixel_values)
-        item = {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
+        pixels, tiles = self._pixels(index, flip)
+        input_ids, labels = self._token_ids(index, tiles)
+        item = {"input_ids": input_ids, "labels": labels, "pixel_values": pixels}
         if self._render_paths[index] is not None:
             item["render_pixel_values"] = self._render_pixels(index, flip)
         return item

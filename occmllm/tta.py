@@ -17,8 +17,14 @@ For one test image:
    language model, so the update changes how this image is read, not what the language model
    knows; it is a few percent of a real InternVL's parameters and has no state beyond its weights;
 4. the adapted model answers Q1 greedily;
-5. the projector's weights are put back bit for bit (``Episode``) and the optimizer is dropped,
-   so every test image starts from the same model.
+5. the episode ends: every test image starts from the same model.
+
+Many images adapt at once, each in an episode of its own (``Episodes``): every image has its own
+float32 copy of the projector's weights, applied to its own visual tokens (``torch.func.vmap``),
+and the loss is the sum of the images' losses, so each copy's gradient is its own image's alone.
+SGD and AdamW work element by element, so each copy takes exactly the steps a run over its image
+alone would take. The vision tower runs once per image (the projector's input does not change)
+and the model's own weights are never written.
 
 Best-of-K answers with the candidate CLIP-S ranks first, without any gradient step.
 """
@@ -27,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.func import functional_call, vmap
+from torch.nn.utils.rnn import pad_sequence
 
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, pad_batch, pad_id
 from occmllm.questions import CATEGORIES, category_answer
@@ -40,27 +48,9 @@ class TTASettings:
     optimizer: str = "sgd"  # or "adamw"
 
 
-def adapted_parameters(model) -> list[torch.nn.Parameter]:
-    """The parameters test-time adaptation changes: the multi-modal projector's."""
-    return list(model.model.multi_modal_projector.parameters())
-
-
-class Episode:
-    """``with Episode(params):`` the parameters may change inside; on exit they hold exactly the
-    values they had on entry."""
-
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
-
-    def __enter__(self) -> "Episode":
-        self.saved = [p.detach().clone() for p in self.params]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with torch.no_grad():
-            for p, saved in zip(self.params, self.saved):
-                p.copy_(saved)
-                p.grad = None
+def adapted_module(model) -> torch.nn.Module:
+    """The module test-time adaptation changes: the multi-modal projector."""
+    return model.model.multi_modal_projector
 
 
 def baseline_rewards(scores: torch.Tensor) -> torch.Tensor:
@@ -68,68 +58,107 @@ def baseline_rewards(scores: torch.Tensor) -> torch.Tensor:
     return scores - scores.mean()
 
 
+def projector_inputs(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(tiles, image tokens, width): the visual tokens as the projector receives them (after the
+    vision tower and pixel shuffle), without gradient."""
+    captured = []
+    hook = adapted_module(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            model.get_image_features(pixel_values=pixel_values.to(model.device, model.dtype))
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+class Episodes:
+    """One adaptation episode per image of a batch: a float32 copy of the projector's parameters
+    for each (``params``: name -> (images, *shape)), starting from the model's."""
+
+    def __init__(self, model, images: int):
+        self.projector = adapted_module(model)
+        self.dtype = model.dtype
+        self.params = {name: p.detach().float().expand(images, *p.shape).clone().requires_grad_(True)
+                       for name, p in self.projector.named_parameters()}
+
+    def project(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each image's projector inputs (tiles, tokens, width) through its own copy: its visual tokens."""
+        flat = [x.reshape(-1, x.shape[-1]).float() for x in inputs]
+        out = vmap(lambda params, x: functional_call(self.projector, params, (x,)))(
+            self.params, pad_sequence(flat, batch_first=True))  # the projector is per token: padding is inert
+        return [o[: len(f)].reshape(*x.shape[:-1], o.shape[-1]).to(self.dtype) for o, f, x in zip(out, flat, inputs)]
+
+
 @dataclass
 class AnswerBatch:
-    """One image's question with several answers, teacher-forced in one batch."""
+    """Questions with answers, teacher-forced in one batch: a row per (image, answer)."""
     input_ids: torch.Tensor       # (n, L) right padded
     attention_mask: torch.Tensor  # (n, L)
     labels: torch.Tensor          # (n, L): answer tokens and their end-of-turn token, IGNORE_INDEX elsewhere
-    pixel_values: torch.Tensor    # the image's tiles, once per answer
+    image: torch.Tensor           # (n,) the image each row shows
 
 
-def answer_batch(encoder: ConversationEncoder, question: str, answers: list[str], pixels: torch.Tensor,
-                 tiles: list[int]) -> AnswerBatch:
-    encoded = [encoder.tokens(tiles, [{"from": "human", "value": question}, {"from": "gpt", "value": a}])
-               for a in answers]
+def answer_batch(encoder: ConversationEncoder, question: str, answers: list[list[str]],
+                 tiles: list[list[int]]) -> AnswerBatch:
+    """Rows for image i (made of ``tiles[i]``) asked ``question`` and answering each of ``answers[i]``."""
+    encoded, image, seen = [], [], {}
+    for i, (image_answers, image_tiles) in enumerate(zip(answers, tiles)):
+        for a in image_answers:
+            key = (tuple(image_tiles), a)  # images of a batch mostly share their tiling: encode each pair once
+            if key not in seen:
+                seen[key] = encoder.tokens(image_tiles, [{"from": "human", "value": question},
+                                                         {"from": "gpt", "value": a}])
+            encoded.append(seen[key])
+            image.append(i)
     pad = pad_id(encoder.tokenizer)
     ids, mask = pad_batch([i for i, _ in encoded], pad, "right")
     labels, _ = pad_batch([lab for _, lab in encoded], pad, "right", value_for_labels=IGNORE_INDEX)
-    return AnswerBatch(ids, mask, labels, torch.cat([pixels] * len(answers)))
+    return AnswerBatch(ids, mask, labels, torch.tensor(image))
 
 
-def answer_log_likelihoods(model, batch: AnswerBatch) -> torch.Tensor:
-    """(n,) log pi of each answer (its tokens' log-probabilities summed), with gradient where the
-    model's parameters require it."""
-    device, dtype = model.device, model.dtype
+def answer_log_likelihoods(model, batch: AnswerBatch, features: list[torch.Tensor]) -> torch.Tensor:
+    """(n,) log pi of each row's answer (its tokens' log-probabilities summed), its image read as the
+    visual tokens ``features[image]``; with gradient where ``features`` have one."""
+    from occmllm.dual import mm_outputs
+    device = model.device
+    tokens = torch.cat([features[i] for i in batch.image.tolist()]).to(device)
     logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                   pixel_values=batch.pixel_values.to(device=device, dtype=dtype)).logits[:, :-1].float()
+                   mm_encoder_outputs=mm_outputs(tokens)).logits[:, :-1].float()
     targets = batch.labels[:, 1:].to(device)
     keep = targets != IGNORE_INDEX
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * keep).sum(dim=1)
 
 
-def candidates(model, encoder: ConversationEncoder, question: str, pixels: torch.Tensor, tiles: list[int],
-               k: int) -> list[str]:
-    """The K categories whose answers the model finds likeliest, likeliest first."""
+def candidates(model, encoder: ConversationEncoder, question: str, features: list[torch.Tensor],
+               tiles: list[list[int]], k: int) -> list[list[str]]:
+    """Per image (its visual tokens and tiles), the K categories whose answers the model finds
+    likeliest, likeliest first."""
+    everything = [category_answer(c) for c in CATEGORIES]
     with torch.no_grad():
-        ll = answer_log_likelihoods(model, answer_batch(encoder, question, [category_answer(c) for c in CATEGORIES],
-                                                        pixels, tiles))
-    return [CATEGORIES[i] for i in ll.topk(min(k, len(CATEGORIES))).indices.tolist()]
+        ll = answer_log_likelihoods(model, answer_batch(encoder, question, [everything] * len(features), tiles),
+                                    features).view(len(features), len(CATEGORIES))
+    return [[CATEGORIES[i] for i in row.topk(min(k, len(CATEGORIES))).indices.tolist()] for row in ll]
 
 
 OPTIMIZERS = {"sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
               "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)}
 
 
-def adapt(model, batch: AnswerBatch, rewards: torch.Tensor, steps: int, lr: float, optimizer: str = "sgd") -> list[float]:
-    """REINFORCE on the answers of ``batch`` with ``rewards`` (K,), ``steps`` steps of ``optimizer``
-    on the adapted parameters (a fresh one: no state from an earlier image). Returns the losses."""
-    params = adapted_parameters(model)
-    optimizer = OPTIMIZERS[optimizer](params, lr)
+def adapt(model, episodes: Episodes, inputs: list[torch.Tensor], batch: AnswerBatch, rewards: torch.Tensor,
+          steps: int, lr: float, optimizer: str = "sgd") -> list[float]:
+    """REINFORCE, ``steps`` steps of a fresh ``optimizer`` on each image's copy in ``episodes``:
+    image i's loss is -mean over its rows of reward x log pi, ``rewards`` one per row of ``batch``,
+    ``inputs[i]`` its projector inputs. Returns the summed loss of each step."""
+    optimizer = OPTIMIZERS[optimizer](list(episodes.params.values()), lr)
     rewards = rewards.to(model.device)
+    rows_of_image = torch.bincount(batch.image).to(model.device)[batch.image.to(model.device)]
     losses = []
     for _ in range(steps):
-        loss = -(rewards * answer_log_likelihoods(model, batch)).mean()
+        log_pi = answer_log_likelihoods(model, batch, episodes.project(inputs))
+        loss = -(rewards * log_pi / rows_of_image).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     return losses
-
-
-def only_adapted_trainable(model) -> None:
-    """Gradients for the adapted parameters only (nothing else is updated, so nothing else needs them)."""
-    model.requires_grad_(False)
-    for p in adapted_parameters(model):
-        p.requires_grad_(True)

@@ -231,7 +231,7 @@ def test_missing_render_and_bad_settings_are_one_line_errors(tiny_model, renders
 
 
 def test_dataset_renders_follow_their_images(tiny_model, renders):
-    """The render is flipped with its image, cached beside it, and a record needs exactly one image."""
+    """The render is flipped with its image, cached like it, and a record needs exactly one image."""
     items = load_training_records(renders / "stages/step1.jsonl")[:6]
     encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(tiny_model))
     fresh = ConversationDataset(items, encoder, augment_images=True, seed=3, renders=RENDERS)
@@ -242,8 +242,8 @@ def test_dataset_renders_follow_their_images(tiny_model, renders):
         for i in range(len(items)):
             a, b = fresh[i], cached[i]
             torch.testing.assert_close(a["render_pixel_values"], b["render_pixel_values"], atol=1e-5, rtol=0)
-            image_flipped = not torch.equal(b["pixel_values"], cached._cache[i].pixel_values)
-            render_flipped = not torch.equal(b["render_pixel_values"], cached._render_cache[i])
+            image_flipped = not torch.equal(b["pixel_values"], fresh._tiled(i, False)[0])
+            render_flipped = not torch.equal(b["render_pixel_values"], fresh._encode_render(i, False))
             assert image_flipped == render_flipped
             flips += image_flipped
     assert 0 < flips < 12

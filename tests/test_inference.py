@@ -159,6 +159,27 @@ def test_an_interrupted_run_resumes_to_the_same_file(models, dataset, tmp_path):
     assert exc.value.code == 2
 
 
+def test_several_test_files_in_one_command_are_each_as_alone(models, dataset, tmp_path):
+    """Two (--data, --out) pairs in one command write, file for file, what a command per pair writes."""
+    second = tmp_path / "second.jsonl"
+    second.write_text("".join((dataset / "test.jsonl").read_text().splitlines(keepends=True)[5:12]))
+    common = ["--checkpoint", f"a={models['a']}", "--checkpoint", f"b={models['b']}", "--data-root", dataset,
+              "--limit", 6, "--batch-size", 4]
+    run(*common, "--data", dataset / "test.jsonl", "--out", tmp_path / "one", "--data", second, "--out", tmp_path / "two")
+    run(*common, "--data", dataset / "test.jsonl", "--out", tmp_path / "one_alone")
+    run(*common, "--data", second, "--out", tmp_path / "two_alone")
+    for together, alone in (("one", "one_alone"), ("two", "two_alone")):
+        assert (tmp_path / together / "predictions.jsonl").read_bytes() == \
+            (tmp_path / alone / "predictions.jsonl").read_bytes()
+        rows = [json.loads((tmp_path / folder / "report.json").read_text())["rows"] for folder in (together, alone)]
+        for row in rows[0] + rows[1]:
+            row.pop("samples_per_s"), row.pop("seconds")
+        assert rows[0] == rows[1] and len(rows[0]) == 2
+    with pytest.raises(SystemExit) as exc:  # a run folder for each test file
+        inference.main([str(a) for a in [*common, "--data", second, "--data", second, "--out", tmp_path / "x"]])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
+
+
 def _independent_scores(preds: list[dict], recs: list[dict]):
     by_id = {r["id"]: r for r in recs}
     correct, total, final = {}, {}, []

@@ -359,5 +359,36 @@ def test_cached_dataset_gives_the_uncached_items(tiny_model, synth_small):
             a, b = fresh[i], cached[i]
             assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
             torch.testing.assert_close(a["pixel_values"], b["pixel_values"], atol=1e-5, rtol=0)
-            flips += not torch.equal(a["pixel_values"], cached._cache[i].pixel_values)
+            flips += not torch.equal(a["pixel_values"], fresh._tiled(i, False)[0])
     assert 0 < flips < 18  # some draws flipped, some did not
+
+
+def test_cache_encodes_shared_content_once(tiny_model, synth_small):
+    """Copies of a record (other ids, same image and turns) and records that show the same image
+    share one encoding of what they share, and each item is what encoding it afresh gives."""
+    import copy
+
+    from occmllm.conversation import ConversationEncoder
+    from occmllm.model import ImageOnlyInternVLProcessor
+    from occmllm.records import load_training_records
+    from occmllm.sft import ConversationDataset
+    items = load_training_records(synth_small / "stages/step1.jsonl")[:3]
+    copies = []
+    for k in range(3):
+        for root, rec in items:
+            rec = copy.deepcopy(rec)
+            rec["id"] = f"{rec['id']}-copy{k}"
+            copies.append((root, rec))
+    other_turns = copy.deepcopy(items[0][1])  # the first record's image, asked something else
+    other_turns["id"] = "other"
+    other_turns["conversations"][0]["value"] += " Answer briefly."
+    everything = [*items, *copies, (items[0][0], other_turns)]
+    encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(tiny_model))
+    fresh = ConversationDataset(everything, encoder)
+    cached = ConversationDataset(everything, encoder, cache=True)
+    for i in range(len(everything)):
+        a, b = fresh[i], cached[i]
+        assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+    assert len(cached._images) == 3  # three images, decoded once each
+    assert len(cached._tokens) == len({str(rec["conversations"]) for _, rec in everything}) < len(everything) / 2

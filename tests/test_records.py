@@ -66,6 +66,22 @@ def test_image_path_errors(root, image, message):
         records.read_records(path, root=root, verify_images=True)
 
 
+def test_links_out_of_the_root_are_refused(root, tmp_path_factory):
+    """A file or a folder inside the root that links outside it escapes it; a link that stays
+    inside is followed; and every path resolves as ``os.path.realpath`` resolves it."""
+    import os
+    outside = tmp_path_factory.mktemp("outside")
+    Image.new("RGB", (8, 8)).save(outside / "o.png")
+    (root / "img/file_link.png").symlink_to(outside / "o.png")
+    (root / "folder_link").symlink_to(outside, target_is_directory=True)
+    (root / "img/inside_link.png").symlink_to(root / "img/a.png")
+    for relative in ("img/file_link.png", "folder_link/o.png", "img/../folder_link/o.png"):
+        with pytest.raises(OccError, match="escapes the dataset root"):
+            fileio.resolve_in_root(root, relative, "ctx")
+    for relative in ("img/inside_link.png", "img/a.png", "img/../img/a.png", "img/", "."):
+        assert str(fileio.resolve_in_root(root, relative, "ctx")) == os.path.realpath(root / relative)
+
+
 def test_truncated_image(root):
     Image.new("RGB", (64, 64), (200, 10, 10)).save(root / "img/t.jpg", quality=95)
     data = (root / "img/t.jpg").read_bytes()

@@ -1,5 +1,6 @@
 """Test-time adaptation with a CLIP reward (occmllm.tta, ``inference.py --tta clip``): the reward
-baseline, one REINFORCE step's direction, the episodic reset, and the command end to end."""
+baseline, one REINFORCE step's direction, images adapted together as each alone, and the command end to end."""
+import copy
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import inference
 from occmllm import tta
-from occmllm.conversation import ConversationEncoder, load_images
+from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
 from occmllm.model import ImageOnlyInternVLProcessor, load_model
 from occmllm.questions import CATEGORIES, Q1, category_answer
 
@@ -18,10 +19,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup(tiny_model, synth_small):
     torch.manual_seed(0)
     model, _ = load_model(tiny_model)
+    model.requires_grad_(False)
     encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(tiny_model))
-    image = sorted((synth_small / "scenes").glob("*/rgb_00.png"))[0]
-    pixels, tiles = encoder.pixel_values(load_images([image]))
-    return model, encoder, pixels, tiles
+    images = sorted((synth_small / "scenes").glob("*/rgb_00.png"))[:3]
+    tiled = [encoder.pixel_values(load_images([image])) for image in images]
+    inputs = [tta.projector_inputs(model, pixels) for pixels, _ in tiled]
+    return model, encoder, tiled, inputs
+
+
+def plain_features(model, inputs):
+    with torch.no_grad():
+        return [tta.adapted_module(model)(x) for x in inputs]
+
+
+def copies(episodes, image):
+    return torch.cat([p[image].detach().flatten() for p in episodes.params.values()])
 
 
 def test_rewards_sum_to_zero_over_the_candidates():
@@ -31,19 +43,27 @@ def test_rewards_sum_to_zero_over_the_candidates():
     assert torch.equal(rewards.argsort(), scores.argsort())  # the ranking is CLIP's
 
 
+def test_projector_inputs_through_the_projector_are_the_visual_tokens(setup):
+    model, _, tiled, inputs = setup
+    with torch.no_grad():
+        tokens = model.get_image_features(pixel_values=tiled[0][0], return_dict=True).pooler_output
+    assert torch.allclose(plain_features(model, inputs[:1])[0], tokens, atol=1e-6)
+    episodes = tta.Episodes(model, 2)  # unadapted copies read the image as the model does
+    with torch.no_grad():
+        assert torch.allclose(episodes.project(inputs[:2])[0], tokens, atol=1e-5)
+
+
 def test_one_step_moves_likelihood_toward_the_best_rewarded(setup):
-    model, encoder, pixels, tiles = setup
-    tta.only_adapted_trainable(model)
-    answers = [category_answer(c) for c in CATEGORIES[:4]]
-    batch = tta.answer_batch(encoder, Q1, answers, pixels, tiles)
+    model, encoder, tiled, inputs = setup
+    answers = [[category_answer(c) for c in CATEGORIES[:4]]]
+    batch = tta.answer_batch(encoder, Q1, answers, [tiled[0][1]])
     rewards = tta.baseline_rewards(torch.tensor([0.4, 1.9, 0.7, 0.2]))  # candidate 1 is CLIP's favourite
-    params = tta.adapted_parameters(model)
-    with tta.Episode(params):
-        with torch.no_grad():
-            before = tta.answer_log_likelihoods(model, batch)
-        tta.adapt(model, batch, rewards, steps=1, lr=1e-3)
-        with torch.no_grad():
-            after = tta.answer_log_likelihoods(model, batch)
+    episodes = tta.Episodes(model, 1)
+    with torch.no_grad():
+        before = tta.answer_log_likelihoods(model, batch, episodes.project(inputs[:1]))
+    tta.adapt(model, episodes, inputs[:1], batch, rewards, steps=1, lr=1e-3)
+    with torch.no_grad():
+        after = tta.answer_log_likelihoods(model, batch, episodes.project(inputs[:1]))
     change = after - before
     print("log-likelihood change per candidate:", [f"{c:+.4f}" for c in change.tolist()])
     # the candidates' mass moves to CLIP's favourite: its share among them rises, and most
@@ -54,15 +74,14 @@ def test_one_step_moves_likelihood_toward_the_best_rewarded(setup):
 def test_sgd_update_follows_the_reward_and_adamw_does_not(setup):
     """Halving every reward halves SGD's first step; AdamW's first step is about the learning rate
     whatever the reward's size."""
-    model, encoder, pixels, tiles = setup
-    tta.only_adapted_trainable(model)
-    batch = tta.answer_batch(encoder, Q1, [category_answer(c) for c in CATEGORIES[:3]], pixels, tiles)
-    params = tta.adapted_parameters(model)
+    model, encoder, tiled, inputs = setup
+    batch = tta.answer_batch(encoder, Q1, [[category_answer(c) for c in CATEGORIES[:3]]], [tiled[0][1]])
 
     def first_step(rewards, optimizer, lr=1.0):  # steps far above the weights' float32 resolution
-        with tta.Episode(params) as episode:
-            tta.adapt(model, batch, rewards, steps=1, lr=lr, optimizer=optimizer)
-            return torch.cat([(p - s).flatten() for p, s in zip(params, episode.saved)])
+        episodes = tta.Episodes(model, 1)
+        start = copies(episodes, 0)
+        tta.adapt(model, episodes, inputs[:1], batch, rewards, steps=1, lr=lr, optimizer=optimizer)
+        return copies(episodes, 0) - start
     rewards = tta.baseline_rewards(torch.tensor([1.0, 0.0, 0.5]))
     full, half = first_step(rewards, "sgd"), first_step(rewards / 2, "sgd")
     assert full.abs().max() > 1e-3 and torch.allclose(half, full / 2, rtol=1e-3, atol=1e-6)
@@ -70,27 +89,58 @@ def test_sgd_update_follows_the_reward_and_adamw_does_not(setup):
     assert abs(half.norm() / full.norm() - 1) < 0.05  # the same size (Adam's eps aside)
 
 
-def test_episode_restores_every_weight_bit_for_bit(setup):
-    model, encoder, pixels, tiles = setup
-    tta.only_adapted_trainable(model)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_images_adapted_together_move_as_each_would_alone(setup, optimizer):
+    """Three images in one batch, with different answers and rewards, end with the weights each
+    reaches alone; and those are the weights the model's own projector reaches when trained on the
+    image directly (pixels through the whole model, the optimizer on the module's parameters). The
+    model's weights are not written."""
+    model, encoder, tiled, inputs = setup
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = tta.answer_batch(encoder, Q1, [category_answer(c) for c in CATEGORIES[:3]], pixels, tiles)
-    params = tta.adapted_parameters(model)
-    with tta.Episode(params):
-        tta.adapt(model, batch, tta.baseline_rewards(torch.tensor([1.0, 0.0, 0.5])), steps=3, lr=1e-2)
-        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
-        assert changed and all("multi_modal_projector" in k for k in changed)  # only the projector moved
+    answers = [[category_answer(c) for c in CATEGORIES[i: i + 2 + i]] for i in range(3)]  # 2, 3 and 4 answers
+    rewards = [tta.baseline_rewards(torch.rand(len(a), generator=torch.Generator().manual_seed(i)))
+               for i, a in enumerate(answers)]
+    tiles = [t for _, t in tiled]
+    together = tta.Episodes(model, 3)
+    tta.adapt(model, together, inputs, tta.answer_batch(encoder, Q1, answers, tiles), torch.cat(rewards),
+              steps=3, lr=1e-2, optimizer=optimizer)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert all(p.grad is None for p in params)
+    for i in range(3):
+        alone = tta.Episodes(model, 1)
+        tta.adapt(model, alone, inputs[i: i + 1], tta.answer_batch(encoder, Q1, answers[i: i + 1], tiles[i: i + 1]),
+                  rewards[i], steps=3, lr=1e-2, optimizer=optimizer)
+        assert torch.allclose(copies(together, i), copies(alone, 0), atol=1e-6)
+        # independently: the module itself, trained on the image's pixels
+        module = copy.deepcopy(model)
+        projector = tta.adapted_module(module)
+        projector.requires_grad_(True)
+        opt = tta.OPTIMIZERS[optimizer](list(projector.parameters()), 1e-2)
+        batch = tta.answer_batch(encoder, Q1, answers[i: i + 1], tiles[i: i + 1])
+        for _ in range(3):
+            logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            pixel_values=torch.cat([tiled[i][0]] * len(answers[i]))).logits[:, :-1]
+            targets = batch.labels[:, 1:]
+            logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            loss = -(rewards[i] * (logp * (targets != IGNORE_INDEX)).sum(1)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        direct = torch.cat([p.detach().flatten() for p in projector.parameters()])
+        assert torch.allclose(copies(together, i), direct, atol=1e-5)
+        assert not torch.allclose(direct, copies(tta.Episodes(model, 1), 0))  # it did move
 
 
 def test_candidates_are_the_likeliest_answers(setup):
-    model, encoder, pixels, tiles = setup
-    top = tta.candidates(model, encoder, Q1, pixels, tiles, k=3)
-    with torch.no_grad():
-        ll = tta.answer_log_likelihoods(model, tta.answer_batch(
-            encoder, Q1, [category_answer(c) for c in CATEGORIES], pixels, tiles))
-    assert top == [CATEGORIES[i] for i in ll.argsort(descending=True)[:3].tolist()]
+    model, encoder, tiled, inputs = setup
+    features = plain_features(model, inputs)
+    tiles = [t for _, t in tiled]
+    top = tta.candidates(model, encoder, Q1, features, tiles, k=3)
+    everything = [category_answer(c) for c in CATEGORIES]
+    for i in range(len(features)):
+        with torch.no_grad():
+            ll = tta.answer_log_likelihoods(model, tta.answer_batch(encoder, Q1, [everything], tiles[i: i + 1]),
+                                            features[i: i + 1])
+        assert top[i] == [CATEGORIES[j] for j in ll.argsort(descending=True)[:3].tolist()]
 
 
 # --- the command ----------------------------------------------------------------------------------
