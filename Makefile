@@ -44,11 +44,11 @@ ANSWER = --batch-size 32 --max-new-tokens 16
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)/data $(DEMO)/data.partial $(DEMO)/models $(DEMO)/checkpoints $(DEMO)/report $(DEMO)/report_val \
 		$(DEMO)/recon $(DEMO)/predictions $(DEMO)/stages
-	$(SUBMAKE) demo-data
-	$(SUBMAKE) demo-recon
-	$(SUBMAKE) demo-stages
-	$(SUBMAKE) demo-report
-	$(SUBMAKE) demo-alpha
+	@TIMEFORMAT="demo-data took %0R s"; time $(SUBMAKE) demo-data
+	@TIMEFORMAT="demo-recon took %0R s"; time $(SUBMAKE) demo-recon
+	@TIMEFORMAT="demo-stages took %0R s"; time $(SUBMAKE) demo-stages
+	@TIMEFORMAT="demo-report took %0R s"; time $(SUBMAKE) demo-report
+	@TIMEFORMAT="demo-alpha took %0R s"; time $(SUBMAKE) demo-alpha
 	@echo
 	@echo "dataset:        $(DEMO)/data  (manifest.jsonl, splits.json, dataset.json, scenes/)"
 	@echo "contact sheet:  $(DEMO)/contact_sheet.png"
