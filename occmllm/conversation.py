@@ -41,6 +41,9 @@ class Encoded:
     pixel_values: torch.Tensor  # (total tiles, 3, H, W)
 
 
+PROMPT_CACHE_SIZE = 1 << 16  # prompts remembered before the cache starts again
+
+
 class ConversationEncoder:
     """Turns (images, conversation turns) into token ids, labels and pixel values for one model."""
 
@@ -50,6 +53,7 @@ class ConversationEncoder:
         self.max_length = max_length
         template = self.tokenizer.chat_template or ""
         self.has_generation_markers = "{% generation %}" in template or "{%- generation %}" in template
+        self._prompts: dict[tuple, tuple[int, ...]] = {}  # prompt_ids by content
 
     # -- images -------------------------------------------------------------------------------
     def pixel_values(self, images: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
@@ -117,10 +121,20 @@ class ConversationEncoder:
 
     # -- generation ---------------------------------------------------------------------------
     def prompt_ids(self, images_tiles: list[int], conversations: list[dict]) -> list[int]:
-        """Token ids of a conversation ending with a user turn, plus the assistant header."""
-        messages = self.expand(to_messages(conversations), images_tiles)
-        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                       add_generation_prompt=True)["input_ids"])
+        """Token ids of a conversation ending with a user turn, plus the assistant header.
+
+        Remembered by content: inference asks the same questions over and over (every record's
+        first prompt is the same), and the chat template costs more than the model's forward pass
+        on a small model."""
+        key = (tuple(images_tiles), tuple((turn["from"], turn["value"]) for turn in conversations))
+        ids = self._prompts.get(key)
+        if ids is None:
+            if len(self._prompts) >= PROMPT_CACHE_SIZE:
+                self._prompts.clear()
+            messages = self.expand(to_messages(conversations), images_tiles)
+            ids = self._prompts[key] = tuple(self.tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
+        return list(ids)
 
 
 def pad_id(tokenizer) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder
 from occmllm.errors import OccError
-from occmllm.model import check_checkpoint, load_model
+from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint, load_model
 from occmllm.questions import Q1, Q6
 from occmllm.sft import Collator
 from occmllm.stage import ModelArguments, add_lora, freeze
@@ -37,6 +37,21 @@ def test_load_tiny_model(tiny_model):
         out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              pixel_values=pixels, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > len(ids)
+
+
+def test_prompt_ids_are_remembered_by_content(tiny_model):
+    """The same prompt again gives the template's ids again (a fresh encoder computes the same), a
+    caller changing its list does not change the next answer, and another conversation or another
+    tiling is another prompt."""
+    import copy
+    processor = ImageOnlyInternVLProcessor.from_folder(tiny_model)
+    enc = ConversationEncoder(processor)
+    first = enc.prompt_ids([1], Q1_Q6[:1])
+    first.append(-1)
+    again = enc.prompt_ids([1], copy.deepcopy(Q1_Q6[:1]))
+    assert again == ConversationEncoder(processor).prompt_ids([1], Q1_Q6[:1]) == first[:-1]
+    assert enc.prompt_ids([2], Q1_Q6[:1]) != again and enc.prompt_ids([1], Q1_Q6[:3]) != again
+    assert len(enc._prompts) == 3
 
 
 def _attention_by_distance(tower) -> list[float]:
@@ -345,7 +360,6 @@ def test_two_process_deepspeed_zero2(tiny_model, synth_small, tmp_path):
 def test_cached_dataset_gives_the_uncached_items(tiny_model, synth_small):
     """The encoded-sample cache (flip applied to the cached pixels) matches encoding afresh."""
     from occmllm.conversation import ConversationEncoder
-    from occmllm.model import ImageOnlyInternVLProcessor
     from occmllm.records import load_training_records
     from occmllm.sft import ConversationDataset
     items = load_training_records(synth_small / "stages/step1.jsonl")[:6]
@@ -369,7 +383,6 @@ def test_cache_encodes_shared_content_once(tiny_model, synth_small):
     import copy
 
     from occmllm.conversation import ConversationEncoder
-    from occmllm.model import ImageOnlyInternVLProcessor
     from occmllm.records import load_training_records
     from occmllm.sft import ConversationDataset
     items = load_training_records(synth_small / "stages/step1.jsonl")[:3]
