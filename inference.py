@@ -72,7 +72,7 @@ class Target:
     test: list[dict]
     samples: list
     context: Context
-    log: PredictionLog
+    log: PredictionLog | None = None  # opened once every test file's inputs have loaded
 
 
 def run_inference(args) -> list[Path]:
@@ -98,7 +98,7 @@ def run_inference(args) -> list[Path]:
         test = load_test(data, root, args.limit)
         # the mode's models load (or fail) before anything is written
         targets.append(Target(data, out, test, [sample_of(rec, root) for rec in test],
-                              mode_context(args, data, root, out, clip), None))
+                              mode_context(args, data, root, out, clip)))
     for target in targets:
         target.out.mkdir(parents=True, exist_ok=True)
         target.log = PredictionLog(target.out)

@@ -114,28 +114,29 @@ def main() -> None:
         rows.append(("batched (inference.py)", size, seconds, loop_s / seconds, same))
 
     cot = None
-    if args.cot_checkpoint.is_dir() and args.recon.is_dir():
-        cot_model, cot_processor = load_model(args.cot_checkpoint, device=torch.device("cpu"), dtype=torch.float32)
-        cot_answerer = Answerer(cot_model, cot_processor, args.max_new_tokens)
+    step4 = None  # the stage-4 checkpoint, for the chain of thought and test-time adaptation
+    if args.cot_checkpoint.is_dir():
+        step4 = Answerer(*load_model(args.cot_checkpoint, device=torch.device("cpu"), dtype=torch.float32),
+                         args.max_new_tokens)
+    if step4 and args.recon.is_dir():
         size = BATCH_SIZES[-1]
-        _, plain_s = timed(lambda: batched(cot_answerer, samples, size))
+        _, plain_s = timed(lambda: batched(step4, samples, size))
         with tempfile.TemporaryDirectory() as tmp:
             context = Context(renders=RenderCache(args.recon, root, Path(tmp), 64, "cpu"),
                               alpha=resolve_alpha(args.cot_checkpoint, None), gate=chain.read_gate(args.cot_checkpoint))
-            answers, cot_s = timed(lambda: batched(cot_answerer, samples, size, run_cot, context))
+            answers, cot_s = timed(lambda: batched(step4, samples, size, run_cot, context))
         unclear = sum(chain.SECOND in a for a in answers)
         cot = {"plain_s": round(plain_s, 2), "cot_s": round(cot_s, 2), "cost": round(cot_s / plain_s, 2),
                "reconstructed": unclear}
 
     tta_figure = None
-    if args.cot_checkpoint.is_dir() and args.clip.is_dir():
+    if step4 and args.clip.is_dir():
         from occmllm import clip
         from occmllm.tta import TTASettings
-        tta_model, tta_processor = load_model(args.cot_checkpoint, device=torch.device("cpu"), dtype=torch.float32)
-        tta_answerer = Answerer(tta_model, tta_processor, args.max_new_tokens)
         context = Context(clip=clip.load(args.clip), tta=TTASettings())
-        one, one_s = timed(lambda: batched(tta_answerer, samples, 1, run_tta, context))
-        together, together_s = timed(lambda: batched(tta_answerer, samples, BATCH_SIZES[-1], run_tta, context))
+        batched(step4, samples[:2], 2, run_tta, context)  # warm-up
+        one, one_s = timed(lambda: batched(step4, samples, 1, run_tta, context))
+        together, together_s = timed(lambda: batched(step4, samples, BATCH_SIZES[-1], run_tta, context))
         tta_figure = {"one_s": round(one_s, 2), "batched_s": round(together_s, 2),
                       "speedup": round(one_s / together_s, 2), "identical": one == together}
         identical &= one == together

@@ -44,6 +44,12 @@ class Encoded:
 PROMPT_CACHE_SIZE = 1 << 16  # prompts remembered before the cache starts again
 
 
+def conversation_key(images_tiles: list[int], conversations: list[dict]) -> tuple:
+    """What a conversation's token ids depend on (its turns and its images' tiles), hashable: the
+    key of the caches that encode each conversation once."""
+    return tuple(images_tiles), tuple((turn["from"], turn["value"]) for turn in conversations)
+
+
 class ConversationEncoder:
     """Turns (images, conversation turns) into token ids, labels and pixel values for one model."""
 
@@ -126,7 +132,7 @@ class ConversationEncoder:
         Remembered by content: inference asks the same questions over and over (every record's
         first prompt is the same), and the chat template costs more than the model's forward pass
         on a small model."""
-        key = (tuple(images_tiles), tuple((turn["from"], turn["value"]) for turn in conversations))
+        key = conversation_key(images_tiles, conversations)
         ids = self._prompts.get(key)
         if ids is None:
             if len(self._prompts) >= PROMPT_CACHE_SIZE:

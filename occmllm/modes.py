@@ -113,7 +113,6 @@ def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     from occmllm.conversation import load_images
     model, encoder, settings = answerer.model, answerer.encoder, context.tta
     clip_model, clip_tokenizer, clip_processor = context.clip
-    model.requires_grad_(False)  # the gradient is the episodes' copies' alone
     images = [load_images(s.images[:1]) for s in batch]
     tiled = [encoder.pixel_values(image) for image in images]
     tiles = [t for _, t in tiled]

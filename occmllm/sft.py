@@ -18,7 +18,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from occmllm import dual, fileio, records
 from occmllm.augment import flip_draw, hflip
-from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images, pad_batch, pad_id
+from occmllm.conversation import (IGNORE_INDEX, ConversationEncoder, conversation_key, load_images, pad_batch,
+                                  pad_id)
 from occmllm.errors import OccError
 from occmllm.model import AnswerLogitsOnly, ImageOnlyInternVLProcessor, ResumesInternVL
 from occmllm.stage import DataArguments, ModelArguments, SaveProcessor, build_model, check_dual, fit, stage_commands
@@ -49,7 +50,7 @@ class ConversationDataset(Dataset):
         self.items, self.encoder, self.augment, self.seed = items, encoder, augment_images, seed
         self.epoch = 0
         self.cache = cache
-        self._images: dict[tuple, tuple[torch.Tensor, list[int]]] = {}  # image paths -> (tiles' pixels, tiles per image)
+        self._images: dict[tuple, tuple[torch.Tensor, list[int]]] = {}  # image paths -> (pixels, tiles per image)
         self._tokens: dict[tuple, tuple[list[int], list[int]]] = {}     # (tiles, turns) -> (input ids, labels)
         self._renders: dict[Path, torch.Tensor] = {}                     # render file -> its tiles' pixels
         self.renders = renders
@@ -119,7 +120,7 @@ class ConversationDataset(Dataset):
         turns = self.items[index][1]["conversations"]
         if not self.cache:
             return self.encoder.tokens(tiles, turns)
-        key = (tuple(tiles), tuple((t["from"], t["value"]) for t in turns))
+        key = conversation_key(tiles, turns)
         if key not in self._tokens:
             self._tokens[key] = self.encoder.tokens(tiles, turns)
         return self._tokens[key]

@@ -150,15 +150,17 @@ def adapt(model, episodes: Episodes, inputs: list[torch.Tensor], batch: AnswerBa
     """REINFORCE, ``steps`` steps of a fresh ``optimizer`` on each image's copy in ``episodes``:
     image i's loss is -mean over its rows of reward x log pi, ``rewards`` one per row of ``batch``,
     ``inputs[i]`` its projector inputs. Returns the summed loss of each step."""
-    optimizer = OPTIMIZERS[optimizer](list(episodes.params.values()), lr)
+    params = list(episodes.params.values())
+    optimizer = OPTIMIZERS[optimizer](params, lr)
     rewards = rewards.to(model.device)
     rows_of_image = torch.bincount(batch.image).to(model.device)[batch.image.to(model.device)]
     losses = []
     for _ in range(steps):
         log_pi = answer_log_likelihoods(model, batch, episodes.project(inputs))
         loss = -(rewards * log_pi / rows_of_image).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # the copies' gradient alone: the model's own weights get none, whatever their requires_grad
+        for p, grad in zip(params, torch.autograd.grad(loss, params)):
+            p.grad = grad
         optimizer.step()
         losses.append(loss.item())
     return losses

@@ -18,8 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def setup(tiny_model, synth_small):
     torch.manual_seed(0)
-    model, _ = load_model(tiny_model)
-    model.requires_grad_(False)
+    model, _ = load_model(tiny_model)  # its weights require gradients, as loaded
     encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(tiny_model))
     images = sorted((synth_small / "scenes").glob("*/rgb_00.png"))[:3]
     tiled = [encoder.pixel_values(load_images([image])) for image in images]
@@ -105,6 +104,7 @@ def test_images_adapted_together_move_as_each_would_alone(setup, optimizer):
     tta.adapt(model, together, inputs, tta.answer_batch(encoder, Q1, answers, tiles), torch.cat(rewards),
               steps=3, lr=1e-2, optimizer=optimizer)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
     for i in range(3):
         alone = tta.Episodes(model, 1)
         tta.adapt(model, alone, inputs[i: i + 1], tta.answer_batch(encoder, Q1, answers[i: i + 1], tiles[i: i + 1]),
