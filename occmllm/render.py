@@ -145,16 +145,18 @@ def render_rgb(caster: RayCaster, camera: Camera, colours, background=(0.5, 0.5,
 
 
 def render_vertex_colours(caster: RayCaster, camera: Camera, vertex_colours: np.ndarray,
-                          background=(0.5, 0.5, 0.5), light_cam=(0.3, -0.6, -1.0)) -> np.ndarray:
+                          background=(0.5, 0.5, 0.5), light_cam=(0.3, -0.6, -1.0), hits: Hits | None = None) -> np.ndarray:
     """A shaded (H, W, 3) uint8 image of the caster's mesh 0 with per-vertex RGB colours in [0, 1]
     ((V, 3), e.g. colours predicted with a reconstruction), interpolated across each triangle with
     the barycentric coordinates of the hit; lit as in ``render_rgb``. Other meshes occlude it but
-    are not drawn (their pixels show the background)."""
+    are not drawn (their pixels show the background). ``hits``: ``caster.render(camera)``, where the
+    caller has already cast them."""
     mesh = caster.meshes[0]
     vertex_colours = np.asarray(vertex_colours, dtype=np.float64)
     if vertex_colours.shape != (len(mesh.vertices), 3):
         raise ValueError(f"render_vertex_colours: need ({len(mesh.vertices)}, 3) colours, got {vertex_colours.shape}")
-    hits = caster.render(camera)
+    if hits is None:
+        hits = caster.render(camera)
     coloured = hits.label == 0
     albedo = np.zeros((int(coloured.sum()), 3))
     if len(albedo):

@@ -9,12 +9,14 @@ build their trainers on this module.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from occmllm import dual
 from occmllm.config import parse_config
@@ -29,6 +31,10 @@ class ModelArguments:
     model_name_or_path: str = field(default="outputs/demo/models/tiny",
                                     metadata={"help": "InternVL checkpoint folder (the previous stage's output)"})
     freeze_vision: bool = field(default=False, metadata={"help": "freeze the vision tower"})
+    cache_vision: bool = field(default=False, metadata={
+        "help": "with freeze_vision: remember the tower's output for each image (by its pixels), so an image "
+                "seen again (a later epoch, a copy of a record, another record of the same view) skips the tower; "
+                "costs the tower's output per distinct image in memory (tokens x width x 4 bytes)"})
     freeze_projector: bool = field(default=False, metadata={"help": "freeze the vision-language projector"})
     freeze_llm: bool = field(default=False, metadata={"help": "freeze the language model (and its head)"})
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the language model's linear layers"})
@@ -90,6 +96,53 @@ def freeze(model: InternVLForConditionalGeneration, vision: bool, projector: boo
             module.requires_grad_(False)
 
 
+class RememberedTower:
+    """A frozen vision tower's forward that remembers its output per image, keyed by the image's
+    pixels: the tower is then run once per distinct image (and flip) for the whole stage.
+
+    Installed as the tower's ``forward`` (``nn.Module.__call__`` calls it; the weights and the
+    state dict stay the tower's own). Training is the same as without it to float rounding: an
+    image's output does not depend on the other images of its batch, except in the last bits at
+    some shapes where the batch's size picks another matrix kernel (not at the demo model's)."""
+
+    def __init__(self, tower: torch.nn.Module, vision_feature_layer):
+        if any(p.requires_grad for p in tower.parameters()):
+            raise OccError("cache_vision remembers the vision tower's outputs: it needs freeze_vision")
+        if vision_feature_layer != -1:
+            raise OccError(f"cache_vision keeps the tower's last layer, but the model reads layer {vision_feature_layer} "
+                           "(vision_feature_layer): unset cache_vision")
+        config = tower.config
+        random = {k: getattr(config, k) for k in ("attention_dropout", "hidden_dropout_prob", "drop_path_rate",
+                                                  "projection_dropout") if getattr(config, k, 0) or 0}
+        if random:
+            raise OccError(f"cache_vision: the vision tower is random in training ({random}), so its output is not "
+                           "a function of the image: unset cache_vision")
+        self.forward = tower.forward
+        self.outputs: dict[bytes, torch.Tensor] = {}
+        tower.forward = self
+
+    @staticmethod
+    def key(image: torch.Tensor) -> bytes:
+        return hashlib.blake2b(image.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes(), digest_size=16).digest()
+
+    def __call__(self, pixel_values: torch.Tensor, bool_masked_pos=None, **kwargs):
+        # get_image_features asks for the layer it reads (output_hidden_states=-1): the last one, kept here
+        if bool_masked_pos is not None or kwargs.get("output_hidden_states") not in (None, False, -1) \
+                or kwargs.get("output_attentions"):
+            return self.forward(pixel_values=pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
+        kwargs.pop("output_hidden_states", None)
+        keys = [self.key(image) for image in pixel_values]
+        new: dict[bytes, int] = {}  # images not seen before -> their first index in the batch
+        for i, k in enumerate(keys):
+            if k not in self.outputs and k not in new:
+                new[k] = i
+        if new:
+            with torch.no_grad():
+                hidden = self.forward(pixel_values=pixel_values[list(new.values())], **kwargs).last_hidden_state
+            self.outputs.update(zip(new, hidden))
+        return BaseModelOutputWithPooling(last_hidden_state=torch.stack([self.outputs[k] for k in keys]))
+
+
 def add_lora(model, args: ModelArguments):
     """LoRA adapters on the language model's attention and MLP projections only."""
     from peft import LoraConfig, get_peft_model
@@ -142,6 +195,8 @@ def build_model(args: ModelArguments, training: TrainingArguments, dual_supporte
         attn_implementation=args.attn_implementation or default_attention(device))
     model.saved_dtype = checkpoint_dtype(config)  # save_final stores the stage in the dtype it started from
     freeze(model, args.freeze_vision, args.freeze_projector, args.freeze_llm)
+    if args.cache_vision:
+        RememberedTower(model.model.vision_tower, model.config.vision_feature_layer)
     if args.use_lora:
         if args.freeze_llm:
             raise OccError("use_lora adapts the language model: it cannot also be frozen (freeze_llm)")

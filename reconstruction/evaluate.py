@@ -71,7 +71,9 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
     scale = depth_scale_of(data)
     lines = dataset.split(split)
     lines = lines[:limit] if limit else lines
-    ours, baseline, sheet_cells = [], [], []
+    ours, baseline, sheet_cells = [], [], {}
+    picks = sheet_picks([line["occlusion"] for line in lines])
+    on_sheet = {lines[i]["id"] for row in picks for i in row} if sheet is not None else set()
     declined: Counter = Counter()
     true_cache: dict[str, tuple[trimesh.Trimesh | None, np.ndarray | None]] = {}
     for start in tqdm(range(0, len(lines), batch_size), desc="evaluate", unit="batch", disable=not progress):
@@ -92,43 +94,58 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
                     resolve_in_roots(dataset.roots, line["mask_amodal"], line["id"]), None, "L")) > 127
             else:
                 declined["silhouette IoU: the manifest has no amodal masks (mask_amodal)"] += 1
-            image = None  # the render, made once for the renders folder and the sheet
+            caster = RayCaster([rec.mesh])
+            hits = caster.render(view.camera)  # one cast for the silhouette, the render and the sheet
             if renders is not None and not Path(records.render_path(renders, rec.id)).is_file():
-                image = render(rec, view.camera)
-                save_render(image, renders, rec.id)
-            pred_sil = (RayCaster([rec.mesh]).render(view.camera).label >= 0).reshape(view.size)
+                save_render(render(rec, view.camera, caster, hits), renders, rec.id)
+            pred_sil = (hits.label >= 0).reshape(view.size)
             pred_points = sample_surface(rec.mesh, SURFACE_SAMPLES, seed=2)
             meta = {"id": line["id"], "category": line["category"], "occlusion": line["occlusion"]}
             ours.append({**meta, **_scores(pred_points, true_points, pred_sil, amodal), "empty": rec.empty,
                          "evaluations": rec.evaluations})
             visible_points = to_world(backproject(view.visible, view.depth, view.camera.intrinsics), view.camera)
             baseline.append({**meta, **_scores(visible_points, true_points, view.visible, amodal)})
-            if sheet is not None and truth is not None and line["occlusion"] is not None:
+            if line["id"] in on_sheet and truth is not None:
                 colour = tuple(c / 255 for c in OBJECT_COLOURS.get(line.get("colour"), (200, 200, 200)))
                 truth_image = render_rgb(RayCaster([truth]), view.camera, [colour])
-                sheet_cells.append((ours[-1], baseline[-1], view.rgb, truth_image,
-                                    image if image is not None else render(rec, view.camera)))
+                sheet_cells[line["id"]] = (ours[-1], baseline[-1], view.rgb, truth_image,
+                                           render(rec, view.camera, caster, hits))
     result = {"protocol": PROTOCOL, "checkpoint": None, "data": str(data), "split": split, **_summary(ours),
               "baseline": {"name": "visible only (back-projected visible depth)", **_summary(baseline)},
               "empty_reconstructions": sum(r["empty"] for r in ours), "samples": ours,
               "baseline_samples": baseline, "declined": dict(declined)}
     if sheet is not None and sheet_cells:
-        contact_sheet(sheet_cells, sheet)
+        contact_sheet([[sheet_cells[lines[i]["id"]] for i in row if lines[i]["id"] in sheet_cells] for row in picks],
+                      sheet)
     return result
 
 
-def contact_sheet(cells: list, out: Path, rows: int = 5, per_row: int = 4) -> Path:
-    """Input | true object | reconstruction, for views spread over occlusion bins (one row per bin)."""
+SHEET_ROWS, SHEET_PER_ROW = 5, 4
+
+
+def sheet_picks(occlusions: list, rows: int = SHEET_ROWS, per_row: int = SHEET_PER_ROW) -> list[list[int]]:
+    """The views a contact sheet shows, as indices into ``occlusions``: one row per occlusion bin,
+    up to ``per_row`` views spread evenly over the bin's views in order (views without an
+    occlusion ratio are left out). Chosen before reconstructing, so that only these views' true
+    objects are rendered."""
     edges = np.linspace(0, 1.0001, rows + 1)
+    picks = []
+    for r in range(rows):
+        members = [i for i, o in enumerate(occlusions) if o is not None and edges[r] <= o < edges[r + 1]]
+        spread = np.linspace(0, len(members) - 1, min(per_row, len(members))).round().astype(int) if members else []
+        picks.append([members[i] for i in spread])
+    return picks
+
+
+def contact_sheet(rows: list[list[tuple]], out: Path) -> Path:
+    """Input | true object | reconstruction, one row of cells per occlusion bin (``sheet_picks``)."""
+    cells = [cell for row in rows for cell in row]
     size = cells[0][2].shape[0]
     cell_w, cell_h = 3 * size + 6, size + 30
-    sheet = Image.new("RGB", (per_row * cell_w + 4, rows * cell_h + 20), (255, 255, 255))
+    sheet = Image.new("RGB", (max(SHEET_PER_ROW, *map(len, rows)) * cell_w + 4, len(rows) * cell_h + 20), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 4), "each cell: input | true object | reconstruction render   (rows: occlusion bins)", fill=(0, 0, 0))
-    for r in range(rows):
-        members = [c for c in cells if edges[r] <= c[0]["occlusion"] < edges[r + 1]]
-        members = [members[i] for i in np.linspace(0, len(members) - 1, min(per_row, len(members))).round().astype(int)] \
-            if members else []
+    for r, members in enumerate(rows):
         for k, (ours, base, rgb, truth, recon) in enumerate(members):
             x, y = 2 + k * cell_w, 20 + r * cell_h
             sheet.paste(Image.fromarray(np.concatenate([rgb, truth, recon], axis=1)), (x, y))

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from occmllm import fileio, records
 from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli
-from occmllm.render import Camera, RayCaster, render_vertex_colours
+from occmllm.render import Camera, Hits, RayCaster, render_vertex_colours
 from reconstruction.extract import extract_mesh
 from reconstruction.model import load_reconstructor, view_batch
 from reconstruction.views import CUBE_HALF, ViewInput, load_view, to_world
@@ -100,11 +100,13 @@ def _select(enc, i: int):
                    feature_maps=[m[i: i + 1] for m in enc.feature_maps])
 
 
-def render(rec: Reconstruction, camera: Camera) -> np.ndarray:
-    """(H, W, 3) uint8 view of the reconstruction; the plain background when it is empty."""
+def render(rec: Reconstruction, camera: Camera, caster: RayCaster | None = None, hits: Hits | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 view of the reconstruction; the plain background when it is empty. A caller
+    that has already cast the mesh's rays passes its ``RayCaster([rec.mesh])`` and their ``hits``."""
     if rec.empty:
         return np.full((camera.height, camera.width, 3), round(BACKGROUND[0] * 255), dtype=np.uint8)
-    return render_vertex_colours(RayCaster([rec.mesh]), camera, rec.vertex_colours, background=BACKGROUND)
+    return render_vertex_colours(caster or RayCaster([rec.mesh]), camera, rec.vertex_colours, background=BACKGROUND,
+                                 hits=hits)
 
 
 def save_render(image: np.ndarray, folder: Path, view_id: str) -> None:

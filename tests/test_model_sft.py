@@ -12,7 +12,7 @@ from occmllm.errors import OccError
 from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint, load_model
 from occmllm.questions import Q1, Q6
 from occmllm.sft import Collator
-from occmllm.stage import ModelArguments, add_lora, freeze
+from occmllm.stage import ModelArguments, RememberedTower, add_lora, freeze
 
 ROOT = Path(__file__).resolve().parents[1]
 Q1_Q6 = [{"from": "human", "value": Q1}, {"from": "gpt", "value": "The object is jar."},
@@ -216,6 +216,58 @@ def test_freeze_switches(tiny_model):
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
     assert not any(p.requires_grad for p in model.model.language_model.parameters())
     assert all(p.requires_grad for p in model.model.multi_modal_projector.parameters())
+
+
+def test_remembered_tower_trains_as_the_tower_does(tiny_model):
+    """With the frozen tower's outputs remembered by image, three AdamW steps over batches that
+    share images (in other places, other company, flipped) give the losses and weights of the tower
+    run every time (to float rounding: at some shapes a batch's size moves the tower's last bits),
+    and the tower sees each distinct image once."""
+    from PIL import Image, ImageOps
+    rng = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(40, 40, 3, generator=rng) * 255).byte().numpy()) for _ in range(3)]
+    images.append(ImageOps.mirror(images[0]))
+    batches = [[0, 1, 1], [2, 0, 3, 1], [3, 2]]  # image indices of each step's records
+    runs = []
+    for remember in (False, True):
+        torch.manual_seed(0)
+        model, processor = load_model(tiny_model)
+        freeze(model, vision=True, projector=False, llm=False)
+        tower = model.model.vision_tower
+        seen = []
+        tower.embeddings.register_forward_hook(lambda module, args, out: seen.append(len(out)))
+        memo = RememberedTower(tower, model.config.vision_feature_layer) if remember else None
+        model.train()
+        enc = ConversationEncoder(processor)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for batch in batches:
+            items = [enc.encode([images[i]], Q1_Q6) for i in batch]
+            inputs = Collator(processor.tokenizer.pad_token_id)(
+                [{"input_ids": i.input_ids, "labels": i.labels, "pixel_values": i.pixel_values} for i in items])
+            loss = model(**inputs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs.append((losses, model.state_dict(), sum(seen), memo))
+    (plain_losses, plain_state, plain_seen, _), (losses, state, seen, memo) = runs
+    assert losses == pytest.approx(plain_losses, rel=1e-6) and losses[-1] < losses[0]
+    # an AdamW step moves a weight by about lr (1e-3); rounding differences stay far below it
+    assert max((state[k] - plain_state[k]).abs().max().item() for k in plain_state) < 1e-5
+    assert plain_seen == 9 and seen == 4 and len(memo.outputs) == 4
+
+
+def test_remembered_tower_needs_a_frozen_deterministic_tower(tiny_model):
+    model, _ = load_model(tiny_model)
+    with pytest.raises(OccError, match="needs freeze_vision"):
+        RememberedTower(model.model.vision_tower, -1)
+    freeze(model, vision=True, projector=False, llm=False)
+    with pytest.raises(OccError, match="reads layer -2"):
+        RememberedTower(model.model.vision_tower, -2)
+    model.model.vision_tower.config.attention_dropout = 0.1
+    with pytest.raises(OccError, match="random in training.*attention_dropout"):
+        RememberedTower(model.model.vision_tower, -1)
 
 
 def test_checkpoint_errors(tmp_path):

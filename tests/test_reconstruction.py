@@ -223,6 +223,15 @@ def test_evaluate_writes_metrics_with_baseline_and_bins(trained, synth, tmp_path
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(again))), path.name
 
 
+def test_sheet_picks_spread_each_occlusion_bin():
+    """One row per occlusion bin, up to four views spread over the bin in order (first and last
+    included), views without an occlusion ratio left out, a fully occluded view in the last bin."""
+    from reconstruction.evaluate import sheet_picks
+    occlusions = [0.0, 0.05, 0.1, 0.15, 0.25, 0.3, 0.5, None, 0.3, 1.0, 0.9]
+    assert sheet_picks(occlusions) == [[0, 1, 2, 3], [4, 5, 8], [6], [], [9, 10]]
+    assert sheet_picks([0.1] * 7, per_row=3) == [[0, 3, 6], [], [], [], []]
+
+
 def test_bad_inputs_are_clear_errors(synth, tmp_path, trained):
     with pytest.raises(OccError, match="not found"):
         Reconstructor(tmp_path / "missing")
