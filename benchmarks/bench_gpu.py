@@ -216,7 +216,7 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
              "--disable_tqdm", "true", "--logging_steps", "1000000", "--report_to", "none",
              "--warmup_steps", "0", "--dataloader_num_workers", "0", "--activation_checkpointing",
              str(args.gradient_checkpointing).lower(), "--bf16", str(device.type == "cuda").lower(),
-             "--use_cpu", str(device.type == "cpu").lower(), *TRAIN_RUNS[run]]
+             "--use_cpu", str(device.type == "cpu").lower(), "--cache_vision", "false", *TRAIN_RUNS[run]]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if run == "mpo":

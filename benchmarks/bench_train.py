@@ -8,7 +8,9 @@ loader workers). With ``cache_encoded`` the first epoch decodes and tiles every 
 epochs read the cache, so the table has one row per epoch.
 
 FLOPs per step are counted as ``bench_gpu.py`` counts them (its docstring): 2 x parameters x tokens
-forward for each part plus attention, 3x that for a trained part, 1x for a frozen tower.
+forward for each part plus attention, 3x that for a trained part, 1x for a frozen tower. So that
+the frozen tower does run every step, the stage config's ``cache_vision`` is turned off here; pass
+``-- --cache_vision true`` to time the demo's setting (whose FLOPs this count then overstates).
 
     python benchmarks/bench_train.py [--samples 1024] [--epochs 2] [-- --flag value ...]
 """
@@ -120,7 +122,7 @@ def main() -> None:
         model_args, data_args, training = parse_config(
             (ModelArguments, DataArguments, TrainingArguments),
             ["--output_dir", tmp, "--num_train_epochs", str(args.epochs), "--save_strategy", "no",
-             "--disable_tqdm", "true", "--logging_steps", "1000000", *args.flags], CONFIG)
+             "--disable_tqdm", "true", "--logging_steps", "1000000", "--cache_vision", "false", *args.flags], CONFIG)
         for path in (model_args.model_name_or_path, data_args.train_data):
             if not Path(path).exists():
                 raise SystemExit(f"{path}: not found; run `make demo` first or pass the paths as flags")

@@ -107,7 +107,8 @@ class RememberedTower:
 
     def __init__(self, tower: torch.nn.Module, vision_feature_layer):
         if any(p.requires_grad for p in tower.parameters()):
-            raise OccError("cache_vision remembers the vision tower's outputs: it needs freeze_vision")
+            raise OccError("cache_vision remembers the frozen vision tower's outputs: it needs freeze_vision "
+                           "(to train the tower, set cache_vision false)")
         if vision_feature_layer != -1:
             raise OccError(f"cache_vision keeps the tower's last layer, but the model reads layer {vision_feature_layer} "
                            "(vision_feature_layer): unset cache_vision")
