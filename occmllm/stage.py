@@ -118,9 +118,13 @@ class RememberedTower:
         if random:
             raise OccError(f"cache_vision: the vision tower is random in training ({random}), so its output is not "
                            "a function of the image: unset cache_vision")
-        self.forward = tower.forward
+        self.tower = tower
         self.outputs: dict[bytes, torch.Tensor] = {}
         tower.forward = self
+
+    def forward(self, **kwargs):
+        """The tower's own forward (its class's: a copy of the model calls its own tower)."""
+        return type(self.tower).forward(self.tower, **kwargs)
 
     @staticmethod
     def key(image: torch.Tensor) -> bytes:

@@ -250,6 +250,14 @@ def test_remembered_tower_trains_as_the_tower_does(tiny_model):
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
+        if remember:  # a copy of the model (a reference model, say) runs and remembers with its own tower
+            import copy
+            clone = copy.deepcopy(model)
+            with torch.no_grad():
+                image = inputs["pixel_values"]
+                assert torch.equal(clone.model.vision_tower(pixel_values=image).last_hidden_state,
+                                   tower(pixel_values=image).last_hidden_state)
+            assert clone.model.vision_tower.forward.tower is clone.model.vision_tower
         runs.append((losses, model.state_dict(), sum(seen), memo))
     (plain_losses, plain_state, plain_seen, _), (losses, state, seen, memo) = runs
     assert losses == pytest.approx(plain_losses, rel=1e-6) and losses[-1] < losses[0]
