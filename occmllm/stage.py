@@ -114,7 +114,7 @@ class RememberedTower:
                            "(vision_feature_layer): unset cache_vision")
         config = tower.config
         random = {k: getattr(config, k) for k in ("attention_dropout", "hidden_dropout_prob", "drop_path_rate",
-                                                  "projection_dropout") if getattr(config, k, 0) or 0}
+                                                  "projection_dropout") if getattr(config, k, None)}
         if random:
             raise OccError(f"cache_vision: the vision tower is random in training ({random}), so its output is not "
                            "a function of the image: unset cache_vision")

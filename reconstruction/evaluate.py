@@ -96,8 +96,10 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
                 declined["silhouette IoU: the manifest has no amodal masks (mask_amodal)"] += 1
             caster = RayCaster([rec.mesh])
             hits = caster.render(view.camera)  # one cast for the silhouette, the render and the sheet
+            image = None  # the render, made once for the renders folder and the sheet
             if renders is not None and not Path(records.render_path(renders, rec.id)).is_file():
-                save_render(render(rec, view.camera, caster, hits), renders, rec.id)
+                image = render(rec, view.camera, caster, hits)
+                save_render(image, renders, rec.id)
             pred_sil = (hits.label >= 0).reshape(view.size)
             pred_points = sample_surface(rec.mesh, SURFACE_SAMPLES, seed=2)
             meta = {"id": line["id"], "category": line["category"], "occlusion": line["occlusion"]}
@@ -109,7 +111,7 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
                 colour = tuple(c / 255 for c in OBJECT_COLOURS.get(line.get("colour"), (200, 200, 200)))
                 truth_image = render_rgb(RayCaster([truth]), view.camera, [colour])
                 sheet_cells[line["id"]] = (ours[-1], baseline[-1], view.rgb, truth_image,
-                                           render(rec, view.camera, caster, hits))
+                                           image if image is not None else render(rec, view.camera, caster, hits))
     result = {"protocol": PROTOCOL, "checkpoint": None, "data": str(data), "split": split, **_summary(ours),
               "baseline": {"name": "visible only (back-projected visible depth)", **_summary(baseline)},
               "empty_reconstructions": sum(r["empty"] for r in ours), "samples": ours,
