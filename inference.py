@@ -81,7 +81,7 @@ def run_inference(args) -> list[Path]:
     from transformers.utils import logging as hf_logging
 
     from occmllm.answering import Answerer
-    from occmllm.model import check_checkpoint, default_device, load_model
+    from occmllm.model import check_checkpoint, default_device
 
     checkpoints = parse_checkpoints(args.checkpoint)
     for data in args.data:
@@ -122,18 +122,11 @@ def run_inference(args) -> list[Path]:
             if not any(samples for _, samples in todo):
                 continue
             torch.manual_seed(SEED)
-            # fp32 on CPU; on a GPU load_model's default (bf16)
-            try:
-                model, processor = load_model(path, device=device,
-                                              dtype=torch.float32 if device.type == "cpu" else None)
-            except (OSError, ValueError) as exc:  # missing or damaged weights / tokenizer files
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                kept = ", ".join(str(t.log.path) for t in targets)
-                raise OccError(f"{path}: cannot load checkpoint {name!r} ({first}); the predictions so far are "
-                               f"kept in {kept}") from None
+            model, processor = load_checkpoint(path, name, device, targets)
             answerer = Answerer(model, processor, args.max_new_tokens)
+            second_look = load_second_look(args, path, name, device)
             for target, samples in todo:
-                set_checkpoint_context(args, target.context, path)
+                set_checkpoint_context(args, target.context, path, second_look)
                 for start in range(0, len(samples), args.batch_size):
                     batch = samples[start: start + args.batch_size]
                     t0 = time.perf_counter()
@@ -142,11 +135,37 @@ def run_inference(args) -> list[Path]:
                     target.log.append(name, args.mode, batch, results, seconds)
                     print(f"  {name}: {start + len(batch)}/{len(samples)} ({len(batch) / seconds:.2f} samples/s)",
                           flush=True)
-            del model, processor, answerer
+            del model, processor, answerer, second_look
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return [finish(t.out, build_report(t.data, t.test, t.log.runs([s.id for s in t.samples])), t.log.path)
             for t in targets]
+
+
+def load_checkpoint(path: Path, name: str, device, targets=()):
+    """A checkpoint's model and processor, fp32 on CPU and load_model's default (bf16) on a GPU; a
+    one-line error for missing or damaged files."""
+    import torch
+
+    from occmllm.model import load_model
+    try:
+        return load_model(path, device=device, dtype=torch.float32 if device.type == "cpu" else None)
+    except (OSError, ValueError) as exc:  # missing or damaged weights / tokenizer files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        kept = ", ".join(str(t.log.path) for t in targets)
+        raise OccError(f"{path}: cannot load checkpoint {name!r} ({first})"
+                       + (f"; the predictions so far are kept in {kept}" if kept else "")) from None
+
+
+def load_second_look(args, path: Path, name: str, device):
+    """cot: the checkpoint's own second-look model (``occmllm.chain.SECOND_LOOK_DIR``), or None."""
+    from occmllm.answering import Answerer
+    from occmllm.chain import second_look_model
+    folder = second_look_model(path) if args.mode == "cot" else None
+    if folder is None:
+        return None
+    model, processor = load_checkpoint(folder, f"{name} (second look)", device)
+    return Answerer(model, processor, args.max_new_tokens)
 
 
 def load_clip(args):
@@ -178,14 +197,17 @@ def mode_context(args, data: Path, root: Path, out: Path, clip) -> Context:
     return context
 
 
-def set_checkpoint_context(args, context: Context, path: Path) -> None:
-    """What a mode reads from the checkpoint itself: the blend weight (cot, dual) and the gate (cot)."""
+def set_checkpoint_context(args, context: Context, path: Path, second_look=None) -> None:
+    """What a mode reads from the checkpoint itself: the blend weight (cot, dual; the second-look
+    model's where there is one), the gate (cot) and the second-look model (cot)."""
     if args.mode in ("cot", "dual"):
+        from occmllm.chain import second_look_model
         from occmllm.dual import resolve_alpha
-        context.alpha = resolve_alpha(path, args.alpha)
+        context.alpha = resolve_alpha(second_look_model(path) or path if args.mode == "cot" else path, args.alpha)
     if args.mode == "cot":
         from occmllm.chain import read_gate
         context.gate = args.gate if args.gate is not None else read_gate(path)
+        context.second_look = second_look
 
 
 def score_reference(args) -> Path:

@@ -10,7 +10,9 @@ the report.
    (``SECOND_LOOK``) over the image whose visual tokens are blended with its reconstruction render's,
    alpha x image + (1 - alpha) x render (``occmllm.dual.blend``; alpha is the checkpoint's
    ``dual_alpha.json``, learnt in stage 4). The first answer is not in it, so the second look
-   cannot copy it. Blended, the render speaks through the image's own token positions; shown as a
+   cannot copy it. Stage 4 trains the second look as a model of its own (``SECOND_LOOK_DIR``
+   inside the stage-4 checkpoint, with its alpha): one model that learnt both looks answered
+   worse at first look. Blended, the render speaks through the image's own token positions; shown as a
    second image beside it, the same renders moved the answers less (benchmarks/RESULTS.md, "Where
    the second look's gain comes from").
 4. **Gate**: at inference the second look is taken where P(``No.``) (the model's probability of
@@ -45,6 +47,10 @@ CHECK_QUESTION = Q6
 # One placeholder: the image, its visual tokens blended with the render's.
 SECOND_LOOK = Q1
 GATE_FILE = "chain_gate.json"
+# The second look's own model, a dual checkpoint inside the stage-4 checkpoint: learning to read the
+# blend moved the first look's answers when one model learnt both (benchmarks/RESULTS.md, "The second
+# look gets a model of its own")
+SECOND_LOOK_DIR = "second_look"
 DEFAULT_GATE = 0.5
 HELD_OUT_SHARE = 0.25  # of the training scenes: the chain's views, kept out of stages 1 and 2
 
@@ -151,6 +157,13 @@ def gate_rows(predictions: list[dict], truths: dict[str, str]) -> list[tuple[flo
         rows.append((float(chain["p_no"]), parse_category(answers[FIRST]) == truth,
                      parse_category(answers[SECOND]) == truth))
     return rows
+
+
+def second_look_model(checkpoint: str | Path) -> Path | None:
+    """The checkpoint's own second-look model (``SECOND_LOOK_DIR``), or None: the checkpoint looks
+    again itself."""
+    folder = Path(checkpoint) / SECOND_LOOK_DIR
+    return folder if folder.is_dir() else None
 
 
 def read_gate(checkpoint: str | Path) -> float:

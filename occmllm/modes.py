@@ -27,6 +27,7 @@ class Context:
     gate: float = chain.DEFAULT_GATE    # cot: the second look where P(No.) >= gate (per checkpoint)
     clip: tuple | None = None           # (model, tokenizer, image processor) from occmllm.clip.load
     tta: object | None = None           # occmllm.tta.TTASettings
+    second_look: Answerer | None = None  # cot: the checkpoint's own second-look model (occmllm.chain), if any
 
 
 def run_plain(answerer: Answerer, batch: list[Sample], context: Context | None = None) -> list[dict]:
@@ -58,7 +59,8 @@ def run_cot(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     """The chain of thought of ``occmllm.chain``: the first answer (Q1); the check (Q6 after it),
     read as P(``No.``); where P(``No.``) reaches the gate, the render is made and Q1 is asked again in
     a fresh conversation over the image blended with the render (``context.alpha``, the
-    checkpoint's). Only the model's own answers decide."""
+    checkpoint's), by the checkpoint's second-look model where it has one (``context.second_look``).
+    Only the models' own answers decide."""
     from occmllm.dual import blend
     tiled = [answerer.tiled(s.images[:1]) for s in batch]
     encoded = answerer.encode(tiled)
@@ -68,11 +70,13 @@ def run_cot(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     look = [i for i, p in enumerate(p_no) if chain.looks_again(p, context.gate)]
     second: dict[int, str] = {}
     if look:
-        # only the renders are new to the vision tower: the images' features are already made
+        reader = context.second_look or answerer
         renders = rendered_like([batch[i] for i in look], [tiled[i] for i in look], answerer, context)
-        prompts = [Prompt(chain.second_look_turns(), blend(encoded[i][0], render_features, context.alpha),
-                          encoded[i][1]) for i, (render_features, _) in zip(look, answerer.encode(renders))]
-        second = dict(zip(look, answerer(prompts)))
+        # one model: only the renders are new to it, the images' features are already made
+        images = encoded if reader is answerer else dict(zip(look, reader.encode([tiled[i] for i in look])))
+        prompts = [Prompt(chain.second_look_turns(), blend(images[i][0], render_features, context.alpha),
+                          images[i][1]) for i, (render_features, _) in zip(look, reader.encode(renders))]
+        second = dict(zip(look, reader(prompts)))
     out = []
     for i in range(len(batch)):
         answers = {chain.FIRST: first[i], chain.CHECK: NO if i in second else YES}

@@ -8,6 +8,7 @@ Arguments, freezing, LoRA, saving and the stage command are ``occmllm.stage``'s.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,9 +189,15 @@ class ConversationTrainer(AnswerLogitsOnly, ResumesInternVL, Trainer):
     logits made only where the loss reads them (``occmllm.model.AnswerLogitsOnly``)."""
 
 
-def build_trainer(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments):
-    """The stage's HF Trainer (model, dataset, collator, callbacks) and the processor it saves."""
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments,
+                  keep: Callable[[dict], bool] | None = None, part: str = "records"):
+    """The stage's HF Trainer (model, dataset, collator, callbacks) and the processor it saves.
+    ``keep``: train only the records it accepts (``part`` names them in the error when none is left)."""
     items = records.load_training_records(data_args.train_data, data_args.data_root)
+    if keep is not None:
+        items = [(root, rec) for root, rec in items if keep(rec)]
+        if not items:
+            raise OccError(f"{data_args.train_data}: no {part} to train on")
     processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
     encoder = ConversationEncoder(processor, max_length=data_args.max_length)
     is_dual = check_dual(model_args)
@@ -209,8 +216,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     return trainer, processor
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments) -> Path:
-    trainer, processor = build_trainer(model_args, data_args, training)
+def train(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments,
+          keep: Callable[[dict], bool] | None = None, part: str = "records") -> Path:
+    trainer, processor = build_trainer(model_args, data_args, training, keep, part)
     return fit(trainer, processor, data_args.resume)
 
 

@@ -3,6 +3,12 @@
 1. chain-of-thought SFT on the stage-4 records (``occmllm.sft``) into ``sft_output_dir``;
 2. self-correction RL from that checkpoint (``occmllm.selfcorrect``) into ``output_dir``.
 
+With ``second_look_model`` (the demo's config), phase 1 trains two models from the stage-3
+checkpoint: the blended second-look records into its ``second_look/`` folder (``occmllm.chain``),
+and the records without a render (first answer, check, replay, plan) into the checkpoint itself,
+so that learning to read the blend cannot move the first look. The RL phase samples a chain from
+one model and needs ``--second_look_model false``.
+
 The demo's config runs phase 1 alone (into ``output_dir``): on its validation split the RL phase
 lowered accuracy (``benchmarks/RESULTS.md``, "The recipe with one chain of thought").
 
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from occmllm import selfcorrect, sft, stage
+from occmllm import chain, records, selfcorrect, sft, stage
 from occmllm.errors import OccError
 
 
@@ -28,6 +34,10 @@ class PhaseArguments:
     sft_output_dir: str | None = field(default=None, metadata={
         "help": "where the chain-of-thought SFT phase saves its checkpoint [<output_dir>_cot_sft with the RL phase, "
                 "else output_dir]"})
+    second_look_model: bool = field(default=False, metadata={
+        "help": "train the second look (the records with a render) as a model of its own, saved in the "
+                "checkpoint's second_look/ folder with the blend weight; the other records train the checkpoint "
+                "without the blend"})
 
 
 def parse_phases(text: str) -> list[str]:
@@ -40,12 +50,17 @@ def parse_phases(text: str) -> list[str]:
 def train(model_args: stage.ModelArguments, data_args: stage.DataArguments, phase_args: PhaseArguments,
           rl_args: selfcorrect.SelfCorrectArguments, training: TrainingArguments) -> Path:
     phases = parse_phases(phase_args.phases)
+    if phase_args.second_look_model and "rl" in phases:
+        raise OccError("the RL phase samples the whole chain from one model: with --phases "
+                       f"{phase_args.phases} set --second_look_model false")
     out = Path(model_args.model_name_or_path)
     if "sft" in phases:
         # without the RL phase the SFT phase's checkpoint is the stage's own
         default = f"{training.output_dir.rstrip('/')}_cot_sft" if "rl" in phases else training.output_dir
         sft_dir = phase_args.sft_output_dir or default
-        if data_args.resume and stage.is_finished(sft_dir):
+        if phase_args.second_look_model:
+            out = train_both_looks(model_args, data_args, training, sft_dir)
+        elif data_args.resume and stage.is_finished(sft_dir):
             print(f"chain-of-thought SFT: already finished in {sft_dir}"
                   + ("; resuming the RL phase" if "rl" in phases else ""), flush=True)
             out = Path(sft_dir)
@@ -57,6 +72,25 @@ def train(model_args: stage.ModelArguments, data_args: stage.DataArguments, phas
     if "rl" in phases:  # the blend weight comes with the SFT phase's checkpoint (or dual_alpha, without one)
         out = selfcorrect.train(replace(model_args, model_name_or_path=str(out)), data_args, rl_args, training)
     return out
+
+
+def train_both_looks(model_args: stage.ModelArguments, data_args: stage.DataArguments,
+                     training: TrainingArguments, out_dir: str) -> Path:
+    """Phase 1 as two models from the same start: the second-look records into
+    ``out_dir/second_look`` (blended, with ``dual_alpha``), then the records without a render into
+    ``out_dir`` itself (no blend), whose processor files, written last, mark the whole checkpoint
+    finished. With ``resume`` a finished model is kept."""
+    looks = [(Path(out_dir) / chain.SECOND_LOOK_DIR, model_args,
+              lambda rec: records.render_of(rec) is not None, "second-look records (with a render)"),
+             (Path(out_dir), replace(model_args, dual_alpha=None, dual_learnable=False),
+              lambda rec: records.render_of(rec) is None, "first-look records (without a render)")]
+    for folder, args, keep, part in looks:
+        if data_args.resume and stage.is_finished(folder):
+            print(f"chain-of-thought SFT: {part} already finished in {folder}", flush=True)
+            continue
+        sft.train(args, data_args, replace(training, output_dir=str(folder)), keep, part)
+        gc.collect()
+    return Path(out_dir)
 
 
 run, main = stage.stage_commands(train, (stage.ModelArguments, stage.DataArguments, PhaseArguments,

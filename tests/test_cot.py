@@ -116,6 +116,27 @@ def test_the_gate_decides_the_second_look(tiny_model, cot_setup, recon_model, tm
     assert not list((tmp_path / "none/renders").glob("*.png"))
 
 
+def test_a_second_look_model_answers_the_second_look(tiny_model, cot_setup, recon_model, tmp_path):
+    """A checkpoint with its own second-look model (``second_look/``, as stage 4 saves it): the
+    first answer and the check are the checkpoint's, the second look is that model's, blended at
+    that model's alpha, as each answers alone."""
+    import shutil
+    work, model = cot_setup
+    ckpt = shutil.copytree(tiny_model, tmp_path / "ckpt")  # a first look that never learnt the blend
+    shutil.copytree(model, ckpt / chain.SECOND_LOOK_DIR)
+    assert chain.second_look_model(ckpt) == ckpt / chain.SECOND_LOOK_DIR
+    common = ["--data", str(work / "test.jsonl"), "--mode", "cot", "--recon", str(recon_model),
+              "--recon-resolution", "24", "--gate", "0"]
+    _run(["--checkpoint", f"both={ckpt}", *common, "--out", str(tmp_path / "both")])
+    _run(["--checkpoint", f"first={tiny_model}", *common, "--alpha", "0.5", "--out", str(tmp_path / "first")])
+    _run(["--checkpoint", f"second={model}", *common, "--out", str(tmp_path / "second")])
+    both, first, second = (_predictions(tmp_path / name) for name in ("both", "first", "second"))
+    assert [p["answers"]["Q1"] for p in both] == [p["answers"]["Q1"] for p in first]
+    assert [p["chain"]["p_no"] for p in both] == [p["chain"]["p_no"] for p in first]
+    assert [p["answers"]["Q1#2"] for p in both] == [p["answers"]["Q1#2"] for p in second]
+    assert [p["answers"]["Q1#2"] for p in both] != [p["answers"]["Q1#2"] for p in first]
+
+
 def test_gate_chosen_on_one_run_predicts_the_next(cot_setup, recon_model, tmp_path):
     """``python -m occmllm.chain gate`` on a run that looked everywhere writes the checkpoint's gate;
     a run with it (read from the checkpoint) scores the accuracy the choice predicted."""

@@ -4,6 +4,7 @@ The policy-gradient loss moves the model only through the sampled answer tokens 
 the chains' rewards differ; the KL to the separately loaded reference starts at zero and grows;
 a few RL steps raise the mean reward of a briefly fine-tuned tiny model; the stage's data,
 config and missing-checkpoint error."""
+import json
 import os
 import subprocess
 import sys
@@ -225,7 +226,8 @@ def mean_outcomes(model, sampler, views, k: int, reward_fn, seed: int) -> dict:
 def test_rl_steps_raise_the_mean_reward(tiny_model, stage4_file, tmp_path):
     from step4_selfconsistency.train import run
     # phase 1 alone, through the stage command: brief CoT SFT so Q1 gets categories and Q6 Yes./No.
-    sft_dir = run(["--phases", "sft", "--model_name_or_path", str(tiny_model), "--train_data", str(stage4_file),
+    sft_dir = run(["--phases", "sft", "--second_look_model", "false", "--model_name_or_path", str(tiny_model),
+                   "--train_data", str(stage4_file),
                    "--output_dir", str(tmp_path / "step4"), "--sft_output_dir", str(tmp_path / "sft"),
                    "--max_steps", "150", "--per_device_train_batch_size", "8", "--learning_rate", "0.003",
                    "--warmup_steps", "0", "--augment", "false", "--save_strategy", "no", "--logging_steps", "50",
@@ -281,19 +283,51 @@ def test_stage4_runs_both_phases(tiny_model, stage4_file, tmp_path):
     out = run(["--model_name_or_path", str(tiny_model), "--train_data", str(stage4_file), "--output_dir",
                str(tmp_path / "step4"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--augment", "false",
                "--save_strategy", "no", "--rl_steps", "2", "--rl_images_per_step", "2", "--rl_group_size", "2",
-               "--rl_max_new_tokens", "6", "--renders", RENDERS, "--disable_tqdm", "true", "--phases", "sft,rl"],
-              default_config=CONFIG)
+               "--rl_max_new_tokens", "6", "--renders", RENDERS, "--disable_tqdm", "true", "--phases", "sft,rl",
+               "--second_look_model", "false"], default_config=CONFIG)
     assert out == tmp_path / "step4"
     load_model(tmp_path / "step4_cot_sft")  # phase 1's checkpoint, where phase 2 started
     load_model(out)
     # phase 1 learnt the second look's blend weight; phase 2 kept it fixed and saved it with its checkpoint
     assert read_dual(out) == {"alpha": read_alpha(tmp_path / "step4_cot_sft"), "learnable": False}
-    # the config's phase 1 alone saves the stage's checkpoint into output_dir
+    # the config's phase 1 alone saves the stage's checkpoint into output_dir, its second look a model of its own
     alone = run(["--model_name_or_path", str(tiny_model), "--train_data", str(stage4_file), "--output_dir",
                  str(tmp_path / "sft_only"), "--max_steps", "1", "--per_device_train_batch_size", "4", "--augment",
                  "false", "--save_strategy", "no", "--disable_tqdm", "true"], default_config=CONFIG)
     assert alone == tmp_path / "sft_only" and not (tmp_path / "sft_only_cot_sft").exists()
     load_model(alone)
+    assert read_dual(alone) is None  # the first look never blends
+    second = rules.second_look_model(alone)
+    assert second == alone / rules.SECOND_LOOK_DIR and read_dual(second)["learnable"] is True
+    load_model(second)
+
+
+def test_each_look_trains_on_its_own_records(tiny_model, stage4_file, tmp_path):
+    """With ``second_look_model`` the records with a render train the second look's model (blended)
+    and the others the checkpoint itself; either set empty, or the RL phase, is a one-line error."""
+    from occmllm import sft
+    from occmllm.errors import OccError
+    from step4_selfconsistency.train import run
+    recs = records.read_records(stage4_file)
+    blended = [r for r in recs if records.render_of(r)]
+    assert 0 < len(blended) < len(recs)
+    training = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
+    data = DataArguments(train_data=str(stage4_file))
+    first, _ = sft.build_trainer(ModelArguments(model_name_or_path=str(tiny_model)), data, training,
+                                 keep=lambda r: records.render_of(r) is None)
+    second, _ = sft.build_trainer(ModelArguments(model_name_or_path=str(tiny_model), dual_alpha=0.5), data, training,
+                                  keep=lambda r: records.render_of(r) is not None)
+    assert len(first.train_dataset) == len(recs) - len(blended) and len(second.train_dataset) == len(blended)
+    argv = ["--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "s4"), "--max_steps", "1",
+            "--save_strategy", "no", "--disable_tqdm", "true"]
+    with pytest.raises(OccError, match="--second_look_model false"):
+        run([*argv, "--train_data", str(stage4_file), "--phases", "sft,rl"], default_config=CONFIG)
+    plain = tmp_path / "plain.jsonl"  # the chain's records without its second looks
+    plain.write_text("".join(json.dumps(r) + "\n" for r in recs if not records.render_of(r)))
+    root = records.root_from_meta(stage4_file, "--data_root")
+    with pytest.raises(OccError, match="no second-look records"):
+        run([*argv, "--train_data", str(plain), "--data_root", str(root)], default_config=CONFIG)
+    assert not (tmp_path / "s4").exists()
 
 
 def test_missing_stage3_checkpoint_is_one_line_error(tmp_path, capsys):
