@@ -124,7 +124,7 @@ def run_inference(args) -> list[Path]:
             torch.manual_seed(SEED)
             model, processor = load_checkpoint(path, name, device, targets)
             answerer = Answerer(model, processor, args.max_new_tokens)
-            second_look = load_second_look(args, path, name, device)
+            second_look = load_second_look(args, path, name, device, targets)
             for target, samples in todo:
                 set_checkpoint_context(args, target.context, path, second_look)
                 for start in range(0, len(samples), args.batch_size):
@@ -157,14 +157,14 @@ def load_checkpoint(path: Path, name: str, device, targets=()):
                        + (f"; the predictions so far are kept in {kept}" if kept else "")) from None
 
 
-def load_second_look(args, path: Path, name: str, device):
+def load_second_look(args, path: Path, name: str, device, targets=()):
     """cot: the checkpoint's own second-look model (``occmllm.chain.SECOND_LOOK_DIR``), or None."""
     from occmllm.answering import Answerer
     from occmllm.chain import second_look_model
     folder = second_look_model(path) if args.mode == "cot" else None
     if folder is None:
         return None
-    model, processor = load_checkpoint(folder, f"{name} (second look)", device)
+    model, processor = load_checkpoint(folder, f"{name} (second look)", device, targets)
     return Answerer(model, processor, args.max_new_tokens)
 
 
@@ -201,9 +201,9 @@ def set_checkpoint_context(args, context: Context, path: Path, second_look=None)
     """What a mode reads from the checkpoint itself: the blend weight (cot, dual; the second-look
     model's where there is one), the gate (cot) and the second-look model (cot)."""
     if args.mode in ("cot", "dual"):
-        from occmllm.chain import second_look_model
+        from occmllm.chain import second_look_source
         from occmllm.dual import resolve_alpha
-        context.alpha = resolve_alpha(second_look_model(path) or path if args.mode == "cot" else path, args.alpha)
+        context.alpha = resolve_alpha(second_look_source(path) if args.mode == "cot" else path, args.alpha)
     if args.mode == "cot":
         from occmllm.chain import read_gate
         context.gate = args.gate if args.gate is not None else read_gate(path)

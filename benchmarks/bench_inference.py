@@ -121,12 +121,12 @@ def main() -> None:
     if step4 and args.recon.is_dir():
         size = BATCH_SIZES[-1]
         _, plain_s = timed(lambda: batched(step4, samples, size))
-        second = chain.second_look_model(args.cot_checkpoint)  # the second look's model and alpha, if it has its own
+        second = chain.second_look_model(args.cot_checkpoint)  # the second look's own model, if it has one
         reader = second and Answerer(*load_model(second, device=torch.device("cpu"), dtype=torch.float32),
                                      args.max_new_tokens)
         with tempfile.TemporaryDirectory() as tmp:
             context = Context(renders=RenderCache(args.recon, root, Path(tmp), 64, "cpu"),
-                              alpha=resolve_alpha(second or args.cot_checkpoint, None),
+                              alpha=resolve_alpha(chain.second_look_source(args.cot_checkpoint), None),
                               gate=chain.read_gate(args.cot_checkpoint), second_look=reader)
             answers, cot_s = timed(lambda: batched(step4, samples, size, run_cot, context))
         unclear = sum(chain.SECOND in a for a in answers)

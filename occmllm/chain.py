@@ -38,7 +38,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from occmllm import fileio
+from occmllm import fileio, records
 from occmllm.errors import OccError, cli
 from occmllm.questions import NO, Q1, Q6, YES, answer_in_history, parse_category
 
@@ -159,11 +159,22 @@ def gate_rows(predictions: list[dict], truths: dict[str, str]) -> list[tuple[flo
     return rows
 
 
+def is_second_look(record: dict) -> bool:
+    """Whether a training record is a second look: its image is blended with a render."""
+    return records.render_of(record) is not None
+
+
 def second_look_model(checkpoint: str | Path) -> Path | None:
     """The checkpoint's own second-look model (``SECOND_LOOK_DIR``), or None: the checkpoint looks
     again itself."""
     folder = Path(checkpoint) / SECOND_LOOK_DIR
     return folder if folder.is_dir() else None
+
+
+def second_look_source(checkpoint: str | Path) -> Path:
+    """The folder the second look is asked of and whose blend weight it uses: the checkpoint's own
+    second-look model, else the checkpoint."""
+    return second_look_model(checkpoint) or Path(checkpoint)
 
 
 def read_gate(checkpoint: str | Path) -> float:

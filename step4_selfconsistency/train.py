@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from occmllm import chain, records, selfcorrect, sft, stage
+from occmllm import chain, selfcorrect, sft, stage
 from occmllm.errors import OccError
 
 
@@ -80,10 +80,10 @@ def train_both_looks(model_args: stage.ModelArguments, data_args: stage.DataArgu
     ``out_dir/second_look`` (blended, with ``dual_alpha``), then the records without a render into
     ``out_dir`` itself (no blend), whose processor files, written last, mark the whole checkpoint
     finished. With ``resume`` a finished model is kept."""
-    looks = [(Path(out_dir) / chain.SECOND_LOOK_DIR, model_args,
-              lambda rec: records.render_of(rec) is not None, "second-look records (with a render)"),
+    looks = [(Path(out_dir) / chain.SECOND_LOOK_DIR, model_args, chain.is_second_look,
+              "second-look records (with a render)"),
              (Path(out_dir), replace(model_args, dual_alpha=None, dual_learnable=False),
-              lambda rec: records.render_of(rec) is None, "first-look records (without a render)")]
+              lambda rec: not chain.is_second_look(rec), "first-look records (without a render)")]
     for folder, args, keep, part in looks:
         if data_args.resume and stage.is_finished(folder):
             print(f"chain-of-thought SFT: {part} already finished in {folder}", flush=True)

@@ -305,19 +305,21 @@ def test_stage4_runs_both_phases(tiny_model, stage4_file, tmp_path):
 def test_each_look_trains_on_its_own_records(tiny_model, stage4_file, tmp_path):
     """With ``second_look_model`` the records with a render train the second look's model (blended)
     and the others the checkpoint itself; either set empty, or the RL phase, is a one-line error."""
-    from occmllm import sft
+    import math
+
     from occmllm.errors import OccError
     from step4_selfconsistency.train import run
     recs = records.read_records(stage4_file)
-    blended = [r for r in recs if records.render_of(r)]
+    blended = [r for r in recs if records.render_of(r)]  # the records stage 4's builder gave a render
     assert 0 < len(blended) < len(recs)
-    training = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
-    data = DataArguments(train_data=str(stage4_file))
-    first, _ = sft.build_trainer(ModelArguments(model_name_or_path=str(tiny_model)), data, training,
-                                 keep=lambda r: records.render_of(r) is None)
-    second, _ = sft.build_trainer(ModelArguments(model_name_or_path=str(tiny_model), dual_alpha=0.5), data, training,
-                                  keep=lambda r: records.render_of(r) is not None)
-    assert len(first.train_dataset) == len(recs) - len(blended) and len(second.train_dataset) == len(blended)
+    # one epoch each, saved at its end: a model's checkpoint-N counts the batches of its own records
+    out = run(["--model_name_or_path", str(tiny_model), "--train_data", str(stage4_file), "--output_dir",
+               str(tmp_path / "looks"), "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--augment",
+               "false", "--save_strategy", "epoch", "--disable_tqdm", "true"], default_config=CONFIG)
+    steps = {p.name for p in out.glob("checkpoint-*")}
+    second_steps = {p.name for p in (out / rules.SECOND_LOOK_DIR).glob("checkpoint-*")}
+    assert steps == {f"checkpoint-{math.ceil((len(recs) - len(blended)) / 8)}"}
+    assert second_steps == {f"checkpoint-{math.ceil(len(blended) / 8)}"}
     argv = ["--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "s4"), "--max_steps", "1",
             "--save_strategy", "no", "--disable_tqdm", "true"]
     with pytest.raises(OccError, match="--second_look_model false"):
