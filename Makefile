@@ -169,6 +169,8 @@ base: $(VENV)/.installed
 # seed 0, so none is shared with the demo's splits), trained longer than a demo could
 RECON_BASE := occmllm/pretrained/recon-synthocc
 RECON_BASE_SCENES ?= 6400
+# 12,000 steps reconstruct with 30% less Chamfer error but the second look gains nothing from it: the
+# renders add no more to the image than these (benchmarks/RESULTS.md, "A better reconstruction does not...")
 RECON_BASE_STEPS ?= 3000
 recon-base: $(VENV)/.installed
 	rm -rf outputs/recon-base
