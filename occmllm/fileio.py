@@ -15,6 +15,18 @@ from typing import Any, Iterable, Iterator
 from occmllm.errors import OccError, where
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _created_mode(path: Path) -> None:
+    """Give a temporary file or folder the mode a plain create would have: mkstemp and mkdtemp
+    make them private (0600 / 0700), which would leave outputs unreadable to a lab's other users."""
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds,
@@ -26,6 +38,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        _created_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.is_dir():
@@ -43,6 +56,7 @@ def replace_folder(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _created_mode(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -1,5 +1,7 @@
 """Bad input gives a clear one-line error naming the file (and line), and leaves no output."""
 import json
+import os
+import stat
 
 import pytest
 from PIL import Image
@@ -112,6 +114,22 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         fileio.write_jsonl(tmp_path / "out.jsonl", gen())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_and_folders_get_the_usual_modes(tmp_path):
+    """Atomic writes go through private temporaries (mkstemp: 0600, mkdtemp: 0700); what they
+    leave must be as readable as a plain open() or mkdir() would make it."""
+    previous = os.umask(0o022)
+    try:
+        fileio.write_jsonl(tmp_path / "out.jsonl", [{"a": 1}])
+        with fileio.replace_folder(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out.jsonl").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
 
 
 def test_stage_file_with_bad_record_leaves_no_output(synth, tmp_path):
