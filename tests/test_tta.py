@@ -35,6 +35,16 @@ def copies(episodes, image):
     return torch.cat([p[image].detach().flatten() for p in episodes.params.values()])
 
 
+def same_steps(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor, optimizer: str, atol: float) -> bool:
+    """Whether two runs of the same steps reached the same weights. Under SGD element by element.
+    AdamW's first step is lr * g / (|g| + eps): on an element whose gradient is near eps, the float
+    difference of two correct computations moves the result by a sizeable share of lr, so there
+    the runs are compared by how far apart they end against how far they moved."""
+    if optimizer == "sgd":
+        return torch.allclose(a, b, atol=atol)
+    return bool((a - b).norm() <= 1e-4 * (b - start).norm())
+
+
 def test_rewards_sum_to_zero_over_the_candidates():
     scores = torch.tensor([2.5 * 0.31, 2.5 * 0.12, 0.0, 2.5 * 0.77])  # CLIP-S values
     rewards = tta.baseline_rewards(scores)
@@ -100,6 +110,7 @@ def test_images_adapted_together_move_as_each_would_alone(setup, optimizer):
     rewards = [tta.baseline_rewards(torch.rand(len(a), generator=torch.Generator().manual_seed(i)))
                for i, a in enumerate(answers)]
     tiles = [t for _, t in tiled]
+    start = copies(tta.Episodes(model, 1), 0)
     together = tta.Episodes(model, 3)
     tta.adapt(model, together, inputs, tta.answer_batch(encoder, Q1, answers, tiles), torch.cat(rewards),
               steps=3, lr=1e-2, optimizer=optimizer)
@@ -109,7 +120,7 @@ def test_images_adapted_together_move_as_each_would_alone(setup, optimizer):
         alone = tta.Episodes(model, 1)
         tta.adapt(model, alone, inputs[i: i + 1], tta.answer_batch(encoder, Q1, answers[i: i + 1], tiles[i: i + 1]),
                   rewards[i], steps=3, lr=1e-2, optimizer=optimizer)
-        assert torch.allclose(copies(together, i), copies(alone, 0), atol=1e-6)
+        assert same_steps(copies(together, i), copies(alone, 0), start, optimizer, atol=1e-6)
         # independently: the module itself, trained on the image's pixels
         module = copy.deepcopy(model)
         projector = tta.adapted_module(module)
@@ -126,8 +137,8 @@ def test_images_adapted_together_move_as_each_would_alone(setup, optimizer):
             loss.backward()
             opt.step()
         direct = torch.cat([p.detach().flatten() for p in projector.parameters()])
-        assert torch.allclose(copies(together, i), direct, atol=1e-5)
-        assert not torch.allclose(direct, copies(tta.Episodes(model, 1), 0))  # it did move
+        assert same_steps(copies(together, i), direct, start, optimizer, atol=1e-5)
+        assert not torch.allclose(direct, start)  # it did move
 
 
 def test_candidates_are_the_likeliest_answers(setup):
