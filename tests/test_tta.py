@@ -36,7 +36,7 @@ def copies(episodes, image):
 
 
 def same_steps(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor, optimizer: str, atol: float) -> bool:
-    """Whether two runs of the same steps reached the same weights. Under SGD element by element.
+    """Whether two computations of the same steps reached the same weights. Under SGD element by element.
     AdamW's first step is lr * g / (|g| + eps): on an element whose gradient is near eps, the float
     difference of two correct computations moves the result by a sizeable share of lr, so there
     the runs are compared by how far apart they end against how far they moved."""
@@ -120,7 +120,8 @@ def test_images_adapted_together_move_as_each_would_alone(setup, optimizer):
         alone = tta.Episodes(model, 1)
         tta.adapt(model, alone, inputs[i: i + 1], tta.answer_batch(encoder, Q1, answers[i: i + 1], tiles[i: i + 1]),
                   rewards[i], steps=3, lr=1e-2, optimizer=optimizer)
-        assert same_steps(copies(together, i), copies(alone, 0), start, optimizer, atol=1e-6)
+        # the same code on a batch of one: element by element, whatever the optimizer
+        assert torch.allclose(copies(together, i), copies(alone, 0), atol=1e-6)
         # independently: the module itself, trained on the image's pixels
         module = copy.deepcopy(model)
         projector = tta.adapted_module(module)
