@@ -4,6 +4,7 @@
                         [--data VAL.jsonl --out DIR2 ...]
                         [--data-root ROOT] [--batch-size 16] [--max-new-tokens 32] [--mode plain|cot|dual]
                         [--recon RECON] [--alpha A] [--tta clip --clip CLIP] [--limit N] [--device cpu|cuda]
+                        [--decoding dynamic|compiled]
     python inference.py --score-reference PRED.json --data TEST.jsonl --out DIR [--name NAME] [--id-prefix P]
 
 Each record's human turns are asked in order, each with the model's own earlier answers in the
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from occmllm import records, report
-from occmllm.answering import dataset_root, load_test, sample_of
+from occmllm.answering import DECODINGS, dataset_root, load_test, sample_of
 from occmllm.errors import OccError, cli
 from occmllm.modes import MODE_RUNNERS, Context
 from occmllm.predictions import PredictionLog, check_run_settings
@@ -123,7 +124,7 @@ def run_inference(args) -> list[Path]:
                 continue
             torch.manual_seed(SEED)
             model, processor = load_checkpoint(path, name, device, targets)
-            answerer = Answerer(model, processor, args.max_new_tokens)
+            answerer = Answerer(model, processor, args.max_new_tokens, args.decoding)
             second_look = load_second_look(args, path, name, device, targets)
             for target, samples in todo:
                 set_checkpoint_context(args, target.context, path, second_look)
@@ -165,7 +166,7 @@ def load_second_look(args, path: Path, name: str, device, targets=()):
     if folder is None:
         return None
     model, processor = load_checkpoint(folder, f"{name} (second look)", device, targets)
-    return Answerer(model, processor, args.max_new_tokens)
+    return Answerer(model, processor, args.max_new_tokens, args.decoding)
 
 
 def load_clip(args):
@@ -304,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--tta: sgd (the update's size follows the reward) or adamw (RLCF's) [sgd]")
     p.add_argument("--limit", type=int, help="only the first N test records")
     p.add_argument("--device", choices=("cpu", "cuda"), help="[cuda when available, else cpu]")
+    p.add_argument("--decoding", choices=DECODINGS, default="dynamic",
+                   help="dynamic: a growing KV cache, each step's kernels one by one; compiled: fixed KV "
+                        "buffers and each decoding step one compiled graph (a CUDA graph on a GPU), the same "
+                        "answers; the first batch of each batch size compiles it [dynamic]")
     p.add_argument("--name", help="--score-reference: the row's name in the report [the file's stem]")
     p.add_argument("--id-prefix", default="", help="--score-reference: put before each of the file's ids, e.g. "
                    "obman_test_ (the reference names ObMan views by file stem; data_tools.obman by obman_<split>_<stem>)")

@@ -16,13 +16,17 @@ Runs (``--runs``, comma-separated):
            ``occmllm.model.AnswerLogitsOnly`` (its loss is the same)
   mpo      stage 3 (TRL's DPOTrainer with the MPO losses), tower frozen, with its frozen reference
   plain    ``inference.py``'s plain mode (Q1-Q5 in turn, greedy, batches of ``--batch-size``)
+  plain-compiled   the same with ``--decoding compiled`` (static KV buffers, each decoding step one
+           compiled graph, a CUDA graph on a GPU); its first batch includes the compile
 
 With ``--packed`` the stage-1 runs train on packed batches (``occmllm.sft.Collator``: one row, no
 padding); the FLOP count is the same, since padding is not work.
 
 Each training run takes ``--warmup`` steps, then times ``--steps`` more (the device synchronised at
 each step's edges). Inference times its first batch (cold: includes any per-shape set-up) and then
-``--steps`` warm batches.
+``--steps`` warm batches (each of other records, so of other prompt widths; the slowest against the
+median shows any per-shape stall); on a GPU it then profiles one more batch and counts the host's kernel and
+CUDA-graph launches per record.
 
 Model FLOPs of a step, counted from the batch itself (tiles, and each sequence's tokens): each part
 costs 2 x parameters x tokens forward (the vision tower on 1,025 tokens a tile, the projector on
@@ -36,7 +40,7 @@ where the loss reads them (the stage trainers do) shows as a higher rate.
 The share of peak is against a bf16 matrix-multiply rate measured in the same run (fp32 on CPU).
 
     python benchmarks/bench_gpu.py [--shape 1b|8b|tiny] [--tiles 1|dynamic] [--batch-size 16]
-        [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain] [--gradient-checkpointing]
+        [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain,plain-compiled] [--gradient-checkpointing]
         [--packed] [--vocab-size N] [--device cuda|cpu] [--json OUT]
 
 Prints a table, then one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -253,7 +258,21 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
 
 
-def plain_row(checkpoint: Path, files: dict, args, device: torch.device) -> dict:
+PLAIN_RUNS = {"plain": "dynamic", "plain-compiled": "compiled"}  # run -> inference.py --decoding
+
+
+def launches(device: torch.device, work) -> int | None:
+    """Kernel and CUDA-graph launches the host makes while ``work()`` runs (None off a GPU)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        work()
+        torch.cuda.synchronize(device)
+    return sum(1 for e in prof.events() if "LaunchKernel" in e.name or "GraphLaunch" in e.name)
+
+
+def plain_row(run: str, checkpoint: Path, files: dict, args, device: torch.device) -> dict:
     from occmllm.answering import Answerer, dataset_root, load_test, sample_of
     from occmllm.model import load_model
     from occmllm.modes import run_plain
@@ -262,21 +281,36 @@ def plain_row(checkpoint: Path, files: dict, args, device: torch.device) -> dict
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, processor = load_model(checkpoint, device=device)
-    answerer = Answerer(model, processor, args.max_new_tokens)
+    answerer = Answerer(model, processor, args.max_new_tokens, PLAIN_RUNS[run])
     batches = [samples[(k * args.batch_size) % len(samples):][: args.batch_size] for k in range(args.steps + 1)]
-    times = []
+    times, answers = [], []
     for batch in batches:
         synchronize(device)
         start = time.perf_counter()
-        run_plain(answerer, batch)
+        answers += run_plain(answerer, batch)
         synchronize(device)
         times.append(time.perf_counter() - start)
     warm = times[1:]
     records = sum(len(b) for b in batches[1:])
-    return {"run": "plain", "batch": args.batch_size, "steps": len(warm), "seconds": sum(warm),
+    launched = launches(device, lambda: run_plain(answerer, batches[-1]))
+    return {"run": run, "batch": args.batch_size, "steps": len(warm), "seconds": sum(warm),
             "samples_per_s": records / sum(warm), "first_batch_s": times[0],
             "first_over_warm": times[0] / (sum(warm) / len(warm)), "flops": None,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
+            "launches_per_record": launched and launched / len(batches[-1]),
+            # a warm batch whose prompt widths are new to the process stalls if anything builds per shape
+            "slowest_over_median": max(warm) / statistics.median(warm),
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+            "answers": answers}
+
+
+def compare_answers(rows: list[dict]) -> None:
+    """Each plain-compiled row gets the share of its records answered exactly as the plain row
+    answered them (the same batches); the answers themselves leave the rows."""
+    plain = next((r["answers"] for r in rows if r["run"] == "plain"), None)
+    for r in rows:
+        answers = r.pop("answers", None)
+        if r["run"] != "plain" and answers is not None and plain is not None:
+            r["same_answers_as_plain"] = sum(a == b for a, b in zip(answers, plain)) / len(plain)
 
 
 def table(rows: list[dict], peak: float) -> str:
@@ -286,7 +320,12 @@ def table(rows: list[dict], peak: float) -> str:
              f"{'TFLOP/s':>8} {'of peak':>7} {'memory GiB':>10}  note"]
     for r in rows:
         tflops = r["flops"] / r["seconds"] / 1e12 if r["flops"] else None
-        note = f"first batch {r['first_over_warm']:.2f}x a warm one" if "first_over_warm" in r else ""
+        note = (f"first batch {r['first_over_warm']:.2f}x a warm one, slowest warm {r['slowest_over_median']:.2f}x "
+                "the median" if "first_over_warm" in r else "")
+        if r.get("launches_per_record"):
+            note += f", {r['launches_per_record']:.0f} launches a record"
+        if "same_answers_as_plain" in r:
+            note += f", {100 * r['same_answers_as_plain']:.0f}% of answers as plain's"
         lines.append(f"{r['run']:<17} {r['batch']:>5} {cell(r.get('tiles_per_sample'), '.2f', 12)} "
                      f"{cell(r.get('tokens_per_sample'), '.1f', 13)} {cell(r['samples_per_s'], '.2f', 9)} "
                      f"{cell(r.get('tokens_per_s'), '.0f', 9)} {cell(tflops, '.3f', 8)} "
@@ -303,8 +342,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=16, help="samples (records for plain) per step [16]")
     p.add_argument("--steps", type=int, default=10, help="timed steps (batches for plain) [10]")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first [3]")
-    p.add_argument("--runs", default="full,frozen,lora,mpo,plain",
-                   help="comma-separated runs (above) [full,frozen,lora,mpo,plain]")
+    p.add_argument("--runs", default="full,frozen,lora,mpo,plain,plain-compiled",
+                   help="comma-separated runs (above) [full,frozen,lora,mpo,plain,plain-compiled]")
     p.add_argument("--vocab-size", type=int, help="the language model's vocabulary rows [the shape's]: e.g. a real "
                                                   "151,674 on the tiny shape, to see the output head's share on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in training")
@@ -315,10 +354,10 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, help="also write the JSON line here")
     args = p.parse_args(argv)
     runs = [r for r in args.runs.split(",") if r]
-    unknown = [r for r in runs if r not in (*TRAIN_RUNS, "plain")]
+    unknown = [r for r in runs if r not in (*TRAIN_RUNS, *PLAIN_RUNS)]
     if unknown or not runs:
         p.error(f"--runs: unknown run {unknown[0] if unknown else '(none)'}; choose from "
-                f"{', '.join((*TRAIN_RUNS, 'plain'))}")
+                f"{', '.join((*TRAIN_RUNS, *PLAIN_RUNS))}")
     if min(args.batch_size, args.steps) < 1 or args.warmup < 0:
         p.error("--batch-size and --steps must be at least 1, --warmup at least 0")
     device = torch.device(args.device)
@@ -330,10 +369,11 @@ def main(argv=None) -> dict:
         tile = SHAPES[args.shape]["vision"]["image_size"]
         files = build_data(tmp, tile, args.tiles, max(args.batch_size * 2, 8))
         for run in runs:
-            rows.append(plain_row(checkpoint, files, args, device) if run == "plain"
+            rows.append(plain_row(run, checkpoint, files, args, device) if run in PLAIN_RUNS
                         else train_row(run, checkpoint, files, args, device, tmp))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    compare_answers(rows)
     result = {"shape": args.shape, "tiles": args.tiles, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "gradient_checkpointing": args.gradient_checkpointing,
               "packed": args.packed, "peak_tflops": peak / 1e12, "rows": rows}

@@ -4,6 +4,14 @@ A ``Sample`` is a test record stripped to its id, image files and questions: the
 and ``meta`` stay behind, so they cannot reach the model. An ``Answerer`` answers a batch of
 ``Prompt``s greedily, left padded, stopping at the end of turn; each image goes through the vision
 tower once per batch, and every prompt that shows it reuses those features (``mm_encoder_outputs``).
+
+Decoding (``DECODINGS``): ``dynamic`` grows the KV cache token by token and runs every layer's
+kernels one by one, each decoding step (a GPU launches hundreds of small kernels per token);
+``compiled`` keeps the KV cache in fixed buffers (transformers' ``StaticCache``) and runs each
+decoding step as one ``torch.compile`` graph, replayed as a CUDA graph on a GPU (mode
+``reduce-overhead``). Its buffers have a fixed batch and length (the length grows in steps of
+``CACHE_STEP`` tokens, only when a prompt needs it), so batches of other prompt widths reuse the
+compiled step instead of compiling their own. The answers are the same.
 """
 from __future__ import annotations
 
@@ -69,10 +77,14 @@ class Prompt:
     tiles: list[int]           # tiles per image
 
 
+DECODINGS = ("dynamic", "compiled")
+CACHE_STEP = 256  # compiled decoding: KV buffers grow in steps of this many tokens
+
+
 class Answerer:
     """One checkpoint: greedy answers for a batch of prompts (left padded, stop at end of turn)."""
 
-    def __init__(self, model, processor, max_new_tokens: int):
+    def __init__(self, model, processor, max_new_tokens: int, decoding: str = "dynamic"):
         import torch
 
         from occmllm.conversation import ConversationEncoder, pad_id, stop_ids
@@ -87,6 +99,31 @@ class Answerer:
         self.max_new_tokens = max_new_tokens
         self.pad_id = pad_id(self.tokenizer)
         self.eos_ids = stop_ids(self.tokenizer, model.generation_config)
+        if decoding not in DECODINGS:
+            raise OccError(f"decoding {decoding!r}: expected one of {', '.join(DECODINGS)}")
+        self.decoding = decoding
+        self._caches: dict[int, object] = {}  # compiled: batch size -> its StaticCache
+        if decoding == "compiled":
+            from transformers import CompileConfig
+            self._compile_config = CompileConfig()  # mode reduce-overhead: CUDA graphs on a GPU
+            self._compile_config._compile_all_devices = True  # transformers compiles only on accelerators unasked
+
+    def _decoding_kwargs(self, batch: int, width: int) -> dict:
+        """generate's cache arguments. ``compiled``: this batch size's static KV buffers, reset, grown
+        to the next multiple of CACHE_STEP when ``width`` prompt tokens and the answer do not fit,
+        and the compile settings."""
+        if self.decoding == "dynamic":
+            return {}
+        from transformers import StaticCache
+        need = width + self.max_new_tokens
+        cache = self._caches.get(batch)
+        if cache is None or cache.get_max_length() < need:
+            length = -(-need // CACHE_STEP) * CACHE_STEP
+            cache = self._caches[batch] = StaticCache(config=self.model.config.get_text_config(decoder=True),
+                                                      max_cache_len=length)
+        else:
+            cache.reset()
+        return {"past_key_values": cache, "compile_config": self._compile_config}
 
     def tiled(self, paths: list) -> tuple[object, list[int]]:
         """The images' tiles, concatenated, and how many tiles each image gave."""
@@ -128,12 +165,14 @@ class Answerer:
     def __call__(self, prompts: list[Prompt]) -> list[str]:
         import torch
         with torch.inference_mode():
-            out, width = self._generate(prompts, max_new_tokens=self.max_new_tokens)
+            out, width = self._generate(prompts, max_new_tokens=self.max_new_tokens, decode=True)
         new = out[:, width:]
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def _generate(self, prompts: list[Prompt], **kwargs):
-        """Greedy generation over a left-padded batch: ``(generate's output, the padded prompt width)``."""
+    def _generate(self, prompts: list[Prompt], decode: bool = False, **kwargs):
+        """Greedy generation over a left-padded batch: ``(generate's output, the padded prompt width)``.
+        ``decode``: answers of several tokens, with the Answerer's decoding; else one token, whose
+        prompt pass needs no cache to decode with."""
         import torch
 
         from occmllm.conversation import pad_batch
@@ -145,6 +184,8 @@ class Answerer:
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         if features:  # tiles in prompt order, matching the image-token runs in input_ids
             inputs["mm_encoder_outputs"] = mm_outputs(torch.cat(features))
+        if decode:
+            kwargs.update(self._decoding_kwargs(*input_ids.shape))
         out = self.model.generate(**inputs, do_sample=False, num_beams=1, pad_token_id=self.pad_id,
                                   eos_token_id=self.eos_ids, **kwargs)
         return out, input_ids.shape[1]

@@ -82,6 +82,21 @@ def test_batched_and_one_by_one_give_the_same_answers(batched, models, dataset, 
     assert (tmp_path / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
 
 
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_answers_and_compiles_once(batched, models, dataset, tmp_path):
+    """--decoding compiled (static KV buffers, each decoding step one torch.compile graph): the same
+    predictions file as today's dynamic decoding, and one compiled graph for all 4 batches and
+    their 5 turns, although every turn's prompt has another width (no per-shape compile)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", tmp_path, "--batch-size", 8,
+        "--decoding", "compiled")
+    assert counters["stats"]["unique_graphs"] == 1
+    assert (tmp_path / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
+    torch._dynamo.reset()
+
+
 def unlabelled_copy(src: Path, dst: Path) -> Path:
     """The test file with its answers and meta removed: the questions alone (human turns only)."""
     recs = lines(src)
