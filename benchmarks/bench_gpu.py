@@ -18,6 +18,8 @@ Runs (``--runs``, comma-separated):
   plain    ``inference.py``'s plain mode (Q1-Q5 in turn, greedy, batches of ``--batch-size``)
   plain-compiled   the same with ``--decoding compiled`` (static KV buffers, each decoding step one
            compiled graph, a CUDA graph on a GPU); its first batch includes the compile
+  plain-whole      plain with every turn prompted whole, history and image tokens again, as before
+           ``occmllm.answering.Dialogue`` kept the last turn's keys and values
 
 With ``--packed`` the stage-1 runs train on packed batches (``occmllm.sft.Collator``: one row, no
 padding); the FLOP count is the same, since padding is not work.
@@ -40,8 +42,8 @@ where the loss reads them (the stage trainers do) shows as a higher rate.
 The share of peak is against a bf16 matrix-multiply rate measured in the same run (fp32 on CPU).
 
     python benchmarks/bench_gpu.py [--shape 1b|8b|tiny] [--tiles 1|dynamic] [--batch-size 16]
-        [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain,plain-compiled] [--gradient-checkpointing]
-        [--packed] [--vocab-size N] [--device cuda|cpu] [--json OUT]
+        [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain,plain-compiled,plain-whole]
+        [--gradient-checkpointing] [--packed] [--vocab-size N] [--device cuda|cpu] [--json OUT]
 
 Prints a table, then one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
 """
@@ -258,7 +260,8 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
 
 
-PLAIN_RUNS = {"plain": "dynamic", "plain-compiled": "compiled"}  # run -> inference.py --decoding
+# run -> (inference.py --decoding, whether each turn keeps the last one's keys and values)
+PLAIN_RUNS = {"plain": ("dynamic", True), "plain-compiled": ("compiled", True), "plain-whole": ("dynamic", False)}
 
 
 def launches(device: torch.device, work) -> int | None:
@@ -275,24 +278,29 @@ def launches(device: torch.device, work) -> int | None:
 def plain_row(run: str, checkpoint: Path, files: dict, args, device: torch.device) -> dict:
     from occmllm.answering import Answerer, dataset_root, load_test, sample_of
     from occmllm.model import load_model
-    from occmllm.modes import run_plain
+    from occmllm.modes import ask_in_turn
     root = dataset_root(files["test"], None)
     samples = [sample_of(r, root) for r in load_test(files["test"], root, None)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, processor = load_model(checkpoint, device=device)
-    answerer = Answerer(model, processor, args.max_new_tokens, PLAIN_RUNS[run])
+    decoding, reuse = PLAIN_RUNS[run]
+    answerer = Answerer(model, processor, args.max_new_tokens, decoding)
+
+    def run_plain(batch):  # inference.py's plain mode (occmllm.modes.run_plain), reuse as the run says
+        return ask_in_turn(answerer, batch, answerer.images([s.images for s in batch]), reuse)
+
     batches = [samples[(k * args.batch_size) % len(samples):][: args.batch_size] for k in range(args.steps + 1)]
     times, answers = [], []
     for batch in batches:
         synchronize(device)
         start = time.perf_counter()
-        answers += run_plain(answerer, batch)
+        answers += run_plain(batch)
         synchronize(device)
         times.append(time.perf_counter() - start)
     warm = times[1:]
     records = sum(len(b) for b in batches[1:])
-    launched = launches(device, lambda: run_plain(answerer, batches[-1]))
+    launched = launches(device, lambda: run_plain(batches[-1]))
     return {"run": run, "batch": args.batch_size, "steps": len(warm), "seconds": sum(warm),
             "samples_per_s": records / sum(warm), "first_batch_s": times[0],
             "first_over_warm": times[0] / (sum(warm) / len(warm)), "flops": None,
@@ -304,7 +312,7 @@ def plain_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
 
 
 def compare_answers(rows: list[dict]) -> None:
-    """Each plain-compiled row gets the share of its records answered exactly as the plain row
+    """Each other inference row gets the share of its records answered exactly as the plain row
     answered them (the same batches); the answers themselves leave the rows."""
     plain = next((r["answers"] for r in rows if r["run"] == "plain"), None)
     for r in rows:
@@ -342,8 +350,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=16, help="samples (records for plain) per step [16]")
     p.add_argument("--steps", type=int, default=10, help="timed steps (batches for plain) [10]")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first [3]")
-    p.add_argument("--runs", default="full,frozen,lora,mpo,plain,plain-compiled",
-                   help="comma-separated runs (above) [full,frozen,lora,mpo,plain,plain-compiled]")
+    p.add_argument("--runs", default="full,frozen,lora,mpo,plain,plain-compiled,plain-whole",
+                   help="comma-separated runs (above) [full,frozen,lora,mpo,plain,plain-compiled,plain-whole]")
     p.add_argument("--vocab-size", type=int, help="the language model's vocabulary rows [the shape's]: e.g. a real "
                                                   "151,674 on the tiny shape, to see the output head's share on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in training")

@@ -77,6 +77,55 @@ class Prompt:
     tiles: list[int]           # tiles per image
 
 
+class Dialogue:
+    """A batch of conversations asked turn after turn (``occmllm.modes.ask_in_turn``, the chain's
+    check after its first answer). A turn's prompt is the last turn's with the model's answer and
+    the next question after it, so the ``Answerer`` keeps the keys and values of the last prompt
+    and feeds only the new tokens: each turn no longer runs the whole history, image tokens
+    included, through the language model again. A turn that does not extend the last one row for
+    row (other prompts, a new image, a tokenizer that merges tokens across the turn boundary) is
+    prompted whole."""
+
+    def __init__(self):
+        self.prompts: list[Prompt] = []  # the last turn's prompts, row by row
+        self.ids: list[list[int]] = []   # and their token ids
+        self.input_ids = self.attention_mask = None  # the batch as fed: (rows, width), padding included
+        self.cache = None  # its keys and values (and those of the answers generated after it)
+
+    def suffixes(self, prompts: list[Prompt], ids: list[list[int]], image_token: int) -> list[list[int]] | None:
+        """Each row's tokens after its last prompt's, or None where a row does not extend its last
+        prompt: another conversation, or new image tokens (whose features are not in the cache)."""
+        if self.cache is None or len(prompts) != len(self.prompts):
+            return None
+        out = []
+        for prompt, last_prompt, new, last in zip(prompts, self.prompts, ids, self.ids):
+            same_images = prompt.features is last_prompt.features or (
+                prompt.features is not None and last_prompt.features is not None
+                and prompt.features.data_ptr() == last_prompt.features.data_ptr()
+                and prompt.features.shape == last_prompt.features.shape)
+            if not same_images or len(new) <= len(last) or new[: len(last)] != last \
+                    or image_token in new[len(last):]:
+                return None
+            out.append(new[len(last):])
+        return out
+
+    def remember(self, prompts: list[Prompt], ids: list[list[int]], input_ids, attention_mask, cache) -> None:
+        self.prompts, self.ids, self.input_ids, self.attention_mask, self.cache = (
+            prompts, ids, input_ids, attention_mask, cache)
+
+
+def rewound(cache, length: int):
+    """``cache`` cut back to its first ``length`` positions, in place (a static cache keeps its
+    buffers, whose later positions are overwritten before anything attends to them)."""
+    from transformers import StaticCache
+    if isinstance(cache, StaticCache):
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(length)
+    elif cache.get_seq_length() > length:
+        cache.crop(length - cache.get_seq_length())
+    return cache
+
+
 DECODINGS = ("dynamic", "compiled")
 CACHE_STEP = 256  # compiled decoding: KV buffers grow in steps of this many tokens
 
@@ -108,14 +157,10 @@ class Answerer:
             self._compile_config = CompileConfig()  # mode reduce-overhead: CUDA graphs on a GPU
             self._compile_config._compile_all_devices = True  # transformers compiles only on accelerators unasked
 
-    def _decoding_kwargs(self, batch: int, width: int) -> dict:
-        """generate's cache arguments. ``compiled``: this batch size's static KV buffers, reset, grown
-        to the next multiple of CACHE_STEP when ``width`` prompt tokens and the answer do not fit,
-        and the compile settings."""
-        if self.decoding == "dynamic":
-            return {}
+    def _static_cache(self, batch: int, need: int):
+        """compiled: this batch size's static KV buffers, reset, grown to the next multiple of
+        CACHE_STEP when ``need`` tokens do not fit."""
         from transformers import StaticCache
-        need = width + self.max_new_tokens
         cache = self._caches.get(batch)
         if cache is None or cache.get_max_length() < need:
             length = -(-need // CACHE_STEP) * CACHE_STEP
@@ -123,7 +168,7 @@ class Answerer:
                                                       max_cache_len=length)
         else:
             cache.reset()
-        return {"past_key_values": cache, "compile_config": self._compile_config}
+        return cache
 
     def tiled(self, paths: list) -> tuple[object, list[int]]:
         """The images' tiles, concatenated, and how many tiles each image gave."""
@@ -162,42 +207,71 @@ class Answerer:
             features = blended_features(self.model, self._pixels(tiled), self._pixels(render_tiled), alpha)
         return self._per_sample(features, tiled)
 
-    def __call__(self, prompts: list[Prompt]) -> list[str]:
+    def __call__(self, prompts: list[Prompt], dialogue: Dialogue | None = None) -> list[str]:
+        """Each prompt's answer. With ``dialogue``, the prompts continue its last turn where they can."""
         import torch
         with torch.inference_mode():
-            out, width = self._generate(prompts, max_new_tokens=self.max_new_tokens, decode=True)
+            out, width = self._generate(prompts, dialogue, max_new_tokens=self.max_new_tokens)
         new = out[:, width:]
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def _generate(self, prompts: list[Prompt], decode: bool = False, **kwargs):
+    def _generate(self, prompts: list[Prompt], dialogue: Dialogue | None = None, **kwargs):
         """Greedy generation over a left-padded batch: ``(generate's output, the padded prompt width)``.
-        ``decode``: answers of several tokens, with the Answerer's decoding; else one token, whose
-        prompt pass needs no cache to decode with."""
+
+        Where every prompt extends ``dialogue``'s last one (``Dialogue.suffixes``), only the new
+        tokens are fed, after the kept keys and values of the last prompt (the answers generated
+        after it are dropped: the history holds them as written). Each row's new tokens are left
+        padded among themselves, so padding can sit mid-row; the attention mask hides it and the
+        positions, counted over the mask, are those of the whole prompt."""
         import torch
 
         from occmllm.conversation import pad_batch
         from occmllm.dual import mm_outputs
         device = self.model.device
         ids = [self.encoder.prompt_ids(p.tiles, p.conversation) for p in prompts]
-        input_ids, attention_mask = pad_batch(ids, self.pad_id, "left")  # (batch, width); prompts end at the right
-        features = [p.features for p in prompts if p.features is not None and len(p.features)]
+        suffixes = dialogue and dialogue.suffixes(prompts, ids, self.model.config.image_token_id)
+        if suffixes and self.decoding == "compiled" and dialogue.cache.get_max_length() < (
+                dialogue.input_ids.shape[1] + max(map(len, suffixes)) + kwargs["max_new_tokens"]):
+            suffixes = None  # the kept buffers cannot take this turn: prompt it whole, in larger ones
+        if suffixes:
+            kept = dialogue.input_ids.shape[1]
+            new_ids, new_mask = pad_batch(suffixes, self.pad_id, "left")
+            input_ids = torch.cat([dialogue.input_ids, new_ids], dim=1)
+            attention_mask = torch.cat([dialogue.attention_mask, new_mask], dim=1)
+            cache = rewound(dialogue.cache, kept)
+            features = []  # the images' tokens are in the kept part
+        else:
+            input_ids, attention_mask = pad_batch(ids, self.pad_id, "left")  # prompts end at the right
+            features = [p.features for p in prompts if p.features is not None and len(p.features)]
+            cache = None
+            if self.decoding == "compiled":
+                cache = self._static_cache(len(ids), input_ids.shape[1] + kwargs["max_new_tokens"])
+            elif dialogue is not None:
+                from transformers import DynamicCache
+                cache = DynamicCache()
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         if features:  # tiles in prompt order, matching the image-token runs in input_ids
             inputs["mm_encoder_outputs"] = mm_outputs(torch.cat(features))
-        if decode:
-            kwargs.update(self._decoding_kwargs(*input_ids.shape))
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        if self.decoding == "compiled":
+            kwargs["compile_config"] = self._compile_config
         out = self.model.generate(**inputs, do_sample=False, num_beams=1, pad_token_id=self.pad_id,
                                   eos_token_id=self.eos_ids, **kwargs)
+        if dialogue is not None:
+            dialogue.remember(prompts, ids, input_ids, attention_mask, cache)
         return out, input_ids.shape[1]
 
-    def p_no(self, prompts: list[Prompt]) -> list[float]:
+    def p_no(self, prompts: list[Prompt], dialogue: Dialogue | None = None) -> list[float]:
         """P(``No.``) against ``Yes.`` as each prompt's answer: the two answers' first tokens'
-        probabilities at the answer's first position, renormalised over the pair."""
+        probabilities at the answer's first position, renormalised over the pair (``dialogue``: as
+        in ``__call__``)."""
         import torch
         no, yes = (self.tokenizer.encode(t, add_special_tokens=False)[0] for t in (NO, YES))
         if no == yes:
             raise OccError(f"the tokenizer starts {NO!r} and {YES!r} with the same token; the check cannot be read")
         with torch.inference_mode():
-            out, _ = self._generate(prompts, max_new_tokens=1, output_logits=True, return_dict_in_generate=True)
+            out, _ = self._generate(prompts, dialogue, max_new_tokens=1, output_logits=True,
+                                    return_dict_in_generate=True)
         pair = out.logits[0][:, [no, yes]].float()  # (batch, 2): the raw logits of the first answer token
         return torch.softmax(pair, dim=-1)[:, 0].tolist()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from occmllm import chain
-from occmllm.answering import Answerer, Prompt, Sample
+from occmllm.answering import Answerer, Dialogue, Prompt, Sample
 from occmllm.errors import OccError
 from occmllm.questions import CATEGORIES, IMAGE_TOKEN, NO, Q1, YES, answer_in_history, caption, category_answer
 from occmllm.scoring import final_key
@@ -36,11 +36,14 @@ def run_plain(answerer: Answerer, batch: list[Sample], context: Context | None =
     return ask_in_turn(answerer, batch, answerer.images([s.images for s in batch]))
 
 
-def ask_in_turn(answerer: Answerer, batch: list[Sample], encoded: list[tuple]) -> list[dict]:
+def ask_in_turn(answerer: Answerer, batch: list[Sample], encoded: list[tuple], reuse: bool = True) -> list[dict]:
     """The plain questioning with given image features: ``encoded`` holds (features, tiles) per
-    sample, computed once for all of its questions."""
+    sample, computed once for all of its questions. ``reuse``: each turn feeds only its new tokens
+    after the last turn's kept keys and values (``Dialogue``); else every turn is prompted whole
+    (the same answers, more work: for benchmarks and tests)."""
     history: list[list[dict]] = [[] for _ in batch]
     answers: list[dict] = [{} for _ in batch]
+    dialogue = Dialogue() if reuse else None
     for turn in range(max(len(s.questions) for s in batch)):
         active = [i for i, s in enumerate(batch) if turn < len(s.questions)]
         prompts = []
@@ -49,7 +52,7 @@ def ask_in_turn(answerer: Answerer, batch: list[Sample], encoded: list[tuple]) -
             used = sum(t["value"].count(IMAGE_TOKEN) for t in history[i] if t["from"] == "human")
             features, tiles = encoded[i]
             prompts.append(Prompt(list(history[i]), features[: sum(tiles[:used])] if used else None, tiles[:used]))
-        for i, text in zip(active, answerer(prompts)):
+        for i, text in zip(active, answerer(prompts, dialogue)):
             answers[i][batch[i].questions[turn][0]] = text
             history[i].append({"from": "gpt", "value": answer_in_history(text)})
     return [{"answers": a, "final": a[final_key(s.keys)]} for s, a in zip(batch, answers)]
@@ -64,9 +67,10 @@ def run_cot(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     from occmllm.dual import blend
     tiled = [answerer.tiled(s.images[:1]) for s in batch]
     encoded = answerer.encode(tiled)
-    first = answerer([Prompt(chain.first_turns(), features, tiles) for features, tiles in encoded])
+    dialogue = Dialogue()  # the check continues the first answer's conversation
+    first = answerer([Prompt(chain.first_turns(), features, tiles) for features, tiles in encoded], dialogue)
     p_no = answerer.p_no([Prompt(chain.check_turns(answer), features, tiles)
-                          for answer, (features, tiles) in zip(first, encoded)])
+                          for answer, (features, tiles) in zip(first, encoded)], dialogue)
     look = [i for i, p in enumerate(p_no) if chain.looks_again(p, context.gate)]
     second: dict[int, str] = {}
     if look:

@@ -82,6 +82,42 @@ def test_batched_and_one_by_one_give_the_same_answers(batched, models, dataset, 
     assert (tmp_path / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
 
 
+def test_each_turn_feeds_only_its_new_tokens_and_answers_as_whole_prompts(models, dataset):
+    """The plain questioning keeps each turn's keys and values (occmllm.answering.Dialogue): turns
+    2-5 feed the language model only what follows the last prompt, not the image or the history
+    again, and every answer is the one of prompting each turn whole."""
+    from occmllm.answering import Answerer, load_test, sample_of
+    from occmllm.model import load_model
+    from occmllm.modes import ask_in_turn
+    model, processor = load_model(models["a"], device="cpu", dtype=torch.float32)
+    answerer = Answerer(model, processor, 32)
+    samples = [sample_of(r, dataset) for r in load_test(dataset / "test.jsonl", dataset, 8)]
+    fed: list[int] = []  # the width of each prompt pass (decoding steps feed 1 token)
+
+    def record(module, args, kwargs, output):
+        width = kwargs["inputs_embeds"].shape[1]
+        if width > 1:
+            fed.append(width)
+
+    hook = model.model.language_model.register_forward_hook(record, with_kwargs=True)
+    try:
+        results = {}
+        for reuse in (False, True):
+            fed.clear()
+            results[reuse] = (ask_in_turn(answerer, samples, answerer.images([s.images for s in samples]), reuse),
+                              list(fed))
+    finally:
+        hook.remove()
+    (whole, whole_fed), (kept, kept_fed) = results[False], results[True]
+    assert kept == whole
+    assert len({a for r in kept for a in r["answers"].values()}) > 8  # answers that differ: a real check
+    assert len(whole_fed) == len(kept_fed) == 5 and kept_fed[0] == whole_fed[0]
+    # each row's new tokens are its whole prompt less at least the first prompt (image and Q1, the
+    # same length in every row), so a turn feeds at most its whole width less the first's
+    assert all(k <= w - whole_fed[0] for k, w in zip(kept_fed[1:], whole_fed[1:]))
+    assert sum(kept_fed) < 0.6 * sum(whole_fed)
+
+
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_same_answers_and_compiles_once(batched, models, dataset, tmp_path):
     """--decoding compiled (static KV buffers, each decoding step one torch.compile graph): the same
@@ -367,3 +403,22 @@ def test_paired_gains_match_an_independent_computation():
     s2 = rep["gains"][0]["final"]
     assert s2["se"] < min(r["final_se"] for r in rep["rows"][:2])
     assert "## Gains, record by record" in report.markdown(rep)
+
+
+def test_a_turn_continues_the_last_only_where_each_row_extends_it():
+    """Dialogue.suffixes: each row's new tokens where every row extends its last prompt with the
+    same image features and no new image token; None (prompt whole) otherwise."""
+    from occmllm.answering import Dialogue, Prompt
+    image = torch.zeros(1, 4, 8)
+    other = torch.zeros(1, 4, 8)
+    last = [Prompt([], image, [1]), Prompt([], None, [])]
+    dialogue = Dialogue()
+    assert dialogue.suffixes(last, [[1, 2], [3]], image_token=9) is None  # nothing kept yet
+    dialogue.remember(last, [[1, 2], [3]], torch.ones(2, 2), torch.ones(2, 2), cache=object())
+    same = [Prompt([], image[:1], [1]), Prompt([], None, [])]  # a view of the same features
+    assert dialogue.suffixes(same, [[1, 2, 5, 6], [3, 7]], image_token=9) == [[5, 6], [7]]
+    assert dialogue.suffixes(same, [[1, 2, 5], [4, 7]], image_token=9) is None      # row 2 is another prompt
+    assert dialogue.suffixes(same, [[1, 2], [3, 7]], image_token=9) is None         # row 1 adds nothing
+    assert dialogue.suffixes(same, [[1, 2, 9], [3, 7]], image_token=9) is None      # a new image
+    assert dialogue.suffixes([Prompt([], other, [1]), last[1]], [[1, 2, 5], [3, 7]], image_token=9) is None
+    assert dialogue.suffixes(same[:1], [[1, 2, 5]], image_token=9) is None          # other rows
