@@ -16,6 +16,14 @@ from occmllm.errors import OccError, where
 
 
 def _umask() -> int:
+    """The process's umask, read where Linux shows it: setting it to read it back would leave, for
+    an instant, a mask of 0 on files another thread creates."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -116,10 +116,11 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_written_files_and_folders_get_the_usual_modes(tmp_path):
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_and_folders_get_the_usual_modes(tmp_path, umask):
     """Atomic writes go through private temporaries (mkstemp: 0600, mkdtemp: 0700); what they
-    leave must be as readable as a plain open() or mkdir() would make it."""
-    previous = os.umask(0o022)
+    leave must be as readable as a plain open() or mkdir() would make it, under the umask in force."""
+    previous = os.umask(umask)
     try:
         fileio.write_jsonl(tmp_path / "out.jsonl", [{"a": 1}])
         with fileio.replace_folder(tmp_path / "model") as tmp:
@@ -127,9 +128,9 @@ def test_written_files_and_folders_get_the_usual_modes(tmp_path):
         (tmp_path / "plain.txt").write_text("x")
     finally:
         os.umask(previous)
-    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o644
-    assert stat.S_IMODE((tmp_path / "out.jsonl").stat().st_mode) == 0o644
-    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "out.jsonl").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o777 & ~umask
 
 
 def test_stage_file_with_bad_record_leaves_no_output(synth, tmp_path):
