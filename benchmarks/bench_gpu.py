@@ -25,7 +25,8 @@ With ``--packed`` the stage-1 runs train on packed batches (``occmllm.sft.Collat
 padding); the FLOP count is the same, since padding is not work.
 
 Each training run takes ``--warmup`` steps, then times ``--steps`` more (the device synchronised at
-each step's edges). Inference times its first batch (cold: includes any per-shape set-up) and then
+each step's edges); the rates count the steps alone, and the note adds the waits for each step's
+batch between steps (made on the main process unless ``--workers``). Inference times its first batch (cold: includes any per-shape set-up) and then
 ``--steps`` warm batches (each of other records, so of other prompt widths; the slowest against the
 median shows any per-shape stall); on a GPU it then profiles one more batch and counts the host's kernel and
 CUDA-graph launches per record.
@@ -43,7 +44,7 @@ The share of peak is against a bf16 matrix-multiply rate measured in the same ru
 
     python benchmarks/bench_gpu.py [--shape 1b|8b|tiny] [--tiles 1|dynamic] [--batch-size 16]
         [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain,plain-compiled,plain-whole]
-        [--gradient-checkpointing] [--packed] [--vocab-size N] [--device cuda|cpu] [--json OUT]
+        [--gradient-checkpointing] [--packed] [--workers N] [--vocab-size N] [--device cuda|cpu] [--json OUT]
 
 Prints a table, then one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
 """
@@ -182,26 +183,44 @@ MULTIPLIERS = {"full": {"vision": 3, "projector": 3, "text": 3}, "frozen": {"vis
 
 
 class StepClock(TrainerCallback):
-    """Wall time of each optimizer step, the device synchronised at both edges."""
+    """Wall time of each optimizer step, the device synchronised at both edges, and the wait before
+    it: the Trainer fetches a step's batch (data loading, on the main process without dataloader
+    workers) between the last step's end and this one's beginning."""
 
     def __init__(self, device: torch.device):
-        self.device, self.seconds = device, []
+        self.device, self.seconds, self.waits = device, [], []
+        self.end = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         synchronize(self.device)
         self.start = time.perf_counter()
+        self.waits.append(self.start - self.end if self.end is not None else 0.0)
 
     def on_step_end(self, args, state, control, **kwargs):
         synchronize(self.device)
-        self.seconds.append(time.perf_counter() - self.start)
+        self.end = time.perf_counter()
+        self.seconds.append(self.end - self.start)
 
 
 class BatchLog:
-    """Wraps a collator: per batch, the tiles and each sequence's length (for the FLOP count). TRL's
-    preference collator already stacks each pair's chosen and rejected sequences (and their images)."""
+    """Wraps a trainer's collator: per batch, the tiles and each sequence's length (for the FLOP
+    count). TRL's preference collator already stacks each pair's chosen and rejected sequences
+    (and their images). The collator may run in dataloader workers, so each batch carries its
+    figures to the main process (``STATS``), where the trainer's batch fetch takes them off."""
 
-    def __init__(self, collate):
-        self.collate, self.batches = collate, []
+    STATS = "bench_batch_stats"
+
+    def __init__(self, trainer):
+        self.collate, self.batches = trainer.data_collator, []
+        trainer.data_collator = self
+        fetch = trainer.get_batch_samples
+
+        def get_batch_samples(*args, **kwargs):
+            batches, items = fetch(*args, **kwargs)
+            self.batches += [batch.pop(self.STATS) for batch in batches]
+            return batches, items
+
+        trainer.get_batch_samples = get_batch_samples
 
     def __call__(self, batch):
         out = self.collate(batch)
@@ -210,7 +229,7 @@ class BatchLog:
         else:  # a packed row (--packed): each sample's positions count up from 0
             starts = torch.nonzero(out["position_ids"][0] == 0).flatten().tolist() + [out["position_ids"].shape[1]]
             lengths = [b - a for a, b in zip(starts, starts[1:])]
-        self.batches.append({"tiles": int(out["pixel_values"].shape[0]), "lengths": lengths, "samples": len(batch)})
+        out[self.STATS] = {"tiles": int(out["pixel_values"].shape[0]), "lengths": lengths, "samples": len(batch)}
         return out
 
 
@@ -221,7 +240,7 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
     flags = ["--model_name_or_path", str(checkpoint), "--output_dir", str(out / run), "--save_strategy", "no",
              "--max_steps", str(args.warmup + args.steps), "--per_device_train_batch_size", str(args.batch_size),
              "--disable_tqdm", "true", "--logging_steps", "1000000", "--report_to", "none",
-             "--warmup_steps", "0", "--dataloader_num_workers", "0", "--activation_checkpointing",
+             "--warmup_steps", "0", "--dataloader_num_workers", str(args.workers), "--activation_checkpointing",
              str(args.gradient_checkpointing).lower(), "--bf16", str(device.type == "cuda").lower(),
              "--use_cpu", str(device.type == "cpu").lower(), "--cache_vision", "false", *TRAIN_RUNS[run]]
     if device.type == "cuda":
@@ -232,7 +251,6 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
             (ModelArguments, mpo.PreferenceDataArguments, DPOConfig),
             [*flags, "--train_data", str(files["step3"])], ROOT / "step3_mpo/config.yaml")
         trainer, _ = mpo.build_trainer(model_args, data_args, config)
-        log = BatchLog(trainer.data_collator)
     else:
         model_args, data_args, training = parse_config(
             (ModelArguments, DataArguments, TrainingArguments),
@@ -242,19 +260,20 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
         trainer, _ = sft.build_trainer(model_args, data_args, training)
         if run == "frozen-all-logits":
             trainer.compute_loss_func = None  # the model's own loss over logits at every position
-        log = BatchLog(trainer.data_collator)
-    trainer.data_collator = log
+    log = BatchLog(trainer)
     clock = StepClock(device)
     trainer.add_callback(clock)
     trainer.train()
     shape = Shape(trainer.model)
     timed = log.batches[args.warmup: args.warmup + len(clock.seconds[args.warmup:])]
     seconds = sum(clock.seconds[args.warmup:])
+    waits = sum(clock.waits[args.warmup:])
     flops = sum(MULTIPLIERS[run][part] * f for b in timed
                 for part, f in shape.forward_flops(b["tiles"], b["lengths"]).items())
     samples = sum(b["samples"] for b in timed)
     return {"run": run, "batch": args.batch_size, "steps": len(timed), "seconds": seconds,
             "samples_per_s": samples / seconds, "tokens_per_s": sum(sum(b["lengths"]) for b in timed) / seconds,
+            "data_wait_s": waits, "samples_per_s_with_waits": samples / (seconds + waits),
             "tiles_per_sample": sum(b["tiles"] for b in timed) / samples,
             "tokens_per_sample": sum(sum(b["lengths"]) for b in timed) / samples, "flops": flops,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
@@ -334,6 +353,9 @@ def table(rows: list[dict], peak: float) -> str:
             note += f", {r['launches_per_record']:.0f} launches a record"
         if "same_answers_as_plain" in r:
             note += f", {100 * r['same_answers_as_plain']:.0f}% of answers as plain's"
+        if "data_wait_s" in r:
+            note = (f"{r['samples_per_s_with_waits']:.2f} samples/s counting the waits for data "
+                    f"({100 * r['data_wait_s'] / (r['data_wait_s'] + r['seconds']):.0f}% of the time)")
         lines.append(f"{r['run']:<17} {r['batch']:>5} {cell(r.get('tiles_per_sample'), '.2f', 12)} "
                      f"{cell(r.get('tokens_per_sample'), '.1f', 13)} {cell(r['samples_per_s'], '.2f', 9)} "
                      f"{cell(r.get('tokens_per_s'), '.0f', 9)} {cell(tflops, '.3f', 8)} "
@@ -357,6 +379,8 @@ def main(argv=None) -> dict:
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in training")
     p.add_argument("--packed", action="store_true", help="stage-1 runs train on packed batches (one row, no "
                    "padding; occmllm.sft.Collator); mpo pads as TRL does")
+    p.add_argument("--workers", type=int, default=0, help="training runs: dataloader worker processes (0: each "
+                   "batch is made on the main process between steps, the stage configs' setting) [0]")
     p.add_argument("--max-new-tokens", type=int, default=8, help="plain: new tokens per answer at most [8]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, help="also write the JSON line here")

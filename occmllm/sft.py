@@ -198,6 +198,10 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         items = [(root, rec) for root, rec in items if keep(rec)]
         if not items:
             raise OccError(f"{data_args.train_data}: no {part} to train on")
+    if data_args.augment and training.dataloader_num_workers > 0 and training.dataloader_persistent_workers:
+        raise OccError("augment draws each epoch's flips from the dataset's epoch, and persistent dataloader workers "
+                       "keep their first copy of it: set dataloader_persistent_workers false (workers are then "
+                       "started afresh each epoch, with the epoch set)")
     processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
     encoder = ConversationEncoder(processor, max_length=data_args.max_length)
     is_dual = check_dual(model_args)

@@ -1,5 +1,6 @@
 """Model loading, the loss mask, a training step, LoRA merging, freezing and the stage-1 script."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -345,6 +346,28 @@ def test_stage1_trains_saves_and_resumes(tiny_model, synth_small, tmp_path):
     state = json.loads((tmp_path / "ckpt/checkpoint-4/trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
     assert steps == [1, 2, 3, 4]  # steps 1-2 come from the first run: resumed, not restarted
+
+
+def test_dataloader_workers_train_as_the_main_process(tiny_model, synth_small, tmp_path):
+    """Batches made by two dataloader workers (started afresh each epoch, so they see the epoch
+    that draws the flips) give the losses of batches made on the main process, over two epochs
+    with augmentation; persistent workers, which would keep epoch 0's flips, are refused."""
+    def losses(name, *flags):
+        out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(synth_small / "stages/step1.jsonl"),
+                     "--output_dir", str(tmp_path / name), "--per_device_train_batch_size", "4", "--num_train_epochs",
+                     "2", "--augment", "true", "--cache_encoded", "false", "--save_strategy", "no",
+                     "--logging_steps", "1", "--disable_tqdm", "true", "--report_to", "none", *flags)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [float(x) for x in re.findall(r"'loss': '?([0-9.]+)", out.stdout + out.stderr)]
+
+    main = losses("main", "--dataloader_num_workers", "0")
+    assert len(main) >= 4 and len(set(main)) > 1
+    assert losses("workers", "--dataloader_num_workers", "2") == main
+    out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(synth_small / "stages/step1.jsonl"),
+                 "--output_dir", str(tmp_path / "persistent"), "--augment", "true", "--dataloader_num_workers", "2",
+                 "--dataloader_persistent_workers", "true")
+    assert out.returncode == 2 and "dataloader_persistent_workers false" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "persistent").exists()
 
 
 def test_bf16_training_steps_fp32_weights(tiny_model, synth_small, tmp_path):
