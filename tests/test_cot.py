@@ -246,3 +246,32 @@ def test_interrupted_cot_and_dual_runs_resume_to_the_same_file(cot_setup, recon_
         rows = json.loads((tmp_path / f"{name}/report.json").read_text())["rows"]
         return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_s")} for row in rows]
     assert scores("resumed") == scores("full")
+
+
+def test_inference_benchmark_runs_every_mode_on_tiny_models(cot_setup, recon_model, tmp_path):
+    """benchmarks/bench_inference.py (make bench) on the tiny models, so it cannot rot: the batched
+    answers, each turn fed after the last one's kept keys and values, are word for word those of
+    its one-record-at-a-time loop that prompts each turn whole; the chain and test-time adaptation
+    figures are made (the latter one record at a time and batched, alike)."""
+    import os
+    import subprocess
+    import sys
+
+    import shutil
+
+    from occmllm import clip
+    work, model = cot_setup
+    tiny_clip = clip.build(tmp_path / "clip", image_size=32)
+    always = shutil.copytree(model, tmp_path / "always")  # a gate of 0: every record takes the second look
+    (always / chain.GATE_FILE).write_text(json.dumps({"gate": 0.0}))
+    out = subprocess.run([sys.executable, "benchmarks/bench_inference.py", "--checkpoint", str(model), "--data",
+                          str(work / "test.jsonl"), "--samples", "8", "--cot-checkpoint", str(always), "--recon",
+                          str(recon_model), "--clip", str(tiny_clip), "--threads", "1"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["identical"] and result["samples"] == 8 and result["questions"] == 40
+    assert set(result["speedup"]) == {"1", "8", "32"}
+    assert result["cot"]["cot_s"] > 0 and result["cot"]["reconstructed"] == 8
+    assert result["tta"]["identical"]
