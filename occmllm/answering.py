@@ -15,6 +15,7 @@ compiled step instead of compiling their own. The answers are the same.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,14 @@ def rewound(cache, length: int):
     return cache
 
 
+def without_cudnn_attention():
+    """A context in which scaled-dot-product attention may use any kernel but cuDNN's; outside
+    it the process (a training run beside inference) keeps cuDNN's attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([b for b in SDPBackend.__members__.values()
+                        if b not in (SDPBackend.CUDNN_ATTENTION, SDPBackend.ERROR)])
+
+
 DECODINGS = ("dynamic", "compiled")
 CACHE_STEP = 256  # compiled decoding: KV buffers grow in steps of this many tokens
 
@@ -137,11 +146,10 @@ class Answerer:
         import torch
 
         from occmllm.conversation import ConversationEncoder, pad_id, stop_ids
-        if model.device.type == "cuda":
-            # cuDNN's attention builds a plan for every new shape, and each decoding step is one
-            # (benchmarks/RESULTS.md, "Toward GPU speed without a GPU"); PyTorch's other
-            # fused attention kernels take any shape at once
-            torch.backends.cuda.enable_cudnn_sdp(False)
+        # cuDNN's attention builds a plan for every new shape, and each decoding step is one
+        # (benchmarks/RESULTS.md, "Toward GPU speed without a GPU"); PyTorch's other fused
+        # attention kernels take any shape at once
+        self._attention = without_cudnn_attention if model.device.type == "cuda" else contextlib.nullcontext
         self.model, self.processor = model, processor
         self.encoder = ConversationEncoder(processor)
         self.tokenizer = processor.tokenizer
@@ -256,8 +264,9 @@ class Answerer:
             kwargs["past_key_values"] = cache
         if self.decoding == "compiled":
             kwargs["compile_config"] = self._compile_config
-        out = self.model.generate(**inputs, do_sample=False, num_beams=1, pad_token_id=self.pad_id,
-                                  eos_token_id=self.eos_ids, **kwargs)
+        with self._attention():
+            out = self.model.generate(**inputs, do_sample=False, num_beams=1, pad_token_id=self.pad_id,
+                                      eos_token_id=self.eos_ids, **kwargs)
         if dialogue is not None:
             dialogue.remember(prompts, ids, input_ids, attention_mask, cache)
         return out, input_ids.shape[1]

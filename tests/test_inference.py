@@ -422,3 +422,16 @@ def test_a_turn_continues_the_last_only_where_each_row_extends_it():
     assert dialogue.suffixes(same, [[1, 2, 9], [3, 7]], image_token=9) is None      # a new image
     assert dialogue.suffixes([Prompt([], other, [1]), last[1]], [[1, 2, 5], [3, 7]], image_token=9) is None
     assert dialogue.suffixes(same[:1], [[1, 2, 5]], image_token=9) is None          # other rows
+
+
+def test_cudnn_attention_is_off_only_while_generating():
+    """The Answerer's generation on a GPU runs without cuDNN's attention (a plan per shape); the
+    switch is scoped: the process's setting is back afterwards, and attention still computes."""
+    from occmllm.answering import without_cudnn_attention
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    q = torch.randn(2, 3, 5, 8)
+    with without_cudnn_attention():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    assert torch.allclose(out, torch.softmax(q @ q.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ q, atol=1e-5)
