@@ -28,7 +28,8 @@ Each training run takes ``--warmup`` steps, then times ``--steps`` more (the dev
 each step's edges); the rates count the steps alone, and the note adds the waits for each step's
 batch between steps (made on the main process unless ``--workers``). Inference times its first batch (cold: includes any per-shape set-up) and then
 ``--steps`` warm batches (each of other records, so of other prompt widths; the slowest against the
-median shows any per-shape stall); on a GPU it then profiles one more batch and counts the host's kernel and
+median shows any per-shape stall), and the time of loading and tiling one batch's images on the
+CPU, a part of every batch; on a GPU it then profiles one more batch and counts the host's kernel and
 CUDA-graph launches per record.
 
 Model FLOPs of a step, counted from the batch itself (tiles, and each sequence's tokens): each part
@@ -320,7 +321,13 @@ def plain_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
     warm = times[1:]
     records = sum(len(b) for b in batches[1:])
     launched = launches(device, lambda: run_plain(batches[-1]))
+    # the CPU's share of a batch: loading and tiling its images, which the timed batches include
+    prep = time.perf_counter()
+    for sample in batches[-1]:
+        answerer.tiled(sample.images)
+    prep = time.perf_counter() - prep
     return {"run": run, "batch": args.batch_size, "steps": len(warm), "seconds": sum(warm),
+            "image_prep_s": prep, "image_prep_share": prep / statistics.median(warm),
             "samples_per_s": records / sum(warm), "first_batch_s": times[0],
             "first_over_warm": times[0] / (sum(warm) / len(warm)), "flops": None,
             "launches_per_record": launched and launched / len(batches[-1]),
@@ -349,6 +356,8 @@ def table(rows: list[dict], peak: float) -> str:
         tflops = r["flops"] / r["seconds"] / 1e12 if r["flops"] else None
         note = (f"first batch {r['first_over_warm']:.2f}x a warm one, slowest warm {r['slowest_over_median']:.2f}x "
                 "the median" if "first_over_warm" in r else "")
+        if "image_prep_s" in r:
+            note += f", images loaded and tiled in {100 * r['image_prep_share']:.0f}% of a batch's time"
         if r.get("launches_per_record"):
             note += f", {r['launches_per_record']:.0f} launches a record"
         if "same_answers_as_plain" in r:

@@ -44,6 +44,7 @@ def test_tiny_configuration_times_every_run(tmp_path):
     for run in ("plain", "plain-compiled", "plain-whole"):
         r = rows[run]
         assert r["samples_per_s"] > 0 and r["first_batch_s"] > 0 and r["slowest_over_median"] >= 1
+        assert 0 < r["image_prep_s"] and 0 < r["image_prep_share"] < 1
     # compiled decoding, and prompting every turn whole, answer alike
     assert rows["plain-compiled"]["same_answers_as_plain"] == rows["plain-whole"]["same_answers_as_plain"] == 1.0
     assert "TFLOP/s" in out.stdout and json.loads(out.stdout.strip().splitlines()[-1]) == result
