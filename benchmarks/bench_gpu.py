@@ -20,6 +20,10 @@ Runs (``--runs``, comma-separated):
            compiled graph, a CUDA graph on a GPU); its first batch includes the compile
   plain-whole      plain with every turn prompted whole, history and image tokens again, as before
            ``occmllm.answering.Dialogue`` kept the last turn's keys and values
+  cot      ``--mode cot``, every record looking again (gate 0), each image its own render (the
+           reconstruction is ``bench_recon.py``'s to time)
+  dual     ``--mode dual`` at alpha 0.5, each image its own render
+  tta      ``--tta clip`` (Q1 after 3 SGD steps per record), with an untrained tiny CLIP
 
 With ``--packed`` the stage-1 runs train on packed batches (``occmllm.sft.Collator``: one row, no
 padding); the FLOP count is the same, since padding is not work.
@@ -44,7 +48,7 @@ where the loss reads them (the stage trainers do) shows as a higher rate.
 The share of peak is against a bf16 matrix-multiply rate measured in the same run (fp32 on CPU).
 
     python benchmarks/bench_gpu.py [--shape 1b|8b|tiny] [--tiles 1|dynamic] [--batch-size 16]
-        [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain,plain-compiled,plain-whole]
+        [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain,...]
         [--gradient-checkpointing] [--packed] [--workers N] [--vocab-size N] [--device cuda|cpu] [--json OUT]
 
 Prints a table, then one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
@@ -280,8 +284,33 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
 
 
-# run -> (inference.py --decoding, whether each turn keeps the last one's keys and values)
-PLAIN_RUNS = {"plain": ("dynamic", True), "plain-compiled": ("compiled", True), "plain-whole": ("dynamic", False)}
+# run -> (inference.py --mode, --decoding, whether each turn keeps the last one's keys and values)
+INFERENCE_RUNS = {"plain": ("plain", "dynamic", True), "plain-compiled": ("plain", "compiled", True),
+                  "plain-whole": ("plain", "dynamic", False), "cot": ("cot", "dynamic", True),
+                  "dual": ("dual", "dynamic", True), "tta": ("tta", "dynamic", True)}
+
+
+class ImagesAsRenders:
+    """cot and dual without a reconstruction model: each record's image stands in for its render
+    (``occmllm.modes.Context.renders``), so the model's part is timed and the reconstruction's,
+    which ``benchmarks/bench_recon.py`` times, is left out."""
+
+    def __init__(self, samples):
+        self.by_id = {s.id: s.images[0] for s in samples}
+
+    def paths(self, ids):
+        return [self.by_id[i] for i in ids]
+
+
+def mode_context(mode: str, samples, out: Path):
+    """The inference mode's runner and context: cot looks again at every record (gate 0), cot and
+    dual blend at alpha 0.5, tta adapts with an untrained tiny CLIP and the default settings."""
+    from occmllm.modes import MODE_RUNNERS, Context
+    if mode == "tta":
+        from occmllm import clip
+        from occmllm.tta import TTASettings
+        return MODE_RUNNERS[mode], Context(clip=clip.load(clip.build(out / "clip")), tta=TTASettings())
+    return MODE_RUNNERS[mode], Context(renders=ImagesAsRenders(samples), alpha=0.5, gate=0.0)
 
 
 def launches(device: torch.device, work) -> int | None:
@@ -295,7 +324,7 @@ def launches(device: torch.device, work) -> int | None:
     return sum(1 for e in prof.events() if "LaunchKernel" in e.name or "GraphLaunch" in e.name)
 
 
-def plain_row(run: str, checkpoint: Path, files: dict, args, device: torch.device) -> dict:
+def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.device, out: Path) -> dict:
     from occmllm.answering import Answerer, dataset_root, load_test, sample_of
     from occmllm.model import load_model
     from occmllm.modes import ask_in_turn
@@ -304,23 +333,27 @@ def plain_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, processor = load_model(checkpoint, device=device)
-    decoding, reuse = PLAIN_RUNS[run]
+    mode, decoding, reuse = INFERENCE_RUNS[run]
     answerer = Answerer(model, processor, args.max_new_tokens, decoding)
+    runner, context = mode_context(mode, samples, out)
+    if mode == "plain":  # occmllm.modes.run_plain, keeping each turn's keys and values as the run says
+        def runner(answerer, batch, context):
+            return ask_in_turn(answerer, batch, answerer.images([s.images for s in batch]), reuse)
 
-    def run_plain(batch):  # inference.py's plain mode (occmllm.modes.run_plain), reuse as the run says
-        return ask_in_turn(answerer, batch, answerer.images([s.images for s in batch]), reuse)
+    def run_batch(batch):
+        return [r["answers"] for r in runner(answerer, batch, context)]
 
     batches = [samples[(k * args.batch_size) % len(samples):][: args.batch_size] for k in range(args.steps + 1)]
     times, answers = [], []
     for batch in batches:
         synchronize(device)
         start = time.perf_counter()
-        answers += run_plain(batch)
+        answers += run_batch(batch)
         synchronize(device)
         times.append(time.perf_counter() - start)
     warm = times[1:]
     records = sum(len(b) for b in batches[1:])
-    launched = launches(device, lambda: run_plain(batches[-1]))
+    launched = launches(device, lambda: run_batch(batches[-1]))
     # the CPU's share of a batch: loading and tiling its images, which the timed batches include
     prep = time.perf_counter()
     for sample in batches[-1]:
@@ -338,12 +371,12 @@ def plain_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
 
 
 def compare_answers(rows: list[dict]) -> None:
-    """Each other inference row gets the share of its records answered exactly as the plain row
-    answered them (the same batches); the answers themselves leave the rows."""
+    """Each other plain row gets the share of its records answered exactly as the plain row answered
+    them (the same batches); the answers themselves leave every row."""
     plain = next((r["answers"] for r in rows if r["run"] == "plain"), None)
     for r in rows:
         answers = r.pop("answers", None)
-        if r["run"] != "plain" and answers is not None and plain is not None:
+        if r["run"].startswith("plain-") and answers is not None and plain is not None:
             r["same_answers_as_plain"] = sum(a == b for a, b in zip(answers, plain)) / len(plain)
 
 
@@ -381,8 +414,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=16, help="samples (records for plain) per step [16]")
     p.add_argument("--steps", type=int, default=10, help="timed steps (batches for plain) [10]")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first [3]")
-    p.add_argument("--runs", default="full,frozen,lora,mpo,plain,plain-compiled,plain-whole",
-                   help="comma-separated runs (above) [full,frozen,lora,mpo,plain,plain-compiled,plain-whole]")
+    p.add_argument("--runs", default="full,frozen,lora,mpo,plain,plain-compiled,plain-whole,cot,dual,tta",
+                   help="comma-separated runs (above) [all but frozen-all-logits]")
     p.add_argument("--vocab-size", type=int, help="the language model's vocabulary rows [the shape's]: e.g. a real "
                                                   "151,674 on the tiny shape, to see the output head's share on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in training")
@@ -395,10 +428,10 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, help="also write the JSON line here")
     args = p.parse_args(argv)
     runs = [r for r in args.runs.split(",") if r]
-    unknown = [r for r in runs if r not in (*TRAIN_RUNS, *PLAIN_RUNS)]
+    unknown = [r for r in runs if r not in (*TRAIN_RUNS, *INFERENCE_RUNS)]
     if unknown or not runs:
         p.error(f"--runs: unknown run {unknown[0] if unknown else '(none)'}; choose from "
-                f"{', '.join((*TRAIN_RUNS, *PLAIN_RUNS))}")
+                f"{', '.join((*TRAIN_RUNS, *INFERENCE_RUNS))}")
     if min(args.batch_size, args.steps) < 1 or args.warmup < 0:
         p.error("--batch-size and --steps must be at least 1, --warmup at least 0")
     device = torch.device(args.device)
@@ -410,7 +443,7 @@ def main(argv=None) -> dict:
         tile = SHAPES[args.shape]["vision"]["image_size"]
         files = build_data(tmp, tile, args.tiles, max(args.batch_size * 2, 8))
         for run in runs:
-            rows.append(plain_row(run, checkpoint, files, args, device) if run in PLAIN_RUNS
+            rows.append(inference_row(run, checkpoint, files, args, device, tmp) if run in INFERENCE_RUNS
                         else train_row(run, checkpoint, files, args, device, tmp))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
