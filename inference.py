@@ -126,6 +126,11 @@ def run_inference(args) -> list[Path]:
             model, processor = load_checkpoint(path, name, device, targets)
             answerer = Answerer(model, processor, args.max_new_tokens, args.decoding)
             second_look = load_second_look(args, path, name, device, targets)
+            if args.decoding == "compiled":
+                print(f"{name}: compiling the decoding step (once per model)", flush=True)
+                for model_answerer in (answerer, second_look):
+                    if model_answerer is not None:
+                        model_answerer.warm_up(args.batch_size)
             for target, samples in todo:
                 set_checkpoint_context(args, target.context, path, second_look)
                 for start in range(0, len(samples), args.batch_size):
@@ -308,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", choices=DECODINGS, default="dynamic",
                    help="dynamic: a growing KV cache, each step's kernels one by one; compiled: fixed KV "
                         "buffers and each decoding step one compiled graph (a CUDA graph on a GPU), the same "
-                        "answers; the first batch of each batch size compiles it [dynamic]")
+                        "answers; compiled once per model before the first batch [dynamic]")
     p.add_argument("--name", help="--score-reference: the row's name in the report [the file's stem]")
     p.add_argument("--id-prefix", default="", help="--score-reference: put before each of the file's ids, e.g. "
                    "obman_test_ (the reference names ObMan views by file stem; data_tools.obman by obman_<split>_<stem>)")

@@ -17,7 +17,8 @@ Runs (``--runs``, comma-separated):
   mpo      stage 3 (TRL's DPOTrainer with the MPO losses), tower frozen, with its frozen reference
   plain    ``inference.py``'s plain mode (Q1-Q5 in turn, greedy, batches of ``--batch-size``)
   plain-compiled   the same with ``--decoding compiled`` (static KV buffers, each decoding step one
-           compiled graph, a CUDA graph on a GPU); its first batch includes the compile
+           compiled graph, a CUDA graph on a GPU), compiled before the first batch as
+           ``inference.py`` does (the time is reported)
   plain-whole      plain with every turn prompted whole, history and image tokens again, as before
            ``occmllm.answering.Dialogue`` kept the last turn's keys and values
   cot      ``--mode cot``, every record looking again (gate 0), each image its own render (the
@@ -344,6 +345,10 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
         return [r["answers"] for r in runner(answerer, batch, context)]
 
     batches = [samples[(k * args.batch_size) % len(samples):][: args.batch_size] for k in range(args.steps + 1)]
+    warm_up = time.perf_counter()
+    answerer.warm_up(args.batch_size)  # as inference.py does once per model: compiles compiled decoding
+    synchronize(device)
+    warm_up = time.perf_counter() - warm_up
     times, answers = [], []
     for batch in batches:
         synchronize(device)
@@ -360,7 +365,7 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
         answerer.tiled(sample.images)
     prep = time.perf_counter() - prep
     return {"run": run, "batch": args.batch_size, "steps": len(warm), "seconds": sum(warm),
-            "image_prep_s": prep, "image_prep_share": prep / statistics.median(warm),
+            "image_prep_s": prep, "image_prep_share": prep / statistics.median(warm), "warm_up_s": warm_up,
             "samples_per_s": records / sum(warm), "first_batch_s": times[0],
             "first_over_warm": times[0] / (sum(warm) / len(warm)), "flops": None,
             "launches_per_record": launched and launched / len(batches[-1]),
@@ -389,6 +394,8 @@ def table(rows: list[dict], peak: float) -> str:
         tflops = r["flops"] / r["seconds"] / 1e12 if r["flops"] else None
         note = (f"first batch {r['first_over_warm']:.2f}x a warm one, slowest warm {r['slowest_over_median']:.2f}x "
                 "the median" if "first_over_warm" in r else "")
+        if r.get("warm_up_s", 0) > 0.01:
+            note += f", compiled in {r['warm_up_s']:.1f} s before the first batch"
         if "image_prep_s" in r:
             note += f", images loaded and tiled in {100 * r['image_prep_share']:.0f}% of a batch's time"
         if r.get("launches_per_record"):

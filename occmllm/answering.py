@@ -9,9 +9,9 @@ Decoding (``DECODINGS``): ``dynamic`` grows the KV cache token by token and runs
 kernels one by one, each decoding step (a GPU launches hundreds of small kernels per token);
 ``compiled`` keeps the KV cache in fixed buffers (transformers' ``StaticCache``) and runs each
 decoding step as one ``torch.compile`` graph, replayed as a CUDA graph on a GPU (mode
-``reduce-overhead``). Its buffers have a fixed batch and length (the length grows in steps of
-``CACHE_STEP`` tokens, only when a prompt needs it), so batches of other prompt widths reuse the
-compiled step instead of compiling their own. The answers are the same.
+``reduce-overhead``). The graph is compiled once, by ``warm_up``, for any batch size and buffer
+length; the buffers of a batch size grow in steps of ``CACHE_STEP`` tokens, only when a prompt
+needs it, so few shapes are ever recorded. The answers are the same.
 """
 from __future__ import annotations
 
@@ -162,8 +162,18 @@ class Answerer:
         self._caches: dict[int, object] = {}  # compiled: batch size -> its StaticCache
         if decoding == "compiled":
             from transformers import CompileConfig
-            self._compile_config = CompileConfig()  # mode reduce-overhead: CUDA graphs on a GPU
+            # one graph for every batch size and buffer length (dynamic shapes), so that ``warm_up``
+            # compiles it for all batches; mode reduce-overhead: replayed as CUDA graphs on a GPU
+            self._compile_config = CompileConfig(dynamic=True)
             self._compile_config._compile_all_devices = True  # transformers compiles only on accelerators unasked
+
+    def warm_up(self, batch_size: int) -> None:
+        """compiled: compile the decoding step now, on ``batch_size`` short prompts (the run's
+        batches), so that no batch waits for it; its graph also takes other batch sizes and buffer
+        lengths, except a batch size that equals one of the model's own sizes, where the compiler
+        may tie the two. dynamic: nothing."""
+        if self.decoding == "compiled":
+            self([Prompt([{"from": "human", "value": "Hello."}], None, [])] * batch_size)
 
     def _static_cache(self, batch: int, need: int):
         """compiled: this batch size's static KV buffers, reset, grown to the next multiple of

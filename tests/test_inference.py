@@ -121,15 +121,19 @@ def test_each_turn_feeds_only_its_new_tokens_and_answers_as_whole_prompts(models
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_same_answers_and_compiles_once(batched, models, dataset, tmp_path):
     """--decoding compiled (static KV buffers, each decoding step one torch.compile graph): the same
-    predictions file as today's dynamic decoding, and one compiled graph for all 4 batches and
-    their 5 turns, although every turn's prompt has another width (no per-shape compile)."""
+    predictions file as today's dynamic decoding, and one compiled graph, made before the first
+    batch (the warm-up's 12 short prompts), for batches of 12, 12 and 8 and their 5 turns of
+    other widths: neither the last batch's size nor any prompt width compiles anew."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", tmp_path, "--batch-size", 8,
-        "--decoding", "compiled")
+    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", tmp_path / "compiled",
+        "--batch-size", 12, "--decoding", "compiled")
     assert counters["stats"]["unique_graphs"] == 1
-    assert (tmp_path / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
+    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", tmp_path / "dynamic",
+        "--batch-size", 12)
+    for name in ("compiled", "dynamic"):  # batches of 12 answer as batches of 8 do
+        assert (tmp_path / name / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
     torch._dynamo.reset()
 
 
