@@ -31,11 +31,11 @@ padding); the FLOP count is the same, since padding is not work.
 
 Each training run takes ``--warmup`` steps, then times ``--steps`` more (the device synchronised at
 each step's edges); the rates count the steps alone, and the note adds the waits for each step's
-batch between steps (made on the main process unless ``--workers``). Inference times its first batch (cold: includes any per-shape set-up) and then
-``--steps`` warm batches (each of other records, so of other prompt widths; the slowest against the
-median shows any per-shape stall), and the time of loading and tiling one batch's images on the
-CPU, a part of every batch; on a GPU it then profiles one more batch and counts the host's kernel and
-CUDA-graph launches per record.
+batch between steps (made on the main process unless ``--workers``). Inference times its first
+batch (cold: includes any per-shape set-up) and then ``--steps`` warm batches (each of other
+records, so of other prompt widths; the slowest against the median shows any per-shape stall), and
+the time of loading and tiling one batch's images on the CPU, a part of every batch; on a GPU it
+then profiles one more batch and counts the host's kernel and CUDA-graph launches per record.
 
 Model FLOPs of a step, counted from the batch itself (tiles, and each sequence's tokens): each part
 costs 2 x parameters x tokens forward (the vision tower on 1,025 tokens a tile, the projector on
@@ -50,7 +50,8 @@ The share of peak is against a bf16 matrix-multiply rate measured in the same ru
 
     python benchmarks/bench_gpu.py [--shape 1b|8b|tiny] [--tiles 1|dynamic] [--batch-size 16]
         [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain,...]
-        [--gradient-checkpointing] [--packed] [--workers N] [--vocab-size N] [--device cuda|cpu] [--json OUT]
+        [--gradient-checkpointing] [--packed] [--workers N] [--vocab-size N] [--device cuda|cpu]
+        [--json OUT]
 
 Prints a table, then one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
 """
@@ -337,9 +338,9 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
     mode, decoding, reuse = INFERENCE_RUNS[run]
     answerer = Answerer(model, processor, args.max_new_tokens, decoding)
     runner, context = mode_context(mode, samples, out)
-    if mode == "plain":  # occmllm.modes.run_plain, keeping each turn's keys and values as the run says
+    if not reuse:  # occmllm.modes.run_plain with every turn prompted whole
         def runner(answerer, batch, context):
-            return ask_in_turn(answerer, batch, answerer.images([s.images for s in batch]), reuse)
+            return ask_in_turn(answerer, batch, answerer.images([s.images for s in batch]), reuse=False)
 
     def run_batch(batch):
         return [r["answers"] for r in runner(answerer, batch, context)]

@@ -88,31 +88,35 @@ class Dialogue:
     prompted whole."""
 
     def __init__(self):
-        self.prompts: list[Prompt] = []  # the last turn's prompts, row by row
-        self.ids: list[list[int]] = []   # and their token ids
+        self.features: list = []        # the last turn's image features, row by row
+        self.ids: list[list[int]] = []  # and its prompts' token ids
         self.input_ids = self.attention_mask = None  # the batch as fed: (rows, width), padding included
         self.cache = None  # its keys and values (and those of the answers generated after it)
 
     def suffixes(self, prompts: list[Prompt], ids: list[list[int]], image_token: int) -> list[list[int]] | None:
         """Each row's tokens after its last prompt's, or None where a row does not extend its last
         prompt: another conversation, or new image tokens (whose features are not in the cache)."""
-        if self.cache is None or len(prompts) != len(self.prompts):
+        if self.cache is None or len(prompts) != len(self.ids):
             return None
         out = []
-        for prompt, last_prompt, new, last in zip(prompts, self.prompts, ids, self.ids):
-            same_images = prompt.features is last_prompt.features or (
-                prompt.features is not None and last_prompt.features is not None
-                and prompt.features.data_ptr() == last_prompt.features.data_ptr()
-                and prompt.features.shape == last_prompt.features.shape)
-            if not same_images or len(new) <= len(last) or new[: len(last)] != last \
+        for prompt, features, new, last in zip(prompts, self.features, ids, self.ids):
+            if not same_tensor(prompt.features, features) or len(new) <= len(last) or new[: len(last)] != last \
                     or image_token in new[len(last):]:
                 return None
             out.append(new[len(last):])
         return out
 
     def remember(self, prompts: list[Prompt], ids: list[list[int]], input_ids, attention_mask, cache) -> None:
-        self.prompts, self.ids, self.input_ids, self.attention_mask, self.cache = (
-            prompts, ids, input_ids, attention_mask, cache)
+        self.features = [p.features for p in prompts]
+        self.ids, self.input_ids, self.attention_mask, self.cache = ids, input_ids, attention_mask, cache
+
+
+def same_tensor(a, b) -> bool:
+    """Whether ``a`` and ``b`` are the same values in the same memory (a row's features sliced anew
+    each turn), or both None."""
+    if a is None or b is None:
+        return a is b
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape
 
 
 def rewound(cache, length: int):

@@ -254,10 +254,9 @@ def test_inference_benchmark_runs_every_mode_on_tiny_models(cot_setup, recon_mod
     its one-record-at-a-time loop that prompts each turn whole; the chain and test-time adaptation
     figures are made (the latter one record at a time and batched, alike)."""
     import os
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     from occmllm import clip
     work, model = cot_setup
