@@ -55,7 +55,6 @@ demo: $(VENV)/.installed
 	@echo "stage files:    $(DEMO)/stages/  (each .jsonl with its InternVL .meta.json)"
 	@echo "reconstruction: $(DEMO)/recon/  (model/, metrics.json, contact_sheet.png)"
 	@echo "checkpoints:    $(DEMO)/models/tiny (the shipped base), $(DEMO)/checkpoints/step1 ... step4, step4_dual"
-	@echo "CLIP model:     $(DEMO)/models/clip  (its own zero-shot accuracy: zero_shot.txt)"
 	@echo "reports:        $(DEMO)/report/ (test) and $(DEMO)/report_val/ (validation): report.md, report.json, plots"
 
 demo-data:
@@ -122,14 +121,13 @@ demo-report:
 # OCC-MLLM-Alpha on the final checkpoint: the dual visual path (a short fine-tune with a learnable
 # alpha on the held-out views' Q1-Q5, so Q2-Q5 are kept, and their reconstruction renders; steps
 # and alpha chosen on validation, benchmarks/RESULTS.md, "Why the VLM read less than its tower, and
-# the aligned base"), and test-time adaptation with a tiny CLIP trained on the dataset's
-# image/caption pairs
+# the aligned base"), and test-time adaptation rewarded by the chain's second look over the image
+# and its render (its learning rate chosen on validation). RLCF's own judge, a CLIP (`--tta clip`,
+# occmllm.clip), gains nothing at the demo's size: an image-only tiny CLIP is wrong where the policy
+# is (benchmarks/RESULTS.md, "A judge that sees the render")
 DEMO_DUAL_STEPS ?= 320
+DEMO_TTA_LR ?= 0.01
 demo-alpha:
-	$(PY) -m occmllm.clip build --out $(DEMO)/models/clip --image-size 64
-	$(PY) -m occmllm.clip train --clip $(DEMO)/models/clip --data $(DEMO)/data --no-progress
-	$(PY) -m occmllm.clip zero-shot --clip $(DEMO)/models/clip --data $(DEMO)/data --split test \
-		| tee $(DEMO)/models/clip/zero_shot.txt
 	$(PY) -m step2_multiquery.make_data --data $(DEMO)/data --out $(DEMO)/stages/dual_train.jsonl --part held-out
 	PYTHON=$(PY) bash step1_sft/run.sh --model_name_or_path $(DEMO)/checkpoints/step4 \
 		--train_data $(DEMO)/stages/dual_train.jsonl --dual_renders renders/recon \
@@ -137,8 +135,8 @@ demo-alpha:
 		--max_steps $(DEMO_DUAL_STEPS) --warmup_steps 20 --learning_rate 0.0002 --disable_tqdm true
 	$(PY) inference.py --checkpoint step4-dual=$(DEMO)/checkpoints/step4_dual --mode dual \
 		--recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) $(BOTH_SPLITS) $(ANSWER)
-	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta clip --clip $(DEMO)/models/clip \
-		$(BOTH_SPLITS) $(ANSWER)
+	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta second-look --tta-lr $(DEMO_TTA_LR) \
+		--recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) $(BOTH_SPLITS) $(ANSWER)
 
 # The demo's pretrained base (occmllm/pretrained/tiny-synthocc, shipped in the repository), in two
 # steps as InternVL is built: a vision tower pretrained alone, then the projector and the language

@@ -3,7 +3,8 @@
     python inference.py --checkpoint NAME=PATH [--checkpoint NAME=PATH ...] --data TEST.jsonl --out DIR
                         [--data VAL.jsonl --out DIR2 ...]
                         [--data-root ROOT] [--batch-size 16] [--max-new-tokens 32] [--mode plain|cot|dual]
-                        [--recon RECON] [--alpha A] [--tta clip --clip CLIP] [--limit N] [--device cpu|cuda]
+                        [--recon RECON] [--alpha A] [--tta clip --clip CLIP | --tta second-look --recon RECON]
+                        [--limit N] [--device cpu|cuda]
                         [--decoding dynamic|compiled]
     python inference.py --score-reference PRED.json --data TEST.jsonl --out DIR [--name NAME] [--id-prefix P]
 
@@ -13,7 +14,9 @@ only for scoring. A test file of questions alone (no answers) is answered and re
 unlabelled, with no accuracy. Generation is greedy and batched across records, one turn at a time, with left
 padding. Checkpoints run in the order given. ``--mode cot`` runs the chain of thought with a
 reconstruction render, ``--mode dual`` blends each image's visual tokens with its render's, and
-``--tta clip`` adapts each Q1 answer to a CLIP reward (rows ``tta`` and ``best-of-K``). Several
+``--tta clip`` adapts each Q1 answer to a CLIP reward (rows ``tta`` and ``best-of-K``), ``--tta
+second-look`` to the chain's second look over the image and its render (rows ``tta-second-look`` and
+``best-of-K-second-look``). Several
 ``--data``/``--out`` pairs run in one command, each checkpoint loaded once: the same as a command
 per pair, file for file.
 
@@ -42,7 +45,7 @@ from pathlib import Path
 from occmllm import records, report
 from occmllm.answering import DECODINGS, dataset_root, load_test, sample_of
 from occmllm.errors import OccError, cli
-from occmllm.modes import MODE_RUNNERS, Context
+from occmllm.modes import MODE_RUNNERS, TTA_JUDGES, Context, tta_row_names
 from occmllm.predictions import PredictionLog, check_run_settings
 from occmllm.scoring import build_report, turns_of
 
@@ -167,7 +170,7 @@ def load_second_look(args, path: Path, name: str, device, targets=()):
     """cot: the checkpoint's own second-look model (``occmllm.chain.SECOND_LOOK_DIR``), or None."""
     from occmllm.answering import Answerer
     from occmllm.chain import second_look_model
-    folder = second_look_model(path) if args.mode == "cot" else None
+    folder = second_look_model(path) if reads_second_look(args) else None
     if folder is None:
         return None
     model, processor = load_checkpoint(folder, f"{name} (second look)", device, targets)
@@ -176,7 +179,7 @@ def load_second_look(args, path: Path, name: str, device, targets=()):
 
 def load_clip(args):
     """--tta clip's reward model (tokenizer and processor with it), loaded once for every test file."""
-    if args.mode != "tta":
+    if args.tta != "clip":
         return None
     from occmllm import clip
     if args.clip is None:
@@ -189,31 +192,39 @@ def mode_context(args, data: Path, root: Path, out: Path, clip) -> Context:
     """The mode's extra inputs for one test file, checked before any model runs."""
     from occmllm.model import default_device
     context = Context()
-    if args.mode in ("cot", "dual"):
+    if args.mode in ("cot", "dual") or args.tta == "second-look":
         if args.recon is None:
-            raise OccError(f"--mode {args.mode} needs --recon CKPT: a reconstruction model (python -m "
+            needs = f"--mode {args.mode}" if args.tta is None else f"--tta {args.tta}"
+            raise OccError(f"{needs} needs --recon CKPT: a reconstruction model (python -m "
                            "reconstruction.train)")
         from reconstruction.reconstruct import RenderCache
         context.renders = RenderCache(args.recon, records.dataset_folder(data, root), out / "renders",
                                       args.recon_resolution, args.device or str(default_device()))
-    if args.mode == "tta":
+    if args.tta is not None:
         from occmllm.tta import TTASettings
         context.clip = clip
-        context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=args.tta_lr, optimizer=args.tta_optimizer)
+        context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=args.tta_lr, optimizer=args.tta_optimizer,
+                                  judge=args.tta)
     return context
 
 
 def set_checkpoint_context(args, context: Context, path: Path, second_look=None) -> None:
     """What a mode reads from the checkpoint itself: the blend weight (cot, dual; the second-look
     model's where there is one), the gate (cot) and the second-look model (cot)."""
-    if args.mode in ("cot", "dual"):
+    if args.mode in ("cot", "dual") or reads_second_look(args):
         from occmllm.chain import second_look_source
         from occmllm.dual import resolve_alpha
-        context.alpha = resolve_alpha(second_look_source(path) if args.mode == "cot" else path, args.alpha)
+        context.alpha = resolve_alpha(second_look_source(path) if reads_second_look(args) else path, args.alpha)
     if args.mode == "cot":
         from occmllm.chain import read_gate
         context.gate = args.gate if args.gate is not None else read_gate(path)
+    if reads_second_look(args):
         context.second_look = second_look
+
+
+def reads_second_look(args) -> bool:
+    """Whether the run asks the chain's second look: cot, and TTA judged by it."""
+    return args.mode == "cot" or args.tta == "second-look"
 
 
 def score_reference(args) -> Path:
@@ -295,13 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", type=float, help="--mode cot: take the second look where P(No.) >= GATE; 0 looks "
                                               "everywhere (to choose the gate on validation: python -m occmllm.chain "
                                               "gate) [the checkpoint's chain_gate.json, else 0.5]")
-    p.add_argument("--recon", type=Path, help="--mode cot/dual: reconstruction model folder")
+    p.add_argument("--recon", type=Path, help="--mode cot/dual, --tta second-look: reconstruction model folder")
     p.add_argument("--recon-resolution", type=int, default=64,
                    help="--mode cot/dual: marching-cubes grid per axis [64]")
-    p.add_argument("--alpha", type=float, help="--mode cot/dual: image weight of the blend (cot: of the second look), "
-                                               "0-1 [the checkpoint's dual_alpha.json]")
-    p.add_argument("--tta", choices=("clip",), help="test-time adaptation of Q1 with a CLIP reward (RLCF), each record "
-                                                    "in an episode of its own; writes rows tta and best-of-K")
+    p.add_argument("--alpha", type=float, help="--mode cot/dual, --tta second-look: image weight of the blend (cot, "
+                                               "tta: of the second look), 0-1 [the checkpoint's dual_alpha.json]")
+    p.add_argument("--tta", choices=tuple(TTA_JUDGES),
+                   help="test-time adaptation of Q1 (RLCF), each record in an episode of its own, rewarded by a "
+                        "judge: clip (RLCF's; --clip), writing rows tta and best-of-K; or second-look (the "
+                        "chain's second look over the image and its render; --recon), writing rows "
+                        "tta-second-look and best-of-K-second-look")
     p.add_argument("--clip", type=Path, help="--tta clip: CLIP model folder (python -m occmllm.clip)")
     p.add_argument("--tta-k", type=int, default=4, help="--tta: candidate answers per record [4]")
     p.add_argument("--tta-steps", type=int, default=3, help="--tta: optimizer steps per record [3]")
@@ -332,12 +346,12 @@ def main(argv=None) -> int:
         check_alpha(args.alpha, "--alpha")
     if args.gate is not None and (args.mode != "cot" or not 0 <= args.gate <= 1.0 + 1e-6):
         raise OccError(f"--gate {args.gate}: a threshold on P(No.) in [0, 1] for --mode cot")
-    if args.clip is not None and args.tta is None:
+    if args.clip is not None and args.tta != "clip":
         raise OccError("--clip is the reward model of --tta clip; add --tta clip")
     if args.tta is not None:
         if args.mode != "plain":
             raise OccError(f"--tta adapts the plain answer to Q1; it does not combine with --mode {args.mode}")
-        args.mode = "tta"
+        args.mode = tta_row_names(args.tta, args.tta_k)[0]
     if len(args.data) != len(args.out):
         raise OccError(f"{len(args.data)} --data and {len(args.out)} --out: give one run folder per test file, "
                        "in the same order")

@@ -4,8 +4,9 @@
 - ``plain``: every question of the record in order, multi-turn with the model's own answers;
 - ``cot``: the chain of thought of ``occmllm.chain``, its second look blended with a reconstruction render;
 - ``dual``: the plain questions on OCC-MLLM-Alpha's dual visual path (``occmllm.dual``);
-- ``tta``: Q1 after episodic test-time adaptation to a CLIP reward (``occmllm.tta``), with the
-  best-of-K answer as a row of its own (``"also"``).
+- ``tta``, ``tta-second-look``: Q1 after episodic test-time adaptation to a judge's reward
+  (``occmllm.tta``: CLIP, or the second look over the image and its render), with the best-of-K
+  answer as a row of its own (``"also"``).
 """
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ from occmllm.scoring import final_key
 
 @dataclass
 class Context:
-    """What a mode needs beside the model: renders (cot, dual), the blend weight (cot, dual, per
-    checkpoint), the CLIP reward model and settings (tta)."""
+    """What a mode needs beside the model: renders (cot, dual, tta's second-look judge), the blend
+    weight (cot, dual, per checkpoint), the CLIP reward model (tta's clip judge), TTA's settings."""
     renders: object | None = None       # paths(ids) -> render files: reconstruction.reconstruct.RenderCache
     alpha: float | None = None
     gate: float = chain.DEFAULT_GATE    # cot: the second look where P(No.) >= gate (per checkpoint)
     clip: tuple | None = None           # (model, tokenizer, image processor) from occmllm.clip.load
     tta: object | None = None           # occmllm.tta.TTASettings
-    second_look: Answerer | None = None  # cot: the checkpoint's own second-look model (occmllm.chain), if any
+    second_look: Answerer | None = None  # cot, tta's second-look judge: the checkpoint's own second-look model
 
 
 def run_plain(answerer: Answerer, batch: list[Sample], context: Context | None = None) -> list[dict]:
@@ -111,26 +112,20 @@ def run_dual(answerer: Answerer, batch: list[Sample], context: Context) -> list[
 
 
 def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[dict]:
-    """Episodic test-time adaptation with the CLIP reward (occmllm.tta), every record of the batch
+    """Episodic test-time adaptation to the judge's reward (occmllm.tta), every record of the batch
     in an episode of its own: Q1 answered by its adapted projector. Each result also carries the
-    best-of-K answer (the candidate CLIP ranks first, no gradient), written as its own row."""
+    best-of-K answer (the candidate the judge ranks first, no gradient), written as its own row."""
     import torch
 
-    from occmllm import clip as clip_module
     from occmllm import tta
-    from occmllm.conversation import load_images
     model, encoder, settings = answerer.model, answerer.encoder, context.tta
-    clip_model, clip_tokenizer, clip_processor = context.clip
-    images = [load_images(s.images[:1]) for s in batch]
-    tiled = [encoder.pixel_values(image) for image in images]
+    tiled = [answerer.tiled(s.images[:1]) for s in batch]
     tiles = [t for _, t in tiled]
     inputs = list(tta.projector_inputs(model, torch.cat([p for p, _ in tiled])).split([len(p) for p, _ in tiled]))
     with torch.no_grad():
         plain = [tta.adapted_module(model)(x) for x in inputs]
     cands = tta.candidates(model, encoder, Q1, plain, tiles, settings.k)
-    every = clip_module.scores(clip_model, clip_tokenizer, clip_processor, [image[0] for image in images],
-                               [caption(c) for c in CATEGORIES])  # (records, categories)
-    scores = [row[[CATEGORIES.index(c) for c in cs]] for row, cs in zip(every, cands)]
+    scores = TTA_JUDGES[settings.judge](answerer, batch, tiled, cands, context)
     answers = tta.answer_batch(encoder, Q1, [[category_answer(c) for c in cs] for cs in cands], tiles)
     episodes = tta.Episodes(model, len(batch))
     tta.adapt(model, episodes, inputs, answers, torch.cat([tta.baseline_rewards(s) for s in scores]),
@@ -138,13 +133,55 @@ def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     with torch.no_grad():
         adapted = episodes.project(inputs)
     final = answerer([Prompt([{"from": "human", "value": Q1}], features, t) for features, t in zip(adapted, tiles)])
+    best_of = tta_row_names(settings.judge, settings.k)[1]
     out = []
     for answer, cs, s in zip(final, cands, scores):
         best = category_answer(cs[int(s.argmax())])
         out.append({"answers": {"Q1": answer}, "final": answer,
-                    "also": {f"best-of-{settings.k}": {"answers": {"Q1": best}, "final": best}}})
+                    "also": {best_of: {"answers": {"Q1": best}, "final": best}}})
     return out
 
 
+def clip_scores(answerer: Answerer, batch: list[Sample], tiled: list[tuple], candidates: list[list[str]],
+                context: Context) -> list:
+    """TTA judge ``clip``: CLIP-S of each candidate's caption with the record's image."""
+    from occmllm import clip
+    from occmllm.conversation import load_images
+    every = clip.scores(*context.clip, [load_images(s.images[:1])[0] for s in batch],
+                        [caption(c) for c in CATEGORIES])  # (records, categories)
+    return [row[[CATEGORIES.index(c) for c in cs]] for row, cs in zip(every, candidates)]
+
+
+def second_look_scores(answerer: Answerer, batch: list[Sample], tiled: list[tuple], candidates: list[list[str]],
+                       context: Context) -> list:
+    """TTA judge ``second-look``: the chain's second look (``context.second_look``, else the
+    checkpoint) over the image blended with its render, as ``run_cot`` asks it; its probability of
+    each candidate's answer, teacher-forced and renormalised over the candidates."""
+    import torch
+
+    from occmllm import tta
+    from occmllm.dual import blend
+    reader = context.second_look or answerer
+    renders = rendered_like(batch, tiled, answerer, context)
+    features = [blend(image, render, context.alpha)
+                for (image, _), (render, _) in zip(reader.encode(tiled), reader.encode(renders))]
+    rows = tta.answer_batch(reader.encoder, chain.SECOND_LOOK, [[category_answer(c) for c in cs] for cs in candidates],
+                            [t for _, t in tiled])
+    with torch.inference_mode():
+        log_pi = tta.answer_log_likelihoods(reader.model, rows, features).float().cpu()
+    return [row.softmax(0) for row in log_pi.split([len(cs) for cs in candidates])]
+
+
+# --tta JUDGE -> its scores(answerer, batch, tiled images, candidates per record, context): one tensor per record
+TTA_JUDGES = {"clip": clip_scores, "second-look": second_look_scores}
+
+
+def tta_row_names(judge: str, k: int) -> tuple[str, str]:
+    """The report rows of a TTA run with ``judge``: (the adapted answer's, best-of-K's). CLIP's are
+    plain ``tta`` and ``best-of-K``; another judge's carry its name, so both can share a report."""
+    suffix = "" if judge == "clip" else f"-{judge}"
+    return f"tta{suffix}", f"best-of-{k}{suffix}"
+
 # --mode NAME -> its function(answerer, batch, context)
-MODE_RUNNERS = {"plain": run_plain, "cot": run_cot, "dual": run_dual, "tta": run_tta}
+MODE_RUNNERS = {"plain": run_plain, "cot": run_cot, "dual": run_dual,
+                **{tta_row_names(judge, 0)[0]: run_tta for judge in TTA_JUDGES}}

@@ -6,8 +6,14 @@ For one test image:
 
 1. candidates: the K categories whose Q1 answers ("The object is {c}.") the model finds likeliest
    (teacher-forced log-likelihood of each of the eight answers), as RLCF does for classification;
-2. reward: CLIP-S(caption of the candidate, image) = 2.5 max(cos, 0), minus the mean over the K
-   candidates (the baseline: the rewards of one image sum to zero);
+2. reward: the judge's score of each candidate, minus the mean over the K candidates (the
+   baseline: the rewards of one image sum to zero). Two judges (``occmllm.modes.TTA_JUDGES``):
+   - ``clip`` (RLCF's): CLIP-S(caption of the candidate, image) = 2.5 max(cos, 0);
+   - ``second-look``: the checkpoint's second look (``occmllm.chain``) reading the image blended
+     with its reconstruction render: its probability of the candidate's answer, renormalised over
+     the K candidates. It sees what the policy does not, the render, and it is right where the
+     policy is; an image-only CLIP of the demo's size is neither (benchmarks/RESULTS.md, "A judge
+     that sees the render");
 3. a few steps of REINFORCE on the candidates' log-likelihoods,
        L = -1/K sum_k r_k log pi(answer_k | image, Q1)     (log pi summed over the answer's tokens),
    by plain SGD by default, so the update's size follows the reward: where CLIP barely tells
@@ -26,7 +32,7 @@ SGD and AdamW work element by element, so each copy takes exactly the steps a ru
 alone would take. The vision tower runs once per image (the projector's input does not change)
 and the model's own weights are never written.
 
-Best-of-K answers with the candidate CLIP-S ranks first, without any gradient step.
+Best-of-K answers with the candidate the judge ranks first, without any gradient step.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ class TTASettings:
     steps: int = 3         # optimizer steps per image
     lr: float = 1e-3
     optimizer: str = "sgd"  # or "adamw"
+    judge: str = "clip"    # the reward's judge: occmllm.modes.TTA_JUDGES
 
 
 def adapted_module(model) -> torch.nn.Module:

@@ -274,3 +274,79 @@ def test_inference_benchmark_runs_every_mode_on_tiny_models(cot_setup, recon_mod
     assert set(result["speedup"]) == {"1", "8", "32"}
     assert result["cot"]["cot_s"] > 0 and result["cot"]["reconstructed"] == 8
     assert result["tta"]["identical"]
+
+
+def test_tta_judged_by_the_second_look(tiny_model, synth, cot_setup, recon_model, tmp_path):
+    """``--tta second-look``: the reward is the second-look model's probability of each candidate
+    (among the first look's K likeliest) over the image blended with its render, renormalised over
+    the candidates. The judge's scores match an independent reading of that blend
+    (``occmllm.dual.blended_features``, the training path), they change when the render does, and the
+    command's best-of-K row is, record by record, the candidate they rank first."""
+    import shutil
+
+    from occmllm import modes, tta
+    from occmllm.answering import Answerer, sample_of
+    from occmllm.conversation import ConversationEncoder, load_images
+    from occmllm.dual import blended_features, resolve_alpha
+    from occmllm.model import ImageOnlyInternVLProcessor, load_model
+    from occmllm.questions import Q1
+    from occmllm.records import render_path
+    work, model = cot_setup
+    ckpt = shutil.copytree(tiny_model, tmp_path / "ckpt")
+    shutil.copytree(model, ckpt / chain.SECOND_LOOK_DIR)
+    _run(["--checkpoint", f"m={ckpt}", "--data", str(work / "test.jsonl"), "--tta", "second-look", "--recon",
+          str(recon_model), "--recon-resolution", "24", "--tta-k", "3", "--tta-steps", "2", "--tta-lr", "0.01",
+          "--limit", "8", "--out", str(tmp_path / "run")])
+    lines = _predictions(tmp_path / "run")
+    assert [p["mode"] for p in lines] == ["tta-second-look", "best-of-3-second-look"] * 8
+    rows = json.loads((tmp_path / "run/report.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["tta-second-look", "best-of-3-second-look"]
+
+    records = [json.loads(x) for x in (work / "test.jsonl").read_text().splitlines()[:8]]
+    batch = [sample_of(rec, synth) for rec in records]
+    first, second = (Answerer(*load_model(path), max_new_tokens=8) for path in (ckpt, model))
+    encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(tiny_model))
+    alpha = resolve_alpha(model)
+    tiled = [first.tiled(s.images[:1]) for s in batch]
+    plain = [f for f, _ in first.encode(tiled)]
+    cands = tta.candidates(first.model, encoder, Q1, plain, [t for _, t in tiled], 3)
+
+    class Renders:  # the render of each record, as RenderCache.paths gives them
+        def __init__(self, path_of):
+            self.path_of = path_of
+
+        def paths(self, ids):
+            return [self.path_of(i) for i in ids]
+
+    def judged(path_of) -> list[torch.Tensor]:
+        context = modes.Context(renders=Renders(path_of), alpha=alpha, second_look=second)
+        return modes.second_look_scores(first, batch, tiled, cands, context)
+
+    def independent(path_of) -> list[torch.Tensor]:
+        out = []
+        for rec, (pixels, tiles), cs in zip(records, tiled, cands):
+            render_pixels, _ = encoder.pixel_values(load_images([path_of(rec["id"])]))
+            with torch.no_grad():
+                blended = blended_features(second.model, pixels, render_pixels, alpha)
+                ll = tta.answer_log_likelihoods(second.model, tta.answer_batch(
+                    encoder, chain.SECOND_LOOK, [[category_answer(c) for c in cs]], [tiles]), [blended])
+            out.append(ll.softmax(0))
+        return out
+
+    def renders(i):
+        return render_path(tmp_path / "run/renders", i)
+
+    def images(i):
+        return synth / next(rec["image"] for rec in records if rec["id"] == i)
+
+    scores = judged(renders)
+    for got, want in zip(scores, independent(renders)):
+        assert torch.allclose(got, want, rtol=0, atol=1e-6) and abs(got.sum().item() - 1) < 1e-5
+    assert [category_answer(cs[int(s.argmax())]) for cs, s in zip(cands, scores)] == \
+        [p["final"] for p in lines if p["mode"] == "best-of-3-second-look"]
+    as_images = judged(images)  # no render: the blend is the image alone
+    for got, want in zip(as_images, independent(images)):
+        assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    # the tiny judge is sure of most records, so the render moves its probabilities by little, but
+    # far beyond the float error of the two computations above
+    assert max((a - b).abs().max().item() for a, b in zip(scores, as_images)) > 2e-5

@@ -1,5 +1,6 @@
 """Test-time adaptation with a CLIP reward (occmllm.tta, ``inference.py --tta clip``): the reward
-baseline, one REINFORCE step's direction, images adapted together as each alone, and the command end to end."""
+baseline, one REINFORCE step's direction, images adapted together as each alone, and the command end to end.
+The second-look judge (``--tta second-look``) is tested in test_cot.py, beside the chain it asks."""
 import copy
 import json
 
@@ -203,7 +204,9 @@ def test_tta_bad_input_is_one_line(tiny_model, synth_small, tmp_path, capsys):
     cases = {"no clip": (["--tta", "clip"], "--clip PATH"),
              "not clip": (["--tta", "clip", "--clip", str(tiny_model)], "not a CLIP"),
              "clip without tta": (["--clip", str(tiny_model)], "--tta clip"),
-             "with cot": (["--tta", "clip", "--clip", str(tiny_model), "--mode", "cot"], "--mode cot")}
+             "with cot": (["--tta", "clip", "--clip", str(tiny_model), "--mode", "cot"], "--mode cot"),
+             "judge without renders": (["--tta", "second-look"], "--tta second-look needs --recon"),
+             "clip for another judge": (["--tta", "second-look", "--clip", str(tiny_model)], "--tta clip")}
     for case, (extra, says) in cases.items():
         out = tmp_path / case.replace(" ", "_")
         with pytest.raises(SystemExit) as exc:
