@@ -25,6 +25,8 @@ Runs (``--runs``, comma-separated):
            reconstruction is ``bench_recon.py``'s to time)
   dual     ``--mode dual`` at alpha 0.5, each image its own render
   tta      ``--tta clip`` (Q1 after 3 SGD steps per record), with an untrained tiny CLIP
+  tta-second-look  ``--tta second-look`` as the demo runs it (lr 0.01), the model itself the judge
+           over its image blended with the image standing in for its render
 
 With ``--packed`` the stage-1 runs train on packed batches (``occmllm.sft.Collator``: one row, no
 padding); the FLOP count is the same, since padding is not work.
@@ -289,7 +291,8 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
 # run -> (inference.py --mode, --decoding, whether each turn keeps the last one's keys and values)
 INFERENCE_RUNS = {"plain": ("plain", "dynamic", True), "plain-compiled": ("plain", "compiled", True),
                   "plain-whole": ("plain", "dynamic", False), "cot": ("cot", "dynamic", True),
-                  "dual": ("dual", "dynamic", True), "tta": ("tta", "dynamic", True)}
+                  "dual": ("dual", "dynamic", True), "tta": ("tta", "dynamic", True),
+                  "tta-second-look": ("tta-second-look", "dynamic", True)}
 
 
 class ImagesAsRenders:
@@ -306,13 +309,18 @@ class ImagesAsRenders:
 
 def mode_context(mode: str, samples, out: Path):
     """The inference mode's runner and context: cot looks again at every record (gate 0), cot and
-    dual blend at alpha 0.5, tta adapts with an untrained tiny CLIP and the default settings."""
+    dual blend at alpha 0.5, tta adapts with an untrained tiny CLIP and the default settings,
+    tta-second-look at the demo's learning rate with the model judging its own blend."""
     from occmllm.modes import MODE_RUNNERS, Context
     if mode == "tta":
         from occmllm import clip
         from occmllm.tta import TTASettings
         return MODE_RUNNERS[mode], Context(clip=clip.load(clip.build(out / "clip")), tta=TTASettings())
-    return MODE_RUNNERS[mode], Context(renders=ImagesAsRenders(samples), alpha=0.5, gate=0.0)
+    context = Context(renders=ImagesAsRenders(samples), alpha=0.5, gate=0.0)
+    if mode == "tta-second-look":
+        from occmllm.tta import TTASettings
+        context.tta = TTASettings(lr=0.01, judge="second-look")
+    return MODE_RUNNERS[mode], context
 
 
 def launches(device: torch.device, work) -> int | None:
@@ -422,7 +430,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=16, help="samples (records for plain) per step [16]")
     p.add_argument("--steps", type=int, default=10, help="timed steps (batches for plain) [10]")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first [3]")
-    p.add_argument("--runs", default="full,frozen,lora,mpo,plain,plain-compiled,plain-whole,cot,dual,tta",
+    p.add_argument("--runs",
+                   default="full,frozen,lora,mpo,plain,plain-compiled,plain-whole,cot,dual,tta,tta-second-look",
                    help="comma-separated runs (above) [all but frozen-all-logits]")
     p.add_argument("--vocab-size", type=int, help="the language model's vocabulary rows [the shape's]: e.g. a real "
                                                   "151,674 on the tiny shape, to see the output head's share on CPU")
