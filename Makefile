@@ -122,11 +122,10 @@ demo-report:
 # alpha on the held-out views' Q1-Q5, so Q2-Q5 are kept, and their reconstruction renders; steps
 # and alpha chosen on validation, benchmarks/RESULTS.md, "Why the VLM read less than its tower, and
 # the aligned base"), and test-time adaptation rewarded by the chain's second look over the image
-# and its render (its learning rate chosen on validation). RLCF's own judge, a CLIP (`--tta clip`,
+# and its render (its learning rate, the default, chosen on validation). RLCF's own judge, a CLIP (`--tta clip`,
 # occmllm.clip), gains nothing at the demo's size: an image-only tiny CLIP is wrong where the policy
 # is (benchmarks/RESULTS.md, "A judge that sees the render")
 DEMO_DUAL_STEPS ?= 320
-DEMO_TTA_LR ?= 0.01
 demo-alpha:
 	$(PY) -m step2_multiquery.make_data --data $(DEMO)/data --out $(DEMO)/stages/dual_train.jsonl --part held-out
 	PYTHON=$(PY) bash step1_sft/run.sh --model_name_or_path $(DEMO)/checkpoints/step4 \
@@ -135,7 +134,7 @@ demo-alpha:
 		--max_steps $(DEMO_DUAL_STEPS) --warmup_steps 20 --learning_rate 0.0002 --disable_tqdm true
 	$(PY) inference.py --checkpoint step4-dual=$(DEMO)/checkpoints/step4_dual --mode dual \
 		--recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) $(BOTH_SPLITS) $(ANSWER)
-	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta second-look --tta-lr $(DEMO_TTA_LR) \
+	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta second-look \
 		--recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) $(BOTH_SPLITS) $(ANSWER)
 
 # The demo's pretrained base (occmllm/pretrained/tiny-synthocc, shipped in the repository), in two

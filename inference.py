@@ -45,7 +45,7 @@ from pathlib import Path
 from occmllm import records, report
 from occmllm.answering import DECODINGS, dataset_root, load_test, sample_of
 from occmllm.errors import OccError, cli
-from occmllm.modes import MODE_RUNNERS, TTA_JUDGES, Context, tta_row_names
+from occmllm.modes import MODE_RUNNERS, TTA_JUDGES, TTA_LEARNING_RATES, Context, tta_row_names
 from occmllm.predictions import PredictionLog, check_run_settings
 from occmllm.scoring import build_report, turns_of
 
@@ -203,7 +203,8 @@ def mode_context(args, data: Path, root: Path, out: Path, clip) -> Context:
     if args.tta is not None:
         from occmllm.tta import TTASettings
         context.clip = clip
-        context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=args.tta_lr, optimizer=args.tta_optimizer,
+        lr = args.tta_lr if args.tta_lr is not None else TTA_LEARNING_RATES[args.tta]
+        context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=lr, optimizer=args.tta_optimizer,
                                   judge=args.tta)
     return context
 
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=Path, help="--tta clip: CLIP model folder (python -m occmllm.clip)")
     p.add_argument("--tta-k", type=int, default=4, help="--tta: candidate answers per record [4]")
     p.add_argument("--tta-steps", type=int, default=3, help="--tta: optimizer steps per record [3]")
-    p.add_argument("--tta-lr", type=float, default=1e-3, help="--tta: learning rate of the steps [1e-3]")
+    p.add_argument("--tta-lr", type=float, help="--tta: learning rate of the steps [clip: 1e-3, second-look: 1e-2]")
     p.add_argument("--tta-optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="--tta: sgd (the update's size follows the reward) or adamw (RLCF's) [sgd]")
     p.add_argument("--limit", type=int, help="only the first N test records")

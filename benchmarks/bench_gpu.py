@@ -25,7 +25,7 @@ Runs (``--runs``, comma-separated):
            reconstruction is ``bench_recon.py``'s to time)
   dual     ``--mode dual`` at alpha 0.5, each image its own render
   tta      ``--tta clip`` (Q1 after 3 SGD steps per record), with an untrained tiny CLIP
-  tta-second-look  ``--tta second-look`` as the demo runs it (lr 0.01), the model itself the judge
+  tta-second-look  ``--tta second-look`` as the demo runs it, the model itself the judge
            over its image blended with the image standing in for its render
 
 With ``--packed`` the stage-1 runs train on packed batches (``occmllm.sft.Collator``: one row, no
@@ -310,16 +310,15 @@ class ImagesAsRenders:
 def mode_context(mode: str, samples, out: Path):
     """The inference mode's runner and context: cot looks again at every record (gate 0), cot and
     dual blend at alpha 0.5, tta adapts with an untrained tiny CLIP and the default settings,
-    tta-second-look at the demo's learning rate with the model judging its own blend."""
-    from occmllm.modes import MODE_RUNNERS, Context
+    tta-second-look at its default learning rate with the model judging its own blend."""
+    from occmllm.modes import MODE_RUNNERS, TTA_LEARNING_RATES, Context
+    from occmllm.tta import TTASettings
     if mode == "tta":
         from occmllm import clip
-        from occmllm.tta import TTASettings
         return MODE_RUNNERS[mode], Context(clip=clip.load(clip.build(out / "clip")), tta=TTASettings())
     context = Context(renders=ImagesAsRenders(samples), alpha=0.5, gate=0.0)
     if mode == "tta-second-look":
-        from occmllm.tta import TTASettings
-        context.tta = TTASettings(lr=0.01, judge="second-look")
+        context.tta = TTASettings(lr=TTA_LEARNING_RATES["second-look"], judge="second-look")
     return MODE_RUNNERS[mode], context
 
 

@@ -174,6 +174,9 @@ def second_look_scores(answerer: Answerer, batch: list[Sample], tiled: list[tupl
 
 # --tta JUDGE -> its scores(answerer, batch, tiled images, candidates per record, context): one tensor per record
 TTA_JUDGES = {"clip": clip_scores, "second-look": second_look_scores}
+# each judge's learning rate: CLIP-S differences are a tenth of the second look's probabilities; the
+# second look's was chosen on the demo's validation split (benchmarks/RESULTS.md, "A judge that sees the render")
+TTA_LEARNING_RATES = {"clip": 1e-3, "second-look": 1e-2}
 
 
 def tta_row_names(judge: str, k: int) -> tuple[str, str]:

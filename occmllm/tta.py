@@ -50,7 +50,7 @@ from occmllm.questions import CATEGORIES, category_answer
 class TTASettings:
     k: int = 4             # candidates per image
     steps: int = 3         # optimizer steps per image
-    lr: float = 1e-3
+    lr: float = 1e-3       # CLIP's; occmllm.modes.TTA_LEARNING_RATES holds each judge's
     optimizer: str = "sgd"  # or "adamw"
     judge: str = "clip"    # the reward's judge: occmllm.modes.TTA_JUDGES
 

@@ -295,7 +295,7 @@ def test_tta_judged_by_the_second_look(tiny_model, synth, cot_setup, recon_model
     ckpt = shutil.copytree(tiny_model, tmp_path / "ckpt")
     shutil.copytree(model, ckpt / chain.SECOND_LOOK_DIR)
     _run(["--checkpoint", f"m={ckpt}", "--data", str(work / "test.jsonl"), "--tta", "second-look", "--recon",
-          str(recon_model), "--recon-resolution", "24", "--tta-k", "3", "--tta-steps", "2", "--tta-lr", "0.01",
+          str(recon_model), "--recon-resolution", "24", "--tta-k", "3", "--tta-steps", "2",
           "--limit", "8", "--out", str(tmp_path / "run")])
     lines = _predictions(tmp_path / "run")
     assert [p["mode"] for p in lines] == ["tta-second-look", "best-of-3-second-look"] * 8
