@@ -91,8 +91,9 @@ def run_inference(args) -> list[Path]:
     for data in args.data:
         if not data.is_file():
             raise OccError(f"{data}: test file not found")
-    for _, path in checkpoints:  # every checkpoint before running any
+    for _, path in checkpoints:  # every checkpoint before running any, and before any file is written
         check_checkpoint(path)
+        blend_weight(args, path)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise OccError("--device cuda: no CUDA device is available here; use --device cpu")
     clip = load_clip(args)
@@ -192,11 +193,7 @@ def mode_context(args, data: Path, root: Path, out: Path, clip) -> Context:
     """The mode's extra inputs for one test file, checked before any model runs."""
     from occmllm.model import default_device
     context = Context()
-    if args.mode in ("cot", "dual") or args.tta == "second-look":
-        if args.recon is None:
-            needs = f"--mode {args.mode}" if args.tta is None else f"--tta {args.tta}"
-            raise OccError(f"{needs} needs --recon CKPT: a reconstruction model (python -m "
-                           "reconstruction.train)")
+    if renders_needed(args):
         from reconstruction.reconstruct import RenderCache
         context.renders = RenderCache(args.recon, records.dataset_folder(data, root), out / "renders",
                                       args.recon_resolution, args.device or str(default_device()))
@@ -212,15 +209,27 @@ def mode_context(args, data: Path, root: Path, out: Path, clip) -> Context:
 def set_checkpoint_context(args, context: Context, path: Path, second_look=None) -> None:
     """What a mode reads from the checkpoint itself: the blend weight (cot, dual; the second-look
     model's where there is one), the gate (cot) and the second-look model (cot)."""
-    if args.mode in ("cot", "dual") or reads_second_look(args):
-        from occmllm.chain import second_look_source
-        from occmllm.dual import resolve_alpha
-        context.alpha = resolve_alpha(second_look_source(path) if reads_second_look(args) else path, args.alpha)
+    context.alpha = blend_weight(args, path)
     if args.mode == "cot":
         from occmllm.chain import read_gate
         context.gate = args.gate if args.gate is not None else read_gate(path)
     if reads_second_look(args):
         context.second_look = second_look
+
+
+def blend_weight(args, path: Path) -> float | None:
+    """The image's weight in the blend with its render (cot, dual, tta's second-look judge): --alpha,
+    else the checkpoint's (its second look's where it reads one); a one-line error where there is none."""
+    if not renders_needed(args):
+        return None
+    from occmllm.chain import second_look_source
+    from occmllm.dual import resolve_alpha
+    return resolve_alpha(second_look_source(path) if reads_second_look(args) else path, args.alpha)
+
+
+def renders_needed(args) -> bool:
+    """Whether the run blends images with reconstruction renders: cot, dual, tta's second-look judge."""
+    return args.mode in ("cot", "dual") or args.tta == "second-look"
 
 
 def reads_second_look(args) -> bool:
@@ -353,6 +362,9 @@ def main(argv=None) -> int:
         if args.mode != "plain":
             raise OccError(f"--tta adapts the plain answer to Q1; it does not combine with --mode {args.mode}")
         args.mode = tta_row_names(args.tta, args.tta_k)[0]
+    if renders_needed(args) and args.recon is None and args.score_reference is None:
+        needs = f"--mode {args.mode}" if args.tta is None else f"--tta {args.tta}"
+        raise OccError(f"{needs} needs --recon CKPT: a reconstruction model (python -m reconstruction.train)")
     if len(args.data) != len(args.out):
         raise OccError(f"{len(args.data)} --data and {len(args.out)} --out: give one run folder per test file, "
                        "in the same order")

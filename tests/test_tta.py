@@ -206,7 +206,9 @@ def test_tta_bad_input_is_one_line(tiny_model, synth_small, tmp_path, capsys):
              "clip without tta": (["--clip", str(tiny_model)], "--tta clip"),
              "with cot": (["--tta", "clip", "--clip", str(tiny_model), "--mode", "cot"], "--mode cot"),
              "judge without renders": (["--tta", "second-look"], "--tta second-look needs --recon"),
-             "clip for another judge": (["--tta", "second-look", "--clip", str(tiny_model)], "--tta clip")}
+             "clip for another judge": (["--tta", "second-look", "--clip", str(tiny_model)], "--tta clip"),
+             "judge without a blend weight": (["--tta", "second-look", "--recon", str(tmp_path / "recon")],
+                                              "not a dual-path checkpoint")}
     for case, (extra, says) in cases.items():
         out = tmp_path / case.replace(" ", "_")
         with pytest.raises(SystemExit) as exc:
