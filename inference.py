@@ -168,7 +168,8 @@ def load_checkpoint(path: Path, name: str, device, targets=()):
 
 
 def load_second_look(args, path: Path, name: str, device, targets=()):
-    """cot: the checkpoint's own second-look model (``occmllm.chain.SECOND_LOOK_DIR``), or None."""
+    """cot and tta's second-look judge: the checkpoint's own second-look model
+    (``occmllm.chain.SECOND_LOOK_DIR``), or None (the checkpoint looks again itself)."""
     from occmllm.answering import Answerer
     from occmllm.chain import second_look_model
     folder = second_look_model(path) if reads_second_look(args) else None
@@ -207,8 +208,8 @@ def mode_context(args, data: Path, root: Path, out: Path, clip) -> Context:
 
 
 def set_checkpoint_context(args, context: Context, path: Path, second_look=None) -> None:
-    """What a mode reads from the checkpoint itself: the blend weight (cot, dual; the second-look
-    model's where there is one), the gate (cot) and the second-look model (cot)."""
+    """What a mode reads from the checkpoint itself: the blend weight (``blend_weight``), the gate
+    (cot) and the second-look model (cot, tta's second-look judge)."""
     context.alpha = blend_weight(args, path)
     if args.mode == "cot":
         from occmllm.chain import read_gate
@@ -318,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "gate) [the checkpoint's chain_gate.json, else 0.5]")
     p.add_argument("--recon", type=Path, help="--mode cot/dual, --tta second-look: reconstruction model folder")
     p.add_argument("--recon-resolution", type=int, default=64,
-                   help="--mode cot/dual: marching-cubes grid per axis [64]")
+                   help="--mode cot/dual, --tta second-look: marching-cubes grid per axis [64]")
     p.add_argument("--alpha", type=float, help="--mode cot/dual, --tta second-look: image weight of the blend (cot, "
                                                "tta: of the second look), 0-1 [the checkpoint's dual_alpha.json]")
     p.add_argument("--tta", choices=tuple(TTA_JUDGES),
