@@ -45,7 +45,7 @@ from pathlib import Path
 from occmllm import records, report
 from occmllm.answering import DECODINGS, dataset_root, load_test, sample_of
 from occmllm.errors import OccError, cli
-from occmllm.modes import MODE_RUNNERS, TTA_JUDGES, TTA_LEARNING_RATES, Context, tta_row_names
+from occmllm.modes import MODE_RUNNERS, TTA_JUDGES, Context, tta_mode
 from occmllm.predictions import PredictionLog, check_run_settings
 from occmllm.scoring import build_report, turns_of
 
@@ -199,9 +199,9 @@ def mode_context(args, data: Path, root: Path, out: Path, clip) -> Context:
         context.renders = RenderCache(args.recon, records.dataset_folder(data, root), out / "renders",
                                       args.recon_resolution, args.device or str(default_device()))
     if args.tta is not None:
-        from occmllm.tta import TTASettings
+        from occmllm.tta import LEARNING_RATES, TTASettings
         context.clip = clip
-        lr = args.tta_lr if args.tta_lr is not None else TTA_LEARNING_RATES[args.tta]
+        lr = args.tta_lr if args.tta_lr is not None else LEARNING_RATES[args.tta]
         context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=lr, optimizer=args.tta_optimizer,
                                   judge=args.tta)
     return context
@@ -362,7 +362,7 @@ def main(argv=None) -> int:
     if args.tta is not None:
         if args.mode != "plain":
             raise OccError(f"--tta adapts the plain answer to Q1; it does not combine with --mode {args.mode}")
-        args.mode = tta_row_names(args.tta, args.tta_k)[0]
+        args.mode = tta_mode(args.tta)
     if renders_needed(args) and args.recon is None and args.score_reference is None:
         needs = f"--mode {args.mode}" if args.tta is None else f"--tta {args.tta}"
         raise OccError(f"{needs} needs --recon CKPT: a reconstruction model (python -m reconstruction.train)")

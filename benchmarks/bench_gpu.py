@@ -311,14 +311,14 @@ def mode_context(mode: str, samples, out: Path):
     """The inference mode's runner and context: cot looks again at every record (gate 0), cot and
     dual blend at alpha 0.5, tta adapts with an untrained tiny CLIP and the default settings,
     tta-second-look at its default learning rate with the model judging its own blend."""
-    from occmllm.modes import MODE_RUNNERS, TTA_LEARNING_RATES, Context
-    from occmllm.tta import TTASettings
+    from occmllm.modes import MODE_RUNNERS, Context
+    from occmllm.tta import LEARNING_RATES, TTASettings
     if mode == "tta":
         from occmllm import clip
         return MODE_RUNNERS[mode], Context(clip=clip.load(clip.build(out / "clip")), tta=TTASettings())
     context = Context(renders=ImagesAsRenders(samples), alpha=0.5, gate=0.0)
     if mode == "tta-second-look":
-        context.tta = TTASettings(lr=TTA_LEARNING_RATES["second-look"], judge="second-look")
+        context.tta = TTASettings(lr=LEARNING_RATES["second-look"], judge="second-look")
     return MODE_RUNNERS[mode], context
 
 

@@ -118,14 +118,16 @@ def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     import torch
 
     from occmllm import tta
+    from occmllm.conversation import load_images
     model, encoder, settings = answerer.model, answerer.encoder, context.tta
-    tiled = [answerer.tiled(s.images[:1]) for s in batch]
+    images = [load_images(s.images[:1]) for s in batch]  # loaded once: tiled here, and read by a CLIP judge
+    tiled = [encoder.pixel_values(image) for image in images]
     tiles = [t for _, t in tiled]
     inputs = list(tta.projector_inputs(model, torch.cat([p for p, _ in tiled])).split([len(p) for p, _ in tiled]))
     with torch.no_grad():
         plain = [tta.adapted_module(model)(x) for x in inputs]
     cands = tta.candidates(model, encoder, Q1, plain, tiles, settings.k)
-    scores = TTA_JUDGES[settings.judge](answerer, batch, tiled, cands, context)
+    scores = TTA_JUDGES[settings.judge](answerer, batch, [image[0] for image in images], tiled, cands, context)
     answers = tta.answer_batch(encoder, Q1, [[category_answer(c) for c in cs] for cs in cands], tiles)
     episodes = tta.Episodes(model, len(batch))
     tta.adapt(model, episodes, inputs, answers, torch.cat([tta.baseline_rewards(s) for s in scores]),
@@ -133,7 +135,7 @@ def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     with torch.no_grad():
         adapted = episodes.project(inputs)
     final = answerer([Prompt([{"from": "human", "value": Q1}], features, t) for features, t in zip(adapted, tiles)])
-    best_of = tta_row_names(settings.judge, settings.k)[1]
+    best_of = f"best-of-{settings.k}{judge_suffix(settings.judge)}"
     out = []
     for answer, cs, s in zip(final, cands, scores):
         best = category_answer(cs[int(s.argmax())])
@@ -142,18 +144,16 @@ def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     return out
 
 
-def clip_scores(answerer: Answerer, batch: list[Sample], tiled: list[tuple], candidates: list[list[str]],
-                context: Context) -> list:
+def clip_scores(answerer: Answerer, batch: list[Sample], images: list, tiled: list[tuple],
+                candidates: list[list[str]], context: Context) -> list:
     """TTA judge ``clip``: CLIP-S of each candidate's caption with the record's image."""
     from occmllm import clip
-    from occmllm.conversation import load_images
-    every = clip.scores(*context.clip, [load_images(s.images[:1])[0] for s in batch],
-                        [caption(c) for c in CATEGORIES])  # (records, categories)
+    every = clip.scores(*context.clip, images, [caption(c) for c in CATEGORIES])  # (records, categories)
     return [row[[CATEGORIES.index(c) for c in cs]] for row, cs in zip(every, candidates)]
 
 
-def second_look_scores(answerer: Answerer, batch: list[Sample], tiled: list[tuple], candidates: list[list[str]],
-                       context: Context) -> list:
+def second_look_scores(answerer: Answerer, batch: list[Sample], images: list, tiled: list[tuple],
+                       candidates: list[list[str]], context: Context) -> list:
     """TTA judge ``second-look``: the chain's second look (``context.second_look``, else the
     checkpoint) over the image blended with its render, as ``run_cot`` asks it; its probability of
     each candidate's answer, teacher-forced and renormalised over the candidates."""
@@ -172,19 +172,21 @@ def second_look_scores(answerer: Answerer, batch: list[Sample], tiled: list[tupl
     return [row.softmax(0) for row in log_pi.split([len(cs) for cs in candidates])]
 
 
-# --tta JUDGE -> its scores(answerer, batch, tiled images, candidates per record, context): one tensor per record
+# --tta JUDGE -> its scores(answerer, batch, PIL images, tiled images, candidates per record, context):
+# one tensor per record
 TTA_JUDGES = {"clip": clip_scores, "second-look": second_look_scores}
-# each judge's learning rate: CLIP-S differences are a tenth of the second look's probabilities; the
-# second look's was chosen on the demo's validation split (benchmarks/RESULTS.md, "A judge that sees the render")
-TTA_LEARNING_RATES = {"clip": 1e-3, "second-look": 1e-2}
 
 
-def tta_row_names(judge: str, k: int) -> tuple[str, str]:
-    """The report rows of a TTA run with ``judge``: (the adapted answer's, best-of-K's). CLIP's are
-    plain ``tta`` and ``best-of-K``; another judge's carry its name, so both can share a report."""
-    suffix = "" if judge == "clip" else f"-{judge}"
-    return f"tta{suffix}", f"best-of-{k}{suffix}"
+def judge_suffix(judge: str) -> str:
+    """What a TTA run's report rows carry after ``tta`` and ``best-of-K``: nothing for CLIP, RLCF's
+    judge; another judge's name, so both can share a report."""
+    return "" if judge == "clip" else f"-{judge}"
+
+
+def tta_mode(judge: str) -> str:
+    """The mode (and the adapted answer's report row) of a TTA run with ``judge``."""
+    return f"tta{judge_suffix(judge)}"
 
 # --mode NAME -> its function(answerer, batch, context)
 MODE_RUNNERS = {"plain": run_plain, "cot": run_cot, "dual": run_dual,
-                **{tta_row_names(judge, 0)[0]: run_tta for judge in TTA_JUDGES}}
+                **{tta_mode(judge): run_tta for judge in TTA_JUDGES}}

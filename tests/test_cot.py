@@ -286,9 +286,9 @@ def test_tta_judged_by_the_second_look(tiny_model, synth, cot_setup, recon_model
 
     from occmllm import modes, tta
     from occmllm.answering import Answerer, sample_of
-    from occmllm.conversation import ConversationEncoder, load_images
+    from occmllm.conversation import load_images
     from occmllm.dual import blended_features, resolve_alpha
-    from occmllm.model import ImageOnlyInternVLProcessor, load_model
+    from occmllm.model import load_model
     from occmllm.questions import Q1
     from occmllm.records import render_path
     work, model = cot_setup
@@ -305,7 +305,7 @@ def test_tta_judged_by_the_second_look(tiny_model, synth, cot_setup, recon_model
     records = [json.loads(x) for x in (work / "test.jsonl").read_text().splitlines()[:8]]
     batch = [sample_of(rec, synth) for rec in records]
     first, second = (Answerer(*load_model(path), max_new_tokens=8) for path in (ckpt, model))
-    encoder = ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(tiny_model))
+    encoder = first.encoder
     alpha = resolve_alpha(model)
     tiled = [first.tiled(s.images[:1]) for s in batch]
     plain = [f for f, _ in first.encode(tiled)]
@@ -320,7 +320,7 @@ def test_tta_judged_by_the_second_look(tiny_model, synth, cot_setup, recon_model
 
     def judged(path_of) -> list[torch.Tensor]:
         context = modes.Context(renders=Renders(path_of), alpha=alpha, second_look=second)
-        return modes.second_look_scores(first, batch, tiled, cands, context)
+        return modes.second_look_scores(first, batch, None, tiled, cands, context)
 
     def independent(path_of) -> list[torch.Tensor]:
         out = []
