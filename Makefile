@@ -188,8 +188,9 @@ bench: $(VENV)/.installed
 # The GPU figures of benchmarks/RESULTS.md in one go, on a CUDA machine (each run 3 warm-up and 10
 # timed steps, or 11 batches): the stage trainers at 1 tile and with dynamic tiles (with dataloader
 # workers, and once without, to show the wait for data), and inference at batch 32: plain with kept
-# keys and values, compiled decoding and whole prompts, and the cot, dual and tta modes (both judges). A JSON line
-# each in outputs/bench-gpu/.
+# keys and values, compiled decoding and whole prompts, and the cot, dual and tta modes (both judges), their
+# images made ahead by 8 workers, and plain once with the images made in each batch. A JSON line each in
+# outputs/bench-gpu/.
 # With a CUDA environment of your own: make bench-gpu PY=python
 bench-gpu:
 	mkdir -p outputs/bench-gpu

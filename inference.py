@@ -5,7 +5,7 @@
                         [--data-root ROOT] [--batch-size 16] [--max-new-tokens 32] [--mode plain|cot|dual]
                         [--recon RECON] [--alpha A] [--tta clip --clip CLIP | --tta second-look --recon RECON]
                         [--limit N] [--device cpu|cuda]
-                        [--decoding dynamic|compiled]
+                        [--decoding dynamic|compiled] [--workers N]
     python inference.py --score-reference PRED.json --data TEST.jsonl --out DIR [--name NAME] [--id-prefix P]
 
 Each record's human turns are asked in order, each with the model's own earlier answers in the
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from occmllm import records, report
-from occmllm.answering import DECODINGS, dataset_root, load_test, sample_of
+from occmllm.answering import DECODINGS, dataset_root, image_encoder, load_test, sample_of, with_ready_images
 from occmllm.errors import OccError, cli
 from occmllm.modes import MODE_RUNNERS, TTA_JUDGES, Context, tta_mode
 from occmllm.predictions import PredictionLog, check_run_settings
@@ -126,6 +126,12 @@ def run_inference(args) -> list[Path]:
                           f"batches of {args.batch_size}", flush=True)
             if not any(samples for _, samples in todo):
                 continue
+            batches = [(target, samples, samples[start: start + args.batch_size]) for target, samples in todo
+                       for start in range(0, len(samples), args.batch_size)]
+            # --workers start making the images now, while the model loads
+            with checkpoint_errors(path, name, targets):
+                encoder = image_encoder(path) if args.workers else None
+            images = with_ready_images([batch for _, _, batch in batches], encoder, args.workers)
             torch.manual_seed(SEED)
             model, processor = load_checkpoint(path, name, device, targets)
             answerer = Answerer(model, processor, args.max_new_tokens, args.decoding)
@@ -135,17 +141,19 @@ def run_inference(args) -> list[Path]:
                 for model_answerer in (answerer, second_look):
                     if model_answerer is not None:
                         model_answerer.warm_up(args.batch_size)
-            for target, samples in todo:
+            for target, _ in todo:
                 set_checkpoint_context(args, target.context, path, second_look)
-                for start in range(0, len(samples), args.batch_size):
-                    batch = samples[start: start + args.batch_size]
-                    t0 = time.perf_counter()
-                    results = runner(answerer, batch, target.context)
-                    seconds = time.perf_counter() - t0
-                    target.log.append(name, args.mode, batch, results, seconds)
-                    print(f"  {name}: {start + len(batch)}/{len(samples)} ({len(batch) / seconds:.2f} samples/s)",
-                          flush=True)
-            del model, processor, answerer, second_look
+            done = {id(target): 0 for target, _ in todo}
+            t0 = time.perf_counter()
+            for (target, samples, _), (batch, ready) in zip(batches, images):
+                answerer.ready = ready
+                results = runner(answerer, batch, target.context)
+                seconds = time.perf_counter() - t0  # with any wait for the batch's images (--workers)
+                target.log.append(name, args.mode, batch, results, seconds)
+                done[id(target)] += len(batch)
+                print(f"  {name}: {done[id(target)]}/{len(samples)} ({len(batch) / seconds:.2f} samples/s)", flush=True)
+                t0 = time.perf_counter()
+            del model, processor, answerer, second_look, images
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return [finish(t.out, build_report(t.data, t.test, t.log.runs([s.id for s in t.samples])), t.log.path)
@@ -158,9 +166,16 @@ def load_checkpoint(path: Path, name: str, device, targets=()):
     import torch
 
     from occmllm.model import load_model
-    try:
+    with checkpoint_errors(path, name, targets):
         return load_model(path, device=device, dtype=torch.float32 if device.type == "cpu" else None)
-    except (OSError, ValueError) as exc:  # missing or damaged weights / tokenizer files
+
+
+@contextlib.contextmanager
+def checkpoint_errors(path: Path, name: str, targets=()):
+    """Missing or damaged weights or tokenizer files while loading a checkpoint: one line."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         kept = ", ".join(str(t.log.path) for t in targets)
         raise OccError(f"{path}: cannot load checkpoint {name!r} ({first})"
@@ -339,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic: a growing KV cache, each step's kernels one by one; compiled: fixed KV "
                         "buffers and each decoding step one compiled graph (a CUDA graph on a GPU), the same "
                         "answers; compiled once per model before the first batch [dynamic]")
+    p.add_argument("--workers", type=int, default=0,
+                   help="worker processes that decode and tile the next batches' images while the model answers "
+                        "(on a GPU, where the main process would leave it waiting: e.g. 4-8); the same answers "
+                        "[0: each batch's images on the main process]")
     p.add_argument("--name", help="--score-reference: the row's name in the report [the file's stem]")
     p.add_argument("--id-prefix", default="", help="--score-reference: put before each of the file's ids, e.g. "
                    "obman_test_ (the reference names ObMan views by file stem; data_tools.obman by obman_<split>_<stem>)")
@@ -352,6 +371,8 @@ def main(argv=None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise OccError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.workers < 0:
+        raise OccError(f"--workers must be at least 0, got {args.workers}")
     if args.alpha is not None:
         from occmllm.dual import check_alpha
         check_alpha(args.alpha, "--alpha")

@@ -36,7 +36,8 @@ each step's edges); the rates count the steps alone, and the note adds the waits
 batch between steps (made on the main process unless ``--workers``). Inference times its first
 batch (cold: includes any per-shape set-up) and then ``--steps`` warm batches (each of other
 records, so of other prompt widths; the slowest against the median shows any per-shape stall), and
-the time of loading and tiling one batch's images on the CPU, a part of every batch; on a GPU it
+the time of loading and tiling one batch's images on the CPU, a part of every batch unless
+``--workers`` make them ahead (a batch's time then includes only any wait for them); on a GPU it
 then profiles one more batch and counts the host's kernel and CUDA-graph launches per record.
 
 Model FLOPs of a step, counted from the batch itself (tiles, and each sequence's tokens): each part
@@ -334,11 +335,14 @@ def launches(device: torch.device, work) -> int | None:
 
 
 def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.device, out: Path) -> dict:
-    from occmllm.answering import Answerer, dataset_root, load_test, sample_of
+    from occmllm.answering import Answerer, dataset_root, image_encoder, load_test, sample_of, with_ready_images
     from occmllm.model import load_model
     from occmllm.modes import ask_in_turn
     root = dataset_root(files["test"], None)
     samples = [sample_of(r, root) for r in load_test(files["test"], root, None)]
+    batches = [samples[(k * args.batch_size) % len(samples):][: args.batch_size] for k in range(args.steps + 1)]
+    # as inference.py does: --workers start making the images before the model loads
+    images = with_ready_images(batches, image_encoder(checkpoint) if args.workers else None, args.workers)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, processor = load_model(checkpoint, device=device)
@@ -352,18 +356,21 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
     def run_batch(batch):
         return [r["answers"] for r in runner(answerer, batch, context)]
 
-    batches = [samples[(k * args.batch_size) % len(samples):][: args.batch_size] for k in range(args.steps + 1)]
     warm_up = time.perf_counter()
     answerer.warm_up(args.batch_size)  # as inference.py does once per model: compiles compiled decoding
     synchronize(device)
     warm_up = time.perf_counter() - warm_up
     times, answers = [], []
-    for batch in batches:
-        synchronize(device)
-        start = time.perf_counter()
+    synchronize(device)
+    start = time.perf_counter()
+    # as inference.py times it: a batch's time includes any wait for its images (--workers)
+    for batch, ready in images:
+        answerer.ready = ready
         answers += run_batch(batch)
         synchronize(device)
         times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+    answerer.ready = {}
     warm = times[1:]
     records = sum(len(b) for b in batches[1:])
     launched = launches(device, lambda: run_batch(batches[-1]))
@@ -437,8 +444,9 @@ def main(argv=None) -> dict:
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in training")
     p.add_argument("--packed", action="store_true", help="stage-1 runs train on packed batches (one row, no "
                    "padding; occmllm.sft.Collator); mpo pads as TRL does")
-    p.add_argument("--workers", type=int, default=0, help="training runs: dataloader worker processes (0: each "
-                   "batch is made on the main process between steps, the stage configs' setting) [0]")
+    p.add_argument("--workers", type=int, default=0, help="dataloader worker processes: training runs' (0: each "
+                   "batch is made on the main process between steps, the stage configs' setting), and inference "
+                   "runs' image decoding and tiling ahead of the loop (inference.py --workers) [0]")
     p.add_argument("--max-new-tokens", type=int, default=8, help="plain: new tokens per answer at most [8]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, help="also write the JSON line here")

@@ -69,6 +69,50 @@ def load_test(data: Path, root: Path | None, limit: int | None) -> list[dict]:
     return recs
 
 
+# --- images made ready ahead of the loop ---------------------------------------------------------
+
+def ready_images(encoder, batch: list[Sample]) -> dict[Path, tuple]:
+    """Every image file of a batch, decoded and tiled once: path -> (pixel tiles, tile count)."""
+    from occmllm.conversation import load_images
+    paths = list(dict.fromkeys(p for s in batch for p in s.images))
+    pixels, tiles = encoder.pixel_values(load_images(paths))
+    return dict(zip(paths, zip(pixels.split(tiles), tiles)))
+
+
+class _ReadyBatches:
+    """Batch k's ``ready_images`` as item k of a map-style dataset, for a DataLoader's workers."""
+
+    def __init__(self, batches: list[list[Sample]], encoder):
+        self.batches, self.encoder = batches, encoder
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> dict[Path, tuple]:
+        return ready_images(self.encoder, self.batches[k])
+
+
+def with_ready_images(batches: list[list[Sample]], encoder, workers: int):
+    """An iterator of (batch, its images), in order. With ``workers`` > 0, worker processes decode
+    and tile the images of the batches ahead (``ready_images``) while the main process answers, as
+    training's dataloader workers do: the generation loop holds the GIL, so a thread could not
+    overlap it (benchmarks/RESULTS.md, "Waiting for data"). They start at once: made before the
+    model loads, they fork a small process and have the first batches ready when it is loaded.
+    With 0 the images are {} and the answerer makes each sample's as it asks."""
+    if workers == 0:
+        return ((batch, {}) for batch in batches)
+    from torch.utils.data import DataLoader
+    return zip(batches, iter(DataLoader(_ReadyBatches(batches, encoder), batch_size=None, num_workers=workers)))
+
+
+def image_encoder(checkpoint: Path):
+    """What ``ready_images`` needs of a checkpoint, without its model: its image processor (and
+    tokenizer), as ``occmllm.model.load_model`` loads them."""
+    from occmllm.conversation import ConversationEncoder
+    from occmllm.model import ImageOnlyInternVLProcessor
+    return ConversationEncoder(ImageOnlyInternVLProcessor.from_folder(checkpoint))
+
+
 # --- batched greedy answers ----------------------------------------------------------------------
 
 @dataclass
@@ -164,6 +208,7 @@ class Answerer:
             raise OccError(f"decoding {decoding!r}: expected one of {', '.join(DECODINGS)}")
         self.decoding = decoding
         self._caches: dict[int, object] = {}  # compiled: batch size -> its StaticCache
+        self.ready: dict[Path, tuple] = {}  # this batch's images made ahead (with_ready_images), by path
         if decoding == "compiled":
             from transformers import CompileConfig
             # one graph for every batch size and buffer length (dynamic shapes), so that ``warm_up``
@@ -193,7 +238,12 @@ class Answerer:
         return cache
 
     def tiled(self, paths: list) -> tuple[object, list[int]]:
-        """The images' tiles, concatenated, and how many tiles each image gave."""
+        """The images' tiles, concatenated, and how many tiles each image gave: from ``ready``
+        where the batch's images were made ahead, else decoded and tiled now."""
+        ready = [self.ready.get(p) for p in paths]
+        if paths and None not in ready:
+            import torch
+            return torch.cat([pixels for pixels, _ in ready]), [tiles for _, tiles in ready]
         from occmllm.conversation import load_images
         return self.encoder.pixel_values(load_images(paths))
 

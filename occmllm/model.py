@@ -59,6 +59,9 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
         return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: a fast, sentencepiece or BPE tokenizer
+
+
 def check_checkpoint(path: str | os.PathLike, missing_hint: str | None = None) -> dict:
     """The folder's config if it is a transformers-native InternVL checkpoint; a clear error if not.
     ``missing_hint`` is added to the error for a folder that does not exist (e.g. which stage
@@ -74,6 +77,9 @@ def check_checkpoint(path: str | os.PathLike, missing_hint: str | None = None) -
         raise OccError(f"{config_file}: expected a JSON object (a model config); re-save the checkpoint")
     model_type = config.get("model_type")
     if model_type == "internvl":
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise OccError(f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); copy them from the "
+                           "checkpoint it was trained from")
         return config
     if model_type == "internvl_chat" or "InternVLChatModel" in json.dumps(config.get("auto_map", {})):
         raise OccError(f"{path}: InternVL checkpoint in the original remote-code layout (InternVLChatModel); "

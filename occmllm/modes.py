@@ -118,16 +118,14 @@ def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     import torch
 
     from occmllm import tta
-    from occmllm.conversation import load_images
     model, encoder, settings = answerer.model, answerer.encoder, context.tta
-    images = [load_images(s.images[:1]) for s in batch]  # loaded once: tiled here, and read by a CLIP judge
-    tiled = [encoder.pixel_values(image) for image in images]
+    tiled = [answerer.tiled(s.images[:1]) for s in batch]
     tiles = [t for _, t in tiled]
     inputs = list(tta.projector_inputs(model, torch.cat([p for p, _ in tiled])).split([len(p) for p, _ in tiled]))
     with torch.no_grad():
         plain = [tta.adapted_module(model)(x) for x in inputs]
     cands = tta.candidates(model, encoder, Q1, plain, tiles, settings.k)
-    scores = TTA_JUDGES[settings.judge](answerer, batch, [image[0] for image in images], tiled, cands, context)
+    scores = TTA_JUDGES[settings.judge](answerer, batch, tiled, cands, context)
     answers = tta.answer_batch(encoder, Q1, [[category_answer(c) for c in cs] for cs in cands], tiles)
     episodes = tta.Episodes(model, len(batch))
     tta.adapt(model, episodes, inputs, answers, torch.cat([tta.baseline_rewards(s) for s in scores]),
@@ -144,16 +142,19 @@ def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     return out
 
 
-def clip_scores(answerer: Answerer, batch: list[Sample], images: list, tiled: list[tuple],
-                candidates: list[list[str]], context: Context) -> list:
-    """TTA judge ``clip``: CLIP-S of each candidate's caption with the record's image."""
+def clip_scores(answerer: Answerer, batch: list[Sample], tiled: list[tuple], candidates: list[list[str]],
+                context: Context) -> list:
+    """TTA judge ``clip``: CLIP-S of each candidate's caption with the record's image (decoded for
+    CLIP's own image processor)."""
     from occmllm import clip
+    from occmllm.conversation import load_images
+    images = load_images([s.images[0] for s in batch])
     every = clip.scores(*context.clip, images, [caption(c) for c in CATEGORIES])  # (records, categories)
     return [row[[CATEGORIES.index(c) for c in cs]] for row, cs in zip(every, candidates)]
 
 
-def second_look_scores(answerer: Answerer, batch: list[Sample], images: list, tiled: list[tuple],
-                       candidates: list[list[str]], context: Context) -> list:
+def second_look_scores(answerer: Answerer, batch: list[Sample], tiled: list[tuple], candidates: list[list[str]],
+                       context: Context) -> list:
     """TTA judge ``second-look``: the chain's second look (``context.second_look``, else the
     checkpoint) over the image blended with its render, as ``run_cot`` asks it; its probability of
     each candidate's answer, teacher-forced and renormalised over the candidates."""
@@ -172,7 +173,7 @@ def second_look_scores(answerer: Answerer, batch: list[Sample], images: list, ti
     return [row.softmax(0) for row in log_pi.split([len(cs) for cs in candidates])]
 
 
-# --tta JUDGE -> its scores(answerer, batch, PIL images, tiled images, candidates per record, context):
+# --tta JUDGE -> its scores(answerer, batch, tiled images, candidates per record, context):
 # one tensor per record
 TTA_JUDGES = {"clip": clip_scores, "second-look": second_look_scores}
 

@@ -294,9 +294,12 @@ def test_tta_judged_by_the_second_look(tiny_model, synth, cot_setup, recon_model
     work, model = cot_setup
     ckpt = shutil.copytree(tiny_model, tmp_path / "ckpt")
     shutil.copytree(model, ckpt / chain.SECOND_LOOK_DIR)
-    _run(["--checkpoint", f"m={ckpt}", "--data", str(work / "test.jsonl"), "--tta", "second-look", "--recon",
-          str(recon_model), "--recon-resolution", "24", "--tta-k", "3", "--tta-steps", "2",
-          "--limit", "8", "--out", str(tmp_path / "run")])
+    command = ["--checkpoint", f"m={ckpt}", "--data", str(work / "test.jsonl"), "--tta", "second-look", "--recon",
+               str(recon_model), "--recon-resolution", "24", "--tta-k", "3", "--tta-steps", "2", "--limit", "8"]
+    _run([*command, "--out", str(tmp_path / "run")])
+    _run([*command, "--out", str(tmp_path / "workers"), "--workers", "1", "--batch-size", "4"])
+    # images made by a worker, in two batches: the same file
+    assert (tmp_path / "workers/predictions.jsonl").read_bytes() == (tmp_path / "run/predictions.jsonl").read_bytes()
     lines = _predictions(tmp_path / "run")
     assert [p["mode"] for p in lines] == ["tta-second-look", "best-of-3-second-look"] * 8
     rows = json.loads((tmp_path / "run/report.json").read_text())["rows"]
@@ -320,7 +323,7 @@ def test_tta_judged_by_the_second_look(tiny_model, synth, cot_setup, recon_model
 
     def judged(path_of) -> list[torch.Tensor]:
         context = modes.Context(renders=Renders(path_of), alpha=alpha, second_look=second)
-        return modes.second_look_scores(first, batch, None, tiled, cands, context)
+        return modes.second_look_scores(first, batch, tiled, cands, context)
 
     def independent(path_of) -> list[torch.Tensor]:
         out = []

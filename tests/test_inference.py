@@ -137,6 +137,46 @@ def test_compiled_decoding_gives_the_same_answers_and_compiles_once(batched, mod
     torch._dynamo.reset()
 
 
+def test_workers_make_every_image_and_answer_alike(batched, models, dataset, tmp_path, monkeypatch):
+    """--workers 2: worker processes decode and tile every image (the main process decodes none),
+    and the predictions file is byte for byte the one made without workers."""
+    import os
+
+    from occmllm import conversation
+    main, load = os.getpid(), conversation.load_images
+
+    def load_off_main(paths, context=None):
+        assert os.getpid() != main, f"{paths}: decoded on the main process"
+        return load(paths, context)
+
+    monkeypatch.setattr(conversation, "load_images", load_off_main)
+    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", tmp_path, "--batch-size", 8,
+        "--workers", 2)
+    assert (tmp_path / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
+
+
+def test_images_made_ahead_are_the_images_made_in_place(models, dataset, tmp_path):
+    """A sample of two images (one tiled into several tiles) gets the same pixel tiles and counts
+    from ``ready_images`` as from decoding it in place."""
+    from PIL import Image
+
+    from occmllm.answering import Answerer, Sample, ready_images
+    from occmllm.model import load_model
+    model, processor = load_model(models["a"], device="cpu", dtype=torch.float32)
+    processor.image_processor.crop_to_patches, processor.image_processor.max_patches = True, 6  # dynamic tiles
+    answerer = Answerer(model, processor, 4)
+    small = sorted(dataset.glob("scenes/*/rgb_00.png"))[0]
+    wide = tmp_path / "wide.png"
+    Image.open(small).resize((256, 64)).save(wide)  # a wide image: several tiles and a thumbnail
+    batch = [Sample("a", (small, wide), ()), Sample("b", (wide,), ())]
+    in_place = [answerer.tiled(s.images) for s in batch]
+    answerer.ready = ready_images(answerer.encoder, batch)
+    ahead = [answerer.tiled(s.images) for s in batch]
+    assert in_place[0][1][1] > 1 and in_place[0][1] == ahead[0][1] and in_place[1][1] == ahead[1][1]
+    for (a, _), (b, _) in zip(in_place, ahead):
+        assert torch.equal(a, b)
+
+
 def unlabelled_copy(src: Path, dst: Path) -> Path:
     """The test file with its answers and meta removed: the questions alone (human turns only)."""
     recs = lines(src)
@@ -336,10 +376,16 @@ def test_bad_input_is_one_line_and_leaves_no_report(models, dataset, tmp_path, c
     not_internvl = tmp_path / "bert"
     not_internvl.mkdir()
     (not_internvl / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    no_tokenizer = shutil.copytree(models["a"], tmp_path / "no_tokenizer",
+                                   ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*"))
     test = dataset / "test.jsonl"
     cases = {"not InternVL": (["--checkpoint", f"a={models['a']}", "--checkpoint", f"b={not_internvl}",
                                "--data", test], "not an InternVL checkpoint"),
-             "NAME=PATH": (["--checkpoint", str(models["a"]), "--data", test], "expected NAME=PATH")}
+             "no tokenizer": (["--checkpoint", f"a={models['a']}", "--checkpoint", f"b={no_tokenizer}",
+                               "--data", test], "no tokenizer files"),
+             "NAME=PATH": (["--checkpoint", str(models["a"]), "--data", test], "expected NAME=PATH"),
+             "workers": (["--checkpoint", f"a={models['a']}", "--data", test, "--workers", "-1"],
+                         "--workers must be at least 0")}
     for case, (data, says) in _bad_test_files(dataset, tmp_path).items():
         cases[case] = (["--checkpoint", f"a={models['a']}", "--data", data, "--data-root", dataset], says)
     for case, (argv, says) in cases.items():
