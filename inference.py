@@ -26,7 +26,8 @@ Files in DIR:
                       Lines come in a fixed order (checkpoints as given, records in test-file order),
                       so a run that was interrupted and is started again with the same arguments
                       finishes the same file an uninterrupted run writes.
-  timing.jsonl        generation seconds per batch (kept out of the predictions so they stay reproducible)
+  timing.jsonl        seconds per batch, with any wait for its images (kept out of the predictions so they
+                      stay reproducible)
   run.json            the settings the predictions were made with (a resumed run must match them)
   report.json, report.md, accuracy.png, accuracy_vs_occlusion.png, confusion.png   (occmllm.report)
 
