@@ -131,8 +131,7 @@ def run_inference(args) -> list[Path]:
                        for start in range(0, len(samples), args.batch_size)]
             # --workers start making the images now, while the model loads
             with checkpoint_errors(path, name, targets):
-                encoder = image_encoder(path) if args.workers else None
-            images = with_ready_images([batch for _, _, batch in batches], encoder, args.workers)
+                images = with_ready_images([batch for _, _, batch in batches], image_encoder(path), args.workers)
             torch.manual_seed(SEED)
             model, processor = load_checkpoint(path, name, device, targets)
             answerer = Answerer(model, processor, args.max_new_tokens, args.decoding)

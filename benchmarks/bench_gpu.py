@@ -335,14 +335,15 @@ def launches(device: torch.device, work) -> int | None:
 
 
 def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.device, out: Path) -> dict:
-    from occmllm.answering import Answerer, dataset_root, image_encoder, load_test, sample_of, with_ready_images
+    from occmllm.answering import (Answerer, dataset_root, image_encoder, load_test, ready_images, sample_of,
+                                   with_ready_images)
     from occmllm.model import load_model
     from occmllm.modes import ask_in_turn
     root = dataset_root(files["test"], None)
     samples = [sample_of(r, root) for r in load_test(files["test"], root, None)]
     batches = [samples[(k * args.batch_size) % len(samples):][: args.batch_size] for k in range(args.steps + 1)]
     # as inference.py does: --workers start making the images before the model loads
-    images = with_ready_images(batches, image_encoder(checkpoint) if args.workers else None, args.workers)
+    images = with_ready_images(batches, image_encoder(checkpoint), args.workers)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, processor = load_model(checkpoint, device=device)
@@ -375,9 +376,9 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
     records = sum(len(b) for b in batches[1:])
     launched = launches(device, lambda: run_batch(batches[-1]))
     # the CPU's share of a batch: loading and tiling its images, which the timed batches include
+    # unless --workers make them
     prep = time.perf_counter()
-    for sample in batches[-1]:
-        answerer.tiled(sample.images)
+    ready_images(answerer.encoder, batches[-1], keep_decoded=True)
     prep = time.perf_counter() - prep
     return {"run": run, "batch": args.batch_size, "steps": len(warm), "seconds": sum(warm),
             "image_prep_s": prep, "image_prep_share": prep / statistics.median(warm), "warm_up_s": warm_up,

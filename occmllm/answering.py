@@ -71,12 +71,15 @@ def load_test(data: Path, root: Path | None, limit: int | None) -> list[dict]:
 
 # --- images made ready ahead of the loop ---------------------------------------------------------
 
-def ready_images(encoder, batch: list[Sample]) -> dict[Path, tuple]:
-    """Every image file of a batch, decoded and tiled once: path -> (pixel tiles, tile count)."""
+def ready_images(encoder, batch: list[Sample], keep_decoded: bool = False) -> dict[Path, tuple]:
+    """Every image file of a batch, decoded and tiled once: path -> (pixel tiles, tile count, the
+    decoded image where ``keep_decoded``, else None)."""
     from occmllm.conversation import load_images
     paths = list(dict.fromkeys(p for s in batch for p in s.images))
-    pixels, tiles = encoder.pixel_values(load_images(paths))
-    return dict(zip(paths, zip(pixels.split(tiles), tiles)))
+    images = load_images(paths)
+    pixels, tiles = encoder.pixel_values(images)
+    kept = images if keep_decoded else [None] * len(paths)
+    return dict(zip(paths, zip(pixels.split(tiles), tiles, kept)))
 
 
 class _ReadyBatches:
@@ -93,14 +96,15 @@ class _ReadyBatches:
 
 
 def with_ready_images(batches: list[list[Sample]], encoder, workers: int):
-    """An iterator of (batch, its images), in order. With ``workers`` > 0, worker processes decode
-    and tile the images of the batches ahead (``ready_images``) while the main process answers, as
-    training's dataloader workers do: the generation loop holds the GIL, so a thread could not
-    overlap it (benchmarks/RESULTS.md, "Waiting for data"). They start at once: made before the
-    model loads, they fork a small process and have the first batches ready when it is loaded.
-    With 0 the images are {} and the answerer makes each sample's as it asks."""
+    """An iterator of (batch, its images: ``ready_images``), in order, for ``Answerer.ready``.
+    With ``workers`` > 0, worker processes make the images of the batches ahead while the main
+    process answers, as training's dataloader workers do: the generation loop holds the GIL, so a
+    thread could not overlap it (benchmarks/RESULTS.md, "Waiting for data"). They start at once:
+    made before the model loads, they fork a small process and have the first batches ready when
+    it is loaded. With 0 the main process makes each batch's images as the batch is taken, and
+    keeps the decoded images for a reader that needs them too (TTA's CLIP judge)."""
     if workers == 0:
-        return ((batch, {}) for batch in batches)
+        return ((batch, ready_images(encoder, batch, keep_decoded=True)) for batch in batches)
     from torch.utils.data import DataLoader
     return zip(batches, iter(DataLoader(_ReadyBatches(batches, encoder), batch_size=None, num_workers=workers)))
 
@@ -208,7 +212,7 @@ class Answerer:
             raise OccError(f"decoding {decoding!r}: expected one of {', '.join(DECODINGS)}")
         self.decoding = decoding
         self._caches: dict[int, object] = {}  # compiled: batch size -> its StaticCache
-        self.ready: dict[Path, tuple] = {}  # this batch's images made ahead (with_ready_images), by path
+        self.ready: dict[Path, tuple] = {}  # this batch's images made beforehand (with_ready_images), by path
         if decoding == "compiled":
             from transformers import CompileConfig
             # one graph for every batch size and buffer length (dynamic shapes), so that ``warm_up``
@@ -239,13 +243,20 @@ class Answerer:
 
     def tiled(self, paths: list) -> tuple[object, list[int]]:
         """The images' tiles, concatenated, and how many tiles each image gave: from ``ready``
-        where the batch's images were made ahead, else decoded and tiled now."""
+        where the batch's images were made beforehand, else decoded and tiled now."""
         ready = [self.ready.get(p) for p in paths]
         if paths and None not in ready:
             import torch
-            return torch.cat([pixels for pixels, _ in ready]), [tiles for _, tiles in ready]
+            return torch.cat([pixels for pixels, _, _ in ready]), [tiles for _, tiles, _ in ready]
         from occmllm.conversation import load_images
         return self.encoder.pixel_values(load_images(paths))
+
+    def decoded(self, paths: list) -> list:
+        """The images themselves (PIL): kept in ``ready`` where the main process made them, else
+        decoded now."""
+        from occmllm.conversation import load_images
+        kept = [self.ready[p][2] if p in self.ready else None for p in paths]
+        return kept if None not in kept else load_images(paths)
 
     def images(self, paths_per_sample: list) -> list[tuple[object, list[int]]]:
         """Per sample, its images' vision features (the vision tower and projector, run once in one

@@ -144,11 +144,10 @@ def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
 
 def clip_scores(answerer: Answerer, batch: list[Sample], tiled: list[tuple], candidates: list[list[str]],
                 context: Context) -> list:
-    """TTA judge ``clip``: CLIP-S of each candidate's caption with the record's image (decoded for
-    CLIP's own image processor)."""
+    """TTA judge ``clip``: CLIP-S of each candidate's caption with the record's image (the decoded
+    image, for CLIP's own image processor)."""
     from occmllm import clip
-    from occmllm.conversation import load_images
-    images = load_images([s.images[0] for s in batch])
+    images = answerer.decoded([s.images[0] for s in batch])
     every = clip.scores(*context.clip, images, [caption(c) for c in CATEGORIES])  # (records, categories)
     return [row[[CATEGORIES.index(c) for c in cs]] for row, cs in zip(every, candidates)]
 

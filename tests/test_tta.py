@@ -165,11 +165,24 @@ def tiny_clip(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_tta_rows_in_the_report(tiny_model, synth_small, tiny_clip, tmp_path):
+def test_tta_rows_in_the_report(tiny_model, synth_small, tiny_clip, tmp_path, monkeypatch):
+    """--tta clip writes the rows tta and best-of-K, and resumes to the same file; each image is
+    decoded once, for the policy's tiles and CLIP's judge alike."""
+    from collections import Counter
+
+    from occmllm import conversation
+    decoded, load = Counter(), conversation.load_images
+
+    def counted(paths, context=None):
+        decoded.update(map(str, paths))
+        return load(paths, context)
+
+    monkeypatch.setattr(conversation, "load_images", counted)
     args = ["--checkpoint", f"m={tiny_model}", "--data", str(synth_small / "stages/test.jsonl"), "--tta", "clip",
             "--clip", str(tiny_clip), "--tta-k", "3", "--tta-steps", "2", "--out", str(tmp_path / "run")]
     torch.manual_seed(0)
     assert inference.main(args) == 0
+    assert decoded and set(decoded.values()) == {1}
     lines = [json.loads(x) for x in (tmp_path / "run/predictions.jsonl").read_text().splitlines()]
     n = sum(1 for _ in (synth_small / "stages/test.jsonl").open())
     assert [line["mode"] for line in lines] == ["tta", "best-of-3"] * n
