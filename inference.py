@@ -127,11 +127,14 @@ def run_inference(args) -> list[Path]:
                           f"batches of {args.batch_size}", flush=True)
             if not any(samples for _, samples in todo):
                 continue
-            batches = [(target, samples, samples[start: start + args.batch_size]) for target, samples in todo
-                       for start in range(0, len(samples), args.batch_size)]
-            # --workers start making the images now, while the model loads
+            # each batch with its target and how far into that target's samples it reaches
+            batches = [(target, samples[start: start + args.batch_size],
+                        f"{min(start + args.batch_size, len(samples))}/{len(samples)}")
+                       for target, samples in todo for start in range(0, len(samples), args.batch_size)]
             with checkpoint_errors(path, name, targets):
-                images = with_ready_images([batch for _, _, batch in batches], image_encoder(path), args.workers)
+                encoder = image_encoder(path)
+            # --workers start making the images now, while the model loads
+            images = with_ready_images([batch for _, batch, _ in batches], encoder, args.workers)
             torch.manual_seed(SEED)
             model, processor = load_checkpoint(path, name, device, targets)
             answerer = Answerer(model, processor, args.max_new_tokens, args.decoding)
@@ -143,15 +146,13 @@ def run_inference(args) -> list[Path]:
                         model_answerer.warm_up(args.batch_size)
             for target, _ in todo:
                 set_checkpoint_context(args, target.context, path, second_look)
-            done = {id(target): 0 for target, _ in todo}
             t0 = time.perf_counter()
-            for (target, samples, _), (batch, ready) in zip(batches, images):
+            for (target, _, progress), (batch, ready) in zip(batches, images):
                 answerer.ready = ready
                 results = runner(answerer, batch, target.context)
                 seconds = time.perf_counter() - t0  # with any wait for the batch's images (--workers)
                 target.log.append(name, args.mode, batch, results, seconds)
-                done[id(target)] += len(batch)
-                print(f"  {name}: {done[id(target)]}/{len(samples)} ({len(batch) / seconds:.2f} samples/s)", flush=True)
+                print(f"  {name}: {progress} ({len(batch) / seconds:.2f} samples/s)", flush=True)
                 t0 = time.perf_counter()
             del model, processor, answerer, second_look, images
             if torch.cuda.is_available():
