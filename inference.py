@@ -104,7 +104,7 @@ def run_inference(args) -> list[Path]:
         test = load_test(data, root, args.limit)
         # the mode's models load (or fail) before anything is written
         targets.append(Target(data, out, test, [sample_of(rec, root) for rec in test],
-                              mode_context(args, data, root, out, clip)))
+                              mode_context(args, data, root, out, test, clip)))
     for target in targets:
         target.out.mkdir(parents=True, exist_ok=True)
         target.log = PredictionLog(target.out)
@@ -134,7 +134,9 @@ def run_inference(args) -> list[Path]:
             with checkpoint_errors(path, name, targets):
                 encoder = image_encoder(path)
             # --workers start making the images now, while the model loads
-            images = with_ready_images([batch for _, batch, _ in batches], encoder, args.workers)
+            images = with_ready_images([batch for _, batch, _ in batches], encoder, args.workers,
+                                       [target.context.renders.settings if target.context.renders else None
+                                        for target, _, _ in batches])
             torch.manual_seed(SEED)
             model, processor = load_checkpoint(path, name, device, targets)
             answerer = Answerer(model, processor, args.max_new_tokens, args.decoding)
@@ -206,7 +208,7 @@ def load_clip(args):
     return clip.load(args.clip)
 
 
-def mode_context(args, data: Path, root: Path, out: Path, clip) -> Context:
+def mode_context(args, data: Path, root: Path, out: Path, test: list[dict], clip) -> Context:
     """The mode's extra inputs for one test file, checked before any model runs."""
     from occmllm.model import default_device
     context = Context()
@@ -214,6 +216,7 @@ def mode_context(args, data: Path, root: Path, out: Path, clip) -> Context:
         from reconstruction.reconstruct import RenderCache
         context.renders = RenderCache(args.recon, records.dataset_folder(data, root), out / "renders",
                                       args.recon_resolution, args.device or str(default_device()))
+        context.renders.check([rec["id"] for rec in test])
     if args.tta is not None:
         from occmllm.tta import LEARNING_RATES, TTASettings
         context.clip = clip
@@ -357,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "answers; compiled once per model before the first batch [dynamic]")
     p.add_argument("--workers", type=int, default=0,
                    help="worker processes that decode and tile the next batches' images while the model answers "
-                        "(on a GPU, where the main process would leave it waiting: e.g. 4-8); the same answers "
-                        "[0: each batch's images on the main process]")
+                        "(on a GPU, where the main process would leave it waiting: e.g. 4-8), and in the modes that "
+                        "blend a render make every record's reconstruction render, each on its own CPU; the same "
+                        "answers [0: each batch's images on the main process, renders where a mode asks]")
     p.add_argument("--name", help="--score-reference: the row's name in the report [the file's stem]")
     p.add_argument("--id-prefix", default="", help="--score-reference: put before each of the file's ids, e.g. "
                    "obman_test_ (the reference names ObMan views by file stem; data_tools.obman by obman_<split>_<stem>)")

@@ -74,8 +74,11 @@ def load_test(data: Path, root: Path | None, limit: int | None) -> list[dict]:
 def ready_images(encoder, batch: list[Sample], keep_decoded: bool = False) -> dict[Path, tuple]:
     """Every image file of a batch, decoded and tiled once: path -> (pixel tiles, tile count, the
     decoded image where ``keep_decoded``, else None)."""
+    return _ready(encoder, list(dict.fromkeys(p for s in batch for p in s.images)), keep_decoded)
+
+
+def _ready(encoder, paths: list[Path], keep_decoded: bool = False) -> dict[Path, tuple]:
     from occmllm.conversation import load_images
-    paths = list(dict.fromkeys(p for s in batch for p in s.images))
     images = load_images(paths)
     pixels, tiles = encoder.pixel_values(images)
     kept = images if keep_decoded else [None] * len(paths)
@@ -83,30 +86,45 @@ def ready_images(encoder, batch: list[Sample], keep_decoded: bool = False) -> di
 
 
 class _ReadyBatches:
-    """Batch k's ``ready_images`` as item k of a map-style dataset, for a DataLoader's workers."""
+    """Batch k's ``ready_images`` as item k of a map-style dataset, for a DataLoader's workers; with
+    ``renders[k]`` (a ``RenderSettings``), also the batch's reconstruction renders, made in the
+    worker (its own reconstruction model on its CPU, once per worker and settings) and tiled."""
 
-    def __init__(self, batches: list[list[Sample]], encoder):
+    def __init__(self, batches: list[list[Sample]], encoder, renders: list | None = None):
         self.batches, self.encoder = batches, encoder
+        self.renders = renders or [None] * len(batches)
+        self._caches: dict = {}  # in a worker: settings -> its RenderCache
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, k: int) -> dict[Path, tuple]:
-        return ready_images(self.encoder, self.batches[k])
+        batch, settings = self.batches[k], self.renders[k]
+        ready = ready_images(self.encoder, batch)
+        if settings is not None:
+            if settings not in self._caches:
+                self._caches[settings] = settings.cache(device="cpu")
+            ready.update(_ready(self.encoder, self._caches[settings].paths([s.id for s in batch])))
+        return ready
 
 
-def with_ready_images(batches: list[list[Sample]], encoder, workers: int):
+def with_ready_images(batches: list[list[Sample]], encoder, workers: int, renders: list | None = None):
     """An iterator of (batch, its images: ``ready_images``), in order, for ``Answerer.ready``.
     With ``workers`` > 0, worker processes make the images of the batches ahead while the main
     process answers, as training's dataloader workers do: the generation loop holds the GIL, so a
     thread could not overlap it (benchmarks/RESULTS.md, "Waiting for data"). They start at once:
     made before the model loads, they fork a small process and have the first batches ready when
-    it is loaded. With 0 the main process makes each batch's images as the batch is taken, and
-    keeps the decoded images for a reader that needs them too (TTA's CLIP judge)."""
+    it is loaded. ``renders``, per batch, the ``RenderSettings`` of the modes that blend a
+    reconstruction render (or None): the workers also make each of its records' renders, on their
+    CPUs, so that the main process finds them made (cot: every record's, also where the gate will
+    not look again). With 0 the main process makes each batch's images as the batch is taken, and
+    keeps the decoded images for a reader that needs them too (TTA's CLIP judge); renders are made
+    where a mode asks for them."""
     if workers == 0:
         return ((batch, ready_images(encoder, batch, keep_decoded=True)) for batch in batches)
     from torch.utils.data import DataLoader
-    return zip(batches, iter(DataLoader(_ReadyBatches(batches, encoder), batch_size=None, num_workers=workers)))
+    return zip(batches, iter(DataLoader(_ReadyBatches(batches, encoder, renders), batch_size=None,
+                                        num_workers=workers)))
 
 
 def image_encoder(checkpoint: Path):

@@ -164,25 +164,43 @@ def reconstruct_views(reconstructor: Reconstructor, root, lines: list[dict], dep
 
 class RenderCache:
     """Reconstruction renders of test views, made on first use and kept as ``folder/<id>.png``
-    (inference's ``--mode cot`` and ``--mode dual``).
+    (inference's modes that blend a render: cot, dual, TTA's second-look judge).
 
     The reconstruction model reads the view's image, its visible-object and hand masks and its depth
     (the manifest's inputs for that id in the dataset folder ``data``); nothing about the answer."""
 
     def __init__(self, checkpoint: Path, data: Path, folder: Path, resolution: int, device: str):
+        self.settings = RenderSettings(Path(checkpoint), Path(data), Path(folder), resolution)
         self.reconstructor = Reconstructor(checkpoint, resolution, device)
         self.dataset = load_dataset(data)
         self.lines, self.depth_scale = self.dataset.by_id(), depth_scale_of(data)
         self.folder = folder
 
-    def paths(self, ids: list) -> list[Path]:
+    def check(self, ids: list) -> None:
+        """A one-line error for an id that is not a view of the dataset (no masks or depth to read)."""
         missing = [i for i in ids if str(i) not in self.lines]
         if missing:
-            raise OccError(f"{self.dataset.folder}/manifest.jsonl: no view {missing[0]!r} to reconstruct; CoT mode "
-                           "needs the test records' dataset (its masks and depth)")
+            raise OccError(f"{self.dataset.folder}/manifest.jsonl: no view {missing[0]!r} to reconstruct; a mode that "
+                           "blends a render needs the test records' dataset (its masks and depth)")
+
+    def paths(self, ids: list) -> list[Path]:
+        self.check(ids)
         reconstruct_views(self.reconstructor, self.dataset.roots, [self.lines[str(i)] for i in ids],
                           self.depth_scale, self.folder, batch_size=max(len(ids), 1), progress=False)
         return [Path(records.render_path(self.folder, i)) for i in ids]
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What makes a ``RenderCache``, without its model: small and hashable, for inference's image
+    workers, which each make their own on their CPU."""
+    checkpoint: Path
+    data: Path
+    folder: Path
+    resolution: int
+
+    def cache(self, device: str) -> RenderCache:
+        return RenderCache(self.checkpoint, self.data, self.folder, self.resolution, device)
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:

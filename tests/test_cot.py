@@ -223,6 +223,51 @@ def test_dual_mode_at_alpha_one_answers_as_plain(tiny_model, cot_setup, recon_mo
 
 
 @pytest.mark.parametrize("mode", ["cot", "dual"])
+def test_workers_make_the_renders(cot_setup, recon_model, tmp_path, monkeypatch, mode):
+    """--workers 2 in a mode that blends a render: the workers reconstruct every record (the main
+    process none, cot's records the gate passes by too) and the predictions and renders are byte
+    for byte those made without workers."""
+    import os
+
+    from reconstruction.reconstruct import Reconstructor
+    work, model = cot_setup
+    argv = ["--checkpoint", f"m={model}", "--data", str(work / "test.jsonl"), "--mode", mode, "--recon",
+            str(recon_model), "--recon-resolution", "24", "--batch-size", "4", "--alpha", "0.5"]
+    _run([*argv, "--out", str(tmp_path / "main")])
+    main, reconstruct = os.getpid(), Reconstructor.__call__
+
+    def off_main(self, views):
+        assert os.getpid() != main, "reconstructed on the main process"
+        return reconstruct(self, views)
+
+    monkeypatch.setattr(Reconstructor, "__call__", off_main)
+    _run([*argv, "--out", str(tmp_path / "workers"), "--workers", "2"])
+    assert (tmp_path / "workers/predictions.jsonl").read_bytes() == (tmp_path / "main/predictions.jsonl").read_bytes()
+    made = {p.name: p.read_bytes() for p in (tmp_path / "workers/renders").glob("*.png")}
+    assert len(made) == len(_predictions(tmp_path / "main"))
+    in_place = {p.name: p.read_bytes() for p in (tmp_path / "main/renders").glob("*.png")}
+    assert all(made[name] == data for name, data in in_place.items())
+    assert len(in_place) == (len(made) if mode == "dual" else 0)  # this cot model's gate never looks again
+
+
+def test_a_record_without_its_view_is_refused_before_anything_runs(cot_setup, recon_model, tmp_path, capsys):
+    """A mode that blends a render needs every record's view in the dataset (its masks and depth):
+    a record that names none is a one-line error before any file is written."""
+    work, model = cot_setup
+    recs = [json.loads(x) for x in (work / "test.jsonl").read_text().splitlines()]
+    recs[-1]["id"] = "not-a-view"
+    bad = work / "no_view.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (work / "no_view.meta.json").write_text((work / "test.meta.json").read_text().replace("test.jsonl", "no_view.jsonl"))
+    with pytest.raises(SystemExit) as exc:
+        inference.main(["--checkpoint", f"m={model}", "--data", str(bad), "--mode", "dual", "--recon",
+                        str(recon_model), "--recon-resolution", "24", "--alpha", "0.5", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err and "'not-a-view'" in err and "manifest.jsonl" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["cot", "dual"])
 def test_interrupted_cot_and_dual_runs_resume_to_the_same_file(cot_setup, recon_model, tmp_path, monkeypatch, mode):
     """Stopped in its second batch (first batch's predictions and renders on disk), started again:
     the same predictions.jsonl, byte for byte, as a run never stopped."""
