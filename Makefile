@@ -189,7 +189,8 @@ bench: $(VENV)/.installed
 # timed steps, or 11 batches): the stage trainers at 1 tile and with dynamic tiles (with dataloader
 # workers, and once without, to show the wait for data), and inference at batch 32: plain with kept
 # keys and values, compiled decoding and whole prompts, and the cot, dual and tta modes (both judges), their
-# images made ahead by 8 workers, and plain once with the images made in each batch. A JSON line each in
+# images made ahead by 8 workers (each image stands in for its render: the renders' cost is
+# bench_recon.py's to time), and plain once with the images made in each batch. A JSON line each in
 # outputs/bench-gpu/.
 # With a CUDA environment of your own: make bench-gpu PY=python
 bench-gpu:
@@ -199,7 +200,8 @@ bench-gpu:
 	$(PY) benchmarks/bench_gpu.py --tiles dynamic --runs full,frozen --workers 8 \
 		--json outputs/bench-gpu/train_dynamic.json
 	$(PY) benchmarks/bench_gpu.py --runs plain,plain-compiled,plain-whole,cot,dual,tta,tta-second-look --batch-size 32 \
-		--json outputs/bench-gpu/inference.json
+		--workers 8 --json outputs/bench-gpu/inference.json
+	$(PY) benchmarks/bench_gpu.py --runs plain --batch-size 32 --workers 0 --json outputs/bench-gpu/inference_no_workers.json
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -429,7 +429,7 @@ def table(rows: list[dict], peak: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/bench_gpu.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=tuple(SHAPES), default="1b", help="model shape [1b]")
@@ -451,6 +451,12 @@ def main(argv=None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=8, help="plain: new tokens per answer at most [8]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, help="also write the JSON line here")
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """The options and the runs they ask for; argparse's error (exit 2) for bad ones."""
+    p = build_parser()
     args = p.parse_args(argv)
     runs = [r for r in args.runs.split(",") if r]
     unknown = [r for r in runs if r not in (*TRAIN_RUNS, *INFERENCE_RUNS)]
@@ -459,6 +465,11 @@ def main(argv=None) -> dict:
                 f"{', '.join((*TRAIN_RUNS, *INFERENCE_RUNS))}")
     if min(args.batch_size, args.steps) < 1 or args.warmup < 0:
         p.error("--batch-size and --steps must be at least 1, --warmup at least 0")
+    return args, runs
+
+
+def main(argv=None) -> dict:
+    args, runs = parse_args(argv)
     device = torch.device(args.device)
     peak = matmul_peak(device)
     rows = []

@@ -105,3 +105,22 @@ def test_help_and_bad_options():
     out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--runs", "full,fast"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "unknown run fast" in out.stderr
+
+
+def test_make_bench_gpu_runs_what_it_says():
+    """make bench-gpu's commands parse, time every stage trainer and every inference mode with
+    image workers, plain inference once without them, and each trainer the same way."""
+    import shlex
+    bench = _bench()
+    out = subprocess.run(["make", "-n", "bench-gpu", "PY=python"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(line)[2:] for line in out.stdout.replace("\\\n", " ").splitlines()
+             if "benchmarks/bench_gpu.py" in line]
+    parsed = [bench.parse_args(argv) for argv in lines]
+    timed = {(run, args.tiles, args.workers) for args, runs in parsed for run in runs}
+    modes = set(bench.INFERENCE_RUNS)
+    assert {run for run, _, workers in timed if run in modes and workers > 0} == modes
+    assert ("plain", "1", 0) in timed
+    for run in ("full", "frozen", "lora", "mpo"):
+        assert (run, "1", 8) in timed
+    assert {("full", "dynamic", 8), ("frozen", "dynamic", 8), ("full", "1", 0)} <= timed
