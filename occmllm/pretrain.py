@@ -4,16 +4,20 @@ Real runs start from an InternVL checkpoint whose vision tower was pretrained on
 images. The tiny model of ``occmllm.tiny`` has no such checkpoint, and its ViT, trained from
 scratch inside stage 1 on the demo's 5,120 images, stays far below what the pixels allow
 (benchmarks/RESULTS.md, "What limits stage 1"). This command builds a tiny InternVL and trains its
-vision tower, with a throw-away head, to name the category and the round/long/thin attributes of
-every view of a labelled conversation file (stage 1's format, ``meta.category``), then saves the
-whole InternVL with the trained tower. The projector and the language model keep their fresh
-weights (``make base`` then aligns them to the tower on captions).
+vision tower to name the category and the round/long/thin attributes of every view of a labelled
+conversation file (stage 1's format, ``meta.category``), then saves the whole InternVL with the
+trained tower. ``--head patches`` (the shipped base's) trains it through a throw-away MLP over its
+patch tokens. ``--head projector`` (``make base BASE_HEAD=projector``) trains it through the
+model's own projector and a linear map, so the projector trains with the tower and is kept: a
+fresh projector reads a tower trained through another head several points worse than that head
+does (benchmarks/RESULTS.md, "The tower pretrained through its projector"). The language model
+keeps its fresh weights (``make base`` then aligns it and the projector to the tower on captions).
 
 Give it SynthOcc scenes that the demo never uses (another ``--seed``): pretraining on the same
 synthetic distribution flatters the demo compared with real data, and must never see the demo's
 validation or test scenes.
 
-    python -m occmllm.pretrain --train TRAIN.jsonl [--val VAL.jsonl] --out DIR [--epochs 8]
+    python -m occmllm.pretrain --train TRAIN.jsonl [--val VAL.jsonl] --out DIR [--head projector] [--epochs 8]
 """
 from __future__ import annotations
 
@@ -56,6 +60,27 @@ def load_labelled_images(path: Path, encoder: ConversationEncoder, progress: boo
     attributes = torch.tensor([[float(CATEGORY_ATTRIBUTES[CATEGORIES[i]][a]) for a in ("round", "long", "thin")]
                                for i in labels])
     return torch.cat(pixels), categories, attributes
+
+
+class ProjectorClassifier(nn.Module):
+    """A model's own image path (vision tower, pixel shuffle, projector: the visual tokens the
+    language model reads), its tokens flattened through one linear map to the category logits and,
+    with ``attributes``, three attribute logits after them. Trained together, the tower and the
+    projector become the reader the VLM keeps (``--head projector``)."""
+
+    def __init__(self, model: InternVLForConditionalGeneration, attributes: int = 0):
+        super().__init__()
+        self.model = model.model
+        config = model.config
+        grid = config.vision_config.image_size[0] // config.vision_config.patch_size[0]
+        tokens = round(grid * config.downsample_ratio) ** 2
+        self.head = nn.Linear(tokens * config.text_config.hidden_size, len(CATEGORIES) + attributes)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output.flatten(1))
+
+
+HEADS = ("patches", "projector")
 
 
 class ViTClassifier(nn.Module):
@@ -130,18 +155,24 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
 
 
 def pretrain(base: Path, train: Path, val: Path | None, out: Path, epochs: int, batch: int, lr: float, seed: int,
-             progress: bool = True) -> dict:
-    """Train ``base``'s vision tower on ``train`` and write the whole checkpoint to ``out`` (atomically),
-    with ``pretrain.json``: the data, the settings, the time and the tower's category accuracy."""
+             progress: bool = True, head: str = "patches") -> dict:
+    """Train ``base``'s vision tower on ``train`` through ``head`` (``patches``: a throw-away MLP over
+    its patch tokens, ``ViTClassifier``; ``projector``: the model's own projector and a linear map,
+    ``ProjectorClassifier``, so the projector trains too) and write the whole checkpoint to ``out``
+    (atomically), with ``pretrain.json``: the data, the settings, the time and the category accuracy."""
+    if head not in HEADS:
+        raise OccError(f"head {head!r}: expected one of {', '.join(HEADS)}")
     check_checkpoint(base)
     processor = ImageOnlyInternVLProcessor.from_folder(base)
     encoder = ConversationEncoder(processor)
     model = InternVLForConditionalGeneration.from_pretrained(base, use_safetensors=True, dtype=torch.float32)
     x, y, attrs = load_labelled_images(train, encoder, progress)
     torch.manual_seed(seed)
-    classifier = ViTClassifier(model.model.vision_tower, attributes=3)
+    classifier = (ViTClassifier(model.model.vision_tower, attributes=3) if head == "patches"
+                  else ProjectorClassifier(model, attributes=3))
     seconds = train_classifier(classifier, x, y, epochs, batch, lr, seed, attrs, progress=progress)
-    info = {"train": str(train), "train_images": len(y), "epochs": epochs, "batch": batch, "learning_rate": lr,
+    info = {"train": str(train), "train_images": len(y), "head": head, "epochs": epochs, "batch": batch,
+            "learning_rate": lr,
             "seed": seed, "seconds": round(seconds, 1), "train_accuracy": round(accuracy(classifier, x, y), 4)}
     if val is not None:
         vx, vy, _ = load_labelled_images(val, encoder, progress)
@@ -164,6 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--train", required=True, type=Path, help="stage-1 JSONL of the pretraining scenes")
     p.add_argument("--val", type=Path, help="stage-1 JSONL to report the tower's category accuracy on")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    p.add_argument("--head", choices=HEADS, default="patches",
+                   help="what the tower is trained through: patches, an MLP over its patch tokens, thrown away; "
+                        "projector, the model's own projector (kept, trained too) and a linear map [patches]")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -178,7 +212,7 @@ def main(argv=None) -> int:
         base = args.base or build(Path(tmp) / "tiny", image_size=args.image_size, seed=args.seed,
                                      merge=args.merge)
         info = pretrain(base, args.train, args.val, args.out, args.epochs, args.batch, args.lr, args.seed,
-                        not args.no_progress)
+                        not args.no_progress, args.head)
     print(json.dumps(info))
     print(f"wrote the pretrained tiny InternVL to {args.out}")
     return 0

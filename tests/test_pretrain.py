@@ -28,6 +28,25 @@ def test_pretraining_trains_the_tower_and_keeps_the_rest(tiny_model, synth_small
     load_model(out)
 
 
+def test_pretraining_through_the_projector_trains_it_with_the_tower(tiny_model, synth_small, tmp_path):
+    """--head projector: the tower and the model's own projector train together (their read-out is
+    thrown away); the language model keeps its weights. An unknown head is refused."""
+    from occmllm.errors import OccError
+    out = tmp_path / "base"
+    info = pretrain(tiny_model, synth_small / "stages/step1.jsonl", None, out, epochs=2, batch=4, lr=1e-3, seed=0,
+                    progress=False, head="projector")
+    assert info["head"] == "projector"
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {k.split(".")[0] for k in moved} == {"vision_tower", "multi_modal_projector"}
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("language_model."))
+    with pytest.raises(OccError, match="head 'pooled'"):
+        pretrain(tiny_model, synth_small / "stages/step1.jsonl", None, tmp_path / "bad", epochs=1, batch=4, lr=1e-3,
+                 seed=0, progress=False, head="pooled")
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.fixture(scope="module")
 def fresh_sample(tmp_path_factory) -> Path:
     """96 scenes x 1 view of a seed neither the demo (0) nor the base (1) uses."""
