@@ -174,7 +174,6 @@ class RenderCache:
         self.reconstructor = Reconstructor(checkpoint, resolution, device)
         self.dataset = load_dataset(data)
         self.lines, self.depth_scale = self.dataset.by_id(), depth_scale_of(data)
-        self.folder = folder
 
     def check(self, ids: list) -> None:
         """A one-line error for an id that is not a view of the dataset (no masks or depth to read)."""
@@ -186,8 +185,8 @@ class RenderCache:
     def paths(self, ids: list) -> list[Path]:
         self.check(ids)
         reconstruct_views(self.reconstructor, self.dataset.roots, [self.lines[str(i)] for i in ids],
-                          self.depth_scale, self.folder, batch_size=max(len(ids), 1), progress=False)
-        return [Path(records.render_path(self.folder, i)) for i in ids]
+                          self.depth_scale, self.settings.folder, batch_size=max(len(ids), 1), progress=False)
+        return [Path(records.render_path(self.settings.folder, i)) for i in ids]
 
 
 @dataclass(frozen=True)
