@@ -94,7 +94,7 @@ demo-stages:
 	$(PY) inference.py --checkpoint step2=$(DEMO)/checkpoints/step2 --data $(DEMO)/stages/heldout_q1.jsonl \
 		--out $(DEMO)/predictions/step2_heldout $(ANSWER)
 	$(PY) -m step3_mpo.make_data --data $(DEMO)/data --out $(DEMO)/stages/step3_train.jsonl \
-		--predictions $(DEMO)/predictions/step2_heldout/predictions.jsonl
+		--predictions $(DEMO)/predictions/step2_heldout/predictions.jsonl --replay
 	PYTHON=$(PY) bash step3_mpo/run.sh --disable_tqdm true
 	$(PY) -m step4_selfconsistency.make_data --data $(DEMO)/data --out $(DEMO)/stages/step4_train.jsonl \
 		--predictions $(DEMO)/predictions/step2_heldout/predictions.jsonl --renders renders/recon
@@ -138,19 +138,19 @@ demo-alpha:
 		--recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES) $(BOTH_SPLITS) $(ANSWER)
 
 # The demo's pretrained base (occmllm/pretrained/tiny-synthocc, shipped in the repository), in two
-# steps as InternVL is built: a vision tower pretrained alone, then the projector and the language
-# model aligned to it on captions with the tower frozen. BASE_HEAD=projector pretrains the tower
-# through the model's own projector, which the base then keeps: its base row reads 6 points more,
-# but the stages' settings, chosen on validation for the shipped base, then cost it (benchmarks/
-# RESULTS.md, "The tower pretrained through its projector"). Its scenes are of another seed than the
-# demo's (a scene is drawn from its seed and index alone, so none is shared with the demo's splits).
+# steps as InternVL is built: a vision tower pretrained alone (through the model's own projector,
+# which the base keeps: the VLM then reads what the tower learnt, BASE_HEAD=patches pretrains it
+# with a throw-away head instead), then the projector and the language model aligned to it on
+# captions with the tower frozen (benchmarks/RESULTS.md, "The tower pretrained through its
+# projector"). Its scenes are of another seed than the demo's (a scene is drawn from its seed and
+# index alone, so none is shared with the demo's splits).
 # The tiny model merges each image's 8 x 8 patches into one token (InternVL: 2 x 2): the tower is
 # pretrained to be read patch by patch, and the two-layer language model reads it best that way
 # (benchmarks/RESULTS.md, "Why the VLM read less than its tower, and the aligned base").
 BASE := occmllm/pretrained/tiny-synthocc
 BASE_SCENES ?= 32000
 BASE_SEED ?= 1
-BASE_HEAD ?= patches
+BASE_HEAD ?= projector
 base: $(VENV)/.installed
 	rm -rf outputs/base
 	$(PY) -m data_tools.synthocc --out outputs/base/data --scenes $(BASE_SCENES) --views 2 --size 128 \
@@ -161,7 +161,8 @@ base: $(VENV)/.installed
 	$(PY) -m occmllm.pretrain --train outputs/base/train.jsonl --val outputs/base/val.jsonl --out outputs/base/tower \
 		--image-size 64 --merge 8 --head $(BASE_HEAD) --epochs 8 --no-progress
 	PYTHON=$(PY) bash step1_sft/run.sh --model_name_or_path outputs/base/tower --train_data outputs/base/captions.jsonl \
-		--output_dir outputs/base/aligned --num_train_epochs 2 --save_strategy no --disable_tqdm true
+		--output_dir outputs/base/aligned --num_train_epochs 2 --learning_rate 0.001 --save_strategy no \
+		--disable_tqdm true
 	rm -rf $(BASE) && mkdir -p $(BASE) && cp outputs/base/tower/pretrain.json $(BASE)/ && \
 		cp outputs/base/aligned/*.json outputs/base/aligned/*.jinja outputs/base/aligned/model.safetensors $(BASE)/
 

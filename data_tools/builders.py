@@ -16,7 +16,7 @@ from occmllm.dataset import Dataset
 from occmllm.errors import OccError
 from occmllm.predictions import read_predictions
 from occmllm.questions import (ATTRIBUTE_QUESTIONS, CAPTION_PROMPT, CATEGORIES, Q0, Q0_PLAN, Q1, Q6, QUESTIONS, YES,
-                               answers_for, caption, category_answer, yes_no)
+                               answers_for, caption, category_answer, description, parse_category, yes_no)
 
 
 def view_meta(view: dict, **extra) -> dict:
@@ -110,13 +110,18 @@ REFERENCE_CLARITY_QUESTION = Q6 + "\n"
 
 
 def stage3_pairs(views: list[dict], predictions_path, checkpoint: str | None = None, seed: int = 0,
-                 reference_clarity: bool = False, right_pairs: bool = True) -> list[dict]:
+                 reference_clarity: bool = False, right_pairs: bool = True, replay: bool = False) -> list[dict]:
     """Stage 3 preference pairs from a model's own Q1 answers (to views it did not train on).
 
     Category pairs: for each wrong answer, the true answer chosen over the model's; with
     ``right_pairs``, also for each right answer, the true answer over another category drawn at
     random, so the pairs keep the data's category balance. Pairs from wrong answers alone are the
     views the model finds hard, with the categories it confuses, and shift its answers toward them.
+
+    ``replay`` adds, for each category pair, pairs for Q2-Q5 in the test conversation (the earlier
+    questions and their true answers as history): the true answer over the other one (Q2-Q4), and
+    the view's description over that of the pair's rejected category (Q5). Category pairs alone
+    move the yes/no answers that no pair holds.
 
     ``reference_clarity`` writes instead the reference's ``train_Q1_Q6_balanced_dpo`` file: Q6 alone
     (``REFERENCE_CLARITY_QUESTION``), ``No.`` chosen where the model's answer was wrong, balanced
@@ -137,16 +142,37 @@ def stage3_pairs(views: list[dict], predictions_path, checkpoint: str | None = N
             answer = preds.answers.get(v["id"])
             truth = category_answer(v["category"])
             if not correct[v["id"]] and answer is not None and answer.strip() != truth:
-                pairs.append({"id": f"{v['id']}#category", "image": v["image"], "question": Q1,
-                              "chosen": truth, "rejected": answer, "meta": view_meta(v, correct=False)})
+                pair = {"id": f"{v['id']}#category", "image": v["image"], "question": Q1,
+                        "chosen": truth, "rejected": answer, "meta": view_meta(v, correct=False)}
             elif correct[v["id"]] and right_pairs:
                 other = rng.choice([c for c in CATEGORIES if c != v["category"]])
-                pairs.append({"id": f"{v['id']}#category", "image": v["image"], "question": Q1,
-                              "chosen": truth, "rejected": category_answer(str(other)),
-                              "meta": view_meta(v, correct=True)})
+                pair = {"id": f"{v['id']}#category", "image": v["image"], "question": Q1,
+                        "chosen": truth, "rejected": category_answer(str(other)), "meta": view_meta(v, correct=True)}
+            else:
+                continue
+            pairs.append(pair)
+            if replay:
+                pairs += _replay_pairs(v, parse_category(pair["rejected"]), pair["meta"])
     if not pairs:
         verdict = "right" if all(correct.values()) else "wrong"
         raise OccError(f"{predictions_path}: no preference pairs: the model answered every view {verdict}")
+    return pairs
+
+
+def _replay_pairs(view: dict, rejected_category: str | None, meta: dict) -> list[dict]:
+    """Q2-Q5 pairs of one view, each after the earlier questions of the test conversation."""
+    turns = _asked_in_turn(view)
+    pairs = []
+    for k, qid in enumerate(IMAGE_FACT_QUESTIONS[1:], start=1):
+        truth = turns[2 * k + 1]["value"]
+        if qid == "Q5":
+            if rejected_category is None or rejected_category == view["category"]:
+                continue  # the wrong answer named no other category: no wrong description to set against
+            rejected = description(rejected_category, view.get("colour"))
+        else:
+            rejected = yes_no(truth != YES)
+        pairs.append({"id": f"{view['id']}#{qid}", "image": view["image"], "history": turns[:2 * k],
+                      "question": turns[2 * k]["value"], "chosen": truth, "rejected": rejected, "meta": meta})
     return pairs
 
 

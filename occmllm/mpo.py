@@ -7,10 +7,11 @@ model is explicit: a frozen second copy of the starting checkpoint (``occmllm.st
 This module supplies the dataset mapping and the trainer; the training loop, the losses, DeepSpeed
 and checkpointing are TRL's and the HF Trainer's, and the stage command is ``occmllm.stage``'s.
 
-How a preference record ``{"id", "image", "question", "chosen", "rejected"}`` reaches TRL: its
+How a preference record ``{"id", "image", "question", "chosen", "rejected"}`` (and an optional
+``history`` of answered turns before the question) reaches TRL: its
 vision collator (``DataCollatorForVisionPreference``) takes rows of ``images``, ``prompt``,
 ``chosen`` and ``rejected`` and runs the processor on the prompt text with the images, which
-expands each image token into the image's tiles. The prompt is given rendered ("standard"
+expands each image token into the image's tiles. The prompt (history and question) is given rendered ("standard"
 format) by the checkpoint's own chat template, with each ``<image>`` placeholder where the record
 puts it, and each answer is the template's assistant turn (answer and end-of-turn token): so the
 tokens are exactly those of SFT and inference (``occmllm.conversation``). TRL's conversational
@@ -55,6 +56,14 @@ def question_with_images(question: str, n_images: int) -> str:
     return f"{IMAGE_TOKEN}\n" * missing + question
 
 
+def preference_turns(rec: dict, n_images: int) -> list[dict]:
+    """The record's human/gpt turns up to its question (its ``history``, then the question), with
+    the images that have no placeholder in front of the first human turn."""
+    turns = [*rec.get("history", []), {"from": "human", "value": rec["question"]}]
+    placed = sum(turn["value"].count(IMAGE_TOKEN) for turn in turns[1:])
+    return [{**turns[0], "value": question_with_images(turns[0]["value"], n_images - placed)}, *turns[1:]]
+
+
 class PreferenceFormatter:
     """Prompt and answer texts for TRL, rendered by the checkpoint's chat template."""
 
@@ -62,15 +71,19 @@ class PreferenceFormatter:
         self.tokenizer = processor.tokenizer
         self.image_token = processor.image_token  # expanded into the image's tiles by the processor
 
-    def prompt(self, question: str) -> str:
-        user = {"role": "user", "content": question.replace(IMAGE_TOKEN, self.image_token)}
-        return self.tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    def _messages(self, turns: list[dict]) -> list[dict]:
+        return [{"role": "user" if turn["from"] == "human" else "assistant",
+                 "content": turn["value"].replace(IMAGE_TOKEN, self.image_token)} for turn in turns]
 
-    def answer(self, prompt: str, question: str, answer: str) -> str:
+    def prompt(self, turns: list[dict]) -> str:
+        """The conversation up to the assistant's answer to its last (human) turn."""
+        return self.tokenizer.apply_chat_template(self._messages(turns), tokenize=False, add_generation_prompt=True)
+
+    def answer(self, prompt: str, turns: list[dict], answer: str) -> str:
         """The assistant turn after ``prompt``: the answer and the end-of-turn token (the newline
         after it is not supervised, as in SFT)."""
-        user = {"role": "user", "content": question.replace(IMAGE_TOKEN, self.image_token)}
-        full = self.tokenizer.apply_chat_template([user, {"role": "assistant", "content": answer}], tokenize=False)
+        full = self.tokenizer.apply_chat_template(self._messages([*turns, {"from": "gpt", "value": answer}]),
+                                                  tokenize=False)
         if not full.startswith(prompt):
             raise OccError("the checkpoint's chat template renders a user turn differently with and without the "
                            "assistant's answer; preference training needs the prompt to be a prefix")
@@ -78,11 +91,11 @@ class PreferenceFormatter:
 
     def row(self, root: Path, rec: dict) -> dict:
         images = [str(resolve_in_root(root, p, rec["id"])) for p in records.images_of(rec)]
-        question = question_with_images(rec["question"], len(images))
-        prompt = self.prompt(question)
+        turns = preference_turns(rec, len(images))
+        prompt = self.prompt(turns)
         return {"id": str(rec["id"]), "images": images, "prompt": prompt,
-                "chosen": self.answer(prompt, question, rec["chosen"]),
-                "rejected": self.answer(prompt, question, rec["rejected"])}
+                "chosen": self.answer(prompt, turns, rec["chosen"]),
+                "rejected": self.answer(prompt, turns, rec["rejected"])}
 
 
 FEATURES = datasets.Features({"id": datasets.Value("string"), "images": datasets.List(datasets.Image(mode="RGB")),

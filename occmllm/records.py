@@ -8,7 +8,9 @@ Conversation record (InternVL fine-tuning JSONL)::
 
 Preference record::
 
-    {"id": str, "image": path | [paths], "question": str, "chosen": str, "rejected": str, "meta": {...}}
+    {"id": str, "image": path | [paths], "question": str, "chosen": str, "rejected": str,
+     "history": [{"from": "human"|"gpt", "value": str}, ...],  # optional: the turns before the question
+     "meta": {...}}
 
 Image paths are relative to a dataset root. Each ``<image>`` placeholder in the human turns takes
 one image, in order. The reference implementation's preference file has no ``id`` and no
@@ -123,8 +125,15 @@ def validate_preference(record: dict, context: str) -> dict:
     images = images_of(record)
     if not images or not all(isinstance(p, str) and p for p in images):
         raise OccError(f"{context}: preference 'image' must be a path or a list of paths")
-    if record["question"].count(IMAGE_TOKEN) > len(images):
-        raise OccError(f"{context}: preference question has more {IMAGE_TOKEN} placeholders than images")
+    history = record.get("history", [])
+    if not isinstance(history, list) or len(history) % 2 or any(
+            not isinstance(turn, dict) or turn.get("from") != ROLES[k % 2] or not isinstance(turn.get("value"), str)
+            for k, turn in enumerate(history)):
+        raise OccError(f"{context}: preference 'history' must be a list of answered turns, "
+                       '{"from": "human", "value": str} then {"from": "gpt", "value": str}, before the question')
+    placeholders = sum(turn["value"].count(IMAGE_TOKEN) for turn in history) + record["question"].count(IMAGE_TOKEN)
+    if placeholders > len(images):
+        raise OccError(f"{context}: preference question and history have more {IMAGE_TOKEN} placeholders than images")
     if record["chosen"].strip() == record["rejected"].strip():
         raise OccError(f"{context}: preference chosen and rejected are the same ({record['chosen']!r}); "
                        "a pair must differ")

@@ -20,7 +20,7 @@ from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, load_images
 from occmllm.dataset import load_dataset
 from occmllm.errors import OccError
 from occmllm.model import load_model
-from occmllm.questions import category_answer
+from occmllm.questions import category_answer, description, parse_category
 from conftest import _predictions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,23 +117,66 @@ def test_reference_clarity_pairs(synth_small, tmp_path):
         assert (r["chosen"] == "No.") == (preds[r["id"].split("#")[0]] != category_answer(r["meta"]["category"]))
 
 
+def test_replay_pairs_follow_the_test_conversation(synth_small, tmp_path):
+    """--replay: after each category pair, one pair per later question, asked after the test
+    record's earlier turns; the truth over the other yes/no answer, and the view's description over
+    that of the category the pair rejected."""
+    views = load_dataset(synth_small).split(None)
+    (tmp_path / "p.json").write_text(json.dumps(_predictions(views)))
+    pairs = builders.stage3_pairs(views, tmp_path / "p.json", replay=True)
+    tests = {r["id"]: r["conversations"] for r in builders.test_records(views)}
+    by_view = {}
+    for p in pairs:
+        by_view.setdefault(p["id"].split("#")[0], {})[p["id"].split("#")[1]] = p
+    assert len(by_view) == len(views)
+    for view_id, got in by_view.items():
+        assert set(got) == {"category", "Q2", "Q3", "Q4", "Q5"}
+        truth = tests[view_id]
+        for k, qid in enumerate(("Q2", "Q3", "Q4", "Q5"), start=1):
+            p = got[qid]
+            assert p["history"] == truth[:2 * k] and p["question"] == truth[2 * k]["value"]
+            assert p["chosen"] == truth[2 * k + 1]["value"] and p["rejected"] != p["chosen"]
+        for qid in ("Q2", "Q3", "Q4"):
+            assert {got[qid]["chosen"], got[qid]["rejected"]} == {"Yes.", "No."}
+        rejected = parse_category(got["category"]["rejected"])
+        assert got["Q5"]["rejected"] == description(rejected, got["Q5"]["meta"]["colour"])
+    path = builders.write_stage(pairs, tmp_path / "replay.jsonl", load_dataset(synth_small), "step3",
+                                kind="preference")
+    assert records.read_records(path, "preference") == pairs
+
+
+def test_a_preference_history_must_alternate(tmp_path):
+    bad = {"id": "a", "image": "x.png", "question": "Is the object in hand round?", "chosen": "Yes.", "rejected": "No.",
+           "history": [{"from": "gpt", "value": "The object is jar."}]}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(OccError, match=r"bad.jsonl:1: preference 'history' must be a list of answered turns"):
+        records.read_records(tmp_path / "bad.jsonl", "preference")
+
+
 def _sft_encoding(encoder, root, rec, answer):
     images = load_images([root / p for p in records.images_of(rec)])
-    question = mpo.question_with_images(rec["question"], len(images))
-    return encoder.encode(images, [{"from": "human", "value": question}, {"from": "gpt", "value": answer}])
+    turns = [*rec.get("history", []), {"from": "human", "value": rec["question"]}, {"from": "gpt", "value": answer}]
+    return encoder.encode(images, turns)
 
 
-def test_preference_rows_are_the_sft_tokens(tiny_model, synth_small, step3_file):
+def test_preference_rows_are_the_sft_tokens(tiny_model, synth_small, tmp_path):
     """What DPOTrainer's vision collator builds from our rows is token for token the SFT/inference
-    encoding of the same question and answer, supervised on the same tokens (answer + end of turn)."""
+    encoding of the same conversation and answer, supervised on the same tokens (answer + end of
+    turn): for category pairs, and for replay pairs asked after their history."""
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
     _, processor = load_model(tiny_model)
-    dataset = mpo.preference_dataset(step3_file, None, processor)
-    recs = records.read_records(step3_file, "preference")
+    views = load_dataset(synth_small).split(None)
+    (tmp_path / "p.json").write_text(json.dumps(_predictions(views)))
+    path = builders.write_stage(builders.stage3_pairs(views, tmp_path / "p.json", replay=True),
+                                tmp_path / "step3.jsonl", load_dataset(synth_small), "step3", kind="preference")
+    dataset = mpo.preference_dataset(path, None, processor)
+    recs = records.read_records(path, "preference")
     assert len(dataset) == len(recs) and dataset[0]["id"] == recs[0]["id"]
-    # a pair against the model's wrong answer and one against another category
-    picks = [next(k for k, r in enumerate(recs) if not r["meta"]["correct"]),
-             next(k for k, r in enumerate(recs) if r["meta"]["correct"])]
+    # a pair against the model's wrong answer, one against another category, and two replay pairs
+    picks = [next(k for k, r in enumerate(recs) if not r["meta"]["correct"] and r["id"].endswith("#category")),
+             next(k for k, r in enumerate(recs) if r["meta"]["correct"] and r["id"].endswith("#category")),
+             next(k for k, r in enumerate(recs) if r["id"].endswith("#Q3")),
+             next(k for k, r in enumerate(recs) if r["id"].endswith("#Q5"))]
     batch = DataCollatorForVisionPreference(processor)([dict(dataset[k]) for k in picks])
     encoder = ConversationEncoder(processor)
     rows = [(k, "chosen") for k in picks] + [(k, "rejected") for k in picks]  # TRL's order: chosen, then rejected
@@ -143,8 +186,11 @@ def test_preference_rows_are_the_sft_tokens(tiny_model, synth_small, step3_file)
         ids, supervised = batch["input_ids"][i][keep].tolist(), batch["completion_mask"][i][keep].tolist()
         n = len(ids)  # SFT's text also has the unsupervised newline after the end-of-turn token
         assert ids == enc.input_ids[:n] and enc.labels[n:] == [IGNORE_INDEX] * (len(enc.labels) - n)
-        assert supervised == [int(lab != IGNORE_INDEX) for lab in enc.labels[:n]]
-        assert torch.equal(batch["pixel_values"][i % 2: i % 2 + 1], enc.pixel_values)
+        # SFT supervises every answer; the pair only its last
+        last = [int(lab != IGNORE_INDEX) for lab in enc.labels[:n]]
+        start = max(j for j in range(n) if last[j] and (j == 0 or not last[j - 1]))
+        assert supervised == [0] * start + last[start:]
+        assert torch.equal(batch["pixel_values"][i % 4: i % 4 + 1], enc.pixel_values)
 
 
 def test_reads_the_reference_preference_file(fixtures, tiny_model, tmp_path):
@@ -167,7 +213,7 @@ def test_reads_the_reference_preference_file(fixtures, tiny_model, tmp_path):
     assert dataset["id"] == [Path(r["image"]).stem for r in originals]
     formatter = mpo.PreferenceFormatter(processor)
     for row, rec in zip(dataset, originals):
-        assert row["prompt"] == formatter.prompt("<image>\n" + rec["question"])
+        assert row["prompt"] == formatter.prompt([{"from": "human", "value": "<image>\n" + rec["question"]}])
         assert row["prompt"].index("<IMG_CONTEXT>") < row["prompt"].index("Is it clear")
         assert (row["chosen"], row["rejected"]) == (rec["chosen"] + "<|im_end|>", rec["rejected"] + "<|im_end|>")
         assert row["images"][0].size == (48, 40) and row["images"][0].mode == "RGB"
