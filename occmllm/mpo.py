@@ -8,10 +8,10 @@ This module supplies the dataset mapping and the trainer; the training loop, the
 and checkpointing are TRL's and the HF Trainer's, and the stage command is ``occmllm.stage``'s.
 
 How a preference record ``{"id", "image", "question", "chosen", "rejected"}`` (and an optional
-``history`` of answered turns before the question) reaches TRL: its
-vision collator (``DataCollatorForVisionPreference``) takes rows of ``images``, ``prompt``,
-``chosen`` and ``rejected`` and runs the processor on the prompt text with the images, which
-expands each image token into the image's tiles. The prompt (history and question) is given rendered ("standard"
+``history`` of answered turns before the question) reaches TRL: its vision collator
+(``DataCollatorForVisionPreference``) takes rows of ``images``, ``prompt``, ``chosen`` and
+``rejected`` and runs the processor on the prompt text with the images, which expands each image
+token into the image's tiles. The prompt (history and question) is given rendered ("standard"
 format) by the checkpoint's own chat template, with each ``<image>`` placeholder where the record
 puts it, and each answer is the template's assistant turn (answer and end-of-turn token): so the
 tokens are exactly those of SFT and inference (``occmllm.conversation``). TRL's conversational
