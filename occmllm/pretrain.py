@@ -6,8 +6,8 @@ scratch inside stage 1 on the demo's 5,120 images, stays far below what the pixe
 (benchmarks/RESULTS.md, "What limits stage 1"). This command builds a tiny InternVL and trains its
 vision tower to name the category and the round/long/thin attributes of every view of a labelled
 conversation file (stage 1's format, ``meta.category``), then saves the whole InternVL with the
-trained tower. ``--head patches`` (the shipped base's) trains it through a throw-away MLP over its
-patch tokens. ``--head projector`` (``make base BASE_HEAD=projector``) trains it through the
+trained tower. ``--head patches`` (the earlier base's) trains it through a throw-away MLP over its
+patch tokens. ``--head projector`` (the shipped base's, ``make base``) trains it through the
 model's own projector and a linear map, so the projector trains with the tower and is kept: a
 fresh projector reads a tower trained through another head several points worse than that head
 does (benchmarks/RESULTS.md, "The tower pretrained through its projector"). The language model
@@ -172,8 +172,8 @@ def pretrain(base: Path, train: Path, val: Path | None, out: Path, epochs: int, 
                   else ProjectorClassifier(model, attributes=3))
     seconds = train_classifier(classifier, x, y, epochs, batch, lr, seed, attrs, progress=progress)
     info = {"train": str(train), "train_images": len(y), "head": head, "epochs": epochs, "batch": batch,
-            "learning_rate": lr,
-            "seed": seed, "seconds": round(seconds, 1), "train_accuracy": round(accuracy(classifier, x, y), 4)}
+            "learning_rate": lr, "seed": seed, "seconds": round(seconds, 1),
+            "train_accuracy": round(accuracy(classifier, x, y), 4)}
     if val is not None:
         vx, vy, _ = load_labelled_images(val, encoder, progress)
         info.update(val=str(val), val_images=len(vy), val_accuracy=round(accuracy(classifier, vx, vy), 4))
