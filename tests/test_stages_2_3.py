@@ -145,9 +145,14 @@ def test_replay_pairs_follow_the_test_conversation(synth_small, tmp_path):
     assert records.read_records(path, "preference") == pairs
 
 
-def test_a_preference_history_must_alternate(tmp_path):
+@pytest.mark.parametrize("history", [
+    [{"from": "gpt", "value": "The object is jar."}],  # an answer without its question
+    [{"from": "gpt", "value": "The object is jar."}, {"from": "human", "value": "What's the object in the hand?"}],
+    [{"from": "human", "value": "What's the object in the hand?"}],  # a question without its answer
+], ids=["lone-answer", "answer-first", "unanswered"])
+def test_a_preference_history_must_alternate(tmp_path, history):
     bad = {"id": "a", "image": "x.png", "question": "Is the object in hand round?", "chosen": "Yes.", "rejected": "No.",
-           "history": [{"from": "gpt", "value": "The object is jar."}]}
+           "history": history}
     (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
     with pytest.raises(OccError, match=r"bad.jsonl:1: preference 'history' must be a list of answered turns"):
         records.read_records(tmp_path / "bad.jsonl", "preference")
