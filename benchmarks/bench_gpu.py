@@ -11,6 +11,8 @@ anything with random weights.
 Runs (``--runs``, comma-separated):
   full     stage 1, every part trained (``freeze_vision false``)
   frozen   stage 1, vision tower frozen (the recipe's setting after pretraining)
+  full-compiled, frozen-compiled  the same with ``compile_layers`` (each layer of the tower and the
+           language model compiled; ``occmllm.stage.compile_layers``), compiled in the warm-up steps
   lora     stage 1, tower frozen, LoRA on the language model
   frozen-all-logits  the frozen run with the output head at every position, as before
            ``occmllm.model.AnswerLogitsOnly`` (its loss is the same)
@@ -93,6 +95,8 @@ SHAPES = {
            "vocab_size": 151674},
 }
 TRAIN_RUNS = {"full": ["--freeze_vision", "false"], "frozen": ["--freeze_vision", "true"],
+              "full-compiled": ["--freeze_vision", "false", "--compile_layers", "true"],
+              "frozen-compiled": ["--freeze_vision", "true", "--compile_layers", "true"],
               "frozen-all-logits": ["--freeze_vision", "true"],
               "lora": ["--freeze_vision", "true", "--use_lora", "true"], "mpo": ["--freeze_vision", "true"]}
 # tiles for --tiles dynamic: image sizes in tiles (columns x rows); with a thumbnail above one tile
@@ -187,6 +191,8 @@ class Shape:
 
 
 MULTIPLIERS = {"full": {"vision": 3, "projector": 3, "text": 3}, "frozen": {"vision": 1, "projector": 3, "text": 3},
+               "full-compiled": {"vision": 3, "projector": 3, "text": 3},
+               "frozen-compiled": {"vision": 1, "projector": 3, "text": 3},
                "frozen-all-logits": {"vision": 1, "projector": 3, "text": 3},
                "lora": {"vision": 1, "projector": 3, "text": 2}, "mpo": {"vision": 1 + 1, "projector": 3 + 1,
                                                                           "text": 3 + 1}}
@@ -438,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps (batches for plain) [10]")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first [3]")
     p.add_argument("--runs",
-                   default="full,frozen,lora,mpo,plain,plain-compiled,plain-whole,cot,dual,tta,tta-second-look",
-                   help="comma-separated runs (above) [all but frozen-all-logits]")
+                   default="full,full-compiled,frozen,lora,mpo,plain,plain-compiled,plain-whole,cot,dual,tta,"
+                           "tta-second-look",
+                   help="comma-separated runs (above) [all but frozen-compiled and frozen-all-logits]")
     p.add_argument("--vocab-size", type=int, help="the language model's vocabulary rows [the shape's]: e.g. a real "
                                                   "151,674 on the tiny shape, to see the output head's share on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in training")

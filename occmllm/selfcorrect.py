@@ -163,7 +163,7 @@ def sampled_log_probs(model, batch: ChainBatch) -> tuple[torch.Tensor, torch.Ten
     # reduces every gradient that reaches the loss
     images = visual_inputs(core, batch.pixel_values, batch.render_pixel_values, batch.rendered, batch.alpha)
     out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), **images,
-                logits_to_keep=(columns - 1).to(device))  # the logits at t-1 predict the token at t
+                logits_to_keep=(columns - 1).to(device), use_cache=False)  # the logits at t-1 predict the token at t
     logits = out.logits.float() / batch.temperature               # (n, P, vocab)
     # an id past the logits (a converted checkpoint's added <video> token) can never be sampled anyway
     suppressed = [i for i in batch.suppressed if i < logits.shape[-1]]

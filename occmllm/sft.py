@@ -148,8 +148,10 @@ class Collator:
     end to end, without padding. A packed row has no attention mask and position ids that restart
     at each sample, from which transformers builds attention that stays inside each sample (its
     packed-sequence masks); the label of each sample's first token is never supervised (a prompt
-    token), so no loss term crosses from one sample into the next. ``use_cache`` is off: with a
-    cache transformers would not look for packed sequences."""
+    token), so no loss term crosses from one sample into the next. ``use_cache`` is off in every
+    batch: training reads no keys and values back; with a cache transformers would not look for
+    packed sequences, and compiled layers (``compile_layers``) would be compiled again for each
+    layer's place in it."""
     pad_token_id: int
     packed: bool = False
 
@@ -157,8 +159,7 @@ class Collator:
         if self.packed:
             out = {"input_ids": torch.tensor([t for b in batch for t in b["input_ids"]])[None],
                    "labels": torch.tensor([t for b in batch for t in b["labels"]])[None],
-                   "position_ids": torch.cat([torch.arange(len(b["input_ids"])) for b in batch])[None],
-                   "use_cache": False}
+                   "position_ids": torch.cat([torch.arange(len(b["input_ids"])) for b in batch])[None]}
             if any(b["labels"][0] != IGNORE_INDEX for b in batch):
                 raise OccError("a training sample's first token has a label: packed behind another sample it "
                                "would be learnt from that sample's end; train without --packed true")
@@ -167,6 +168,7 @@ class Collator:
             labels, _ = pad_batch([b["labels"] for b in batch], self.pad_token_id, "right",
                                   value_for_labels=IGNORE_INDEX)
             out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        out["use_cache"] = False
         out["pixel_values"] = torch.cat([b["pixel_values"] for b in batch])
         if any("render_pixel_values" in b for b in batch):  # the dual visual path: renders' tiles in the images' order
             out["render_pixel_values"], out["rendered"] = dual.stack_renders(

@@ -24,16 +24,16 @@ def test_tiny_configuration_times_every_run(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--shape", "tiny", "--device", "cpu", "--tiles",
                           "dynamic", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--json",
                           str(tmp_path / "out.json"), "--runs",
-                          "full,frozen,lora,mpo,plain,plain-compiled,plain-whole,cot,dual,tta,tta-second-look,"
-                          "frozen-all-logits"],
+                          "full,full-compiled,frozen,lora,mpo,plain,plain-compiled,plain-whole,cot,dual,tta,"
+                          "tta-second-look,frozen-all-logits"],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((tmp_path / "out.json").read_text())
     rows = {r["run"]: r for r in result["rows"]}
-    assert list(rows) == ["full", "frozen", "lora", "mpo", "plain", "plain-compiled", "plain-whole", "cot", "dual",
-                          "tta", "tta-second-look", "frozen-all-logits"]
+    assert list(rows) == ["full", "full-compiled", "frozen", "lora", "mpo", "plain", "plain-compiled", "plain-whole",
+                          "cot", "dual", "tta", "tta-second-look", "frozen-all-logits"]
     assert result["peak_tflops"] > 0
-    for run in ("full", "frozen", "lora", "mpo", "frozen-all-logits"):
+    for run in ("full", "full-compiled", "frozen", "lora", "mpo", "frozen-all-logits"):
         r = rows[run]
         assert r["steps"] == 2 and r["samples_per_s"] > 0 and r["flops"] > 0
         assert r["tiles_per_sample"] > 1  # dynamic tiling: several tiles for most images
@@ -41,7 +41,9 @@ def test_tiny_configuration_times_every_run(tmp_path):
     # language model less than training it; MPO stacks each pair's two answers and their images
     assert rows["full"]["flops"] > rows["frozen"]["flops"] > rows["lora"]["flops"]
     assert rows["mpo"]["tiles_per_sample"] == pytest.approx(2 * rows["frozen"]["tiles_per_sample"], rel=0.35)
-    assert rows["frozen-all-logits"]["flops"] == rows["frozen"]["flops"]  # the same work, counted the same way
+    # the same work, counted the same way
+    assert rows["frozen-all-logits"]["flops"] == rows["frozen"]["flops"]
+    assert rows["full-compiled"]["flops"] == rows["full"]["flops"]
     for run in ("plain", "plain-compiled", "plain-whole", "cot", "dual", "tta", "tta-second-look"):
         r = rows[run]
         assert r["samples_per_s"] > 0 and r["first_batch_s"] > 0 and r["slowest_over_median"] >= 1

@@ -189,6 +189,69 @@ def test_packed_batches_train_as_padded_ones(tiny_model):
     assert answer_token_loss(out, leaky["labels"]).item() != pytest.approx(padded_loss, rel=1e-3)
 
 
+def _steps(model_dir: Path, compiled: bool):
+    """Four AdamW steps on batches of samples of one and two turns (other sizes and widths each
+    step), as the stage trainer makes them: the losses, the model, and the frames the compiler
+    traced for it."""
+    from torch._dynamo.utils import counters
+    from occmllm.model import answer_positions, answer_token_loss
+    from occmllm.stage import compile_layers
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model, processor = load_model(model_dir)
+    model.train()
+    names = list(model.state_dict())
+    if compiled:
+        compile_layers(model)
+    assert list(model.state_dict()) == names  # checkpoints keep their names
+    enc = ConversationEncoder(processor)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    curve = []
+    for size in (1, 3, 2, 3):
+        items = [enc.encode([_image()], Q1_Q6[: 2 + 2 * (k % 2)]) for k in range(size)]
+        batch = Collator(processor.tokenizer.pad_token_id)(
+            [{"input_ids": i.input_ids, "labels": i.labels, "pixel_values": i.pixel_values} for i in items])
+        out = model(**{k: v for k, v in batch.items() if k != "labels"},
+                    logits_to_keep=answer_positions(batch["labels"]))
+        loss = answer_token_loss(out, batch["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        curve.append(loss.item())
+    return curve, model, counters["frames"]["total"]
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_as_eager_ones(tiny_model, tmp_path):
+    """compile_layers (each tower and language-model layer compiled in place) keeps the numerics:
+    four steps give the eager model's losses and weights. The compiler traces each kind of layer
+    alone, not each layer: a model twice as deep compiles as many frames (a batch's key-value
+    cache, which training never reads, would have it compile each layer's place in the cache)."""
+    from occmllm.tiny import build
+    eager_curve, eager, _ = _steps(tiny_model, compiled=False)
+    compiled_curve, compiled, frames = _steps(tiny_model, compiled=True)
+    assert frames > 0  # the compiler ran
+    assert compiled_curve == pytest.approx(eager_curve, rel=1e-4)
+    assert eager_curve[-1] != pytest.approx(eager_curve[0], rel=1e-2)  # the steps moved the model
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    deep = build(tmp_path / "deep", image_size=32, vision_hidden=32, vision_layers=4, text_hidden=64, text_layers=4)
+    assert _steps(deep, compiled=True)[2] == frames
+
+
+def test_compiled_layers_are_refused_under_zero3(tiny_model, monkeypatch):
+    """ZeRO-3 gathers each layer's weights by hooks the compiler cannot trace: a one-line error,
+    nothing compiled."""
+    import transformers.integrations
+    from occmllm.stage import compile_layers
+    model, _ = load_model(tiny_model)
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(OccError, match="compile_layers: DeepSpeed ZeRO-3"):
+        compile_layers(model)
+    assert all(layer._compiled_call_impl is None for layer in model.model.language_model.layers)
+
+
 def test_lora_merge_matches_adapter_logits(tiny_model):
     torch.manual_seed(0)
     model, processor = load_model(tiny_model)
