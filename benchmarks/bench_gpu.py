@@ -35,7 +35,12 @@ padding); the FLOP count is the same, since padding is not work.
 
 Each training run takes ``--warmup`` steps, then times ``--steps`` more (the device synchronised at
 each step's edges); the rates count the steps alone, and the note adds the waits for each step's
-batch between steps (made on the main process unless ``--workers``). Inference times its first
+batch between steps (made on the main process unless ``--workers``). With ``--profile`` each
+training run then takes one more step under ``torch.profiler``, not timed, and reports where its
+time went: the share of each kind of work (``WORK_KINDS``: matrix multiplies and convolutions,
+attention, the optimizer, normalisation, compiled layers, other elementwise work, copies and casts,
+the rest) and the operations that took most, by device time on a GPU (each kernel) and by CPU time
+on a CPU (each operator's own time). Inference times its first
 batch (cold: includes any per-shape set-up) and then ``--steps`` warm batches (each of other
 records, so of other prompt widths; the slowest against the median shows any per-shape stall), and
 the time of loading and tiling one batch's images on the CPU, a part of every batch unless
@@ -55,8 +60,8 @@ The share of peak is against a bf16 matrix-multiply rate measured in the same ru
 
     python benchmarks/bench_gpu.py [--shape 1b|8b|tiny] [--tiles 1|dynamic] [--batch-size 16]
         [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain,...]
-        [--gradient-checkpointing] [--packed] [--workers N] [--vocab-size N] [--device cuda|cpu]
-        [--json OUT]
+        [--gradient-checkpointing] [--packed] [--profile] [--workers N] [--vocab-size N]
+        [--device cuda|cpu] [--json OUT]
 
 Prints a table, then one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
 """
@@ -64,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -218,6 +224,68 @@ class StepClock(TrainerCallback):
         self.seconds.append(self.end - self.start)
 
 
+# kinds of work, by the name of a kernel (GPU) or an operator (CPU); the first pattern that matches
+WORK_KINDS = (("attention", re.compile(r"attention|flash|fmha|sdpa|sdp_", re.I)),
+              ("matmul", re.compile(r"gemm|nvjet|cublas|cutlass|xmma|conv|matmul|aten::(mm|addmm|bmm|baddbmm)$", re.I)),
+              ("optimizer", re.compile(r"adam|foreach|multi_tensor|optimizer", re.I)),
+              ("norm", re.compile(r"norm", re.I)),
+              # compiled layers: their fused kernels on a GPU; on a CPU the compiled graphs' own time
+              ("compiled", re.compile(r"^triton_|cpp_fused|CompiledFxGraph|CompiledFunction|Compiled Region|"
+                                      r"TorchDynamo", re.I)),
+              ("elementwise", re.compile(r"elementwise|vectorized|reduce_kernel|aten::(mul|add|sub|div|sum|mean|silu|"
+                                         r"gelu|exp|neg|pow|rsqrt|tanh|sigmoid|where|fill|zero|clamp|_?softmax|"
+                                         r"threshold)(_backward)?_?$", re.I)),
+              ("copy/cast", re.compile(r"copy|cast|aten::to$|convert|aten::cat$|index", re.I)))
+TOP_OPS = 8
+
+
+def work_kind(name: str) -> str:
+    return next((kind for kind, pattern in WORK_KINDS if pattern.search(name)), "other")
+
+
+class StepProfiler(TrainerCallback):
+    """Profiles training step ``step`` (0-based; the device synchronised at its edges)."""
+
+    def __init__(self, step: int, device: torch.device):
+        self.step, self.device, self.profile = step, device, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            from torch.profiler import ProfilerActivity, profile
+            synchronize(self.device)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.profile = profile(activities=activities)
+            self.profile.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profile is not None and not getattr(self.profile, "_stopped", False):
+            synchronize(self.device)
+            self.profile.__exit__(None, None, None)
+            self.profile._stopped = True
+
+    def summary(self) -> dict:
+        """Time by kind of work and the operations that took most, as shares of the step's total:
+        on a GPU each kernel's device time; on a CPU each operator's own CPU time (self times add up
+        to the step without counting a nested operator twice)."""
+        from torch.autograd import DeviceType
+        cuda = self.device.type == "cuda"
+        times: dict[str, float] = {}
+        for event in self.profile.events():
+            if cuda and event.device_type != DeviceType.CUDA:
+                continue
+            t = event.device_time_total if cuda else event.self_cpu_time_total
+            if t > 0:
+                times[event.name] = times.get(event.name, 0.0) + t
+        total = sum(times.values())
+        kinds: dict[str, float] = {}
+        for name, t in times.items():
+            kinds[work_kind(name)] = kinds.get(work_kind(name), 0.0) + t / total
+        top = sorted(times.items(), key=lambda item: -item[1])[:TOP_OPS]
+        return {"timed_by": "device" if cuda else "cpu", "step_ms": total / 1e3,
+                "kinds": dict(sorted(kinds.items(), key=lambda item: -item[1])),
+                "top": [[name[:80], t / total] for name, t in top]}
+
+
 class BatchLog:
     """Wraps a trainer's collator: per batch, the tiles and each sequence's length (for the FLOP
     count). TRL's preference collator already stacks each pair's chosen and rejected sequences
@@ -254,7 +322,8 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
     from occmllm.config import parse_config
     from occmllm.stage import DataArguments, ModelArguments
     flags = ["--model_name_or_path", str(checkpoint), "--output_dir", str(out / run), "--save_strategy", "no",
-             "--max_steps", str(args.warmup + args.steps), "--per_device_train_batch_size", str(args.batch_size),
+             "--max_steps", str(args.warmup + args.steps + args.profile), "--per_device_train_batch_size",
+             str(args.batch_size),
              "--disable_tqdm", "true", "--logging_steps", "1000000", "--report_to", "none",
              "--warmup_steps", "0", "--dataloader_num_workers", str(args.workers), "--activation_checkpointing",
              str(args.gradient_checkpointing).lower(), "--bf16", str(device.type == "cuda").lower(),
@@ -279,11 +348,15 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
     log = BatchLog(trainer)
     clock = StepClock(device)
     trainer.add_callback(clock)
+    profiler = StepProfiler(args.warmup + args.steps, device) if args.profile else None
+    if profiler:
+        trainer.add_callback(profiler)
     trainer.train()
     shape = Shape(trainer.model)
-    timed = log.batches[args.warmup: args.warmup + len(clock.seconds[args.warmup:])]
-    seconds = sum(clock.seconds[args.warmup:])
-    waits = sum(clock.waits[args.warmup:])
+    end = args.warmup + args.steps  # a profiled step after these is not timed
+    timed = log.batches[args.warmup: min(end, args.warmup + len(clock.seconds[args.warmup:]))]
+    seconds = sum(clock.seconds[args.warmup: end])
+    waits = sum(clock.waits[args.warmup: end])
     flops = sum(MULTIPLIERS[run][part] * f for b in timed
                 for part, f in shape.forward_flops(b["tiles"], b["lengths"]).items())
     samples = sum(b["samples"] for b in timed)
@@ -292,7 +365,8 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
             "data_wait_s": waits, "samples_per_s_with_waits": samples / (seconds + waits),
             "tiles_per_sample": sum(b["tiles"] for b in timed) / samples,
             "tokens_per_sample": sum(sum(b["lengths"]) for b in timed) / samples, "flops": flops,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+            **({"profile": profiler.summary()} if profiler else {})}
 
 
 # run -> (inference.py --mode, --decoding, whether each turn keeps the last one's keys and values)
@@ -432,6 +506,12 @@ def table(rows: list[dict], peak: float) -> str:
                      f"{cell(r.get('tokens_per_s'), '.0f', 9)} {cell(tflops, '.3f', 8)} "
                      f"{cell(tflops and 100 * tflops * 1e12 / peak, '.1f', 6)}% "
                      f"{cell(r['peak_memory_gib'], '.1f', 10)}  {note}")
+    for r in rows:
+        if "profile" in r:
+            p = r["profile"]
+            lines.append(f"{r['run']}: one step, {p['step_ms']:.1f} ms of {p['timed_by']} time: " + ", ".join(
+                f"{kind} {100 * share:.0f}%" for kind, share in p["kinds"].items()))
+            lines += [f"    {100 * share:5.1f}%  {name}" for name, share in p["top"]]
     return "\n".join(lines)
 
 
@@ -450,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, help="the language model's vocabulary rows [the shape's]: e.g. a real "
                                                   "151,674 on the tiny shape, to see the output head's share on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in training")
+    p.add_argument("--profile", action="store_true", help="training runs profile one more step (not timed): time "
+                   "by kind of work and the operations that took most")
     p.add_argument("--packed", action="store_true", help="stage-1 runs train on packed batches (one row, no "
                    "padding; occmllm.sft.Collator); mpo pads as TRL does")
     p.add_argument("--workers", type=int, default=0, help="dataloader worker processes: training runs' (0: each "

@@ -53,6 +53,37 @@ def test_tiny_configuration_times_every_run(tmp_path):
     assert "TFLOP/s" in out.stdout and json.loads(out.stdout.strip().splitlines()[-1]) == result
 
 
+def test_profile_tells_where_a_training_step_went(tmp_path):
+    """--profile: each training run takes one more step under the profiler, not timed; its time
+    splits into kinds of work that add up to the whole, matrix multiplies among them, and the
+    operations that took most come largest first."""
+    out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--shape", "tiny", "--device", "cpu", "--steps",
+                          "2", "--warmup", "1", "--batch-size", "2", "--runs", "frozen,plain", "--profile", "--json",
+                          str(tmp_path / "out.json")],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    frozen, plain = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert frozen["steps"] == 2 and "profile" not in plain
+    profile = frozen["profile"]
+    assert profile["timed_by"] == "cpu" and profile["step_ms"] > 0
+    assert sum(profile["kinds"].values()) == pytest.approx(1.0)
+    assert profile["kinds"]["matmul"] > 0 and profile["kinds"]["optimizer"] > 0
+    shares = [share for _, share in profile["top"]]
+    assert 0 < len(shares) <= 8 and shares == sorted(shares, reverse=True)
+    assert "frozen: one step," in out.stdout
+
+
+def test_kinds_of_work_are_named_from_kernels_and_operators():
+    kind = _bench().work_kind
+    assert kind("aten::addmm") == kind("sm90_xmma_gemm_bf16bf16_bf16f32") == kind("nvjet_tst_128x256") == "matmul"
+    assert kind("aten::_scaled_dot_product_flash_attention_for_cpu") == kind("flash_fwd_kernel") == "attention"
+    assert kind("aten::_fused_adamw_") == kind("multi_tensor_apply_kernel") == "optimizer"
+    assert kind("triton_poi_fused_add_mul_0") == "compiled"
+    assert kind("aten::mul") == kind("void at::native::vectorized_elementwise_kernel<4>") == "elementwise"
+    assert kind("aten::native_layer_norm") == "norm" and kind("aten::copy_") == "copy/cast"
+    assert kind("aten::view") == "other"
+
+
 def test_packed_batches_count_the_same_work_without_padding(tmp_path):
     """--packed: the same batches (same seed), each as one row; the same tokens and model FLOPs are
     counted (padding is not work), only the time differs. Batches made by a dataloader worker
