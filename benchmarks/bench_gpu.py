@@ -247,21 +247,21 @@ class StepProfiler(TrainerCallback):
     """Profiles training step ``step`` (0-based; the device synchronised at its edges)."""
 
     def __init__(self, step: int, device: torch.device):
-        self.step, self.device, self.profile = step, device, None
+        self.step, self.device, self.profile, self.running = step, device, None, False
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             from torch.profiler import ProfilerActivity, profile
             synchronize(self.device)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            self.profile = profile(activities=activities)
+            self.profile, self.running = profile(activities=activities), True
             self.profile.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.profile is not None and not getattr(self.profile, "_stopped", False):
+        if self.running:
             synchronize(self.device)
             self.profile.__exit__(None, None, None)
-            self.profile._stopped = True
+            self.running = False
 
     def summary(self) -> dict:
         """Time by kind of work and the operations that took most, as shares of the step's total:
