@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from occmllm import chain
 from occmllm.answering import Answerer, Dialogue, Prompt, Sample
 from occmllm.errors import OccError
-from occmllm.questions import CATEGORIES, IMAGE_TOKEN, NO, Q1, YES, answer_in_history, caption, category_answer
+from occmllm.questions import CATEGORIES, NO, Q1, YES, answer_in_history, caption, category_answer
+from occmllm.records import count_placeholders
 from occmllm.scoring import final_key
 
 
@@ -50,7 +51,7 @@ def ask_in_turn(answerer: Answerer, batch: list[Sample], encoded: list[tuple], r
         prompts = []
         for i in active:
             history[i].append({"from": "human", "value": batch[i].questions[turn][2]})
-            used = sum(t["value"].count(IMAGE_TOKEN) for t in history[i] if t["from"] == "human")
+            used = count_placeholders(history[i])
             features, tiles = encoded[i]
             prompts.append(Prompt(list(history[i]), features[: sum(tiles[:used])] if used else None, tiles[:used]))
         for i, text in zip(active, answerer(prompts, dialogue)):

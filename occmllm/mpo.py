@@ -60,7 +60,7 @@ def preference_turns(rec: dict, n_images: int) -> list[dict]:
     """The record's human/gpt turns up to its question (its ``history``, then the question), with
     the images that have no placeholder in front of the first human turn."""
     turns = [*rec.get("history", []), {"from": "human", "value": rec["question"]}]
-    placed = sum(turn["value"].count(IMAGE_TOKEN) for turn in turns[1:])
+    placed = records.placeholders(turns[1:])
     return [{**turns[0], "value": question_with_images(turns[0]["value"], n_images - placed)}, *turns[1:]]
 
 

@@ -59,8 +59,14 @@ def files_of(record: dict) -> list[str]:
     return images_of(record) + ([render] if render else [])
 
 
-def count_placeholders(record: dict) -> int:
-    return sum(turn["value"].count(IMAGE_TOKEN) for turn in record["conversations"] if turn["from"] == "human")
+def placeholders(turns) -> int:
+    """The ``<image>`` placeholders in the texts of ``turns``."""
+    return sum(turn["value"].count(IMAGE_TOKEN) for turn in turns)
+
+
+def count_placeholders(conversation: list[dict]) -> int:
+    """The placeholders of a conversation's human turns: each takes one image."""
+    return placeholders(turn for turn in conversation if turn["from"] == "human")
 
 
 def validate_conversation(record: dict, context: str, answers_optional: bool = False) -> dict:
@@ -95,7 +101,7 @@ def validate_conversation(record: dict, context: str, answers_optional: bool = F
         raise OccError(f"{context}: record {record['id']!r} has no 'image'; every record needs at least one")
     if not all(isinstance(p, str) and p for p in images):
         raise OccError(f"{context}: record {record['id']!r} 'image' must be a path or a list of paths")
-    n = count_placeholders(record)
+    n = count_placeholders(conv)
     if n == 0:
         raise OccError(f"{context}: record {record['id']!r} has no {IMAGE_TOKEN} placeholder in its human "
                        f"turns; add one where the image goes")
@@ -131,8 +137,7 @@ def validate_preference(record: dict, context: str) -> dict:
             for k, turn in enumerate(history)):
         raise OccError(f"{context}: preference 'history' must be a list of answered turns, "
                        '{"from": "human", "value": str} then {"from": "gpt", "value": str}, before the question')
-    placeholders = sum(turn["value"].count(IMAGE_TOKEN) for turn in history) + record["question"].count(IMAGE_TOKEN)
-    if placeholders > len(images):
+    if placeholders(history) + record["question"].count(IMAGE_TOKEN) > len(images):
         raise OccError(f"{context}: preference question and history have more {IMAGE_TOKEN} placeholders than images")
     if record["chosen"].strip() == record["rejected"].strip():
         raise OccError(f"{context}: preference chosen and rejected are the same ({record['chosen']!r}); "

@@ -70,7 +70,7 @@ def test_step2_asks_q1_to_q5_in_the_test_order(synth, tmp_path):
     assert [r["id"] for r in recs] == [v["id"] for v in fit]
     for r in recs:  # the test record of the same view is the same conversation: Q1-Q5, no Q6
         assert r["conversations"] == by_id[r["id"]]["conversations"]
-        assert records.count_placeholders(r) == 1
+        assert records.count_placeholders(r["conversations"]) == 1
 
 
 def test_step3_pairs_truthful_and_balanced_over_categories(synth, tmp_path):
@@ -129,7 +129,7 @@ def test_step4_chain_records(synth, tmp_path):
         elif kind == "second":
             assert r["render"] == f"renders/oracle/{vid}.png" and r["image"] == image_of[vid]
             assert r["conversations"] == [{"from": "human", "value": chain.SECOND_LOOK}, {"from": "gpt", "value": truth}]
-            assert records.count_placeholders(r) == 1
+            assert records.count_placeholders(r["conversations"]) == 1
         else:
             assert "render" not in r
         if kind == "replay":
