@@ -101,10 +101,10 @@ SHAPES = {
            "vocab_size": 151674},
 }
 TRAIN_RUNS = {"full": ["--freeze_vision", "false"], "frozen": ["--freeze_vision", "true"],
-              "full-compiled": ["--freeze_vision", "false", "--compile_layers", "true"],
-              "frozen-compiled": ["--freeze_vision", "true", "--compile_layers", "true"],
               "frozen-all-logits": ["--freeze_vision", "true"],
               "lora": ["--freeze_vision", "true", "--use_lora", "true"], "mpo": ["--freeze_vision", "true"]}
+COMPILED_RUNS = {"full-compiled": "full", "frozen-compiled": "frozen"}  # run -> the run it compiles
+TRAIN_RUNS.update({run: [*TRAIN_RUNS[base], "--compile_layers", "true"] for run, base in COMPILED_RUNS.items()})
 # tiles for --tiles dynamic: image sizes in tiles (columns x rows); with a thumbnail above one tile
 # these make 1, 3, 3, 4, 5 and 7 tiles, InternVL's dynamic tiling of up to 6 tiles
 DYNAMIC_GRIDS = [(1, 1), (2, 1), (1, 2), (3, 1), (2, 2), (3, 2)]
@@ -197,11 +197,10 @@ class Shape:
 
 
 MULTIPLIERS = {"full": {"vision": 3, "projector": 3, "text": 3}, "frozen": {"vision": 1, "projector": 3, "text": 3},
-               "full-compiled": {"vision": 3, "projector": 3, "text": 3},
-               "frozen-compiled": {"vision": 1, "projector": 3, "text": 3},
                "frozen-all-logits": {"vision": 1, "projector": 3, "text": 3},
                "lora": {"vision": 1, "projector": 3, "text": 2}, "mpo": {"vision": 1 + 1, "projector": 3 + 1,
                                                                           "text": 3 + 1}}
+MULTIPLIERS.update({run: MULTIPLIERS[base] for run, base in COMPILED_RUNS.items()})  # the same work
 
 
 class StepClock(TrainerCallback):
@@ -354,9 +353,9 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
     trainer.train()
     shape = Shape(trainer.model)
     end = args.warmup + args.steps  # a profiled step after these is not timed
-    timed = log.batches[args.warmup: min(end, args.warmup + len(clock.seconds[args.warmup:]))]
     seconds = sum(clock.seconds[args.warmup: end])
     waits = sum(clock.waits[args.warmup: end])
+    timed = log.batches[args.warmup: args.warmup + len(clock.seconds[args.warmup: end])]
     flops = sum(MULTIPLIERS[run][part] * f for b in timed
                 for part, f in shape.forward_flops(b["tiles"], b["lengths"]).items())
     samples = sum(b["samples"] for b in timed)
