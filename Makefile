@@ -6,6 +6,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := outputs/demo
 
+# On x86 CPUs with AVX2, every float kernel runs its AVX2 code path, whatever else the CPU offers:
+# PyTorch's own kernels, MKL's matrix products (on AMD CPUs MKL otherwise takes another path) and
+# oneDNN's convolutions each pick a path by CPU, and each path rounds differently, so the same demo
+# gave other answers on other machines. Set any of them before make to choose otherwise.
+ifneq ($(shell grep -m1 -ow avx2 /proc/cpuinfo 2>/dev/null),)
+export ATEN_CPU_CAPABILITY ?= avx2
+export MKL_CBWR ?= AVX2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
+endif
+
 .PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha test bench bench-gpu clean-demo base recon-base
 
 $(VENV)/.installed: requirements.txt

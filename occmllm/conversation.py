@@ -47,7 +47,7 @@ PROMPT_CACHE_SIZE = 1 << 16  # prompts remembered before the cache starts again
 def conversation_key(images_tiles: list[int], conversations: list[dict]) -> tuple:
     """What a conversation's token ids depend on (its turns and its images' tiles), hashable: the
     key of the caches that encode each conversation once."""
-    return tuple(images_tiles), tuple((turn["from"], turn["value"]) for turn in conversations)
+    return tuple(images_tiles), tuple((turn["from"], turn["value"], turn.get("train", True)) for turn in conversations)
 
 
 class ConversationEncoder:
@@ -99,17 +99,22 @@ class ConversationEncoder:
             return list(enc["input_ids"]), list(enc["assistant_masks"])
         ids = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
         mask = [0] * len(ids)
-        eot = tok.convert_tokens_to_ids("<|im_end|>")
         for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = len(tok.apply_chat_template(messages[:k], tokenize=True, return_dict=True,
-                                                add_generation_prompt=True)["input_ids"])
-            end = len(tok.apply_chat_template(messages[: k + 1], tokenize=True, return_dict=True)["input_ids"])
-            while end > start and ids[end - 1] != eot:  # drop the newline after the end-of-turn token
-                end -= 1
-            mask[start:end] = [1] * (end - start)
+            if m["role"] == "assistant":
+                start, end = self._answer_span(messages, ids, k)
+                mask[start:end] = [1] * (end - start)
         return ids, mask
+
+    def _answer_span(self, messages: list[dict], ids: list[int], k: int) -> tuple[int, int]:
+        """Token range of assistant message ``k``'s answer in ``ids``, its end-of-turn token included."""
+        tok = self.tokenizer
+        start = len(tok.apply_chat_template(messages[:k], tokenize=True, return_dict=True,
+                                            add_generation_prompt=True)["input_ids"])
+        end = len(tok.apply_chat_template(messages[: k + 1], tokenize=True, return_dict=True)["input_ids"])
+        eot = tok.convert_tokens_to_ids("<|im_end|>")
+        while end > start and ids[end - 1] != eot:  # drop the newline after the end-of-turn token
+            end -= 1
+        return start, end
 
     def encode(self, images: list[Image.Image], conversations: list[dict]) -> Encoded:
         pixels, tiles = self.pixel_values(images)
@@ -120,6 +125,10 @@ class ConversationEncoder:
         labels are the ids on assistant tokens and IGNORE_INDEX elsewhere."""
         messages = self.expand(to_messages(conversations), images_tiles)
         ids, mask = self._assistant_mask(messages)
+        for k, turn in enumerate(conversations):  # answers kept as context only: no loss
+            if turn.get("train", True) is False:
+                start, end = self._answer_span(messages, ids, k)
+                mask[start:end] = [0] * (end - start)
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
         if self.max_length is not None and len(ids) > self.max_length:
             raise ValueError(f"conversation of {len(ids)} tokens exceeds max_length {self.max_length}")

@@ -83,6 +83,9 @@ def validate_conversation(record: dict, context: str, answers_optional: bool = F
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
             raise OccError(f"{context}: turn {k} of record {record['id']!r} must be "
                            '{"from": "human"|"gpt", "value": str}')
+        if "train" in turn and (turn["from"] != "gpt" or not isinstance(turn["train"], bool)):
+            raise OccError(f"{context}: turn {k} of record {record['id']!r} has 'train': {turn['train']!r}; only a gpt "
+                           "turn may carry it, as true or false (false: the answer is context, not a target)")
         if k == 0 and turn["from"] != "human":
             raise OccError(f"{context}: record {record['id']!r} starts with a gpt turn; a conversation starts with "
                            "the human's question")

@@ -1,4 +1,4 @@
-"""Stage 2 training: SFT from the stage-1 checkpoint on the multi-turn records (Q1, Q2-Q5, Q6),
+"""Stage 2 training: SFT from the stage-1 checkpoint on the multi-turn records (Q1-Q5),
 with ``config.yaml`` beside this file.
 
     python -m step2_multiquery.train [--config step2_multiquery/config.yaml] [--flag value ...]

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from occmllm.conversation import IGNORE_INDEX, ConversationEncoder
+from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, conversation_key
 from occmllm.errors import OccError
 from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint, load_model
+from occmllm.records import validate_conversation
 from occmllm.questions import Q1, Q6
 from occmllm.sft import Collator
 from occmllm.stage import ModelArguments, RememberedTower, add_lora, freeze
@@ -101,6 +102,27 @@ def test_label_mask_supervises_answers_and_end_of_turn_only(tiny_model):
     # the fallback for chat templates without {% generation %} markers finds the same tokens
     enc.has_generation_markers = False
     assert enc.encode([_image()], Q1_Q6).labels == e.labels
+
+
+def test_an_answer_marked_untrained_is_context_without_loss(tiny_model):
+    """``"train": false`` on a gpt turn keeps its tokens in the input and drops them from the
+    labels; the other answers keep theirs, and the record encodes apart from its trained twin."""
+    _, processor = load_model(tiny_model)
+    enc = ConversationEncoder(processor)
+    trained = enc.encode([_image()], Q1_Q6)
+    q1_as_context = [dict(t) for t in Q1_Q6]
+    q1_as_context[1]["train"] = False
+    e = enc.encode([_image()], q1_as_context)
+    assert e.input_ids == trained.input_ids
+    supervised = [processor.tokenizer.decode([t]) for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE_INDEX]
+    assert "".join(supervised) == "No.<|im_end|>"
+    assert conversation_key([1], q1_as_context) != conversation_key([1], Q1_Q6)
+    with pytest.raises(OccError, match="turn 0 .* only a gpt turn may carry it"):
+        validate_conversation({"id": "r", "image": "a.png", "conversations": [{**Q1_Q6[0], "train": False}, Q1_Q6[1]]},
+                              "f.jsonl:1")
+    with pytest.raises(OccError, match="turn 1 .* as true or false"):
+        validate_conversation({"id": "r", "image": "a.png", "conversations": [Q1_Q6[0], {**Q1_Q6[1], "train": 0}]},
+                              "f.jsonl:1")
 
 
 def test_one_training_step_lowers_the_loss(tiny_model):
