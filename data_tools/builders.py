@@ -38,12 +38,14 @@ def _answers(view: dict) -> dict[str, str]:
 
 # --- the chain's check labels (Q6) ------------------------------------------------------------
 
-def first_answers_right(views: list[dict], predictions_path, checkpoint: str | None = None) -> dict[str, bool]:
-    """Whether the model's Q1 answer to each view was right: the label of the chain's check
-    (``occmllm.chain``: right -> ``Yes.``, wrong -> ``No.``). Use answers to views the model never
-    trained on (``--part held-out``)."""
+def first_answers(views: list[dict], predictions_path,
+                  checkpoint: str | None = None) -> tuple[dict[str, bool], dict[str, str]]:
+    """Whether the model's Q1 answer to each view was right, the label of the chain's check
+    (``occmllm.chain``: right -> ``Yes.``, wrong -> ``No.``), and the answers themselves where the
+    file holds them (a list of wrong ids holds none). Use answers to views the model never trained
+    on (``--part held-out``)."""
     preds = read_predictions(predictions_path, checkpoint)
-    return preds.correctness({v["id"]: v["category"] for v in views})
+    return preds.correctness({v["id"]: v["category"] for v in views}), preds.answers
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -177,11 +179,13 @@ def _replay_pairs(view: dict, rejected_category: str | None, meta: dict) -> list
 
 
 def stage4_records(views: list[dict], first_right: dict[str, bool], renders_dir: str, seed: int = 0,
-                   plan_fraction: float = 0.25, replay: bool = True, second_look_repeats: int = 1) -> list[dict]:
+                   plan_fraction: float = 0.25, replay: bool = True, second_look_repeats: int = 1,
+                   own_answers: dict[str, str] | None = None) -> list[dict]:
     """Stage 4 chain-of-thought records (``occmllm.chain``), per view:
 
-    - the check: Q1 with the true answer, then Q6 answered ``Yes.``/``No.`` as the model's own first
-      answer to this (held-out) view was right or wrong (``first_right``);
+    - the check: Q1 with the model's own first answer to this (held-out) view (``own_answers``,
+      context only, ``chain.check_training_turns``; the true answer where it is not known), then Q6
+      answered ``Yes.``/``No.`` as that answer was right or wrong (``first_right``);
     - the second look: Q1 in a conversation of its own over the image, blended with its
       reconstruction render (the record's ``render``), ``second_look_repeats`` times;
     - with ``replay``, stage 2's Q1-Q5 record, so the attributes and the description are kept;
@@ -194,8 +198,10 @@ def stage4_records(views: list[dict], first_right: dict[str, bool], renders_dir:
     for v in views:
         truth = category_answer(v["category"])
         right = first_right[v["id"]]
+        own = (own_answers or {}).get(v["id"])
         out.append({"id": v["id"], "image": v["image"],
-                    "conversations": chain.check_turns(truth, chain.check_answer(right)),
+                    "conversations": (chain.check_training_turns(own, right) if own is not None
+                                      else chain.check_turns(truth, chain.check_answer(right))),
                     "meta": view_meta(v, first_right=right)})
         render = records.render_path(renders_dir, v["id"])
         for k in range(second_look_repeats):

@@ -5,7 +5,8 @@ the report.
 2. **Check**: Q6 ("Is it clear to identify the object in the hand?") asked right after the first
    answer, in the same conversation. ``No.`` means one thing in every stage: *the first answer is
    likely wrong*. Its training labels come from the model's own first answers on views it never
-   trained on (the held-out share of the training split, ``is_held_out``), never from occlusion.
+   trained on (the held-out share of the training split, ``is_held_out``), never from occlusion,
+   and it is trained after those answers, as inference asks it (``check_training_turns``).
 3. **Second look**, where the check says ``No.``: Q1 asked again in a fresh conversation
    (``SECOND_LOOK``) over the image whose visual tokens are blended with its reconstruction render's,
    alpha x image + (1 - alpha) x render (``occmllm.dual.blend``; alpha is the checkpoint's
@@ -82,6 +83,15 @@ def check_turns(first_answer: str, check: str | None = None) -> list[dict]:
     turns = first_turns(first_answer) + [{"from": "human", "value": CHECK_QUESTION}]
     if check is not None:
         turns.append({"from": "gpt", "value": check})
+    return turns
+
+
+def check_training_turns(own_first_answer: str, first_right: bool) -> list[dict]:
+    """The check as stage 4 trains it: after the model's own first answer, as inference asks it,
+    that answer kept as context only (``"train": false``: a wrong one is not taught), then Q6
+    labelled by whether it was right."""
+    turns = check_turns(own_first_answer, check_answer(first_right))
+    turns[1]["train"] = False
     return turns
 
 

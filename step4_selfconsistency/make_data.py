@@ -1,7 +1,7 @@
 """Stage 4 data: chain-of-thought records (occmllm.chain) on the chain's held-out views.
 
-Per view: Q1 then Q6, answered No. where the model's own first answer (PRED, from a model that
-never trained on these views) was wrong; the second look (Q1 over the image blended with its
+Per view: Q1 with the model's own first answer (PRED, from a model that never trained on these
+views; context, not a target), then Q6, answered No. where that answer was wrong; the second look (Q1 over the image blended with its
 reconstruction render, ``RENDERS/<view id>.png`` under the dataset root), repeated
 ``--second-look-repeats`` times; stage 2's Q1-Q5 record as replay; a Q0 (3-step plan) record for
 a fraction of views. Besides, the Q1 record of every view stages 1-2 fit (stage 1's records), so
@@ -36,9 +36,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dataset = load_dataset(args.data)
     views = builders.stage_views(dataset, args)
-    first_right = builders.first_answers_right(views, args.predictions, args.checkpoint)
+    first_right, own_answers = builders.first_answers(views, args.predictions, args.checkpoint)
     recs = builders.stage4_records(views, first_right, args.renders, args.seed, args.plan_fraction,
-                                   replay=not args.no_replay, second_look_repeats=args.second_look_repeats)
+                                   replay=not args.no_replay, second_look_repeats=args.second_look_repeats,
+                                   own_answers=own_answers)
     if not args.no_fit_replay and args.split == "train" and args.part == "held-out":
         recs += builders.stage1_records(builders.select_part(dataset.split(args.split), args.split, "fit"))
     for rec in recs:  # every render a second look names must exist

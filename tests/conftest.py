@@ -136,8 +136,9 @@ def stage4_file(synth_small, tmp_path_factory) -> Path:
     views = ds.split(None)
     render_views(synth_small, STAGE4_RENDERS, None, progress=False)
     from occmllm.questions import parse_category
-    first_right = {v["id"]: parse_category(answer) == v["category"] for v, answer in zip(views, _predictions(views).values())}
-    recs = builders.stage4_records(views, first_right, STAGE4_RENDERS, seed=0, plan_fraction=0.25)
+    own = _predictions(views)
+    first_right = {v["id"]: parse_category(own[v["id"]]) == v["category"] for v in views}
+    recs = builders.stage4_records(views, first_right, STAGE4_RENDERS, seed=0, plan_fraction=0.25, own_answers=own)
     return builders.write_stage(recs, tmp_path_factory.mktemp("stage4") / "step4.jsonl", ds, "step4")
 
 

@@ -12,7 +12,7 @@ from data_tools import builders
 from occmllm import chain, records
 from occmllm.dataset import load_dataset
 from occmllm.errors import OccError
-from occmllm.questions import CAPTION_PROMPT, Q0, Q0_PLAN, Q1, Q6, category_answer
+from occmllm.questions import CAPTION_PROMPT, Q0, Q0_PLAN, Q1, Q6, category_answer, parse_category
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,8 +113,11 @@ def test_step4_chain_records(synth, tmp_path):
     ds = load_dataset(synth)
     views = builders.select_part(ds.split("train"), "train", "held-out")
     first_right = {v["id"]: k % 3 != 0 for k, v in enumerate(views)}
+    own = {v["id"]: category_answer(v["category"] if first_right[v["id"]] else "remote" if v["category"] != "remote"
+                                    else "jar") for v in views[1:]}  # the first view's answer unknown
     image_of = {v["id"]: v["image"] for v in views}
-    recs = builders.stage4_records(views, first_right, "renders/oracle", plan_fraction=0.5, second_look_repeats=3)
+    recs = builders.stage4_records(views, first_right, "renders/oracle", plan_fraction=0.5, second_look_repeats=3,
+                                   own_answers=own)
     kinds = Counter(r["id"].partition("#")[2].rstrip("0123456789") for r in recs)
     assert kinds[""] == kinds["replay"] == len(views) and kinds["second"] == 3 * len(views)
     assert 0 < kinds["plan"] < len(views) and len({r["id"] for r in recs}) == len(recs)
@@ -123,9 +126,16 @@ def test_step4_chain_records(synth, tmp_path):
         vid, _, kind = r["id"].partition("#")
         kind = kind.rstrip("0123456789")
         truth = category_answer(r["meta"]["category"])
-        if kind == "":
-            assert r["conversations"] == chain.check_turns(truth, "Yes." if first_right[vid] else "No.")
-            assert r["conversations"][2]["value"] == Q6 and isinstance(r["image"], str)
+        if kind == "":  # the check after the model's own first answer, kept as context (the truth where unknown)
+            check = "Yes." if first_right[vid] else "No."
+            if vid in own:
+                assert r["conversations"] == [{"from": "human", "value": Q1},
+                                              {"from": "gpt", "value": own[vid], "train": False},
+                                              {"from": "human", "value": Q6}, {"from": "gpt", "value": check}]
+                assert (parse_category(own[vid]) == r["meta"]["category"]) == first_right[vid]
+            else:
+                assert r["conversations"] == chain.check_turns(truth, check)
+            assert isinstance(r["image"], str)
         elif kind == "second":
             assert r["render"] == f"renders/oracle/{vid}.png" and r["image"] == image_of[vid]
             assert r["conversations"] == [{"from": "human", "value": chain.SECOND_LOOK}, {"from": "gpt", "value": truth}]
@@ -164,6 +174,10 @@ def test_oracle_renders_and_step4_cli(synth, tmp_path):
     held = {v["id"] for v in builders.select_part(train, "train", "held-out")}
     chain_records = [r for r in recs if r["id"].partition("#")[0] in held]
     assert {r["id"].partition("#")[0] for r in chain_records} == held
+    answers = json.loads(predictions.read_text())
+    checks = [r for r in chain_records if "#" not in r["id"]]
+    assert checks and all(r["conversations"][1] == {"from": "gpt", "value": answers[r["id"]], "train": False}
+                          for r in checks)  # the model's own first answer, context only
     # the fit views: one plain Q1 record each (stage 1's), so the first look keeps what stages 1-3 taught
     fit = [r for r in recs if r["id"] not in held and r["id"].partition("#")[0] not in held]
     assert sorted(r["id"] for r in fit) == sorted(v["id"] for v in train if v["id"] not in held)
@@ -229,6 +243,7 @@ def test_predictions_from_inference_jsonl(synth, tmp_path):
                           "answers": {"Q1": category_answer(cat)}, "final": category_answer(cat)})
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     with pytest.raises(OccError, match="several checkpoints"):
-        builders.first_answers_right(views, tmp_path / "predictions.jsonl")
-    clear = builders.first_answers_right(views, tmp_path / "predictions.jsonl", checkpoint="b")
+        builders.first_answers(views, tmp_path / "predictions.jsonl")
+    clear, answers = builders.first_answers(views, tmp_path / "predictions.jsonl", checkpoint="b")
     assert [clear[v["id"]] for v in views] == [k % 3 != 0 for k in range(len(views))]
+    assert answers == {x["id"]: x["final"] for x in lines if x["checkpoint"] == "b"}
