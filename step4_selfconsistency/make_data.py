@@ -1,10 +1,10 @@
 """Stage 4 data: chain-of-thought records (occmllm.chain) on the chain's held-out views.
 
 Per view: Q1 with the model's own first answer (PRED, from a model that never trained on these
-views; context, not a target), then Q6, answered No. where that answer was wrong; the second look (Q1 over the image blended with its
-reconstruction render, ``RENDERS/<view id>.png`` under the dataset root), repeated
-``--second-look-repeats`` times; stage 2's Q1-Q5 record as replay; a Q0 (3-step plan) record for
-a fraction of views. Besides, the Q1 record of every view stages 1-2 fit (stage 1's records), so
+views; context, not a target), then Q6, answered No. where that answer was wrong; the second
+look (Q1 over the image blended with its reconstruction render, ``RENDERS/<view id>.png`` under
+the dataset root), repeated ``--second-look-repeats`` times; stage 2's Q1-Q5 record as replay; a
+Q0 (3-step plan) record for a fraction of views. Besides, the Q1 record of every view stages 1-2 fit (stage 1's records), so
 the plain first look keeps what the earlier stages taught while the blended second look is learnt
 (``--no-fit-replay`` leaves them out). Stage 4 trains these with ``dual_alpha`` set (the blend's weight).
 
