@@ -153,6 +153,16 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def first_answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, length) bool: the ``answer_positions`` of each row's first run of labels, its first
+    trained answer."""
+    answer = labels[:, 1:] != IGNORE_INDEX
+    starts = answer & ~torch.nn.functional.pad(answer[:, :-1], (1, 0))
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = answer & (starts.cumsum(1) == 1)
+    return keep
+
+
 def answer_token_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """transformers' causal-LM loss (``ForCausalLMLoss``: fp32 cross-entropy, summed over
     ``num_items_in_batch`` when given, else the mean) on logits made at ``answer_positions`` only:

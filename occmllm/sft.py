@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
 
 from occmllm import dual, fileio, records
 from occmllm.augment import flip_draw, hflip
 from occmllm.conversation import (IGNORE_INDEX, ConversationEncoder, conversation_key, load_images, pad_batch,
                                   pad_id)
 from occmllm.errors import OccError
-from occmllm.model import AnswerLogitsOnly, ImageOnlyInternVLProcessor, ResumesInternVL
+from occmllm.model import (AnswerLogitsOnly, ImageOnlyInternVLProcessor, ResumesInternVL, answer_positions,
+                           default_attention, first_answer_positions)
 from occmllm.stage import DataArguments, ModelArguments, SaveProcessor, build_model, check_dual, fit, stage_commands
 
 
@@ -186,9 +187,49 @@ class EpochSetter(TrainerCallback):
         self.dataset.epoch = int(state.epoch or 0)
 
 
-class ConversationTrainer(AnswerLogitsOnly, ResumesInternVL, Trainer):
+class KeepsFirstAnswer:
+    """Trainer mixin (``keep_first_answer``): with a ``start_model`` (a frozen copy of the checkpoint
+    the stage began from), the loss adds ``keep_weight`` x KL(start || model), averaged over the
+    tokens of each conversation's first trained answer. That is learning without forgetting held to
+    the one answer the earlier stage taught: stage 2's refit otherwise moves the category answer on
+    views near a boundary, and held at every answer the term also holds the later answers that name
+    the category, and costs them (benchmarks/RESULTS.md, "Stage 2's Q1 cost")."""
+    start_model = None
+    keep_weight = 0.0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.start_model is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        kept = answer_positions(inputs["labels"])
+        first = first_answer_positions(inputs["labels"])[kept]  # rows of the logits, made at ``kept`` only
+        if first.any():
+            with torch.no_grad():
+                start = self.start_model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=kept)
+            loss = loss + self.keep_weight * torch.nn.functional.kl_div(
+                outputs.logits[first].float().log_softmax(-1), start.logits[first].float().log_softmax(-1),
+                log_target=True, reduction="batchmean")
+        return (loss, outputs) if return_outputs else loss
+
+
+def frozen_start(model_args: ModelArguments, model, device: torch.device) -> InternVLForConditionalGeneration:
+    """The checkpoint the stage starts from, frozen, for ``KeepsFirstAnswer``. With a frozen tower
+    it reads the trained model's (the same weights), so remembered tower outputs serve both."""
+    start = InternVLForConditionalGeneration.from_pretrained(
+        model_args.model_name_or_path, use_safetensors=True, dtype=torch.float32,
+        attn_implementation=model_args.attn_implementation or default_attention(device))
+    start.requires_grad_(False).eval()
+    if model_args.freeze_vision:
+        trained = next(m for m in model.modules() if isinstance(m, InternVLForConditionalGeneration))
+        start.model.vision_tower = trained.model.vision_tower
+    return start.to(device)
+
+
+class ConversationTrainer(KeepsFirstAnswer, AnswerLogitsOnly, ResumesInternVL, Trainer):
     """The HF Trainer, resuming InternVL weights correctly (``occmllm.model.ResumesInternVL``), with
-    logits made only where the loss reads them (``occmllm.model.AnswerLogitsOnly``)."""
+    logits made only where the loss reads them (``occmllm.model.AnswerLogitsOnly``) and, with
+    ``keep_first_answer``, the start's first answers kept (``KeepsFirstAnswer``)."""
 
 
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments,
@@ -214,11 +255,18 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
                        "path): set dual_alpha" if dataset.has_renders else
                        f"{data_args.train_data}: dual_alpha is set, but no record names a 'render' and no dual_renders "
                        "folder is given: nothing to blend")
+    if model_args.keep_first_answer < 0 or (model_args.keep_first_answer and is_dual):
+        raise OccError(f"keep_first_answer must be 0 or more, got {model_args.keep_first_answer}"
+                       if model_args.keep_first_answer < 0 else
+                       "keep_first_answer holds the start's answers, which read no render: unset it or dual_alpha")
     model = build_model(model_args, training, dual_supported=True)
     trainer_class = dual.DualTrainer if is_dual else ConversationTrainer
     trainer = trainer_class(model=model, args=training, train_dataset=dataset,
                             data_collator=Collator(pad_id(processor.tokenizer), data_args.packed),
                             callbacks=[EpochSetter(dataset), SaveProcessor(processor)])
+    if model_args.keep_first_answer:
+        trainer.start_model = frozen_start(model_args, model, training.device)
+        trainer.keep_weight = model_args.keep_first_answer
     return trainer, processor
 
 

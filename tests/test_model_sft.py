@@ -479,6 +479,57 @@ def test_bf16_training_steps_fp32_weights(tiny_model, synth_small, tmp_path):
             assert moved == 0.0, key
 
 
+def test_keep_first_answer_holds_the_first_answer_to_the_start(tiny_model, synth_small, tmp_path):
+    """Six steps at a high learning rate on Q1-Q5 records: with keep_first_answer the model's
+    distribution over the first answer's tokens (Q1's) stays far closer to the starting checkpoint's
+    than without, while the later answers are learnt as without it. Only a gpt turn's first run of
+    labels is held."""
+    from PIL import Image
+    from occmllm.model import answer_positions, first_answer_positions
+    from occmllm.records import load_training_records
+    labels = torch.tensor([[IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX]])
+    assert first_answer_positions(labels).tolist() == [[True, True] + [False] * 6]
+    assert answer_positions(labels).tolist() == [[True, True, False, False, True, True, False, False]]
+    data = synth_small / "stages/test.jsonl"
+
+    def trained(name, weight):
+        out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(data), "--output_dir",
+                     str(tmp_path / name), "--keep_first_answer", str(weight), "--learning_rate", "3e-3",
+                     "--warmup_steps", "0", "--max_steps", "6", "--per_device_train_batch_size", "4",
+                     "--freeze_vision", "true", "--save_strategy", "no", "--disable_tqdm", "true")
+        assert out.returncode == 0, out.stderr[-2000:]
+        return load_model(tmp_path / name)[0]
+
+    start, processor = load_model(tiny_model)
+    enc = ConversationEncoder(processor)
+    items = [enc.encode([Image.open(root / rec["image"]).convert("RGB")], rec["conversations"])
+             for root, rec in load_training_records(str(data))[:6]]
+    batch = Collator(processor.tokenizer.pad_token_id)(
+        [{"input_ids": i.input_ids, "labels": i.labels, "pixel_values": i.pixel_values} for i in items])
+    first = first_answer_positions(batch["labels"])
+    later = answer_positions(batch["labels"]) & ~first
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def log_probs(model):
+        with torch.no_grad():
+            return model(**inputs).logits.float().log_softmax(-1)
+
+    def later_nll(lp):
+        targets = batch["labels"][:, 1:][later[:, :-1]]
+        return -lp[:, :-1][later[:, :-1]].gather(-1, targets[:, None]).mean().item()
+
+    def drift(lp):  # KL(start || model) at the first answer's tokens
+        return torch.nn.functional.kl_div(lp[first], start_lp[first], log_target=True, reduction="batchmean").item()
+
+    start_lp = log_probs(start)
+    free, kept = log_probs(trained("free", 0)), log_probs(trained("kept", 100))
+    assert drift(free) > 0.02 and drift(kept) < drift(free) / 5, (drift(free), drift(kept))
+    assert later_nll(kept) < later_nll(start_lp) - 0.5 and later_nll(free) < later_nll(start_lp) - 0.5
+    out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(data), "--output_dir",
+                 str(tmp_path / "bad"), "--keep_first_answer", "-1")
+    assert out.returncode == 2 and "keep_first_answer must be 0 or more, got -1.0" in out.stderr
+
+
 def test_stage_saves_in_the_dtype_it_started_from(tiny_model, synth_small, tmp_path):
     """A bf16 checkpoint trains in fp32 and its stage checkpoint is stored in bf16 again (a real
     InternVL's size), plain and with LoRA merged in."""
