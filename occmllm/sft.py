@@ -216,6 +216,10 @@ class KeepsFirstAnswer:
 def frozen_start(model_args: ModelArguments, model, device: torch.device) -> InternVLForConditionalGeneration:
     """The checkpoint the stage starts from, frozen, for ``KeepsFirstAnswer``. With a frozen tower
     it reads the trained model's (the same weights), so remembered tower outputs serve both."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    if is_deepspeed_zero3_enabled():
+        raise OccError("keep_first_answer: DeepSpeed ZeRO-3 would partition the start's copy with no engine to gather "
+                       "it; use ZeRO-1/2 or unset keep_first_answer")
     start = InternVLForConditionalGeneration.from_pretrained(
         model_args.model_name_or_path, use_safetensors=True, dtype=torch.float32,
         attn_implementation=model_args.attn_implementation or default_attention(device))

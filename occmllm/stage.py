@@ -50,8 +50,9 @@ class ModelArguments:
         "help": "with dual_alpha: train alpha with the model, starting from dual_alpha"})
     keep_first_answer: float = field(default=0.0, metadata={
         "help": "weight of a term that holds each conversation's first trained answer (stage 2: the category) to "
-                "the starting checkpoint's: KL(start || model) over its tokens, averaged over the batch's answers "
-                "(learning without forgetting); 0: off. Keeps a frozen copy of the start in memory"})
+                "the starting checkpoint's: KL(start || model), averaged over those tokens in the batch "
+                "(learning without forgetting); 0: off. Keeps a frozen copy of the start in memory; not with DeepSpeed "
+                "ZeRO-3"})
     compile_layers: bool = field(default=False, metadata={
         "help": "compile each layer of the vision tower and the language model (torch.compile, one graph per "
                 "layer kind, shapes dynamic): their norms, activations and residual adds run fused, with fewer "

@@ -530,6 +530,17 @@ def test_keep_first_answer_holds_the_first_answer_to_the_start(tiny_model, synth
     assert out.returncode == 2 and "keep_first_answer must be 0 or more, got -1.0" in out.stderr
 
 
+def test_keep_first_answer_is_refused_under_zero3(tiny_model, monkeypatch):
+    """ZeRO-3 would partition the start's copy as it loads, with no engine to gather it: a one-line
+    error before anything loads."""
+    import transformers.integrations
+    from occmllm.sft import frozen_start
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(OccError, match="keep_first_answer: DeepSpeed ZeRO-3"):
+        frozen_start(ModelArguments(model_name_or_path=str(tiny_model), keep_first_answer=1.0), None,
+                     torch.device("cpu"))
+
+
 def test_stage_saves_in_the_dtype_it_started_from(tiny_model, synth_small, tmp_path):
     """A bf16 checkpoint trains in fp32 and its stage checkpoint is stored in bf16 again (a real
     InternVL's size), plain and with LoRA merged in."""
