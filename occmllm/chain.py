@@ -131,10 +131,13 @@ def reward(first_right: bool, said_no: bool | None, final_right: bool,
 
 def gate_table(rows: list[tuple[float, bool, bool]]) -> list[dict]:
     """Final accuracy at every useful gate, for views given as (P(No.), first right, second right):
-    the second look taken where P(No.) >= gate. Candidates: each view's P(No.), and one above all."""
+    the second look taken where P(No.) >= gate. Candidates: halfway below each distinct P(No.) (from
+    the one under it, or from 0), and one above all. A gate never equals a view's P(No.): that view
+    would look again or not by the last digit of a rounded probability (predictions keep six)."""
     if not rows:
         raise OccError("no labelled views to choose the gate on")
-    gates = sorted({p for p, _, _ in rows} | {1.0 + 1e-9})
+    ps = sorted({p for p, _, _ in rows})
+    gates = [(low + p) / 2 for low, p in zip([0.0] + ps[:-1], ps)] + [1.0 + 1e-9]
     out = []
     for g in gates:
         right = sum(second if looks_again(p, g) else first for p, first, second in rows)

@@ -55,6 +55,12 @@ def test_chosen_gate_is_the_best_by_brute_force():
     assert choice["accuracy"] == pytest.approx(max(accuracy(g) for g in grid))
     assert choice["accuracy"] == pytest.approx(accuracy(choice["gate"]))
     assert choice["first_only_accuracy"] == pytest.approx(np.mean([f for _, f, _ in rows]))
+    # the gate lies between two views' P(No.), never on one: rounding a view's P(No.) as predictions
+    # write it (six digits) does not move it across the gate
+    gaps = sorted(abs(p - choice["gate"]) for p, _, _ in rows)
+    assert gaps[0] > 1e-6
+    assert accuracy(choice["gate"]) == np.mean([second if round(p, 6) >= choice["gate"] else first
+                                                for p, first, second in rows])
     # a second look that never helps: the gate looks nowhere
     never = chain.choose_gate([(p, True, False) for p, _, _ in rows])
     assert never["looked"] == 0 and never["accuracy"] == 1.0
