@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from occmllm.fileio import read_image
-from occmllm.questions import IMAGE_TOKEN
+from occmllm.questions import IMAGE_TOKEN, question_id
 
 IGNORE_INDEX = -100
 
@@ -133,6 +133,20 @@ class ConversationEncoder:
         if self.max_length is not None and len(ids) > self.max_length:
             raise ValueError(f"conversation of {len(ids)} tokens exceeds max_length {self.max_length}")
         return ids, labels
+
+    def answers_to(self, images_tiles: list[int], conversations: list[dict], question_ids: frozenset[str]) -> list[bool]:
+        """Per token of ``tokens``' ids: True on the trained answers (end-of-turn token included) to
+        the questions ``question_ids`` names (``occmllm.questions``)."""
+        messages = self.expand(to_messages(conversations), images_tiles)
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        marked = [False] * len(ids)
+        for k in range(1, len(conversations)):
+            asked, turn = conversations[k - 1], conversations[k]
+            if (turn["from"] == "gpt" and turn.get("train", True) is not False and asked["from"] == "human"
+                    and question_id(asked["value"]) in question_ids):
+                start, end = self._answer_span(messages, ids, k)
+                marked[start:end] = [True] * (end - start)
+        return marked
 
     # -- generation ---------------------------------------------------------------------------
     def prompt_ids(self, images_tiles: list[int], conversations: list[dict]) -> list[int]:

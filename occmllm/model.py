@@ -148,18 +148,14 @@ class ResumesInternVL:
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     """(batch, length) bool: the positions whose next token is a label, the only logits a causal
     language-model loss reads."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return keep
+    return positions_predicting(labels != IGNORE_INDEX)
 
 
-def first_answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(batch, length) bool: the ``answer_positions`` of each row's first run of labels, its first
-    trained answer."""
-    answer = labels[:, 1:] != IGNORE_INDEX
-    starts = answer & ~torch.nn.functional.pad(answer[:, :-1], (1, 0))
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = answer & (starts.cumsum(1) == 1)
+def positions_predicting(tokens: torch.Tensor) -> torch.Tensor:
+    """(batch, length) bool: the positions whose logits predict a token that ``tokens`` (a
+    (batch, length) bool mask over the sequence) marks."""
+    keep = torch.zeros_like(tokens, dtype=torch.bool)
+    keep[:, :-1] = tokens[:, 1:]
     return keep
 
 

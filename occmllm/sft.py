@@ -23,8 +23,11 @@ from occmllm.conversation import (IGNORE_INDEX, ConversationEncoder, conversatio
                                   pad_id)
 from occmllm.errors import OccError
 from occmllm.model import (AnswerLogitsOnly, ImageOnlyInternVLProcessor, ResumesInternVL, answer_positions,
-                           default_attention, first_answer_positions)
-from occmllm.stage import DataArguments, ModelArguments, SaveProcessor, build_model, check_dual, fit, stage_commands
+                           positions_predicting)
+from occmllm.stage import (DataArguments, ModelArguments, SaveProcessor, build_model, check_dual, fit, load_start,
+                           stage_commands)
+
+HELD_QUESTIONS = frozenset({"Q1"})  # what keep_first_answer holds: the category, the answer stage 1 teaches
 
 
 class ConversationDataset(Dataset):
@@ -45,16 +48,22 @@ class ConversationDataset(Dataset):
     ``<renders>/<record id>.png``. Such an item also has ``render_pixel_values``: the render, resized
     to its image's size and tiled and processed like it, flipped with it. A record with a render
     must have exactly one image; both are checked here, before training. Records without a render
-    (only where ``renders`` is None) stay plain."""
+    (only where ``renders`` is None) stay plain.
+
+    ``held_questions`` (``keep_first_answer``): each item also has ``held``, True on the tokens of
+    the trained answers to those questions (``ConversationEncoder.answers_to``)."""
 
     def __init__(self, items: list[tuple[Path, dict]], encoder: ConversationEncoder, augment_images: bool = False,
-                 seed: int = 0, cache: bool = False, renders: str | None = None):
+                 seed: int = 0, cache: bool = False, renders: str | None = None,
+                 held_questions: frozenset[str] | None = None):
         self.items, self.encoder, self.augment, self.seed = items, encoder, augment_images, seed
         self.epoch = 0
         self.cache = cache
         self._images: dict[tuple, tuple[torch.Tensor, list[int]]] = {}  # image paths -> (pixels, tiles per image)
         self._tokens: dict[tuple, tuple[list[int], list[int]]] = {}     # (tiles, turns) -> (input ids, labels)
         self._renders: dict[Path, torch.Tensor] = {}                     # render file -> its tiles' pixels
+        self._held: dict[tuple, list[bool]] = {}                         # (tiles, turns) -> held tokens
+        self.held_questions = held_questions
         self.renders = renders
         self._render_paths = [self._find_render(index) for index in range(len(items))]
 
@@ -127,11 +136,20 @@ class ConversationDataset(Dataset):
             self._tokens[key] = self.encoder.tokens(tiles, turns)
         return self._tokens[key]
 
+    def _held_tokens(self, index: int, tiles: list[int]) -> list[bool]:
+        turns = self.items[index][1]["conversations"]
+        key = conversation_key(tiles, turns)
+        if key not in self._held:  # always remembered: a few bytes a conversation
+            self._held[key] = self.encoder.answers_to(tiles, turns, self.held_questions)
+        return self._held[key]
+
     def __getitem__(self, index: int) -> dict:
         flip = self.augment and flip_draw(np.random.default_rng([self.seed, self.epoch, index]))
         pixels, tiles = self._pixels(index, flip)
         input_ids, labels = self._token_ids(index, tiles)
         item = {"input_ids": input_ids, "labels": labels, "pixel_values": pixels}
+        if self.held_questions is not None:
+            item["held"] = self._held_tokens(index, tiles)
         if self._render_paths[index] is not None:
             item["render_pixel_values"] = self._render_pixels(index, flip)
         return item
@@ -152,7 +170,8 @@ class Collator:
     token), so no loss term crosses from one sample into the next. ``use_cache`` is off in every
     batch: training reads no keys and values back; with a cache transformers would not look for
     packed sequences, and compiled layers (``compile_layers``) would be compiled again for each
-    layer's place in it."""
+    layer's place in it. Items with ``held`` tokens (``keep_first_answer``) give a ``held`` mask
+    laid out like the labels."""
     pad_token_id: int
     packed: bool = False
 
@@ -161,6 +180,8 @@ class Collator:
             out = {"input_ids": torch.tensor([t for b in batch for t in b["input_ids"]])[None],
                    "labels": torch.tensor([t for b in batch for t in b["labels"]])[None],
                    "position_ids": torch.cat([torch.arange(len(b["input_ids"])) for b in batch])[None]}
+            if "held" in batch[0]:
+                out["held"] = torch.tensor([t for b in batch for t in b["held"]])[None]
             if any(b["labels"][0] != IGNORE_INDEX for b in batch):
                 raise OccError("a training sample's first token has a label: packed behind another sample it "
                                "would be learnt from that sample's end; train without --packed true")
@@ -169,6 +190,8 @@ class Collator:
             labels, _ = pad_batch([b["labels"] for b in batch], self.pad_token_id, "right",
                                   value_for_labels=IGNORE_INDEX)
             out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            if "held" in batch[0]:
+                out["held"] = pad_batch([b["held"] for b in batch], False, "right")[0].bool()
         out["use_cache"] = False
         out["pixel_values"] = torch.cat([b["pixel_values"] for b in batch])
         if any("render_pixel_values" in b for b in batch):  # the dual visual path: renders' tiles in the images' order
@@ -190,25 +213,28 @@ class EpochSetter(TrainerCallback):
 class KeepsFirstAnswer:
     """Trainer mixin (``keep_first_answer``): with a ``start_model`` (a frozen copy of the checkpoint
     the stage began from), the loss adds ``keep_weight`` x KL(start || model), averaged over the
-    tokens of each conversation's first trained answer. That is learning without forgetting held to
-    the one answer the earlier stage taught: stage 2's refit otherwise moves the category answer on
-    views near a boundary, and held at every answer the term also holds the later answers that name
-    the category, and costs them (benchmarks/RESULTS.md, "Stage 2's Q1 cost")."""
+    batch's ``held`` tokens: the trained answers to Q1, the category (``ConversationDataset``'s
+    ``held_questions``). That is learning without forgetting held to the one answer stage 1 taught:
+    later stages' refits otherwise move it on views near a boundary, and held at every answer the
+    term also holds the later answers that name the category, and costs them; held at each record's
+    first trained answer it would hold stage 4's check and plan, which must be learnt
+    (benchmarks/RESULTS.md, "Stage 2's Q1 cost")."""
     start_model = None
     keep_weight = 0.0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        held = inputs.pop("held", None)
         if self.start_model is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         kept = answer_positions(inputs["labels"])
-        first = first_answer_positions(inputs["labels"])[kept]  # rows of the logits, made at ``kept`` only
-        if first.any():
+        held = positions_predicting(held)[kept]  # rows of the logits, made at ``kept`` only
+        if held.any():
             with torch.no_grad():
                 start = self.start_model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=kept)
             loss = loss + self.keep_weight * torch.nn.functional.kl_div(
-                outputs.logits[first].float().log_softmax(-1), start.logits[first].float().log_softmax(-1),
+                outputs.logits[held].float().log_softmax(-1), start.logits[held].float().log_softmax(-1),
                 log_target=True, reduction="batchmean")
         return (loss, outputs) if return_outputs else loss
 
@@ -220,9 +246,7 @@ def frozen_start(model_args: ModelArguments, model, device: torch.device) -> Int
     if is_deepspeed_zero3_enabled():
         raise OccError("keep_first_answer: DeepSpeed ZeRO-3 would partition the start's copy with no engine to gather "
                        "it; use ZeRO-1/2 or unset keep_first_answer")
-    start = InternVLForConditionalGeneration.from_pretrained(
-        model_args.model_name_or_path, use_safetensors=True, dtype=torch.float32,
-        attn_implementation=model_args.attn_implementation or default_attention(device))
+    start = load_start(model_args, device)
     start.requires_grad_(False).eval()
     if model_args.freeze_vision:
         trained = next(m for m in model.modules() if isinstance(m, InternVLForConditionalGeneration))
@@ -233,7 +257,7 @@ def frozen_start(model_args: ModelArguments, model, device: torch.device) -> Int
 class ConversationTrainer(KeepsFirstAnswer, AnswerLogitsOnly, ResumesInternVL, Trainer):
     """The HF Trainer, resuming InternVL weights correctly (``occmllm.model.ResumesInternVL``), with
     logits made only where the loss reads them (``occmllm.model.AnswerLogitsOnly``) and, with
-    ``keep_first_answer``, the start's first answers kept (``KeepsFirstAnswer``)."""
+    ``keep_first_answer``, the start's Q1 answers kept (``KeepsFirstAnswer``)."""
 
 
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments,
@@ -252,17 +276,18 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     processor = ImageOnlyInternVLProcessor.from_folder(model_args.model_name_or_path)
     encoder = ConversationEncoder(processor, max_length=data_args.max_length)
     is_dual = check_dual(model_args)
+    if model_args.keep_first_answer < 0:
+        raise OccError(f"keep_first_answer must be 0 or more, got {model_args.keep_first_answer}")
+    if model_args.keep_first_answer and is_dual:
+        raise OccError("keep_first_answer holds the start's answers, which read no render: unset it or dual_alpha")
     dataset = ConversationDataset(items, encoder, data_args.augment, training.seed, data_args.cache_encoded,
-                                  renders=data_args.dual_renders if is_dual else None)
+                                  renders=data_args.dual_renders if is_dual else None,
+                                  held_questions=HELD_QUESTIONS if model_args.keep_first_answer else None)
     if dataset.has_renders != is_dual:
         raise OccError(f"{data_args.train_data}: records carry renders to blend with their images (the dual visual "
                        "path): set dual_alpha" if dataset.has_renders else
                        f"{data_args.train_data}: dual_alpha is set, but no record names a 'render' and no dual_renders "
                        "folder is given: nothing to blend")
-    if model_args.keep_first_answer < 0 or (model_args.keep_first_answer and is_dual):
-        raise OccError(f"keep_first_answer must be 0 or more, got {model_args.keep_first_answer}"
-                       if model_args.keep_first_answer < 0 else
-                       "keep_first_answer holds the start's answers, which read no render: unset it or dual_alpha")
     model = build_model(model_args, training, dual_supported=True)
     trainer_class = dual.DualTrainer if is_dual else ConversationTrainer
     trainer = trainer_class(model=model, args=training, train_dataset=dataset,

@@ -49,10 +49,10 @@ class ModelArguments:
     dual_learnable: bool = field(default=False, metadata={
         "help": "with dual_alpha: train alpha with the model, starting from dual_alpha"})
     keep_first_answer: float = field(default=0.0, metadata={
-        "help": "weight of a term that holds each conversation's first trained answer (stage 2: the category) to "
-                "the starting checkpoint's: KL(start || model), averaged over those tokens in the batch "
-                "(learning without forgetting); 0: off. Keeps a frozen copy of the start in memory; not with DeepSpeed "
-                "ZeRO-3"})
+        "help": "weight of a term that holds the trained answers to the first question (Q1, the category) to the "
+                "starting checkpoint's: KL(start || model), averaged over those tokens in the batch (learning without "
+                "forgetting); 0: off. Keeps a frozen copy of the start in memory; not with DeepSpeed ZeRO-3 or "
+                "dual_alpha"})
     compile_layers: bool = field(default=False, metadata={
         "help": "compile each layer of the vision tower and the language model (torch.compile, one graph per "
                 "layer kind, shapes dynamic): their norms, activations and residual adds run fused, with fewer "
@@ -192,6 +192,16 @@ def check_dual(args: ModelArguments, supported: bool = True) -> bool:
     return True
 
 
+def load_start(args: ModelArguments, device: torch.device) -> InternVLForConditionalGeneration:
+    """The checkpoint the stage starts from, as loaded for training. fp32 weights whatever bf16/fp16
+    say: the Trainer then computes in half precision under autocast and steps fp32 weights
+    (DeepSpeed keeps its own fp32 master copy). Half-precision weights stepped in half precision
+    lose every update under half a bf16 step (benchmarks/RESULTS.md, "Mixed precision that learns")."""
+    return InternVLForConditionalGeneration.from_pretrained(
+        args.model_name_or_path, use_safetensors=True, dtype=torch.float32,
+        attn_implementation=args.attn_implementation or default_attention(device))
+
+
 def build_model(args: ModelArguments, training: TrainingArguments, dual_supported: bool = False):
     """The model to train. With ``dual_alpha`` (only where the caller passes ``dual_supported``:
     the SFT stages and stage 4's SFT phase, whose data carry renders) it is wrapped in
@@ -199,14 +209,7 @@ def build_model(args: ModelArguments, training: TrainingArguments, dual_supporte
     is_dual = check_dual(args, dual_supported)
     config = check_checkpoint(args.model_name_or_path)
     init_deepspeed_comm(training)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # fp32 weights whatever bf16/fp16 say: the Trainer then computes in half precision under
-    # autocast and steps fp32 weights (DeepSpeed keeps its own fp32 master copy). Half-precision
-    # weights stepped in half precision lose every update under half a bf16 step
-    # (benchmarks/RESULTS.md, "Mixed precision that learns").
-    model = InternVLForConditionalGeneration.from_pretrained(
-        args.model_name_or_path, use_safetensors=True, dtype=torch.float32,
-        attn_implementation=args.attn_implementation or default_attention(device))
+    model = load_start(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model.saved_dtype = checkpoint_dtype(config)  # save_final stores the stage in the dtype it started from
     freeze(model, args.freeze_vision, args.freeze_projector, args.freeze_llm)
     if args.cache_vision:

@@ -53,6 +53,9 @@ def train(model_args: stage.ModelArguments, data_args: stage.DataArguments, phas
     if phase_args.second_look_model and "rl" in phases:
         raise OccError("the RL phase samples the whole chain from one model: with --phases "
                        f"{phase_args.phases} set --second_look_model false")
+    if not phase_args.second_look_model and model_args.keep_first_answer and "sft" in phases:
+        raise OccError("--second_look_model false trains one model that blends the render into every record it "
+                       "can, and keep_first_answer holds answers read without one: set --keep_first_answer 0")
     out = Path(model_args.model_name_or_path)
     if "sft" in phases:
         # without the RL phase the SFT phase's checkpoint is the stage's own
@@ -79,8 +82,9 @@ def train_both_looks(model_args: stage.ModelArguments, data_args: stage.DataArgu
     """Phase 1 as two models from the same start: the second-look records into
     ``out_dir/second_look`` (blended, with ``dual_alpha``), then the records without a render into
     ``out_dir`` itself (no blend), whose processor files, written last, mark the whole checkpoint
-    finished. With ``resume`` a finished model is kept."""
-    looks = [(Path(out_dir) / chain.SECOND_LOOK_DIR, model_args, chain.is_second_look,
+    finished. ``keep_first_answer`` holds the first look's Q1 answers only: the second look must
+    learn to move them. With ``resume`` a finished model is kept."""
+    looks = [(Path(out_dir) / chain.SECOND_LOOK_DIR, replace(model_args, keep_first_answer=0.0), chain.is_second_look,
               "second-look records (with a render)"),
              (Path(out_dir), replace(model_args, dual_alpha=None, dual_learnable=False),
               lambda rec: not chain.is_second_look(rec), "first-look records (without a render)")]

@@ -479,17 +479,44 @@ def test_bf16_training_steps_fp32_weights(tiny_model, synth_small, tmp_path):
             assert moved == 0.0, key
 
 
-def test_keep_first_answer_holds_the_first_answer_to_the_start(tiny_model, synth_small, tmp_path):
+def test_held_tokens_are_q1s_trained_answers(tiny_model):
+    """keep_first_answer holds the trained answers to Q1 and nothing else: not a Q1 answer kept as
+    context (stage 4's check), not the check, not a plan; padded and packed batches hold the same
+    tokens."""
+    from occmllm import chain
+    from occmllm.questions import Q0, QUESTIONS, answers_for
+    from occmllm.sft import HELD_QUESTIONS
+    processor = ImageOnlyInternVLProcessor.from_folder(tiny_model)
+    enc = ConversationEncoder(processor)
+    answers = answers_for("camera", "gray")
+    replay = [t for q in ("Q1", "Q2", "Q3", "Q4", "Q5")
+              for t in ({"from": "human", "value": QUESTIONS[q]}, {"from": "gpt", "value": answers[q]})]
+    check = chain.check_training_turns("The object is jar.", first_right=False)
+    plan = [{"from": "human", "value": Q0}, {"from": "gpt", "value": "Step 1: look."}]
+    items = []
+    for turns in (replay, check, plan):
+        item = enc.encode([_image()], turns)
+        items.append({"input_ids": item.input_ids, "labels": item.labels, "pixel_values": item.pixel_values,
+                      "held": enc.answers_to([len(item.pixel_values)], turns, HELD_QUESTIONS)})
+    tok = processor.tokenizer
+    held = [tok.decode([t for t, h in zip(i["input_ids"], i["held"]) if h]) for i in items]
+    assert held == [answers["Q1"] + "<|im_end|>", "", ""]
+    for i in items:  # only trained tokens are held
+        assert all(label != IGNORE_INDEX for label, h in zip(i["labels"], i["held"]) if h)
+    padded = Collator(tok.pad_token_id)(items)
+    packed = Collator(tok.pad_token_id, packed=True)(items)
+    assert padded["held"].dtype == packed["held"].dtype == torch.bool
+    assert padded["input_ids"][padded["held"]].tolist() == packed["input_ids"][packed["held"]].tolist()
+
+
+def test_keep_first_answer_holds_q1_to_the_start(tiny_model, synth_small, tmp_path):
     """Six steps at a high learning rate on Q1-Q5 records: with keep_first_answer the model's
-    distribution over the first answer's tokens (Q1's) stays far closer to the starting checkpoint's
-    than without, while the later answers are learnt as without it. Only a gpt turn's first run of
-    labels is held."""
+    distribution over Q1's answer tokens stays far closer to the starting checkpoint's than without,
+    while the later answers are learnt as without it."""
     from PIL import Image
-    from occmllm.model import answer_positions, first_answer_positions
+    from occmllm.model import answer_positions, positions_predicting
     from occmllm.records import load_training_records
-    labels = torch.tensor([[IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX]])
-    assert first_answer_positions(labels).tolist() == [[True, True] + [False] * 6]
-    assert answer_positions(labels).tolist() == [[True, True, False, False, True, True, False, False]]
+    from occmllm.sft import HELD_QUESTIONS
     data = synth_small / "stages/test.jsonl"
 
     def trained(name, weight):
@@ -502,12 +529,15 @@ def test_keep_first_answer_holds_the_first_answer_to_the_start(tiny_model, synth
 
     start, processor = load_model(tiny_model)
     enc = ConversationEncoder(processor)
-    items = [enc.encode([Image.open(root / rec["image"]).convert("RGB")], rec["conversations"])
-             for root, rec in load_training_records(str(data))[:6]]
-    batch = Collator(processor.tokenizer.pad_token_id)(
-        [{"input_ids": i.input_ids, "labels": i.labels, "pixel_values": i.pixel_values} for i in items])
-    first = first_answer_positions(batch["labels"])
+    batch = []
+    for root, rec in load_training_records(str(data))[:6]:
+        item = enc.encode([Image.open(root / rec["image"]).convert("RGB")], rec["conversations"])
+        batch.append({"input_ids": item.input_ids, "labels": item.labels, "pixel_values": item.pixel_values,
+                      "held": enc.answers_to([len(item.pixel_values)], rec["conversations"], HELD_QUESTIONS)})
+    batch = Collator(processor.tokenizer.pad_token_id)(batch)
+    first = positions_predicting(batch.pop("held"))
     later = answer_positions(batch["labels"]) & ~first
+    assert first.any() and later.any()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
     def log_probs(model):
@@ -518,7 +548,7 @@ def test_keep_first_answer_holds_the_first_answer_to_the_start(tiny_model, synth
         targets = batch["labels"][:, 1:][later[:, :-1]]
         return -lp[:, :-1][later[:, :-1]].gather(-1, targets[:, None]).mean().item()
 
-    def drift(lp):  # KL(start || model) at the first answer's tokens
+    def drift(lp):  # KL(start || model) at Q1's answer tokens
         return torch.nn.functional.kl_div(lp[first], start_lp[first], log_target=True, reduction="batchmean").item()
 
     start_lp = log_probs(start)
@@ -528,6 +558,9 @@ def test_keep_first_answer_holds_the_first_answer_to_the_start(tiny_model, synth
     out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(data), "--output_dir",
                  str(tmp_path / "bad"), "--keep_first_answer", "-1")
     assert out.returncode == 2 and "keep_first_answer must be 0 or more, got -1.0" in out.stderr
+    out = _train("--model_name_or_path", str(tiny_model), "--train_data", str(data), "--output_dir",
+                 str(tmp_path / "dual"), "--keep_first_answer", "1", "--dual_alpha", "0.5")
+    assert out.returncode == 2 and "keep_first_answer holds the start's answers, which read no render" in out.stderr
 
 
 def test_keep_first_answer_is_refused_under_zero3(tiny_model, monkeypatch):

@@ -102,7 +102,7 @@ def test_stage4_rl_phase_resumes_to_the_uninterrupted_result(tiny_model, stage4_
             "--learning_rate", "0.003", "--logging_steps", "1", "--disable_tqdm", "true",
             "--rl_steps", "4", "--rl_save_steps", "2", "--rl_images_per_step", "2", "--rl_group_size", "2",
             "--rl_max_new_tokens", "6", "--rl_learning_rate", "0.003", "--phases", "sft,rl", "--second_look_model",
-            "false"]
+            "false", "--keep_first_answer", "0"]
     full = run([*argv, "--output_dir", str(tmp_path / "full")], default_config=config)
     stop_after_checkpoint(2)  # the SFT phase saves no checkpoint: this is RL step 2
     with pytest.raises(Interrupted):

@@ -226,7 +226,8 @@ def mean_outcomes(model, sampler, views, k: int, reward_fn, seed: int) -> dict:
 def test_rl_steps_raise_the_mean_reward(tiny_model, stage4_file, tmp_path):
     from step4_selfconsistency.train import run
     # phase 1 alone, through the stage command: brief CoT SFT so Q1 gets categories and Q6 Yes./No.
-    sft_dir = run(["--phases", "sft", "--second_look_model", "false", "--model_name_or_path", str(tiny_model),
+    sft_dir = run(["--phases", "sft", "--second_look_model", "false", "--keep_first_answer", "0",
+                   "--model_name_or_path", str(tiny_model),
                    "--train_data", str(stage4_file),
                    "--output_dir", str(tmp_path / "step4"), "--sft_output_dir", str(tmp_path / "sft"),
                    "--max_steps", "150", "--per_device_train_batch_size", "8", "--learning_rate", "0.003",
@@ -284,7 +285,7 @@ def test_stage4_runs_both_phases(tiny_model, stage4_file, tmp_path):
                str(tmp_path / "step4"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--augment", "false",
                "--save_strategy", "no", "--rl_steps", "2", "--rl_images_per_step", "2", "--rl_group_size", "2",
                "--rl_max_new_tokens", "6", "--renders", RENDERS, "--disable_tqdm", "true", "--phases", "sft,rl",
-               "--second_look_model", "false"], default_config=CONFIG)
+               "--second_look_model", "false", "--keep_first_answer", "0"], default_config=CONFIG)
     assert out == tmp_path / "step4"
     load_model(tmp_path / "step4_cot_sft")  # phase 1's checkpoint, where phase 2 started
     load_model(out)
@@ -324,6 +325,9 @@ def test_each_look_trains_on_its_own_records(tiny_model, stage4_file, tmp_path):
             "--save_strategy", "no", "--disable_tqdm", "true"]
     with pytest.raises(OccError, match="--second_look_model false"):
         run([*argv, "--train_data", str(stage4_file), "--phases", "sft,rl"], default_config=CONFIG)
+    with pytest.raises(OccError, match="set --keep_first_answer 0"):  # one blended model: nothing plain to hold
+        run([*argv, "--train_data", str(stage4_file), "--phases", "sft", "--second_look_model", "false"],
+            default_config=CONFIG)
     plain = tmp_path / "plain.jsonl"  # the chain's records without its second looks
     plain.write_text("".join(json.dumps(r) + "\n" for r in recs if not records.render_of(r)))
     root = records.root_from_meta(stage4_file, "--data_root")
