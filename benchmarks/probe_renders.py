@@ -57,7 +57,7 @@ def split_files(path: Path, renders: Path | None):
             raise OccError(f"{path}: record {rec['id']!r} has no meta.category and meta.occlusion; use a file "
                            "written by the stage builders")
         render = (Path(renders) / f"{rec['id']}.png" if renders
-                  else resolve_in_root(root, records.render_path("renders/recon", rec["id"]), rec["id"]))
+                  else resolve_in_root(root, records.render_path(records.RECON_RENDERS, rec["id"]), rec["id"]))
         if not render.is_file():
             raise OccError(f"{path}: no render {render} for record {rec['id']!r}; run make demo first")
         images.append(resolve_in_root(root, records.images_of(rec)[0], rec["id"]))

@@ -33,6 +33,11 @@ from occmllm.questions import IMAGE_TOKEN
 ROLES = ("human", "gpt")
 
 
+# where reconstruction.reconstruct writes its renders under a dataset root by default, and where stage
+# 4's RL phase and benchmarks/probe_renders.py look for them
+RECON_RENDERS = "renders/recon"
+
+
 def render_path(renders: str, record_id) -> str:
     """Where the reconstruction (or oracle) render of a view or record lives: ``<renders>/<id>.png``,
     relative to the dataset root when ``renders`` is."""

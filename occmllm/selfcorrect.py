@@ -44,7 +44,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from occmllm import chain as chain_rules
-from occmllm import fileio
+from occmllm import fileio, records
 from occmllm.chain import RewardWeights
 from occmllm.conversation import pad_batch, stop_ids
 from occmllm.dual import ALPHA_FILE, check_alpha, read_alpha
@@ -59,7 +59,7 @@ from occmllm.stage import DataArguments, ModelArguments, SaveProcessor, build_mo
 class SelfCorrectArguments:
     rl_data: str | None = field(default=None, metadata={
         "help": "stage-4 JSONL (or meta JSON) whose check records (Q1, then Q6) give the views (default: train_data)"})
-    renders: str | None = field(default="renders/recon", metadata={
+    renders: str | None = field(default=records.RECON_RENDERS, metadata={
         "help": "render folder under the dataset root (<view id>.png): the second look's render of each view"})
     rl_steps: int = field(default=200, metadata={"help": "optimizer steps of the RL phase"})
     rl_images_per_step: int = field(default=4, metadata={"help": "views per step and device"})

@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--split", default="test", help="views of this split [test]")
     which.add_argument("--records", type=Path, help="the views whose ids this JSONL names (e.g. a test file)")
-    p.add_argument("--out", default="renders/recon", help="folder under the dataset root [renders/recon]")
+    p.add_argument("--out", default=records.RECON_RENDERS,
+                   help=f"folder under the dataset root [{records.RECON_RENDERS}]")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
     reconstructor = Reconstructor(args.checkpoint, args.resolution, args.device)
