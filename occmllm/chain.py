@@ -19,7 +19,9 @@ the report.
 4. **Gate**: at inference the second look is taken where P(``No.``) (the model's probability of
    ``No.`` against ``Yes.`` as the check's answer) is at least the gate. The gate is chosen on the
    validation split (``choose_gate``; ``python -m occmllm.chain gate``) and stored with the
-   checkpoint (``GATE_FILE``); without one it is 0.5, the model's own verdict.
+   checkpoint (``GATE_FILE``); without one it is 0.5, the model's own verdict. Its gain on the
+   views it was chosen on is fitted to them; ``gate_gain_on_fresh_views`` estimates the gain on
+   views it was not chosen on.
 5. **Final answer**: the second look's where it was taken, else the first.
 
 The RL reward (``reward``) pays for a right final answer and for a truthful check (``No.`` exactly
@@ -38,6 +40,8 @@ import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from occmllm import fileio, records
 from occmllm.errors import OccError, cli
@@ -136,14 +140,15 @@ def gate_table(rows: list[tuple[float, bool, bool]]) -> list[dict]:
     would look again or not by the last digit of a rounded probability (predictions keep six)."""
     if not rows:
         raise OccError("no labelled views to choose the gate on")
-    ps = sorted({p for p, _, _ in rows})
-    gates = [(low + p) / 2 for low, p in zip([0.0] + ps[:-1], ps)] + [1.0 + 1e-9]
-    out = []
-    for g in gates:
-        right = sum(second if looks_again(p, g) else first for p, first, second in rows)
-        looked = sum(looks_again(p, g) for p, _, _ in rows)
-        out.append({"gate": g, "accuracy": right / len(rows), "looked": looked / len(rows)})
-    return out
+    p, first, second = (np.array(column, dtype=float) for column in zip(*rows))
+    ps, index = np.unique(p, return_inverse=True)  # distinct P(No.), ascending
+    # gate k sits just under ps[k] (k = len(ps): above all): views with index >= k look again
+    first_below = np.concatenate([[0.0], np.cumsum(np.bincount(index, first, len(ps)))])
+    second_from = np.concatenate([np.cumsum(np.bincount(index, second, len(ps))[::-1])[::-1], [0.0]])
+    looked_from = np.concatenate([np.cumsum(np.bincount(index, None, len(ps))[::-1])[::-1], [0]])
+    gates = [(low + q) / 2 for low, q in zip([0.0, *ps[:-1]], ps)] + [1.0 + 1e-9]
+    return [{"gate": float(g), "accuracy": float(right) / len(rows), "looked": float(looked) / len(rows)}
+            for g, right, looked in zip(gates, first_below + second_from, looked_from)]
 
 
 def choose_gate(rows: list[tuple[float, bool, bool]]) -> dict:
@@ -153,6 +158,27 @@ def choose_gate(rows: list[tuple[float, bool, bool]]) -> dict:
     best = max(table, key=lambda r: (round(r["accuracy"], 12), -r["looked"]))
     never = table[-1]
     return {**best, "first_only_accuracy": never["accuracy"], "n": len(rows)}
+
+
+def gate_gain_on_fresh_views(rows: list[tuple[float, bool, bool]], resamples: int = 1000, seed: int = 0) -> dict:
+    """What a gate chosen as ``choose_gate`` chooses it brings to views it was not chosen on, in
+    points of final accuracy over the first answers (bootstrap: the gate chosen on a resample of
+    the views, scored on the views that resample left out). The gain at the gate chosen on all
+    views is biased upwards: the gate is fitted to those very views."""
+    rng = np.random.default_rng(seed)
+    p, first, second = (np.array(column, dtype=float) for column in zip(*rows))
+    gains = []
+    for _ in range(resamples):
+        drawn = rng.integers(len(rows), size=len(rows))
+        left_out = np.setdiff1d(np.arange(len(rows)), drawn)
+        if not len(left_out):
+            continue
+        gate = choose_gate([rows[i] for i in drawn])["gate"]
+        looks = p[left_out] >= gate
+        gains.append(100 * float(np.mean(np.where(looks, second[left_out], first[left_out]) - first[left_out])))
+    low, high = np.percentile(gains, [5, 95])
+    return {"mean": float(np.mean(gains)), "p5": float(low), "p95": float(high),
+            "share_positive": float(np.mean(np.array(gains) > 0)), "resamples": len(gains)}
 
 
 def gate_rows(predictions: list[dict], truths: dict[str, str]) -> list[tuple[float, bool, bool]]:
@@ -221,9 +247,14 @@ def main(argv=None) -> int:
     if len(names) > 1:
         listed = ", ".join(sorted(map(str, names)))
         raise OccError(f"{args.predictions}: chain rows of {len(names)} checkpoints ({listed}); pick one with --checkpoint")
-    choice = choose_gate(gate_rows(preds, {k: v for k, v in truths.items() if v is not None}))
+    rows = gate_rows(preds, {k: v for k, v in truths.items() if v is not None})
+    choice = choose_gate(rows)
     print(f"gate {choice['gate']:.4f}: final accuracy {choice['accuracy']:.4f} with the second look on "
           f"{choice['looked']:.1%} of {choice['n']} views (first answers alone: {choice['first_only_accuracy']:.4f})")
+    fresh = choice["gain_on_fresh_views"] = gate_gain_on_fresh_views(rows)
+    print(f"on views it was not chosen on, a gate chosen this way gains {fresh['mean']:+.2f} points over the first "
+          f"answers (5-95%: {fresh['p5']:+.2f} to {fresh['p95']:+.2f}; above 0 in {fresh['share_positive']:.0%} of "
+          f"{fresh['resamples']} bootstrap resamples)")
     if args.save is not None:
         fileio.write_json(args.save / GATE_FILE, {**choice, "predictions": str(args.predictions)})
         print(f"wrote {args.save / GATE_FILE}")

@@ -66,6 +66,29 @@ def test_chosen_gate_is_the_best_by_brute_force():
     assert never["looked"] == 0 and never["accuracy"] == 1.0
     with pytest.raises(OccError, match="no labelled views"):
         chain.choose_gate([])
+    # views that share a P(No.): every gate of the table scored as by hand
+    tied = [(round(p, 1), first, second) for p, first, second in rows]
+    for row in chain.gate_table(tied):
+        looks = [p >= row["gate"] for p, _, _ in tied]
+        assert row["looked"] == pytest.approx(np.mean(looks))
+        assert row["accuracy"] == pytest.approx(np.mean([s if look else f for look, (_, f, s) in zip(looks, tied)]))
+
+
+def test_gate_gain_on_fresh_views_removes_the_choice_s_own_bias():
+    """A second look that is a coin of the first's accuracy, whatever P(No.) says: the gate chosen on
+    the views gains on them by fitting them, and on views it was not chosen on gains nothing on
+    average. A second look right wherever P(No.) is high gains there too."""
+    rng = np.random.default_rng(1)
+    noise = [(float(rng.random()), bool(rng.random() < 0.8), bool(rng.random() < 0.8)) for _ in range(300)]
+    choice = chain.choose_gate(noise)
+    fitted = 100 * (choice["accuracy"] - choice["first_only_accuracy"])
+    fresh = chain.gate_gain_on_fresh_views(noise, resamples=300)
+    assert fitted > 1.0
+    assert fresh["mean"] < fitted - 1.0 and abs(fresh["mean"]) < 1.0
+    assert fresh["p5"] < 0 < fresh["p95"] and fresh["resamples"] == 300
+    helps = [(p, p < 0.7, True) for p, _, _ in noise]  # first answers wrong where P(No.) >= 0.7
+    fresh = chain.gate_gain_on_fresh_views(helps, resamples=300)
+    assert fresh["share_positive"] == 1.0 and fresh["mean"] == pytest.approx(100 * np.mean([p >= 0.7 for p, _, _ in helps]), abs=3)
 
 
 def test_gate_rows_need_a_run_that_looked_everywhere(tmp_path):
