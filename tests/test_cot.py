@@ -2,6 +2,7 @@
 reaches the gate, the second look over the image blended with a reconstruction render; no ground truth may
 steer it; the gate chosen on one run predicts the next run's accuracy."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_cot_takes_no_ground_truth_and_reports_its_figures(cot_setup, recon_mode
     assert "Chain of thought" in (tmp_path / "full/report.md").read_text()
 
 
-def test_the_gate_decides_the_second_look(tiny_model, cot_setup, recon_model, tmp_path):
+def test_the_gate_decides_the_second_look(tiny_model, cot_setup, recon_model, tmp_path, capsys):
     """Gate 0 looks again everywhere; a gate above every P(No.) nowhere (and makes no render)."""
     work, _ = cot_setup
     common = ["--checkpoint", f"base={tiny_model}", "--data", str(work / "test.jsonl"), "--mode", "cot", "--recon",
@@ -114,6 +115,22 @@ def test_the_gate_decides_the_second_look(tiny_model, cot_setup, recon_model, tm
     assert all("Q1#2" not in p["answers"] and p["final"] == p["answers"]["Q1"] for p in nowhere)
     assert [p["answers"]["Q1"] for p in nowhere] == [p["answers"]["Q1"] for p in everywhere]
     assert not list((tmp_path / "none/renders").glob("*.png"))
+    # benchmarks/chain_detectors.py reads that run: both detectors scored, on every view
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from chain_detectors import main as detectors
+    assert detectors(["--checkpoint", str(tiny_model), "--predictions", str(tmp_path / "all/predictions.jsonl"),
+                      "--data", str(work / "test.jsonl")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["views"] == len(everywhere)
+    for figures in result["detectors"].values():
+        assert figures["auc"] is None or 0 <= figures["auc"] <= 1
+        assert figures["perfect_gain"] >= max(0.0, figures["fitted_gain"])
+    assert [part["views"] for part in result["least_confident"]] == [max(1, int(len(everywhere) * s))
+                                                                     for s in (0.1, 0.2, 1 / 3)]
+    with pytest.raises(SystemExit) as refused:  # a run that did not look everywhere: a one-line error
+        detectors(["--checkpoint", str(tiny_model), "--predictions", str(tmp_path / "none/predictions.jsonl"),
+                   "--data", str(work / "test.jsonl")])
+    assert refused.value.code == 2 and "--gate 0" in capsys.readouterr().err
 
 
 def test_a_second_look_model_answers_the_second_look(tiny_model, cot_setup, recon_model, tmp_path):
