@@ -43,11 +43,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from occmllm import records, report
+from occmllm import fileio, records, report
 from occmllm.answering import DECODINGS, dataset_root, image_encoder, load_test, sample_of, with_ready_images
 from occmllm.errors import OccError, cli
 from occmllm.modes import MODE_RUNNERS, TTA_JUDGES, Context, tta_mode
-from occmllm.predictions import PredictionLog, check_run_settings
+from occmllm.predictions import RUN, PredictionLog, check_run_settings
 from occmllm.scoring import build_report, turns_of
 
 SEED = 0
@@ -159,8 +159,21 @@ def run_inference(args) -> list[Path]:
             del model, processor, answerer, second_look, images
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    return [finish(t.out, build_report(t.data, t.test, t.log.runs([s.id for s in t.samples])), t.log.path)
-            for t in targets]
+    return [finish(t.out, with_gate_choices(build_report(t.data, t.test, t.log.runs([s.id for s in t.samples])), t.out),
+                   t.log.path) for t in targets]
+
+
+def with_gate_choices(rep: dict, out: Path) -> dict:
+    """Each chain row whose gate is its checkpoint's stored one gets how that gate was chosen
+    (``occmllm.chain.gate_choice``), the checkpoint found by its name in run.json."""
+    from occmllm.chain import gate_choice
+    checkpoints = fileio.read_json(out / RUN).get("checkpoints", {}) if (out / RUN).is_file() else {}
+    for row in rep["rows"]:
+        if "cot" in row and row["checkpoint"] in checkpoints:
+            choice = gate_choice(checkpoints[row["checkpoint"]], row["cot"]["gate"])
+            if choice is not None:
+                row["cot"]["gate_choice"] = choice
+    return rep
 
 
 def load_checkpoint(path: Path, name: str, device, targets=()):

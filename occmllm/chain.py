@@ -226,6 +226,20 @@ def read_gate(checkpoint: str | Path) -> float:
     return float(gate)
 
 
+def gate_choice(checkpoint: str | Path, gate: float | None) -> dict | None:
+    """How the checkpoint's stored gate was chosen, where ``gate`` (a run's, as its predictions keep
+    it: six digits) is that gate: its gain fitted on the validation views and its gain on views it
+    was not chosen on (``gate_gain_on_fresh_views``; absent from gates stored before it)."""
+    path = Path(checkpoint) / GATE_FILE
+    if gate is None or not path.is_file():
+        return None
+    stored = fileio.read_json(path)
+    if not isinstance(stored.get("gate"), (int, float)) or abs(stored["gate"] - gate) > 1e-6:
+        return None
+    return {"n": stored.get("n"), "fitted_gain": 100 * (stored["accuracy"] - stored["first_only_accuracy"]),
+            "gain_on_fresh_views": stored.get("gain_on_fresh_views")}
+
+
 @cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m occmllm.chain", description=__doc__,

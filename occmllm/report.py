@@ -63,14 +63,24 @@ def cot_table(report: dict) -> str:
     rows = [r for r in report["rows"] if "cot" in r]
     if not rows:
         return ""
-    lines = ["| checkpoint | mode | said No. | calibration | No. when wrong | Yes. when right | render: wrong->right "
-             "| render: right->wrong |", "|" + " --- |" * 8]
+    lines = ["| checkpoint | mode | gate | gate's gain where chosen / on views it was not chosen on (5-95%) | said No. "
+             "| calibration | No. when wrong | Yes. when right | render: wrong->right | render: right->wrong |",
+             "|" + " --- |" * 10]
     for r in rows:
         c = r["cot"]
-        lines.append(f"| {r['checkpoint']} | {r['mode']} | {_fmt(c['no_rate'])} | {_fmt(c['calibration'])} | "
-                     f"{_fmt(c['no_when_wrong'])} | {_fmt(c['yes_when_right'])} | {c['wrong_to_right']} | "
-                     f"{c['right_to_wrong']} |")
+        lines.append(f"| {r['checkpoint']} | {r['mode']} | {_fmt(c.get('gate'))} | {_gate_gains(c.get('gate_choice'))} | "
+                     f"{_fmt(c['no_rate'])} | {_fmt(c['calibration'])} | {_fmt(c['no_when_wrong'])} | "
+                     f"{_fmt(c['yes_when_right'])} | {c['wrong_to_right']} | {c['right_to_wrong']} |")
     return "\n".join(lines)
+
+
+def _gate_gains(choice: dict | None) -> str:
+    """A stored gate's gain in points on the views it was chosen on, and on views it was not."""
+    if choice is None:
+        return "-"
+    fresh = choice.get("gain_on_fresh_views")
+    where = f"{choice['fitted_gain']:+.1f}"
+    return where if fresh is None else f"{where} / {fresh['mean']:+.1f} ({fresh['p5']:+.1f} to {fresh['p95']:+.1f})"
 
 
 def _signed(diff: dict) -> str:
@@ -135,7 +145,11 @@ def markdown(report: dict) -> str:
     cot = cot_table(report)
     if cot:
         text += ["## Chain of thought", "",
-                 ("Q1 is the first answer and `final` the answer after the render. `said No.`: the share of samples "
+                 ("Q1 is the first answer and `final` the answer after the render. `gate`: the second look is taken "
+                  "where P(No.) reaches it. Where it is the checkpoint's own (chosen on validation, "
+                  "`python -m occmllm.chain gate`), its gain in points over the first answers on the views it was "
+                  "chosen on, which it was fitted to, and on views it was not chosen on (a bootstrap over those "
+                  "views): the second is the one to trust. `said No.`: the share of samples "
                   "the model called unclear (Q6); calibration: the share where it said `No.` exactly when its first "
                   "answer was wrong; the last columns count answers the render changed."), "", cot, ""]
     return "\n".join(text)

@@ -25,7 +25,8 @@ outside the question set is ``"T<turn number>"``), as :func:`turns_of` names the
                "by_occlusion": [{"range": [lo, hi] | null, "n": int, "correct": int, "accuracy": float | null}],
                "seconds": float | null, "samples_per_s": float | null,
                "cot": {"no_rate", "calibration", "no_when_wrong", "yes_when_right",      # chain-of-thought rows only
-                       "wrong_to_right", "right_to_wrong"}}],
+                       "wrong_to_right", "right_to_wrong", "gate",                # the run's gate (None: several)
+                       "gate_choice": occmllm.chain.gate_choice's | absent}}],    # added by inference.py
      "gains": [{"row": [checkpoint, mode], "against": [checkpoint, mode],   # see compared_with
                 "final": {"n", "delta", "se", "gained", "lost"},               # paired: see paired_difference
                 "most_occluded_third": {"n", "delta", "se", "gained", "lost"}}],
@@ -264,7 +265,9 @@ def cot_stats(records: list[dict], predictions: dict) -> dict:
             wrong_to_right += second_right and not first_right
             right_to_wrong += first_right and not second_right
     n = len(records)
-    return {"no_rate": _rate(said_no, n), "calibration": _rate(no_when_wrong + yes_when_right, labelled),
+    gates = {(predictions[rec["id"]].get("chain") or {}).get("gate") for rec in records}
+    return {"gate": gates.pop() if len(gates) == 1 else None,
+            "no_rate": _rate(said_no, n), "calibration": _rate(no_when_wrong + yes_when_right, labelled),
             "no_when_wrong": _rate(no_when_wrong, wrong), "yes_when_right": _rate(yes_when_right, labelled - wrong),
             "wrong_to_right": wrong_to_right, "right_to_wrong": right_to_wrong}
 

@@ -415,3 +415,29 @@ def test_tta_judged_by_the_second_look(tiny_model, synth, cot_setup, recon_model
     # the tiny judge is sure of most records, so the render moves its probabilities by little, but
     # far beyond the float error of the two computations above
     assert max((a - b).abs().max().item() for a, b in zip(scores, as_images)) > 2e-5
+
+
+def test_the_report_shows_the_stored_gate_and_its_fresh_gain(tiny_model, cot_setup, recon_model, tmp_path):
+    """A gate chosen by ``occmllm.chain gate --save`` and read from the checkpoint: the report's chain
+    row names it, with its gain where chosen and on views it was not chosen on; a run at another
+    gate has neither gain."""
+    import shutil
+    work, _ = cot_setup
+    model = shutil.copytree(tiny_model, tmp_path / "model")  # the gate is written into the checkpoint
+    common = ["--checkpoint", f"m={model}", "--data", str(work / "test.jsonl"), "--mode", "cot", "--recon",
+              str(recon_model), "--recon-resolution", "24", "--alpha", "0.5"]
+    _run([*common, "--gate", "0", "--out", str(tmp_path / "all")])
+    assert chain.main(["gate", "--predictions", str(tmp_path / "all/predictions.jsonl"), "--data",
+                       str(work / "test.jsonl"), "--save", str(model)]) == 0
+    stored = json.loads((model / chain.GATE_FILE).read_text())
+    assert set(stored["gain_on_fresh_views"]) == {"mean", "p5", "p95", "share_positive", "resamples"}
+    _run([*common, "--out", str(tmp_path / "gated")])
+    row = json.loads((tmp_path / "gated/report.json").read_text())["rows"][0]
+    assert row["cot"]["gate"] == pytest.approx(stored["gate"], abs=1e-6)
+    choice = row["cot"]["gate_choice"]
+    assert choice["fitted_gain"] == pytest.approx(100 * (stored["accuracy"] - stored["first_only_accuracy"]))
+    assert choice["gain_on_fresh_views"] == stored["gain_on_fresh_views"]
+    fresh = choice["gain_on_fresh_views"]
+    assert f"{choice['fitted_gain']:+.1f} / {fresh['mean']:+.1f}" in (tmp_path / "gated/report.md").read_text()
+    everywhere = json.loads((tmp_path / "all/report.json").read_text())["rows"][0]["cot"]
+    assert everywhere["gate"] == 0 and "gate_choice" not in everywhere
