@@ -95,16 +95,17 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", type=Path, help="image root [from the .meta.json beside --data]")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
-    recs = load_test(args.data, dataset_root(args.data, args.data_root), None)
+    root = dataset_root(args.data, args.data_root)
+    recs = load_test(args.data, root, None)
     truths = {str(r["id"]): truth_category(r) for r in recs}
     preds = [row for _, row in fileio.iter_jsonl(args.predictions)
-             if row.get("mode") == "cot" and (args.run is None or row.get("checkpoint") == args.run)]
+             if row.get("mode") == "cot" and (args.run is None or row.get("checkpoint") == args.run)
+             and truths.get(str(row["id"])) is not None]  # the labelled views, as gate_rows keeps them
     check_rows = chain.gate_rows(preds, truths)  # refuses a run that did not look everywhere
-    confidence = first_look_confidence(args.checkpoint, recs, dataset_root(args.data, args.data_root),
-                                       args.batch_size)
-    views = [(str(row["id"]), row) for row in preds if truths.get(str(row["id"])) is not None]
-    confidence_rows = [(1.0 - confidence[i], first, second) for (i, _), (_, first, second) in zip(views, check_rows)]
-    result = {"views": len(views), "detectors": {"check P(No.)": detector_figures(check_rows),
+    confidence = first_look_confidence(args.checkpoint, recs, root, args.batch_size)
+    confidence_rows = [(1.0 - confidence[str(row["id"])], first, second)
+                       for row, (_, first, second) in zip(preds, check_rows)]
+    result = {"views": len(preds), "detectors": {"check P(No.)": detector_figures(check_rows),
                                                  "1 - first-look confidence": detector_figures(confidence_rows)}}
     print("| error detector | AUC for a wrong first answer | gain at the fitted gate (looks again on) | "
           "gain on views it was not chosen on: mean (5-95%) | with a perfect detector |")
@@ -117,11 +118,11 @@ def main(argv=None) -> int:
     result["least_confident"] = []
     for share in (0.1, 0.2, 1 / 3):
         part = ordered[:max(1, int(len(ordered) * share))]
-        result["least_confident"].append({"share": share, "views": len(part),
-                                          "first": float(np.mean([f for _, f, _ in part])),
-                                          "second": float(np.mean([s for _, _, s in part]))})
-        print(f"least confident {share:.0%} ({len(part)} views): first look right {result['least_confident'][-1]['first']:.3f}, "
-              f"second look right {result['least_confident'][-1]['second']:.3f}")
+        looks = {"share": share, "views": len(part), "first": float(np.mean([f for _, f, _ in part])),
+                 "second": float(np.mean([s for _, _, s in part]))}
+        result["least_confident"].append(looks)
+        print(f"least confident {share:.0%} ({len(part)} views): first look right {looks['first']:.3f}, "
+              f"second look right {looks['second']:.3f}")
     print(json.dumps(result))
     return 0
 
