@@ -64,8 +64,9 @@ def load_test(data: Path, root: Path | None, limit: int | None) -> list[dict]:
     recs = records.read_records(data, "test", root=root)
     recs = recs[:limit] if limit is not None else recs
     if root is not None:
+        decoded = set()
         for k, rec in enumerate(recs):
-            records.check_images(rec, root, f"{data} record {k + 1} ({rec['id']!r})")
+            records.check_images(rec, root, f"{data} record {k + 1} ({rec['id']!r})", decoded)
     return recs
 
 

@@ -155,15 +155,18 @@ def validate_preference(record: dict, context: str) -> dict:
     return record
 
 
-def check_images(record: dict, root: str | os.PathLike, context: str) -> list[Path]:
+def check_images(record: dict, root: str | os.PathLike, context: str, decoded: set | None = None) -> list[Path]:
     """Resolve the record's images under ``root`` and check each exists and decodes fully
-    (a truncated file fails here, not mid-training)."""
-    paths = []
+    (a truncated file fails here, not mid-training). A caller checking many records passes one
+    ``decoded`` set: a file many records share (each question of a view) is decoded once."""
+    paths, decoded = [], set() if decoded is None else decoded
     for rel in images_of(record):
         path = fileio.resolve_in_root(root, rel, context)
-        if not path.is_file():
-            raise OccError(f"{context}: image {rel!r} not found under {root}")
-        fileio.read_image(path, f"{context}: image {rel!r}")
+        if path not in decoded:
+            if not path.is_file():
+                raise OccError(f"{context}: image {rel!r} not found under {root}")
+            fileio.read_image(path, f"{context}: image {rel!r}")
+            decoded.add(path)
         paths.append(path)
     return paths
 
@@ -178,13 +181,13 @@ def read_records(path: str | os.PathLike, kind: str = "conversation", root: str 
     """
     validate = {"conversation": validate_conversation, "preference": validate_preference,
                 "test": lambda rec, ctx: validate_conversation(rec, ctx, answers_optional=True)}[kind]
-    records, seen = [], {}
+    records, seen, decoded = [], {}, set()
     for lineno, rec in fileio.iter_jsonl(path):
         ctx = where(path, lineno)
         rec = validate(rec, ctx)
         if root is not None:
             if verify_images:
-                check_images(rec, root, ctx)
+                check_images(rec, root, ctx, decoded)
             else:
                 for rel in files_of(rec):
                     fileio.resolve_in_root(root, rel, ctx)

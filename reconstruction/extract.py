@@ -3,7 +3,7 @@
 A network SDF is costly per point and a 128^3 grid is two million points, yet marching cubes only
 needs exact values in the cells the surface passes through; everywhere else the sign is all that
 matters. Coarse to fine evaluates a coarse grid, then at each doubling of the resolution evaluates
-only the fine points inside (dilated) coarse cells near the surface and fills the rest by
+only the fine points inside coarse cells near the surface and fills the rest by
 trilinear interpolation of the coarser level. No maintained library does this octree-style
 refinement for an arbitrary point function (scikit-image only meshes a finished grid), so it is
 written here; marching cubes itself is ``occmllm.meshing``.
@@ -17,12 +17,15 @@ points; otherwise (such as 128 over 65) the fine level is interpolated from the 
 own positions and nothing is reused, which costs about 1/8 more evaluations at that level.
 
 Safety margin. A coarse cell is refined when its corner values change sign or the smallest
-``|value|`` at its corners is below ``margin_factor`` (1.5) times the cell diagonal; the selection
-is then dilated by one cell. For an exact distance function any cell the surface crosses has all
-its corners within one diagonal of it, so this also tolerates a learned SDF that overstates
-distances by up to 1.5x (one that understates them only refines more than needed). Outside the refined region the interpolated values keep their sign and
-stay farther from zero than the fine margin, so marching cubes finds no surface there, and inside
-it every fine cell has exactly evaluated corners: the mesh is the dense grid's mesh.
+``|value|`` at its corners is below ``margin_factor`` times the cell diagonal. For an exact
+distance function any cell the surface crosses has all its corners within one diagonal of it, so
+a factor of 1 is exact, and a factor ``m`` also tolerates a field whose slope reaches ``m`` (one
+that overstates distances by up to ``m`` times; one that understates them only refines more than
+needed). Outside the refined region the interpolated values keep their sign and stay farther from
+zero than the next level's margin, so marching cubes finds no surface there, and inside it every
+fine cell has exactly evaluated corners: the mesh is the dense grid's mesh. The margin matters
+only for a surface that passes through a coarse cell without changing the sign of any of its
+corners; a crossing that does is refined whatever the slope.
 """
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ from typing import Callable
 
 import numpy as np
 import trimesh
-from scipy import ndimage
 
 from occmllm.meshing import grid_points, mesh_from_sdf_grid
 
@@ -132,16 +134,13 @@ def _coarse_to_fine_grid(evaluate: _ChunkedEvaluator, lo: np.ndarray, hi: np.nda
 
 
 def _cells_near_surface(values: np.ndarray, margin: float) -> np.ndarray:
-    """(s-1)^3 mask of cells whose corners change sign or come within ``margin`` of zero, dilated by one cell."""
+    """(s-1)^3 mask of cells whose corners change sign or come within ``margin`` of zero."""
     n = values.shape[0] - 1
     corners = [values[a:a + n, b:b + n, c:c + n] for a in (0, 1) for b in (0, 1) for c in (0, 1)]
     cell_min = np.minimum.reduce(corners)
     cell_max = np.maximum.reduce(corners)
     closest = np.minimum.reduce([np.abs(c) for c in corners])
-    near = ((cell_min <= 0.0) & (cell_max >= 0.0)) | (closest < margin)
-    if not near.any():
-        return near
-    return ndimage.binary_dilation(near, structure=np.ones((3, 3, 3), dtype=bool))
+    return ((cell_min <= 0.0) & (cell_max >= 0.0)) | (closest < margin)
 
 
 def _fine_cells_inside(coarse_cells: np.ndarray, coarse_size: int, fine_size: int) -> np.ndarray:

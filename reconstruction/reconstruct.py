@@ -32,10 +32,14 @@ from reconstruction.views import CUBE_HALF, ViewInput, load_view, to_world
 
 BACKGROUND = (0.5, 0.5, 0.5)
 KEEP_COMPONENT = 0.1  # drop floating pieces smaller than this fraction of the largest piece
-# Samples per axis of the coarsest grid, evaluated densely (reconstruction.extract): a 64^3 grid
-# then goes 17 -> 33 -> 64; a coarser start spends fewer SDF evaluations for the same renders
-# (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU").
-COARSE_SAMPLES = 16
+# Mesh extraction (reconstruction.extract): the coarsest grid, evaluated densely, has this many
+# samples per axis (the demo's 33^3 grid goes 9 -> 17 -> 33), and a coarse cell is refined when the
+# surface may pass through it by this margin (in cell diagonals). The learned field's slope exceeds
+# 1 in places, so exactness is not guaranteed; measured, these settings render every view of the
+# demo's splits as dense extraction does, with a fifth of its SDF evaluations (benchmarks/RESULTS.md,
+# "The demo under 20 minutes").
+COARSE_SAMPLES = 9
+EXTRACTION_MARGIN = 1.0
 
 
 @dataclass
@@ -81,7 +85,8 @@ class Reconstructor:
                 return self.model.sdf(_select(enc, i), pts)[0].cpu().numpy()
 
             mesh, evaluations = extract_mesh(sdf_fn, centre - CUBE_HALF, centre + CUBE_HALF, self.resolution,
-                                             self.mode, coarse=min(COARSE_SAMPLES, self.resolution))
+                                             self.mode, coarse=min(COARSE_SAMPLES, self.resolution),
+                                             margin_factor=EXTRACTION_MARGIN)
             mesh = keep_main_pieces(mesh)
             colours = np.zeros((len(mesh.vertices), 3))
             if len(mesh.vertices):

@@ -176,6 +176,22 @@ def test_coarse_to_fine_matches_dense_with_fewer_evaluations(name, sdf, resoluti
     assert np.abs(fast.vertices - dense.vertices).max() < 1e-9
 
 
+def test_a_margin_of_one_diagonal_is_exact_for_a_distance_field():
+    """A small sphere between the coarse grid's points changes the sign of none of them: the margin
+    (1 cell diagonal for an exact distance) is what finds it, and without it the mesh is lost."""
+    centre = np.array([0.0186, 0.0186, 0.0186])  # mid-cell of the 9^3 grid (cells 0.0375 m)
+
+    def small_sphere(points):
+        return np.linalg.norm(points - centre, axis=1) - 0.008
+
+    dense, dense_evals = extract_mesh(small_sphere, BOX_LO, BOX_HI, 33, mode="dense")
+    fast, fast_evals = extract_mesh(small_sphere, BOX_LO, BOX_HI, 33, coarse=9, margin_factor=1.0)
+    assert len(dense.faces) > 0 and fast_evals < dense_evals / 10
+    assert fast.vertices.shape == dense.vertices.shape and np.abs(fast.vertices - dense.vertices).max() < 1e-9
+    blind, _ = extract_mesh(small_sphere, BOX_LO, BOX_HI, 33, coarse=9, margin_factor=0.0)
+    assert len(blind.faces) == 0
+
+
 def test_coarse_to_fine_tolerates_an_inexact_learned_like_sdf():
     """A warped field that overstates distances by 1.4x (still within the margin) meshes as densely."""
     def warped(points):

@@ -84,6 +84,21 @@ def test_links_out_of_the_root_are_refused(root, tmp_path_factory):
         assert str(fileio.resolve_in_root(root, relative, "ctx")) == os.path.realpath(root / relative)
 
 
+def test_an_image_many_records_share_is_decoded_once(root, monkeypatch):
+    """Each question of a view repeats its image: the file is decoded for its first record only,
+    and a bad file that only a later record names still stops the read at that record's line."""
+    decoded = []
+    read_image = fileio.read_image
+    monkeypatch.setattr(fileio, "read_image", lambda path, *a, **k: decoded.append(path) or read_image(path, *a, **k))
+    lines = [json.dumps(GOOD | {"id": f"a{i}"}) for i in range(5)]
+    assert len(records.read_records(_write(root / "ok.jsonl", lines), root=root, verify_images=True)) == 5
+    assert [p.name for p in decoded] == ["a.png"]
+    (root / "img/t.png").write_bytes(b"not a png")
+    path = _write(root / "bad.jsonl", lines + [json.dumps(GOOD | {"id": "t", "image": "img/t.png"})])
+    with pytest.raises(OccError, match=r"bad\.jsonl:6: image 'img/t.png' cannot be read"):
+        records.read_records(path, root=root, verify_images=True)
+
+
 def test_truncated_image(root):
     Image.new("RGB", (64, 64), (200, 10, 10)).save(root / "img/t.jpg", quality=95)
     data = (root / "img/t.jpg").read_bytes()
