@@ -1,12 +1,13 @@
 """Reconstruction throughput: reconstructions per second (encode + mesh extraction + render).
 
-Runs a trained reconstruction model on test views, one view at a time as chain-of-thought
-inference does, and times each part; then the same views with dense mesh extraction, for the
-coarse-to-fine saving; then the model's SDF-only path (``sdf``, what extraction calls) against its
-full query (SDF and colour) on the same points. Prints a table, then one JSON line with the figures.
+Runs a trained reconstruction model on a split's views (or those a records file names), one view
+at a time as chain-of-thought inference does, and times each part; then the same views with dense
+mesh extraction, for the coarse-to-fine saving, counting the views whose renders are not the dense
+extraction's to the pixel; then the model's SDF-only path (``sdf``, what extraction calls) against
+its full query (SDF and colour) on the same points. Prints a table, then one JSON line with the figures.
 
     python benchmarks/bench_recon.py [--checkpoint outputs/demo/recon/model] [--data outputs/demo/data]
-                                     [--views 32] [--resolution 96]
+                                     [--split test | --records FILE.jsonl] [--views 32 (0: all)] [--resolution 96]
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from occmllm.dataset import load_dataset  # noqa: E402
 from occmllm.errors import OccError  # noqa: E402
 from reconstruction.model import view_batch  # noqa: E402
-from reconstruction.reconstruct import Reconstructor, depth_scale_of, render  # noqa: E402
+from reconstruction.reconstruct import Reconstructor, depth_scale_of, render, select_views  # noqa: E402
 from reconstruction.views import load_view  # noqa: E402
 
 
@@ -34,9 +36,9 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def run(reconstructor: Reconstructor, views) -> dict:
+def run(reconstructor: Reconstructor, views, renders: list | None = None) -> dict:
     """Per view: the encoder alone, the whole reconstruction (encoder + mesh extraction + colours),
-    and the render; extraction time is the difference of the first two."""
+    and the render (appended to ``renders``); extraction time is the difference of the first two."""
     encode = reconstruct = draw = 0.0
     evaluations = 0
     for view in views:
@@ -46,8 +48,10 @@ def run(reconstructor: Reconstructor, views) -> dict:
         (rec,), t = timed(lambda: reconstructor([view]))
         reconstruct += t
         evaluations += rec.evaluations
-        _, t = timed(lambda: render(rec, view.camera))
+        image, t = timed(lambda: render(rec, view.camera))
         draw += t
+        if renders is not None:
+            renders.append(image)
     n = len(views)
     return {"views": n, "encode_ms": round(1000 * encode / n, 1),
             "extract_ms": round(1000 * (reconstruct - encode) / n, 1), "render_ms": round(1000 * draw / n, 1),
@@ -74,20 +78,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=Path("outputs/demo/recon/model"))
     p.add_argument("--data", type=Path, default=Path("outputs/demo/data"))
-    p.add_argument("--views", type=int, default=32)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--split", default="test")
+    which.add_argument("--records", type=Path, help="the views a records JSONL names (e.g. a stage's file)")
+    p.add_argument("--views", type=int, default=32, help="the first N views; 0: all")
     p.add_argument("--resolution", type=int, default=96)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         dataset = load_dataset(args.data)
         scale = depth_scale_of(args.data)
-        lines = dataset.split("test")[: args.views]
-        views = [load_view(dataset.root, line, scale) for line in lines]
-        rows = {}
+        lines = select_views(dataset, args.split, args.records, args.views or None)
+        views = [load_view(dataset.roots, line, scale) for line in lines]
+        rows, renders = {}, {}
         for mode in ("coarse_to_fine", "dense"):
             reconstructor = Reconstructor(args.checkpoint, args.resolution, mode=mode)
             run(reconstructor, views[:2])  # warm-up
-            rows[mode] = run(reconstructor, views)
+            renders[mode] = []
+            rows[mode] = run(reconstructor, views, renders[mode])
         paths = sdf_paths(reconstructor, views)
     except OccError as exc:
         sys.exit(f"error: {exc} (train a model first: make demo)")
@@ -99,7 +107,10 @@ def main() -> None:
     print(f"SDF at {paths['points']} points: query (SDF + colour) {paths['query_ms']} ms, sdf {paths['sdf_ms']} ms, "
           f"{paths['speedup_sdf_over_query']}x")
     c2f, dense = rows["coarse_to_fine"], rows["dense"]
+    differ = sum(not np.array_equal(a, b) for a, b in zip(renders["coarse_to_fine"], renders["dense"]))
+    print(f"coarse-to-fine renders that differ from dense extraction's: {differ} of {len(views)}")
     print(json.dumps({"benchmark": "reconstruction", "cores": os.cpu_count(), "resolution": args.resolution,
+                      "views_rendered_unlike_dense": differ,
                       "size": views[0].size[0], "reconstructions_per_s": c2f["per_s"],
                       "evaluation_ratio_dense_over_c2f": round(dense["evaluations"] / max(c2f["evaluations"], 1), 2),
                       "speedup_c2f_over_dense": round(c2f["per_s"] / dense["per_s"], 2), "sdf_paths": paths,
