@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 from PIL import Image, ImageDraw
+from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from occmllm import fileio, records
@@ -50,10 +51,10 @@ PROTOCOL = ("10k points uniformly on each surface, world frame, metres, no align
             "back-projected with depth.")
 
 
-def _scores(pred_points: np.ndarray, true_points: np.ndarray | None, silhouette: np.ndarray,
-            amodal: np.ndarray | None) -> dict:
-    """A view's metrics; those whose truth is missing (None) are None."""
-    m = surface_metrics(pred_points, true_points) if true_points is not None else {}
+def _scores(pred_points: np.ndarray, truth: tuple | None, silhouette: np.ndarray, amodal: np.ndarray | None) -> dict:
+    """A view's metrics against ``truth`` (the true surface's points and their KD-tree); those whose
+    truth is missing (None) are None."""
+    m = surface_metrics(pred_points, truth[0], true_tree=truth[1]) if truth is not None else {}
     return {"chamfer": m.get("chamfer_mm"), "fscore_5mm": m.get("fscore_5mm"), "fscore_10mm": m.get("fscore_10mm"),
             "silhouette_iou": silhouette_iou(silhouette, amodal) if amodal is not None else None}
 
@@ -75,7 +76,8 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
     picks = sheet_picks([line["occlusion"] for line in lines])
     on_sheet = {lines[i]["id"] for row in picks for i in row} if sheet is not None else set()
     declined: Counter = Counter()
-    true_cache: dict[str, tuple[trimesh.Trimesh | None, np.ndarray | None]] = {}
+    # per mesh: the true mesh and (its surface points, their KD-tree), shared by the model and the baseline
+    true_cache: dict[str, tuple[trimesh.Trimesh | None, tuple | None]] = {}
     for start in tqdm(range(0, len(lines), batch_size), desc="evaluate", unit="batch", disable=not progress):
         chunk = lines[start: start + batch_size]
         views = [load_view(dataset.roots, line, scale) for line in chunk]
@@ -86,8 +88,9 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
                 mesh, why = true_mesh(dataset, line)
                 if mesh is None:
                     declined[f"chamfer and F-scores: {why}"] += 1
-                true_cache[key] = (mesh, sample_surface(mesh, SURFACE_SAMPLES, seed=1) if mesh is not None else None)
-            truth, true_points = true_cache[key]
+                points = sample_surface(mesh, SURFACE_SAMPLES, seed=1) if mesh is not None else None
+                true_cache[key] = (mesh, (points, cKDTree(points)) if mesh is not None else None)
+            truth, true_surface = true_cache[key]
             amodal = None
             if "mask_amodal" in line:
                 amodal = np.asarray(fileio.read_image(
@@ -103,10 +106,10 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
             pred_sil = (hits.label >= 0).reshape(view.size)
             pred_points = sample_surface(rec.mesh, SURFACE_SAMPLES, seed=2)
             meta = {"id": line["id"], "category": line["category"], "occlusion": line["occlusion"]}
-            ours.append({**meta, **_scores(pred_points, true_points, pred_sil, amodal), "empty": rec.empty,
+            ours.append({**meta, **_scores(pred_points, true_surface, pred_sil, amodal), "empty": rec.empty,
                          "evaluations": rec.evaluations})
             visible_points = to_world(backproject(view.visible, view.depth, view.camera.intrinsics), view.camera)
-            baseline.append({**meta, **_scores(visible_points, true_points, view.visible, amodal)})
+            baseline.append({**meta, **_scores(visible_points, true_surface, view.visible, amodal)})
             if line["id"] in on_sheet and truth is not None:
                 colour = tuple(c / 255 for c in OBJECT_COLOURS.get(line.get("colour"), (200, 200, 200)))
                 truth_image = render_rgb(RayCaster([truth]), view.camera, [colour])

@@ -42,8 +42,10 @@ def threshold_label(tau: float) -> str:
     return f"{round(float(tau) * 1000.0, 6):g}mm"
 
 
-def surface_metrics(pred: np.ndarray, true: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict:
-    """Chamfer distance (mm) and precision / recall / F-score per threshold of two point sets in metres."""
+def surface_metrics(pred: np.ndarray, true: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                    true_tree: cKDTree | None = None) -> dict:
+    """Chamfer distance (mm) and precision / recall / F-score per threshold of two point sets in metres.
+    A caller scoring several predictions against one truth passes ``cKDTree(true)`` once as ``true_tree``."""
     pred = np.asarray(pred, dtype=np.float64).reshape(-1, 3)
     true = np.asarray(true, dtype=np.float64).reshape(-1, 3)
     if len(true) == 0:
@@ -54,7 +56,7 @@ def surface_metrics(pred: np.ndarray, true: np.ndarray, thresholds: Sequence[flo
             label = threshold_label(tau)
             out.update({f"fscore_{label}": 0.0, f"precision_{label}": 0.0, f"recall_{label}": 0.0})
         return out
-    pred_to_true, _ = cKDTree(true).query(pred, k=1, workers=-1)
+    pred_to_true, _ = (true_tree if true_tree is not None else cKDTree(true)).query(pred, k=1, workers=-1)
     true_to_pred, _ = cKDTree(pred).query(true, k=1, workers=-1)
     out["chamfer_mm"] = float(1000.0 * 0.5 * (pred_to_true.mean() + true_to_pred.mean()))
     for tau in thresholds:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import trimesh
+from scipy.spatial import cKDTree
 
 from occmllm.render import Camera, RayCaster, render_rgb, render_vertex_colours
 from reconstruction.extract import extract_mesh, level_sizes
@@ -38,6 +39,7 @@ def test_chamfer_of_concentric_spheres_is_the_radius_gap():
     inner, outer = sample_surface(_sphere(r1), 20000, seed=0), sample_surface(_sphere(r2), 20000, seed=1)
     assert inner.shape == (20000, 3) and inner.dtype == np.float64
     m = surface_metrics(inner, outer, thresholds=(0.005, 0.02))
+    assert m == surface_metrics(inner, outer, thresholds=(0.005, 0.02), true_tree=cKDTree(outer))  # a tree built once
     assert m["chamfer_mm"] == pytest.approx(1000 * (r2 - r1), rel=0.03)
     assert m["fscore_5mm"] == 0.0 and m["precision_5mm"] == 0.0 and m["recall_5mm"] == 0.0
     assert m["fscore_20mm"] == 1.0 and m["precision_20mm"] == 1.0 and m["recall_20mm"] == 1.0
