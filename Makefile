@@ -135,10 +135,11 @@ demo-report:
 # OCC-MLLM-Alpha on the final checkpoint: the dual visual path (a short fine-tune with a learnable
 # alpha on the held-out views' Q1-Q5, so Q2-Q5 are kept, and their reconstruction renders; steps
 # and alpha chosen on validation, benchmarks/RESULTS.md, "Why the VLM read less than its tower, and
-# the aligned base" and "The demo under 20 minutes"), and test-time adaptation rewarded by the chain's second look over the image
-# and its render (its learning rate, the default, chosen on validation). RLCF's own judge, a CLIP (`--tta clip`,
-# occmllm.clip), gains nothing at the demo's size: an image-only tiny CLIP is wrong where the policy
-# is (benchmarks/RESULTS.md, "A judge that sees the render")
+# the aligned base" and "The demo under 20 minutes"), and test-time adaptation rewarded by the
+# chain's second look over the image and its render (its learning rate, the default, chosen on
+# validation). RLCF's own judge, a CLIP (`--tta clip`, occmllm.clip), gains nothing at the demo's
+# size: an image-only tiny CLIP is wrong where the policy is (benchmarks/RESULTS.md, "A judge that
+# sees the render")
 DEMO_DUAL_STEPS ?= 160
 demo-alpha:
 	$(PY) -m step2_multiquery.make_data --data $(DEMO)/data --out $(DEMO)/stages/dual_train.jsonl --part held-out

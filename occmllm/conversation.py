@@ -135,8 +135,9 @@ class ConversationEncoder:
         return ids, labels
 
     def answers_to(self, images_tiles: list[int], conversations: list[dict], question_ids: frozenset[str]) -> list[bool]:
-        """Per token of ``tokens``' ids: True on the trained answers (end-of-turn token included) to
-        the questions ``question_ids`` names (``occmllm.questions``)."""
+        """One flag per token of the ids ``tokens`` gives for the same conversation: True on the
+        trained answers (end-of-turn token included) to the questions ``question_ids`` names
+        (``occmllm.questions``)."""
         messages = self.expand(to_messages(conversations), images_tiles)
         ids = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         marked = [False] * len(ids)

@@ -51,10 +51,14 @@ PROTOCOL = ("10k points uniformly on each surface, world frame, metres, no align
             "back-projected with depth.")
 
 
-def _scores(pred_points: np.ndarray, truth: tuple | None, silhouette: np.ndarray, amodal: np.ndarray | None) -> dict:
-    """A view's metrics against ``truth`` (the true surface's points and their KD-tree); those whose
-    truth is missing (None) are None."""
-    m = surface_metrics(pred_points, truth[0], true_tree=truth[1]) if truth is not None else {}
+def _scores(pred_points: np.ndarray, true_surface: tuple[np.ndarray, cKDTree] | None, silhouette: np.ndarray,
+            amodal: np.ndarray | None) -> dict:
+    """A view's metrics against the true surface (its points and their KD-tree); those whose truth
+    is missing (None) are None."""
+    m = {}
+    if true_surface is not None:
+        true_points, true_tree = true_surface
+        m = surface_metrics(pred_points, true_points, true_tree=true_tree)
     return {"chamfer": m.get("chamfer_mm"), "fscore_5mm": m.get("fscore_5mm"), "fscore_10mm": m.get("fscore_10mm"),
             "silhouette_iou": silhouette_iou(silhouette, amodal) if amodal is not None else None}
 
@@ -76,8 +80,8 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
     picks = sheet_picks([line["occlusion"] for line in lines])
     on_sheet = {lines[i]["id"] for row in picks for i in row} if sheet is not None else set()
     declined: Counter = Counter()
-    # per mesh: the true mesh and (its surface points, their KD-tree), shared by the model and the baseline
-    true_cache: dict[str, tuple[trimesh.Trimesh | None, tuple | None]] = {}
+    # per mesh: the true mesh and its surface (points, their KD-tree), shared by the model's and the baseline's scores
+    true_cache: dict[str, tuple[trimesh.Trimesh | None, tuple[np.ndarray, cKDTree] | None]] = {}
     for start in tqdm(range(0, len(lines), batch_size), desc="evaluate", unit="batch", disable=not progress):
         chunk = lines[start: start + batch_size]
         views = [load_view(dataset.roots, line, scale) for line in chunk]
