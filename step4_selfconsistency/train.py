@@ -38,6 +38,10 @@ class PhaseArguments:
         "help": "train the second look (the records with a render) as a model of its own, saved in the "
                 "checkpoint's second_look/ folder with the blend weight; the other records train the checkpoint "
                 "without the blend"})
+    freeze_first_look_projector: bool = field(default=True, metadata={
+        "help": "with second_look_model: keep the first look's projector as stage 3 left it (the first look reads no "
+                "render, and trained it moved Q1 answers on fresh views); freeze_projector sets the second look's. "
+                "false: the first look's follows freeze_projector too"})
 
 
 def parse_phases(text: str) -> list[str]:
@@ -62,7 +66,7 @@ def train(model_args: stage.ModelArguments, data_args: stage.DataArguments, phas
         default = f"{training.output_dir.rstrip('/')}_cot_sft" if "rl" in phases else training.output_dir
         sft_dir = phase_args.sft_output_dir or default
         if phase_args.second_look_model:
-            out = train_both_looks(model_args, data_args, training, sft_dir)
+            out = train_both_looks(model_args, data_args, training, sft_dir, phase_args.freeze_first_look_projector)
         elif data_args.resume and stage.is_finished(sft_dir):
             print(f"chain-of-thought SFT: already finished in {sft_dir}"
                   + ("; resuming the RL phase" if "rl" in phases else ""), flush=True)
@@ -78,15 +82,18 @@ def train(model_args: stage.ModelArguments, data_args: stage.DataArguments, phas
 
 
 def train_both_looks(model_args: stage.ModelArguments, data_args: stage.DataArguments,
-                     training: TrainingArguments, out_dir: str) -> Path:
+                     training: TrainingArguments, out_dir: str, freeze_first_look_projector: bool = True) -> Path:
     """Phase 1 as two models from the same start: the second-look records into
     ``out_dir/second_look`` (blended, with ``dual_alpha``), then the records without a render into
     ``out_dir`` itself (no blend), whose processor files, written last, mark the whole checkpoint
     finished. ``keep_first_answer`` holds the first look's Q1 answers only: the second look must
-    learn to move them. With ``resume`` a finished model is kept."""
+    learn to move them. The second look trains its projector as ``freeze_projector`` says (it learns
+    to read renders through it); with ``freeze_first_look_projector`` the first look's stays as it
+    was. With ``resume`` a finished model is kept."""
+    freeze_first = model_args.freeze_projector or freeze_first_look_projector
     looks = [(Path(out_dir) / chain.SECOND_LOOK_DIR, replace(model_args, keep_first_answer=0.0), chain.is_second_look,
               "second-look records (with a render)"),
-             (Path(out_dir), replace(model_args, dual_alpha=None, dual_learnable=False),
+             (Path(out_dir), replace(model_args, dual_alpha=None, dual_learnable=False, freeze_projector=freeze_first),
               lambda rec: not chain.is_second_look(rec), "first-look records (without a render)")]
     for folder, args, keep, part in looks:
         if data_args.resume and stage.is_finished(folder):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from conftest import STAGE4_RENDERS as RENDERS
@@ -321,6 +322,16 @@ def test_each_look_trains_on_its_own_records(tiny_model, stage4_file, tmp_path):
     second_steps = {p.name for p in (out / rules.SECOND_LOOK_DIR).glob("checkpoint-*")}
     assert steps == {f"checkpoint-{math.ceil((len(recs) - len(blended)) / 8)}"}
     assert second_steps == {f"checkpoint-{math.ceil(len(blended) / 8)}"}
+    # the config trains the second look's projector (it reads renders through it) and keeps the first look's
+    start = load_file(tiny_model / "model.safetensors")
+
+    def moved(folder: Path, part: str) -> bool:
+        weights = load_file(folder / "model.safetensors")
+        names = [k for k in start if part in k]
+        assert names
+        return any(not torch.equal(weights[k], start[k]) for k in names)
+    assert not moved(out, "multi_modal_projector") and moved(out, "language_model")
+    assert moved(out / rules.SECOND_LOOK_DIR, "multi_modal_projector")
     argv = ["--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "s4"), "--max_steps", "1",
             "--save_strategy", "no", "--disable_tqdm", "true"]
     with pytest.raises(OccError, match="--second_look_model false"):
