@@ -228,15 +228,28 @@ class KeepsFirstAnswer:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        kept = answer_positions(inputs["labels"])
-        held = positions_predicting(held)[kept]  # rows of the logits, made at ``kept`` only
-        if held.any():
+        predicting = positions_predicting(held)
+        rows = predicting[answer_positions(inputs["labels"])]  # the model's logits are made at the answers only
+        if rows.any():
+            prefix = held_prefix(inputs, held, self.start_model.config.image_token_id)
             with torch.no_grad():
-                start = self.start_model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=kept)
+                start = self.start_model(**prefix, logits_to_keep=predicting[:, :prefix["input_ids"].shape[1]])
             loss = loss + self.keep_weight * torch.nn.functional.kl_div(
-                outputs.logits[held].float().log_softmax(-1), start.logits[held].float().log_softmax(-1),
+                outputs.logits[rows].float().log_softmax(-1), start.logits.float().log_softmax(-1),
                 log_target=True, reduction="batchmean")
         return (loss, outputs) if return_outputs else loss
+
+
+def held_prefix(inputs: dict, held: torch.Tensor, image_token_id: int) -> dict:
+    """The start model's inputs for ``KeepsFirstAnswer``, cut after the batch's last held token
+    and last image token. A causal model's logits at a position read only the tokens up to it, so
+    the held answers' logits are the same, and the start's forward skips what follows Q1's answer
+    (in stage 2's records, Q2-Q5 and their answers); every image token stays, so each image's
+    features still have their places."""
+    ids = inputs["input_ids"]
+    end = int((held | (ids == image_token_id)).any(0).nonzero().max()) + 1
+    return {k: v[:, :end] if k in ("input_ids", "attention_mask", "position_ids") else v
+            for k, v in inputs.items() if k != "labels"}
 
 
 def frozen_start(model_args: ModelArguments, model, device: torch.device) -> InternVLForConditionalGeneration:

@@ -479,14 +479,12 @@ def test_bf16_training_steps_fp32_weights(tiny_model, synth_small, tmp_path):
             assert moved == 0.0, key
 
 
-def test_held_tokens_are_q1s_trained_answers(tiny_model):
-    """keep_first_answer holds the trained answers to Q1 and nothing else: not a Q1 answer kept as
-    context (stage 4's check), not the check, not a plan; padded and packed batches hold the same
-    tokens."""
+def _held_items(processor) -> list[dict]:
+    """Training items of stage 4's three kinds, each with its ``held`` tokens: a Q1-Q5 replay, a
+    check after a wrong first answer, and a plan."""
     from occmllm import chain
     from occmllm.questions import Q0, QUESTIONS, answers_for
     from occmllm.sft import HELD_QUESTIONS
-    processor = ImageOnlyInternVLProcessor.from_folder(tiny_model)
     enc = ConversationEncoder(processor)
     answers = answers_for("camera", "gray")
     replay = [t for q in ("Q1", "Q2", "Q3", "Q4", "Q5")
@@ -498,9 +496,44 @@ def test_held_tokens_are_q1s_trained_answers(tiny_model):
         item = enc.encode([_image()], turns)
         items.append({"input_ids": item.input_ids, "labels": item.labels, "pixel_values": item.pixel_values,
                       "held": enc.answers_to([len(item.pixel_values)], turns, HELD_QUESTIONS)})
+    return items
+
+
+def test_the_start_reads_up_to_the_held_answers(tiny_model):
+    """keep_first_answer's start model reads a batch only up to its last held token and image token
+    (``held_prefix``): its logits at the held answers are those it gives reading the whole batch,
+    padded or packed, and a padded batch of replays is cut after Q1's answer."""
+    from occmllm.model import positions_predicting
+    from occmllm.sft import held_prefix
+    model, processor = load_model(tiny_model)
+    items = _held_items(processor)
+    replay = items[0]
+    for batch, cut in ((Collator(processor.tokenizer.pad_token_id)(items), False),
+                       (Collator(processor.tokenizer.pad_token_id, packed=True)(items), False),
+                       (Collator(processor.tokenizer.pad_token_id)([replay, replay]), True)):
+        held = batch.pop("held")
+        predicting = positions_predicting(held)
+        prefix = held_prefix(batch, held, model.config.image_token_id)
+        width, end = batch["input_ids"].shape[1], prefix["input_ids"].shape[1]
+        assert end <= width and (end < width / 2 if cut else True)
+        assert "labels" not in prefix and prefix["pixel_values"] is batch["pixel_values"]
+        with torch.no_grad():
+            whole = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=predicting).logits
+            part = model(**prefix, logits_to_keep=predicting[:, :end]).logits
+        assert whole.shape == part.shape and len(whole) == int(held.sum())
+        torch.testing.assert_close(part, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_held_tokens_are_q1s_trained_answers(tiny_model):
+    """keep_first_answer holds the trained answers to Q1 and nothing else: not a Q1 answer kept as
+    context (stage 4's check), not the check, not a plan; padded and packed batches hold the same
+    tokens."""
+    from occmllm.questions import answers_for
+    processor = ImageOnlyInternVLProcessor.from_folder(tiny_model)
+    items = _held_items(processor)
     tok = processor.tokenizer
     held = [tok.decode([t for t, h in zip(i["input_ids"], i["held"]) if h]) for i in items]
-    assert held == [answers["Q1"] + "<|im_end|>", "", ""]
+    assert held == [answers_for("camera", "gray")["Q1"] + "<|im_end|>", "", ""]
     for i in items:  # only trained tokens are held
         assert all(label != IGNORE_INDEX for label, h in zip(i["labels"], i["held"]) if h)
     padded = Collator(tok.pad_token_id)(items)
