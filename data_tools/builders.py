@@ -60,13 +60,24 @@ def stage1_records(views: list[dict]) -> list[dict]:
     return [q1_record(v) for v in views]
 
 
-def caption_records(views: list[dict]) -> list[dict]:
+def caption_records(views: list[dict], in_hand: bool = True) -> list[dict]:
     """The pretrained base's alignment data (make base): each view with its caption
-    (``questions.caption``: category and colour), so the projector and the language model learn to
-    read the tower's tokens before any stage asks a question of the recipe."""
+    (``questions.caption``: category and colour, and whether a hand holds it), so the projector and
+    the language model learn to read the tower's tokens before any stage asks a question of the recipe."""
     return [{"id": v["id"], "image": v["image"],
-             "conversations": [_human(CAPTION_PROMPT), _gpt(caption(v["category"], v.get("colour")))],
+             "conversations": [_human(CAPTION_PROMPT), _gpt(caption(v["category"], v.get("colour"), in_hand))],
              "meta": view_meta(v)} for v in views]
+
+
+def without_hand(views: list[dict]) -> list[dict]:
+    """The views with each image replaced by the same view rendered without the hand
+    (``rgb_nohand``: the whole object, nothing hidden). The pretrained base learns from these
+    (make base), as InternVL's pretraining saw objects, not objects held and hidden by a hand."""
+    missing = [v["id"] for v in views if not v.get("rgb_nohand")]
+    if missing:
+        raise OccError(f"{len(missing)} views have no image without the hand (rgb_nohand), e.g. {missing[0]!r}; "
+                       "use a SynthOcc or ObMan dataset, or leave out --no-hand")
+    return [{**v, "image": v["rgb_nohand"]} for v in views]
 
 
 def stage2_records(views: list[dict]) -> list[dict]:

@@ -78,9 +78,10 @@ def _with_article(noun: str) -> str:
 CAPTION_PROMPT = "Write a short caption for this image.\n<image>"
 
 
-def caption(category: str, colour: str | None = None) -> str:
-    """``a photo of a bottle in a hand``; with a colour, ``a photo of an orange bottle in a hand``."""
-    return f"a photo of {_with_article(f'{colour} {category}' if colour else category)} in a hand"
+def caption(category: str, colour: str | None = None, in_hand: bool = True) -> str:
+    """``a photo of a bottle in a hand``; with a colour, ``a photo of an orange bottle in a hand``;
+    without ``in_hand`` (the object's picture with the hand removed), ``a photo of a bottle``."""
+    return f"a photo of {_with_article(f'{colour} {category}' if colour else category)}" + (" in a hand" if in_hand else "")
 
 
 def description(category: str, colour: str | None = None) -> str:

@@ -4,7 +4,8 @@ split, the scenes stages 1-2 fit: the chain's held-out share is left for stages 
     python -m step1_sft.make_data --data DATA --out OUT.jsonl [--split train] [--part fit]
 
 With ``--captions`` it writes the pretrained base's alignment data instead (make base): each view
-with a caption of its object, not a question of the recipe.
+with a caption of its object, not a question of the recipe. With ``--no-hand`` each view's image is
+the same view rendered without the hand (the base pretrains on these).
 """
 from __future__ import annotations
 
@@ -19,11 +20,17 @@ from occmllm.errors import cli
 def main(argv=None) -> int:
     p = builders.stage_parser("python -m step1_sft.make_data", __doc__, part="fit")
     p.add_argument("--captions", action="store_true", help="write captions (the base's alignment data) instead of Q1")
+    p.add_argument("--no-hand", action="store_true",
+                   help="use each view's image without the hand (rgb_nohand), as the pretrained base does")
     args = p.parse_args(argv)
     dataset = load_dataset(args.data)
     views = builders.stage_views(dataset, args)
-    build, name = (builders.caption_records, "captions") if args.captions else (builders.stage1_records, "step1")
-    recs = build(views)
+    if args.no_hand:
+        views = builders.without_hand(views)
+    if args.captions:
+        recs, name = builders.caption_records(views, in_hand=not args.no_hand), "captions"
+    else:
+        recs, name = builders.stage1_records(views), "step1"
     builders.print_summary(builders.write_stage(recs, args.out, dataset, f"{name}_{args.split}"), recs)
     return 0
 

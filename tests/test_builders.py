@@ -48,6 +48,22 @@ def test_captions(synth, tmp_path):
                                                                f"{v['colour']} {v['category']} in a hand"}]
 
 
+def test_no_hand_reads_each_view_without_the_hand(synth, tmp_path):
+    """--no-hand (the base's pretraining data): the same records, each image the view rendered
+    without the hand, a caption with no hand in it; views with no such image are refused."""
+    out = _run("step1_sft.make_data", "--data", str(synth), "--out", str(tmp_path / "c.jsonl"), "--part", "all",
+               "--captions", "--no-hand")
+    assert out.returncode == 0, out.stderr
+    recs = records.read_records(tmp_path / "c.jsonl", root=synth, verify_images=True)
+    train = load_dataset(synth).split("train")
+    assert [r["id"] for r in recs] == [v["id"] for v in train]
+    for r, v in zip(recs, train):
+        assert r["image"] == v["rgb_nohand"] != v["image"]
+        assert r["conversations"][1]["value"].endswith(f"{v['colour']} {v['category']}")
+    with pytest.raises(OccError, match="no image without the hand"):
+        builders.without_hand([{k: x for k, x in v.items() if k != "rgb_nohand"} for v in train])
+
+
 def test_parts_split_the_training_scenes(synth):
     """fit and held-out partition the training split by whole scenes; other splits stay whole."""
     ds = load_dataset(synth)
