@@ -48,6 +48,24 @@ def test_pretraining_through_the_projector_trains_it_with_the_tower(tiny_model, 
     assert not (tmp_path / "bad").exists()
 
 
+def test_random_erasing_puts_one_rectangle_of_noise_in_the_chosen_share_of_images():
+    """Each erased image differs from its input on exactly one axis-aligned rectangle within the
+    area bounds; the others are untouched; the same seed erases the same pixels."""
+    from occmllm.pretrain import erase_rectangles
+    x = torch.zeros(400, 3, 16, 16)
+    out = erase_rectangles(x, torch.Generator().manual_seed(0), 0.5, area=(0.1, 0.3))
+    assert torch.equal(out, erase_rectangles(x, torch.Generator().manual_seed(0), 0.5, area=(0.1, 0.3)))
+    changed = (out != 0).any(1)  # (N, H, W)
+    hit = changed.flatten(1).any(1)
+    assert 0.4 < hit.float().mean() < 0.6
+    for m in changed[hit]:
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        box = m[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and m.sum() == box.numel()  # one filled rectangle, nothing outside it
+        assert 0.1 * 256 - 8 <= box.numel() <= 0.3 * 256 + 8  # rounding of each side
+    assert torch.equal(erase_rectangles(x, torch.Generator().manual_seed(0), 0.0), x)
+
+
 @pytest.fixture(scope="module")
 def fresh_sample(tmp_path_factory) -> Path:
     """96 scenes x 1 view of a seed neither the demo (0) nor the base (1) uses, each view without
