@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -128,17 +129,17 @@ def erase_rectangles(x: torch.Tensor, rng: torch.Generator, share: float, area: 
     n, _, h, w = x.shape
     hit = torch.rand(n, generator=rng) < share
     s = torch.empty(n).uniform_(*area, generator=rng) * h * w
-    r = torch.exp(torch.empty(n).uniform_(*torch.log(torch.tensor(aspect)).tolist(), generator=rng))
+    r = torch.empty(n).uniform_(math.log(aspect[0]), math.log(aspect[1]), generator=rng).exp()
     rh = (s * r).sqrt().round().clamp(1, h).long()
     rw = (s / r).sqrt().round().clamp(1, w).long()
     top = (torch.rand(n, generator=rng) * (h - rh + 1)).long()
     left = (torch.rand(n, generator=rng) * (w - rw + 1)).long()
-    rows = torch.arange(h).view(1, h, 1)
-    cols = torch.arange(w).view(1, 1, w)
-    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + rh).view(-1, 1, 1)) & (cols >= left.view(-1, 1, 1))
-              & (cols < (left + rw).view(-1, 1, 1)) & hit.view(-1, 1, 1))
+    rows, cols = torch.arange(h), torch.arange(w)
+    in_rows = (rows >= top[:, None]) & (rows < (top + rh)[:, None])  # (n, h)
+    in_cols = (cols >= left[:, None]) & (cols < (left + rw)[:, None])  # (n, w)
+    inside = in_rows[:, :, None] & in_cols[:, None, :] & hit[:, None, None]
     noise = torch.randn(x.shape, generator=rng, dtype=x.dtype)
-    return torch.where(inside.unsqueeze(1), noise, x)
+    return torch.where(inside[:, None], noise, x)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
