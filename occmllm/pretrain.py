@@ -103,11 +103,11 @@ class ViTClassifier(nn.Module):
 
 
 def augment(x: torch.Tensor, rng: torch.Generator, shift: int = 0, permute_colours: bool = False,
-            erase: float = 0.0) -> torch.Tensor:
+            erase: float = 0.0, erase_area: float = 0.4) -> torch.Tensor:
     """A horizontal flip per image (stage 1's augmentation); with ``shift``, one translation per
     batch of up to that many pixels (edges repeated); with ``permute_colours``, one permutation of
     the colour channels per batch; with ``erase``, that share of the images get one rectangle of
-    noise (``erase_rectangles``)."""
+    noise covering 2% to ``erase_area`` of the image (``erase_rectangles``)."""
     flip = torch.rand(len(x), generator=rng) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     if shift:
@@ -115,7 +115,7 @@ def augment(x: torch.Tensor, rng: torch.Generator, shift: int = 0, permute_colou
         h, w = x.shape[-2:]
         x = F.pad(x, (shift,) * 4, mode="replicate")[..., dy:dy + h, dx:dx + w]
     if erase:
-        x = erase_rectangles(x, rng, erase)
+        x = erase_rectangles(x, rng, erase, area=(0.02, erase_area))
     return x[:, torch.randperm(3, generator=rng)] if permute_colours else x
 
 
@@ -154,7 +154,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
                      seed: int, attributes: torch.Tensor | None = None, shift: int = 0,
-                     permute_colours: bool = False, erase: float = 0.0, progress: bool = False) -> float:
+                     permute_colours: bool = False, erase: float = 0.0, erase_area: float = 0.4,
+                     progress: bool = False) -> float:
     """AdamW with 100 warm-up steps and cosine decay (stage 1's schedule); cross-entropy on the
     category, plus binary cross-entropy on the attributes when given. Returns the seconds taken."""
     steps = epochs * (len(x) // batch)
@@ -168,7 +169,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
         order = torch.randperm(len(x), generator=rng)
         for i in range(len(x) // batch):
             idx = order[i * batch:(i + 1) * batch]
-            logits = model(augment(x[idx], rng, shift, permute_colours, erase))
+            logits = model(augment(x[idx], rng, shift, permute_colours, erase, erase_area))
             loss = F.cross_entropy(logits[:, :len(CATEGORIES)], y[idx])
             if attributes is not None:
                 loss = loss + F.binary_cross_entropy_with_logits(logits[:, len(CATEGORIES):], attributes[idx])
@@ -183,7 +184,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
 
 
 def pretrain(base: Path, train: Path, val: Path | None, out: Path, epochs: int, batch: int, lr: float, seed: int,
-             progress: bool = True, head: str = "patches", erase: float = 0.0) -> dict:
+             progress: bool = True, head: str = "patches", erase: float = 0.0, erase_area: float = 0.4) -> dict:
     """Train ``base``'s vision tower on ``train`` through ``head`` (``patches``: a throw-away MLP over
     its patch tokens, ``ViTClassifier``; ``projector``: the model's own projector and a linear map,
     ``ProjectorClassifier``, so the projector trains too) and write the whole checkpoint to ``out``
@@ -198,9 +199,10 @@ def pretrain(base: Path, train: Path, val: Path | None, out: Path, epochs: int, 
     torch.manual_seed(seed)
     classifier = (ViTClassifier(model.model.vision_tower, attributes=3) if head == "patches"
                   else ProjectorClassifier(model, attributes=3))
-    seconds = train_classifier(classifier, x, y, epochs, batch, lr, seed, attrs, erase=erase, progress=progress)
+    seconds = train_classifier(classifier, x, y, epochs, batch, lr, seed, attrs, erase=erase, erase_area=erase_area,
+                               progress=progress)
     info = {"train": str(train), "train_images": len(y), "head": head, "epochs": epochs, "batch": batch,
-            "learning_rate": lr, "erase": erase, "seed": seed, "seconds": round(seconds, 1),
+            "learning_rate": lr, "erase": erase, "erase_area": erase_area, "seed": seed, "seconds": round(seconds, 1),
             "train_accuracy": round(accuracy(classifier, x, y), 4)}
     if val is not None:
         vx, vy, _ = load_labelled_images(val, encoder, progress)
@@ -231,18 +233,21 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--erase", type=float, default=0.0,
                    help="share of the training images that get a random rectangle of noise (random erasing) [0]")
+    p.add_argument("--erase-area", type=float, default=0.4,
+                   help="with --erase: the largest share of the image a rectangle covers (the smallest is 0.02) [0.4]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch < 1 or args.lr <= 0 or not 0 <= args.erase <= 1:
-        raise OccError("--epochs and --batch must be at least 1, --lr positive and --erase in [0, 1]")
+    if args.epochs < 1 or args.batch < 1 or args.lr <= 0 or not 0 <= args.erase <= 1 or not 0.02 <= args.erase_area <= 1:
+        raise OccError("--epochs and --batch must be at least 1, --lr positive, --erase in [0, 1] and --erase-area "
+                       "in [0.02, 1]")
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:  # holds the fresh tiny model when no --base is given
         base = args.base or build(Path(tmp) / "tiny", image_size=args.image_size, seed=args.seed,
                                      merge=args.merge)
         info = pretrain(base, args.train, args.val, args.out, args.epochs, args.batch, args.lr, args.seed,
-                        not args.no_progress, args.head, args.erase)
+                        not args.no_progress, args.head, args.erase, args.erase_area)
     print(json.dumps(info))
     print(f"wrote the pretrained tiny InternVL to {args.out}")
     return 0

@@ -66,6 +66,17 @@ def test_random_erasing_puts_one_rectangle_of_noise_in_the_chosen_share_of_image
     assert torch.equal(erase_rectangles(x, torch.Generator().manual_seed(0), 0.0), x)
 
 
+@pytest.mark.parametrize("flag, value", [("--erase", "1.5"), ("--erase-area", "0.01"), ("--erase-area", "2")])
+def test_pretrain_refuses_erasing_settings_out_of_range(flag, value, tmp_path, capsys):
+    """A bad erasing setting stops before anything is built or written, with one line naming it."""
+    from occmllm.pretrain import main
+    with pytest.raises(SystemExit) as done:
+        main(["--train", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "out"), flag, value])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and len(err.splitlines()) == 1 and flag in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def fresh_sample(tmp_path_factory) -> Path:
     """96 scenes x 1 view of a seed neither the demo (0) nor the base (1) uses, each view without
