@@ -116,7 +116,7 @@ def test_shipped_base_beats_a_from_scratch_tower_on_fresh_scenes(fresh_sample, t
     ours = _nearest_class_mean_accuracy(shipped.model.vision_tower, pixels, labels)
     theirs = _nearest_class_mean_accuracy(scratch.model.vision_tower, pixels, labels)
     print(f"nearest-class-mean category accuracy on 48 fresh scenes: shipped {ours:.3f}, from scratch {theirs:.3f}")
-    assert ours > theirs + 0.15  # measured 0.562 against 0.271 (chance 0.125)
+    assert ours > theirs + 0.15  # measured 0.583 against 0.271 (chance 0.125)
 
 
 def test_shipped_base_names_the_object_of_fresh_scenes_in_its_caption(fresh_sample):
@@ -132,4 +132,4 @@ def test_shipped_base_names_the_object_of_fresh_scenes_in_its_caption(fresh_samp
     captions = answerer([Prompt([{"from": "human", "value": CAPTION_PROMPT}], f, tiles) for f, tiles in features])
     right = sum(parse_category(c) == r["meta"]["category"] for c, r in zip(captions, recs)) / len(recs)
     print(f"caption names the category on 96 fresh scenes: {right:.3f}; e.g. {captions[0]!r}")
-    assert right > 0.5  # measured 0.896
+    assert right > 0.5  # measured 0.875
