@@ -102,12 +102,16 @@ class ViTClassifier(nn.Module):
         return self.head(self.tower(pixel_values=pixels).last_hidden_state[:, 1:])
 
 
+# random erasing's rectangle: its smallest and (by default) largest share of the image
+ERASE_AREA = (0.02, 0.4)
+
+
 def augment(x: torch.Tensor, rng: torch.Generator, shift: int = 0, permute_colours: bool = False,
-            erase: float = 0.0, erase_area: float = 0.4) -> torch.Tensor:
+            erase: float = 0.0, erase_area: float = ERASE_AREA[1]) -> torch.Tensor:
     """A horizontal flip per image (stage 1's augmentation); with ``shift``, one translation per
     batch of up to that many pixels (edges repeated); with ``permute_colours``, one permutation of
     the colour channels per batch; with ``erase``, that share of the images get one rectangle of
-    noise covering 2% to ``erase_area`` of the image (``erase_rectangles``)."""
+    noise covering ``ERASE_AREA[0]`` to ``erase_area`` of the image (``erase_rectangles``)."""
     flip = torch.rand(len(x), generator=rng) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     if shift:
@@ -115,11 +119,11 @@ def augment(x: torch.Tensor, rng: torch.Generator, shift: int = 0, permute_colou
         h, w = x.shape[-2:]
         x = F.pad(x, (shift,) * 4, mode="replicate")[..., dy:dy + h, dx:dx + w]
     if erase:
-        x = erase_rectangles(x, rng, erase, area=(0.02, erase_area))
+        x = erase_rectangles(x, rng, erase, area=(ERASE_AREA[0], erase_area))
     return x[:, torch.randperm(3, generator=rng)] if permute_colours else x
 
 
-def erase_rectangles(x: torch.Tensor, rng: torch.Generator, share: float, area: tuple[float, float] = (0.02, 0.4),
+def erase_rectangles(x: torch.Tensor, rng: torch.Generator, share: float, area: tuple[float, float] = ERASE_AREA,
                      aspect: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
     """Random erasing (Zhong et al. 2020, as DeiT pretrains its ViTs): with probability ``share``
     an image gets one rectangle of ``area`` (a fraction of the image) and ``aspect`` (height / width,
@@ -154,7 +158,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
                      seed: int, attributes: torch.Tensor | None = None, shift: int = 0,
-                     permute_colours: bool = False, erase: float = 0.0, erase_area: float = 0.4,
+                     permute_colours: bool = False, erase: float = 0.0, erase_area: float = ERASE_AREA[1],
                      progress: bool = False) -> float:
     """AdamW with 100 warm-up steps and cosine decay (stage 1's schedule); cross-entropy on the
     category, plus binary cross-entropy on the attributes when given. Returns the seconds taken."""
@@ -184,7 +188,8 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
 
 
 def pretrain(base: Path, train: Path, val: Path | None, out: Path, epochs: int, batch: int, lr: float, seed: int,
-             progress: bool = True, head: str = "patches", erase: float = 0.0, erase_area: float = 0.4) -> dict:
+             progress: bool = True, head: str = "patches", erase: float = 0.0,
+             erase_area: float = ERASE_AREA[1]) -> dict:
     """Train ``base``'s vision tower on ``train`` through ``head`` (``patches``: a throw-away MLP over
     its patch tokens, ``ViTClassifier``; ``projector``: the model's own projector and a linear map,
     ``ProjectorClassifier``, so the projector trains too) and write the whole checkpoint to ``out``
@@ -233,14 +238,16 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--erase", type=float, default=0.0,
                    help="share of the training images that get a random rectangle of noise (random erasing) [0]")
-    p.add_argument("--erase-area", type=float, default=0.4,
-                   help="with --erase: the largest share of the image a rectangle covers (the smallest is 0.02) [0.4]")
+    p.add_argument("--erase-area", type=float, default=ERASE_AREA[1],
+                   help=f"with --erase: the largest share of the image a rectangle covers (the smallest is "
+                        f"{ERASE_AREA[0]}) [{ERASE_AREA[1]}]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch < 1 or args.lr <= 0 or not 0 <= args.erase <= 1 or not 0.02 <= args.erase_area <= 1:
+    if (args.epochs < 1 or args.batch < 1 or args.lr <= 0 or not 0 <= args.erase <= 1
+            or not ERASE_AREA[0] <= args.erase_area <= 1):
         raise OccError("--epochs and --batch must be at least 1, --lr positive, --erase in [0, 1] and --erase-area "
-                       "in [0.02, 1]")
+                       f"in [{ERASE_AREA[0]}, 1]")
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:  # holds the fresh tiny model when no --base is given
