@@ -143,9 +143,9 @@ def run_inference(args) -> list[Path]:
             second_look = load_second_look(args, path, name, device, targets)
             if args.decoding == "compiled":
                 print(f"{name}: compiling the decoding step (once per model)", flush=True)
-                for model_answerer in (answerer, second_look):
-                    if model_answerer is not None:
-                        model_answerer.warm_up(args.batch_size)
+            for model_answerer in (answerer, second_look):  # one-time set-up before the first batch
+                if model_answerer is not None:
+                    model_answerer.warm_up(args.batch_size)
             for target, _ in todo:
                 set_checkpoint_context(args, target.context, path, second_look)
             t0 = time.perf_counter()

@@ -359,7 +359,8 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
     flops = sum(MULTIPLIERS[run][part] * f for b in timed
                 for part, f in shape.forward_flops(b["tiles"], b["lengths"]).items())
     samples = sum(b["samples"] for b in timed)
-    return {"run": run, "batch": args.batch_size, "steps": len(timed), "seconds": seconds,
+    return {"run": run, "batch": args.batch_size, "steps": len(timed), "epochs": trainer.state.epoch,
+            "seconds": seconds,
             "samples_per_s": samples / seconds, "tokens_per_s": sum(sum(b["lengths"]) for b in timed) / seconds,
             "data_wait_s": waits, "samples_per_s_with_waits": samples / (seconds + waits),
             "tiles_per_sample": sum(b["tiles"] for b in timed) / samples,
@@ -437,7 +438,7 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
         return [r["answers"] for r in runner(answerer, batch, context)]
 
     warm_up = time.perf_counter()
-    answerer.warm_up(args.batch_size)  # as inference.py does once per model: compiles compiled decoding
+    answerer.warm_up(args.batch_size)  # as inference.py does once per model (Answerer.warm_up)
     synchronize(device)
     warm_up = time.perf_counter() - warm_up
     times, answers = [], []
@@ -490,7 +491,7 @@ def table(rows: list[dict], peak: float) -> str:
         note = (f"first batch {r['first_over_warm']:.2f}x a warm one, slowest warm {r['slowest_over_median']:.2f}x "
                 "the median" if "first_over_warm" in r else "")
         if r.get("warm_up_s", 0) > 0.01:
-            note += f", compiled in {r['warm_up_s']:.1f} s before the first batch"
+            note += f", warmed up in {r['warm_up_s']:.1f} s before the first batch"
         if "image_prep_s" in r:
             note += f", images loaded and tiled in {100 * r['image_prep_share']:.0f}% of a batch's time"
         if r.get("launches_per_record"):
@@ -565,10 +566,14 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         checkpoint = build_checkpoint(args.shape, tmp / "model", args.tiles, args.vocab_size)
         tile = SHAPES[args.shape]["vision"]["image_size"]
-        files = build_data(tmp, tile, args.tiles, max(args.batch_size * 2, 8))
+        # one epoch holds every step: at an epoch's end the dataloader's worker processes start anew,
+        # a wait a real run pays once an epoch, not every few steps
+        files = build_data(tmp, tile, args.tiles, max(args.batch_size * (args.warmup + args.steps + args.profile), 8))
         for run in runs:
             rows.append(inference_row(run, checkpoint, files, args, device, tmp) if run in INFERENCE_RUNS
                         else train_row(run, checkpoint, files, args, device, tmp))
+            # each row as it is measured, so a run cut short still tells what it measured
+            print(table(rows[-1:], peak).splitlines()[1], flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     compare_answers(rows)

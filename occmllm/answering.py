@@ -240,12 +240,24 @@ class Answerer:
             self._compile_config._compile_all_devices = True  # transformers compiles only on accelerators unasked
 
     def warm_up(self, batch_size: int) -> None:
-        """compiled: compile the decoding step now, on ``batch_size`` short prompts (the run's
-        batches), so that no batch waits for it; its graph also takes other batch sizes and buffer
-        lengths, except a batch size that equals one of the model's own sizes, where the compiler
-        may tie the two. dynamic: nothing."""
-        if self.decoding == "compiled":
-            self([Prompt([{"from": "human", "value": "Hello."}], None, [])] * batch_size)
+        """Answer a made-up batch first, so that no real batch waits for one-time set-up: compiled
+        decoding's compilation (on ``batch_size`` rows, the run's batches; its graph also takes
+        other batch sizes and buffer lengths, except a batch size that equals one of the model's
+        own sizes, where the compiler may tie the two), and on a GPU each kernel's first load,
+        which made the first batch 3.95x a warm one (benchmarks/RESULTS.md, "The first GPU
+        measurements"). The batch is what a record's questioning does: a question over a blank
+        image, then one more turn continuing it. Dynamic decoding on a CPU: nothing to set up."""
+        if self.decoding == "dynamic" and self.model.device.type != "cuda":
+            return
+        from PIL import Image
+
+        from occmllm.questions import Q1, answer_in_history
+        (features, tiles), = self.encode([self.encoder.pixel_values([Image.new("RGB", (64, 64))])])
+        dialogue, conversation = Dialogue(), [{"from": "human", "value": Q1}]
+        answer = self([Prompt(conversation, features, tiles)] * batch_size, dialogue)[0]
+        conversation = [*conversation, {"from": "gpt", "value": answer_in_history(answer)},
+                        {"from": "human", "value": "What colour is it?"}]
+        self([Prompt(conversation, features, tiles)] * batch_size, dialogue)
 
     def _static_cache(self, batch: int, need: int):
         """compiled: this batch size's static KV buffers, reset, grown to the next multiple of
