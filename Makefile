@@ -220,13 +220,14 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_train.py
 
 # The GPU figures of benchmarks/RESULTS.md in one go, on a CUDA machine (each run 3 warm-up and 10
-# timed steps, or 11 batches): the stage trainers at 1 tile, batch 16 and 32, and with dynamic tiles at
-# batch 8 (the full fine-tune also with compiled layers; with dataloader workers, and once without, to
-# show the wait for data; each at batch 16 and with dynamic tiles also profiles one step, to show where
-# its time goes), and inference at batch 32: plain with kept keys and values, compiled decoding and whole
-# prompts, and the cot, dual and tta modes (both judges), their images made ahead by 8 workers (each
-# image stands in for its render: the renders' cost is bench_recon.py's to time), and plain once with the
-# images made in each batch. A JSON line each in outputs/bench-gpu/.
+# timed steps, or 11 batches): the stage trainers at 1 tile (batch 16 and 32) and with dynamic tiles
+# (batch 8; the compiled run also with batches grouped by length); the full fine-tune also with
+# compiled layers, with dataloader workers and once without, to show the wait for data; at batch 16
+# and with dynamic tiles each run also profiles one step, to show where its time goes. Then inference
+# at batch 32: plain with kept keys and values, whole prompts, the cot, dual and tta modes (both
+# judges) and compiled decoding, their images made ahead by 8 workers (each image stands in for its
+# render: the renders' cost is bench_recon.py's to time), and plain once with the images made in each
+# batch. A JSON line each in outputs/bench-gpu/. bench_padding.py needs no GPU.
 # With a CUDA environment of your own: make bench-gpu PY=python
 bench-gpu:
 	mkdir -p outputs/bench-gpu
@@ -237,6 +238,8 @@ bench-gpu:
 	$(PY) benchmarks/bench_gpu.py --runs full --workers 0 --json outputs/bench-gpu/train_1tile_no_workers.json
 	$(PY) benchmarks/bench_gpu.py --tiles dynamic --runs full,full-compiled,frozen --batch-size 8 --workers 8 \
 		--profile --json outputs/bench-gpu/train_dynamic.json
+	$(PY) benchmarks/bench_gpu.py --tiles dynamic --runs full-compiled --batch-size 8 --workers 8 --group-by-length \
+		--json outputs/bench-gpu/train_dynamic_grouped.json
 	$(PY) benchmarks/bench_gpu.py --runs plain,plain-whole,cot,dual,tta,tta-second-look,plain-compiled --batch-size 32 \
 		--workers 8 --json outputs/bench-gpu/inference.json
 	$(PY) benchmarks/bench_gpu.py --runs plain --batch-size 32 --workers 0 --json outputs/bench-gpu/inference_no_workers.json

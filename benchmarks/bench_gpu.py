@@ -31,7 +31,9 @@ Runs (``--runs``, comma-separated):
            over its image blended with the image standing in for its render
 
 With ``--packed`` the stage-1 runs train on packed batches (``occmllm.sft.Collator``: one row, no
-padding); the FLOP count is the same, since padding is not work.
+padding); the FLOP count is the same, since padding is not work. With ``--group-by-length`` they
+batch samples of about one length together (``occmllm.model.GroupsByLength``). Each training row
+gives the share of the language model's token slots that were padding.
 
 Each training run takes ``--warmup`` steps, then times ``--steps`` more (the device synchronised at
 each step's edges); the rates count the steps alone, and the note adds the waits for each step's
@@ -60,7 +62,7 @@ The share of peak is against a bf16 matrix-multiply rate measured in the same ru
 
     python benchmarks/bench_gpu.py [--shape 1b|8b|tiny] [--tiles 1|dynamic] [--batch-size 16]
         [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain,...]
-        [--gradient-checkpointing] [--packed] [--profile] [--workers N] [--vocab-size N]
+        [--gradient-checkpointing] [--packed] [--group-by-length] [--profile] [--workers N] [--vocab-size N]
         [--device cuda|cpu] [--json OUT]
 
 Prints a table, then one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
@@ -312,7 +314,8 @@ class BatchLog:
         else:  # a packed row (--packed): each sample's positions count up from 0
             starts = torch.nonzero(out["position_ids"][0] == 0).flatten().tolist() + [out["position_ids"].shape[1]]
             lengths = [b - a for a, b in zip(starts, starts[1:])]
-        out[self.STATS] = {"tiles": int(out["pixel_values"].shape[0]), "lengths": lengths, "samples": len(batch)}
+        out[self.STATS] = {"tiles": int(out["pixel_values"].shape[0]), "lengths": lengths, "samples": len(batch),
+                           "slots": int(out["input_ids"].numel())}
         return out
 
 
@@ -339,7 +342,8 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
         model_args, data_args, training = parse_config(
             (ModelArguments, DataArguments, TrainingArguments),
             [*flags, "--train_data", str(files["step1"]), "--cache_encoded", "false", "--augment", "false",
-             "--packed", str(args.packed).lower()],
+             "--packed", str(args.packed).lower(),
+             "--train_sampling_strategy", "group_by_length" if args.group_by_length else "random"],
             ROOT / "step1_sft/config.yaml")
         trainer, _ = sft.build_trainer(model_args, data_args, training)
         if run == "frozen-all-logits":
@@ -365,6 +369,8 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
             "data_wait_s": waits, "samples_per_s_with_waits": samples / (seconds + waits),
             "tiles_per_sample": sum(b["tiles"] for b in timed) / samples,
             "tokens_per_sample": sum(sum(b["lengths"]) for b in timed) / samples, "flops": flops,
+            # the share of the language model's token slots that are padding
+            "padding_share": 1 - sum(sum(b["lengths"]) for b in timed) / sum(b["slots"] for b in timed),
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
             **({"profile": profiler.summary()} if profiler else {})}
 
@@ -500,7 +506,8 @@ def table(rows: list[dict], peak: float) -> str:
             note += f", {100 * r['same_answers_as_plain']:.0f}% of answers as plain's"
         if "data_wait_s" in r:
             note = (f"{r['samples_per_s_with_waits']:.2f} samples/s counting the waits for data "
-                    f"({100 * r['data_wait_s'] / (r['data_wait_s'] + r['seconds']):.0f}% of the time)")
+                    f"({100 * r['data_wait_s'] / (r['data_wait_s'] + r['seconds']):.0f}% of the time), "
+                    f"{100 * r['padding_share']:.0f}% of token slots padding")
         lines.append(f"{r['run']:<17} {r['batch']:>5} {cell(r.get('tiles_per_sample'), '.2f', 12)} "
                      f"{cell(r.get('tokens_per_sample'), '.1f', 13)} {cell(r['samples_per_s'], '.2f', 9)} "
                      f"{cell(r.get('tokens_per_s'), '.0f', 9)} {cell(tflops, '.3f', 8)} "
@@ -534,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "by kind of work and the operations that took most")
     p.add_argument("--packed", action="store_true", help="stage-1 runs train on packed batches (one row, no "
                    "padding; occmllm.sft.Collator); mpo pads as TRL does")
+    p.add_argument("--group-by-length", action="store_true", help="stage-1 runs batch samples of about one length "
+                   "together (--train_sampling_strategy group_by_length; occmllm.model.GroupsByLength)")
     p.add_argument("--workers", type=int, default=0, help="dataloader worker processes: training runs' (0: each "
                    "batch is made on the main process between steps, the stage configs' setting), and inference "
                    "runs' image decoding and tiling ahead of the loop (inference.py --workers) [0]")
@@ -579,7 +588,7 @@ def main(argv=None) -> dict:
     compare_answers(rows)
     result = {"shape": args.shape, "tiles": args.tiles, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "gradient_checkpointing": args.gradient_checkpointing,
-              "packed": args.packed, "peak_tflops": peak / 1e12, "rows": rows}
+              "packed": args.packed, "group_by_length": args.group_by_length, "peak_tflops": peak / 1e12, "rows": rows}
     print(f"{args.shape}-shaped InternVL, random weights, tiles {args.tiles}{', packed' if args.packed else ''}, "
           f"on {result['device']}; matmul peak measured {peak / 1e12:.3f} TFLOP/s")
     print(table(rows, peak))

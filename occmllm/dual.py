@@ -33,7 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from occmllm import fileio
 from occmllm.errors import OccError
-from occmllm.model import AnswerLogitsOnly, ResumesInternVL, load_weights_into
+from occmllm.model import AnswerLogitsOnly, GroupsByLength, ResumesInternVL, load_weights_into
 
 ALPHA_FILE = "dual_alpha.json"
 
@@ -251,7 +251,7 @@ class ClampAlpha(TrainerCallback):
                 model.alpha.clamp_(0.0, 1.0)
 
 
-class DualTrainer(AnswerLogitsOnly, ResumesInternVL, Trainer):
+class DualTrainer(GroupsByLength, AnswerLogitsOnly, ResumesInternVL, Trainer):
     """The HF Trainer for a ``DualVisual``: checkpoints are written by ``save`` (each one a plain
     InternVL folder plus ``dual_alpha.json``), resumed by ``load_weights``, and alpha has no
     weight decay (it is a mixing weight, not a weight to shrink)."""

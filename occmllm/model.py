@@ -145,6 +145,22 @@ class ResumesInternVL:
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
+class GroupsByLength:
+    """Trainer mixin: with ``--train_sampling_strategy group_by_length`` each batch gathers samples of
+    about one length (transformers' ``LengthGroupedSampler``: sorted within random groups of 50
+    batches), so batches of dynamic tiles carry little padding. The lengths come from the dataset's
+    ``lengths()``, which reads no pixels; the Trainer's own fallback would encode every sample,
+    images included, before the first step."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths())
+        return super()._get_train_sampler(train_dataset)
+
+
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     """(batch, length) bool: the positions whose next token is a label, the only logits a causal
     language-model loss reads."""

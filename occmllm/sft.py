@@ -22,8 +22,8 @@ from occmllm.augment import flip_draw, hflip
 from occmllm.conversation import (IGNORE_INDEX, ConversationEncoder, conversation_key, load_images, pad_batch,
                                   pad_id)
 from occmllm.errors import OccError
-from occmllm.model import (AnswerLogitsOnly, ImageOnlyInternVLProcessor, ResumesInternVL, answer_positions,
-                           positions_predicting)
+from occmllm.model import (AnswerLogitsOnly, GroupsByLength, ImageOnlyInternVLProcessor, ResumesInternVL,
+                           answer_positions, positions_predicting)
 from occmllm.stage import (DataArguments, ModelArguments, SaveProcessor, build_model, check_dual, fit, load_start,
                            stage_commands)
 
@@ -73,6 +73,18 @@ class ConversationDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def lengths(self) -> list[int]:
+        """Each item's token count, image tokens included, from its images' sizes (file headers, no
+        pixels decoded) and its conversation: what ``group_by_length`` batches by
+        (``occmllm.model.GroupsByLength``)."""
+        image_processor = self.encoder.processor.image_processor
+
+        def tiles(path: Path) -> int:
+            width, height = fileio.image_size(path)
+            return image_processor.get_number_of_image_patches(height, width)
+        return [len(self._token_ids(index, [tiles(p) for p in self._image_paths(index)])[0])
+                for index in range(len(self))]
 
     def _image_paths(self, index: int) -> tuple[Path, ...]:
         root, rec = self.items[index]
@@ -267,10 +279,11 @@ def frozen_start(model_args: ModelArguments, model, device: torch.device) -> Int
     return start.to(device)
 
 
-class ConversationTrainer(KeepsFirstAnswer, AnswerLogitsOnly, ResumesInternVL, Trainer):
+class ConversationTrainer(KeepsFirstAnswer, GroupsByLength, AnswerLogitsOnly, ResumesInternVL, Trainer):
     """The HF Trainer, resuming InternVL weights correctly (``occmllm.model.ResumesInternVL``), with
     logits made only where the loss reads them (``occmllm.model.AnswerLogitsOnly``) and, with
-    ``keep_first_answer``, the start's Q1 answers kept (``KeepsFirstAnswer``)."""
+    ``keep_first_answer``, the start's Q1 answers kept (``KeepsFirstAnswer``); batches grouped by length
+    on request (``occmllm.model.GroupsByLength``)."""
 
 
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments,

@@ -702,3 +702,48 @@ def test_cache_encodes_shared_content_once(tiny_model, synth_small):
         assert torch.equal(a["pixel_values"], b["pixel_values"])
     assert len(cached._images) == 3  # three images, decoded once each
     assert len(cached._tokens) == len({str(rec["conversations"]) for _, rec in everything}) < len(everything) / 2
+
+
+def test_grouped_batches_pad_less_and_lengths_read_no_pixels(tiny_model, synth_small, tmp_path, monkeypatch):
+    """Dynamic tiles (1 to 7 tiles an image): ``ConversationDataset.lengths()`` is each item's token
+    count without decoding an image, and ``--train_sampling_strategy group_by_length`` batches hold
+    every item once an epoch with less padding than random batches."""
+    import copy
+
+    from PIL import Image
+    from transformers import TrainingArguments
+
+    from occmllm import sft
+    from occmllm.conversation import pad_id
+    from occmllm.records import load_training_records
+    processor = ImageOnlyInternVLProcessor.from_folder(tiny_model)
+    processor.image_processor.crop_to_patches, processor.image_processor.max_patches = True, 6
+    grids = [(1, 1), (2, 1), (1, 2), (3, 1), (2, 2), (3, 2)]  # with the thumbnail: 1, 3, 3, 4, 5, 7 tiles
+    views, items = load_training_records(synth_small / "stages/step1.jsonl"), []
+    for k in range(96):  # enough for the sampler to sort groups of 6 batches (it sorts 50 in real data)
+        (root, rec), (cols, rows) = views[k % len(views)], grids[k % len(grids)]
+        Image.open(root / rec["image"]).resize((32 * cols, 32 * rows)).save(tmp_path / f"{k}.png")
+        items.append((tmp_path, {**copy.deepcopy(rec), "id": f"{rec['id']}-{k}", "image": f"{k}.png"}))
+    dataset = sft.ConversationDataset(items, ConversationEncoder(processor))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("lengths() decoded an image")
+    with monkeypatch.context() as patched:
+        patched.setattr(sft, "load_images", no_decoding)
+        lengths = dataset.lengths()
+    assert lengths == [len(dataset[i]["input_ids"]) for i in range(len(items))]
+    assert len(set(lengths)) >= 4  # the grids give several lengths
+
+    model, _ = load_model(tiny_model)
+    padding, order = {}, {}
+    for strategy in ("random", "group_by_length"):
+        args = TrainingArguments(output_dir=str(tmp_path / strategy), per_device_train_batch_size=4, use_cpu=True,
+                                 report_to="none", remove_unused_columns=False, train_sampling_strategy=strategy, seed=0)
+        trainer = sft.ConversationTrainer(model=model, args=args, train_dataset=dataset,
+                                          data_collator=sft.Collator(pad_id(processor.tokenizer), False))
+        batches = list(trainer.get_train_dataloader())
+        masks = [b["attention_mask"] for b in batches]
+        padding[strategy] = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+        order[strategy] = sorted(int(n) for m in masks for n in m.sum(dim=1))
+    assert order["group_by_length"] == order["random"] == sorted(lengths)  # each item once
+    assert padding["group_by_length"] < padding["random"] / 2
