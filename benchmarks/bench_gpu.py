@@ -65,7 +65,8 @@ The share of peak is against a bf16 matrix-multiply rate measured in the same ru
         [--gradient-checkpointing] [--packed] [--group-by-length] [--profile] [--workers N] [--vocab-size N]
         [--device cuda|cpu] [--json OUT]
 
-Prints a table, then one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
+Prints each row as it is measured (a run cut short still tells what it measured), then the table and
+one JSON line ``{"shape", "device", "peak_tflops", "rows": [...]}``.
 """
 from __future__ import annotations
 
