@@ -364,14 +364,14 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
     flops = sum(MULTIPLIERS[run][part] * f for b in timed
                 for part, f in shape.forward_flops(b["tiles"], b["lengths"]).items())
     samples = sum(b["samples"] for b in timed)
+    tokens = sum(sum(b["lengths"]) for b in timed)
     return {"run": run, "batch": args.batch_size, "steps": len(timed), "epochs": trainer.state.epoch,
-            "seconds": seconds,
-            "samples_per_s": samples / seconds, "tokens_per_s": sum(sum(b["lengths"]) for b in timed) / seconds,
+            "seconds": seconds, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
             "data_wait_s": waits, "samples_per_s_with_waits": samples / (seconds + waits),
             "tiles_per_sample": sum(b["tiles"] for b in timed) / samples,
-            "tokens_per_sample": sum(sum(b["lengths"]) for b in timed) / samples, "flops": flops,
+            "tokens_per_sample": tokens / samples, "flops": flops,
             # the share of the language model's token slots that are padding
-            "padding_share": 1 - sum(sum(b["lengths"]) for b in timed) / sum(b["slots"] for b in timed),
+            "padding_share": 1 - tokens / sum(b["slots"] for b in timed),
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
             **({"profile": profiler.summary()} if profiler else {})}
 

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks/bench_gpu.py")
+def _bench(name: str = "bench_gpu"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -162,15 +162,8 @@ def test_make_bench_gpu_runs_what_it_says():
     assert {("full", "dynamic", 8), ("frozen", "dynamic", 8), ("full", "1", 0)} <= timed
 
 
-def _bench_padding():
-    spec = importlib.util.spec_from_file_location("bench_padding", ROOT / "benchmarks/bench_padding.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_padding_share_counts_padded_slots():
-    share = _bench_padding().padding_share
+    share = _bench("bench_padding").padding_share
     # batches [0, 1] and [2]: slots 2 x 5 + 1 x 2 = 12, tokens 3 + 5 + 2 = 10
     assert share([3, 5, 2], [0, 1, 2], 2) == pytest.approx(1 - 10 / 12)
     assert share([4, 4, 4], [2, 0, 1], 2) == 0
@@ -179,7 +172,7 @@ def test_padding_share_counts_padded_slots():
 def test_grouped_batches_pad_less_than_random_ones(capsys):
     """bench_padding.py on the tiny shape's dynamic tiles: batches grouped by length carry less
     padding than any random epoch; a bad option is refused (exit 2)."""
-    bench = _bench_padding()
+    bench = _bench("bench_padding")
     result = bench.main(["--shape", "tiny", "--samples", "96", "--batch-sizes", "4", "--draws", "2"])
     row, = result["rows"]
     assert result["samples"] == 96 and result["max_tokens"] > result["mean_tokens"]

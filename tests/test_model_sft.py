@@ -741,6 +741,9 @@ def test_grouped_batches_pad_less_and_lengths_read_no_pixels(tiny_model, synth_s
                                  report_to="none", remove_unused_columns=False, train_sampling_strategy=strategy, seed=0)
         trainer = sft.ConversationTrainer(model=model, args=args, train_dataset=dataset,
                                           data_collator=sft.Collator(pad_id(processor.tokenizer), False))
+        with monkeypatch.context() as patched:  # the sampler orders by lengths() alone, no image decoded
+            patched.setattr(sft, "load_images", no_decoding)
+            assert sorted(trainer._get_train_sampler()) == list(range(len(items)))
         batches = list(trainer.get_train_dataloader())
         masks = [b["attention_mask"] for b in batches]
         padding[strategy] = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
