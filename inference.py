@@ -5,7 +5,7 @@
                         [--data-root ROOT] [--batch-size 16] [--max-new-tokens 32] [--mode plain|cot|dual]
                         [--recon RECON] [--alpha A] [--tta clip --clip CLIP | --tta second-look --recon RECON]
                         [--limit N] [--device cpu|cuda]
-                        [--decoding dynamic|compiled] [--workers N]
+                        [--decoding dynamic|compiled|graphed] [--workers N]
     python inference.py --score-reference PRED.json --data TEST.jsonl --out DIR [--name NAME] [--id-prefix P]
 
 Each record's human turns are asked in order, each with the model's own earlier answers in the
@@ -369,8 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="[cuda when available, else cpu]")
     p.add_argument("--decoding", choices=DECODINGS, default="dynamic",
                    help="dynamic: a growing KV cache, each step's kernels one by one; compiled: fixed KV "
-                        "buffers and each decoding step one compiled graph (a CUDA graph on a GPU), the same "
-                        "answers; compiled once per model before the first batch [dynamic]")
+                        "buffers and each decoding step one compiled graph (a CUDA graph on a GPU), compiled once "
+                        "per model before the first batch; graphed: fixed KV buffers and each pass after the kept "
+                        "ones replayed as a CUDA graph, captured in moments, no compiler (the fast choice on a GPU; "
+                        "eager on a CPU). The same answers [dynamic]")
     p.add_argument("--workers", type=int, default=0,
                    help="worker processes that decode and tile the next batches' images while the model answers "
                         "(on a GPU, where the main process would leave it waiting: e.g. 4-8), and in the modes that "

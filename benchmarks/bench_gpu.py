@@ -21,6 +21,8 @@ Runs (``--runs``, comma-separated):
   plain-compiled   the same with ``--decoding compiled`` (static KV buffers, each decoding step one
            compiled graph, a CUDA graph on a GPU), compiled before the first batch as
            ``inference.py`` does (the time is reported)
+  plain-graphed    the same with ``--decoding graphed`` (static KV buffers, each pass after the kept
+           keys and values one CUDA graph, captured on first use; ``occmllm.decoding``)
   plain-whole      plain with every turn prompted whole, history and image tokens again, as before
            ``occmllm.answering.Dialogue`` kept the last turn's keys and values
   cot      ``--mode cot``, every record looking again (gate 0), each image its own render (the
@@ -32,7 +34,9 @@ Runs (``--runs``, comma-separated):
 
 With ``--packed`` the stage-1 runs train on packed batches (``occmllm.sft.Collator``: one row, no
 padding); the FLOP count is the same, since padding is not work. With ``--group-by-length`` they
-batch samples of about one length together (``occmllm.model.GroupsByLength``). Each training row
+batch samples of about one length together (``occmllm.model.GroupsByLength``); the stage-1 file
+then repeats its views up to 200 batches, so that the sampler sorts groups of 50 batches, as it
+does on a dataset of that size or more. Each training row
 gives the share of the language model's token slots that were padding.
 
 Each training run takes ``--warmup`` steps, then times ``--steps`` more (the device synchronised at
@@ -48,6 +52,8 @@ records, so of other prompt widths; the slowest against the median shows any per
 the time of loading and tiling one batch's images on the CPU, a part of every batch unless
 ``--workers`` make them ahead (a batch's time then includes only any wait for them); on a GPU it
 then profiles one more batch and counts the host's kernel and CUDA-graph launches per record.
+With ``--profile`` an inference run also profiles one more batch: its kernels by kind as above, and
+the Python functions that took most of the host's own time (cProfile).
 
 Model FLOPs of a step, counted from the batch itself (tiles, and each sequence's tokens): each part
 costs 2 x parameters x tokens forward (the vision tower on 1,025 tokens a tile, the projector on
@@ -62,7 +68,7 @@ The share of peak is against a bf16 matrix-multiply rate measured in the same ru
 
     python benchmarks/bench_gpu.py [--shape 1b|8b|tiny] [--tiles 1|dynamic] [--batch-size 16]
         [--steps 10] [--warmup 3] [--runs full,frozen,lora,mpo,plain,...]
-        [--gradient-checkpointing] [--packed] [--group-by-length] [--profile] [--workers N] [--vocab-size N]
+        [--gradient-checkpointing] [--packed] [--group-by-length] [--profile] [--fp32] [--workers N] [--vocab-size N]
         [--device cuda|cpu] [--json OUT]
 
 Prints each row as it is measured (a run cut short still tells what it measured), then the table and
@@ -132,9 +138,14 @@ def build_checkpoint(shape: str, out: Path, tiles: str, vocab_size: int | None =
     return out
 
 
-def build_data(out: Path, tile: int, tiles: str, samples: int) -> dict[str, Path]:
+# transformers' LengthGroupedSampler sorts random groups of min(samples // (4 x batch), 50) batches
+GROUPED_BATCHES = 4 * 50
+
+
+def build_data(out: Path, tile: int, tiles: str, samples: int, stage1_samples: int = 0) -> dict[str, Path]:
     """SynthOcc views, resized to whole tiles (varied grids for dynamic tiling), with stage-1,
-    stage-3 and test files over them."""
+    stage-3 and test files over them; the stage-1 file repeats its records up to
+    ``stage1_samples``."""
     from data_tools import builders
     from data_tools.synthocc import Settings, generate
     from occmllm.dataset import load_dataset
@@ -149,7 +160,10 @@ def build_data(out: Path, tile: int, tiles: str, samples: int) -> dict[str, Path
         Image.open(path).convert("RGB").resize((cols * tile, rows * tile)).save(path)
     wrong = {v["id"]: category_answer("remote" if v["category"] != "remote" else "jar") for v in views}
     (out / "predictions.json").write_text(json.dumps(wrong))
-    return {"step1": builders.write_stage(builders.stage1_records(views), out / "step1.jsonl", ds, "step1"),
+    stage1 = builders.stage1_records(views)
+    copies = -(-stage1_samples // len(stage1)) if stage1_samples > len(stage1) else 1
+    stage1 = [{**r, "id": f"{r['id']}_{k}" if k else r["id"]} for k in range(copies) for r in stage1]
+    return {"step1": builders.write_stage(stage1, out / "step1.jsonl", ds, "step1"),
             "step3": builders.write_stage(builders.stage3_pairs(views, out / "predictions.json", right_pairs=False),
                                           out / "step3.jsonl", ds, "step3", kind="preference"),
             "test": builders.write_stage(builders.test_records(views), out / "test.jsonl", ds, "test")}
@@ -266,26 +280,30 @@ class StepProfiler(TrainerCallback):
             self.running = False
 
     def summary(self) -> dict:
-        """Time by kind of work and the operations that took most, as shares of the step's total:
-        on a GPU each kernel's device time; on a CPU each operator's own CPU time (self times add up
-        to the step without counting a nested operator twice)."""
-        from torch.autograd import DeviceType
-        cuda = self.device.type == "cuda"
-        times: dict[str, float] = {}
-        for event in self.profile.events():
-            if cuda and event.device_type != DeviceType.CUDA:
-                continue
-            t = event.device_time_total if cuda else event.self_cpu_time_total
-            if t > 0:
-                times[event.name] = times.get(event.name, 0.0) + t
-        total = sum(times.values())
-        kinds: dict[str, float] = {}
-        for name, t in times.items():
-            kinds[work_kind(name)] = kinds.get(work_kind(name), 0.0) + t / total
-        top = sorted(times.items(), key=lambda item: -item[1])[:TOP_OPS]
-        return {"timed_by": "device" if cuda else "cpu", "step_ms": total / 1e3,
-                "kinds": dict(sorted(kinds.items(), key=lambda item: -item[1])),
-                "top": [[name[:80], t / total] for name, t in top]}
+        return profile_summary(self.profile, self.device)
+
+
+def profile_summary(prof, device: torch.device) -> dict:
+    """Time by kind of work and the operations that took most, as shares of the total: on a GPU
+    each kernel's device time; on a CPU each operator's own CPU time (self times add up without
+    counting a nested operator twice)."""
+    from torch.autograd import DeviceType
+    cuda = device.type == "cuda"
+    times: dict[str, float] = {}
+    for event in prof.events():
+        if cuda and event.device_type != DeviceType.CUDA:
+            continue
+        t = event.device_time_total if cuda else event.self_cpu_time_total
+        if t > 0:
+            times[event.name] = times.get(event.name, 0.0) + t
+    total = sum(times.values())
+    kinds: dict[str, float] = {}
+    for name, t in times.items():
+        kinds[work_kind(name)] = kinds.get(work_kind(name), 0.0) + t / total
+    top = sorted(times.items(), key=lambda item: -item[1])[:TOP_OPS]
+    return {"timed_by": "device" if cuda else "cpu", "step_ms": total / 1e3,
+            "kinds": dict(sorted(kinds.items(), key=lambda item: -item[1])),
+            "top": [[name[:80], t / total] for name, t in top]}
 
 
 class BatchLog:
@@ -378,6 +396,7 @@ def train_row(run: str, checkpoint: Path, files: dict, args, device: torch.devic
 
 # run -> (inference.py --mode, --decoding, whether each turn keeps the last one's keys and values)
 INFERENCE_RUNS = {"plain": ("plain", "dynamic", True), "plain-compiled": ("plain", "compiled", True),
+                  "plain-graphed": ("plain", "graphed", True),
                   "plain-whole": ("plain", "dynamic", False), "cot": ("cot", "dynamic", True),
                   "dual": ("dual", "dynamic", True), "tta": ("tta", "dynamic", True),
                   "tta-second-look": ("tta-second-look", "dynamic", True)}
@@ -421,6 +440,36 @@ def launches(device: torch.device, work) -> int | None:
     return sum(1 for e in prof.events() if "LaunchKernel" in e.name or "GraphLaunch" in e.name)
 
 
+def batch_profile(device: torch.device, work) -> dict:
+    """Where one more batch's time goes (``--profile``): its wall time; ``profile_summary`` of its
+    kernels (on a CPU, its operators); and the host's Python functions that took most of their own
+    time (cProfile), which show what a GPU waits for when the kernels fill little of the wall."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        work()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    host = cProfile.Profile()
+    synchronize(device)
+    host.enable()
+    start = time.perf_counter()
+    work()
+    synchronize(device)
+    host_wall = time.perf_counter() - start
+    host.disable()
+    stats = pstats.Stats(host).stats  # (file, line, function) -> (calls, primitive calls, own time, ...)
+    top = sorted(stats.items(), key=lambda item: -item[1][2])[:TOP_OPS]
+    return {**profile_summary(prof, device), "wall_ms": wall * 1e3,
+            "host_top": [[f"{Path(f).name}:{line}({name})", own / host_wall] for (f, line, name), (_, _, own, *_)
+                         in top]}
+
+
 def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.device, out: Path) -> dict:
     from occmllm.answering import (Answerer, dataset_root, image_encoder, load_test, ready_images, sample_of,
                                    with_ready_images)
@@ -433,7 +482,7 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
     images = with_ready_images(batches, image_encoder(checkpoint), args.workers)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, processor = load_model(checkpoint, device=device)
+    model, processor = load_model(checkpoint, device=device, dtype=torch.float32 if args.fp32 else None)
     mode, decoding, reuse = INFERENCE_RUNS[run]
     answerer = Answerer(model, processor, args.max_new_tokens, decoding)
     runner, context = mode_context(mode, samples, out)
@@ -462,6 +511,7 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
     warm = times[1:]
     records = sum(len(b) for b in batches[1:])
     launched = launches(device, lambda: run_batch(batches[-1]))
+    profiled = batch_profile(device, lambda: run_batch(batches[-1])) if args.profile else None
     # the CPU's share of a batch: loading and tiling its images, which the timed batches include
     # unless --workers make them
     prep = time.perf_counter()
@@ -475,7 +525,7 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
             # a warm batch whose prompt widths are new to the process stalls if anything builds per shape
             "slowest_over_median": max(warm) / statistics.median(warm),
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-            "answers": answers}
+            "answers": answers, **({"profile": profiled} if profiled else {})}
 
 
 def compare_answers(rows: list[dict]) -> None:
@@ -517,9 +567,14 @@ def table(rows: list[dict], peak: float) -> str:
     for r in rows:
         if "profile" in r:
             p = r["profile"]
-            lines.append(f"{r['run']}: one step, {p['step_ms']:.1f} ms of {p['timed_by']} time: " + ", ".join(
+            what = (f"one batch of {p['wall_ms']:.1f} ms wall, {p['step_ms']:.1f} ms of {p['timed_by']} time"
+                    if "wall_ms" in p else f"one step, {p['step_ms']:.1f} ms of {p['timed_by']} time")
+            lines.append(f"{r['run']}: {what}: " + ", ".join(
                 f"{kind} {100 * share:.0f}%" for kind, share in p["kinds"].items()))
             lines += [f"    {100 * share:5.1f}%  {name}" for name, share in p["top"]]
+            if "host_top" in p:
+                lines.append("  the host's own time by Python function, as shares of the batch's wall time:")
+                lines += [f"    {100 * share:5.1f}%  {name}" for name, share in p["host_top"]]
     return "\n".join(lines)
 
 
@@ -532,14 +587,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps (batches for plain) [10]")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first [3]")
     p.add_argument("--runs",
-                   default="full,full-compiled,frozen,lora,mpo,plain,plain-compiled,plain-whole,cot,dual,tta,"
-                           "tta-second-look",
+                   default="full,full-compiled,frozen,lora,mpo,plain,plain-compiled,plain-graphed,plain-whole,cot,dual,"
+                           "tta,tta-second-look",
                    help="comma-separated runs (above) [all but frozen-compiled and frozen-all-logits]")
     p.add_argument("--vocab-size", type=int, help="the language model's vocabulary rows [the shape's]: e.g. a real "
                                                   "151,674 on the tiny shape, to see the output head's share on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in training")
-    p.add_argument("--profile", action="store_true", help="training runs profile one more step (not timed): time "
-                   "by kind of work and the operations that took most")
+    p.add_argument("--profile", action="store_true", help="training runs profile one more step, inference runs one "
+                   "more batch (not timed): time by kind of work and the operations that took most; for inference "
+                   "also the host's Python functions that took most")
+    p.add_argument("--fp32", action="store_true", help="inference runs load the model in float32, not the GPU's "
+                   "bf16: answers that differ between decodings then show a fault, not bf16's rounding")
     p.add_argument("--packed", action="store_true", help="stage-1 runs train on packed batches (one row, no "
                    "padding; occmllm.sft.Collator); mpo pads as TRL does")
     p.add_argument("--group-by-length", action="store_true", help="stage-1 runs batch samples of about one length "
@@ -578,7 +636,10 @@ def main(argv=None) -> dict:
         tile = SHAPES[args.shape]["vision"]["image_size"]
         # one epoch holds every step: at an epoch's end the dataloader's worker processes start anew,
         # a wait a real run pays once an epoch, not every few steps
-        files = build_data(tmp, tile, args.tiles, max(args.batch_size * (args.warmup + args.steps + args.profile), 8))
+        # grouping by length draws each batch from a sorted group of up to 50 batches: the stage-1
+        # file holds as many samples as a real dataset would give it (its views repeated)
+        files = build_data(tmp, tile, args.tiles, max(args.batch_size * (args.warmup + args.steps + args.profile), 8),
+                           GROUPED_BATCHES * args.batch_size if args.group_by_length else 0)
         for run in runs:
             rows.append(inference_row(run, checkpoint, files, args, device, tmp) if run in INFERENCE_RUNS
                         else train_row(run, checkpoint, files, args, device, tmp))

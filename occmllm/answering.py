@@ -206,8 +206,8 @@ def without_cudnn_attention():
                         if b not in (SDPBackend.CUDNN_ATTENTION, SDPBackend.ERROR)])
 
 
-DECODINGS = ("dynamic", "compiled")
-CACHE_STEP = 256  # compiled decoding: KV buffers grow in steps of this many tokens
+DECODINGS = ("dynamic", "compiled", "graphed")
+CACHE_STEP = 256  # compiled and graphed decoding: KV buffers grow in steps of this many tokens
 
 
 class Answerer:
@@ -230,7 +230,7 @@ class Answerer:
         if decoding not in DECODINGS:
             raise OccError(f"decoding {decoding!r}: expected one of {', '.join(DECODINGS)}")
         self.decoding = decoding
-        self._caches: dict[int, object] = {}  # compiled: batch size -> its StaticCache
+        self._caches: dict[int, object] = {}  # compiled, graphed: batch size -> its StaticCache
         self.ready: dict[Path, tuple] = {}  # this batch's images made beforehand (with_ready_images), by path
         if decoding == "compiled":
             from transformers import CompileConfig
@@ -238,6 +238,9 @@ class Answerer:
             # compiles it for all batches; mode reduce-overhead: replayed as CUDA graphs on a GPU
             self._compile_config = CompileConfig(dynamic=True)
             self._compile_config._compile_all_devices = True  # transformers compiles only on accelerators unasked
+        if decoding == "graphed":
+            from occmllm.decoding import GraphedDecoder
+            self._graphed = GraphedDecoder(model, self.pad_id, self.eos_ids, self._attention)
 
     def warm_up(self, batch_size: int) -> None:
         """Answer a made-up batch first, so that no real batch waits for one-time set-up: compiled
@@ -245,9 +248,11 @@ class Answerer:
         other batch sizes and buffer lengths, except a batch size that equals one of the model's
         own sizes, where the compiler may tie the two), and on a GPU each kernel's first load,
         which made the first batch 3.95x a warm one (benchmarks/RESULTS.md, "The first GPU
-        measurements"). The batch is what a record's questioning does: a question over a blank
-        image, then one more turn continuing it. Dynamic decoding on a CPU: nothing to set up."""
-        if self.decoding == "dynamic" and self.model.device.type != "cuda":
+        measurements"), and graphed decoding's graphs for ``batch_size`` rows (a decoding step, and
+        a turn's new tokens at the commonest width). The batch is what a record's questioning does:
+        a question over a blank image, then one more turn continuing it. Dynamic and graphed
+        decoding on a CPU: nothing to set up."""
+        if self.decoding != "compiled" and self.model.device.type != "cuda":
             return
         from PIL import Image
 
@@ -260,7 +265,7 @@ class Answerer:
         self([Prompt(conversation, features, tiles)] * batch_size, dialogue)
 
     def _static_cache(self, batch: int, need: int):
-        """compiled: this batch size's static KV buffers, reset, grown to the next multiple of
+        """compiled, graphed: this batch size's static KV buffers, reset, grown to the next multiple of
         CACHE_STEP when ``need`` tokens do not fit."""
         from transformers import StaticCache
         cache = self._caches.get(batch)
@@ -325,57 +330,74 @@ class Answerer:
         """Each prompt's answer. With ``dialogue``, the prompts continue its last turn where they can."""
         import torch
         with torch.inference_mode():
-            out, width = self._generate(prompts, dialogue, max_new_tokens=self.max_new_tokens)
-        new = out[:, width:]
+            new, _ = self._generate(prompts, dialogue, self.max_new_tokens)
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def _generate(self, prompts: list[Prompt], dialogue: Dialogue | None = None, **kwargs):
-        """Greedy generation over a left-padded batch: ``(generate's output, the padded prompt width)``.
+    def _generate(self, prompts: list[Prompt], dialogue: Dialogue | None, max_new_tokens: int,
+                  first_logits: bool = False):
+        """Greedy generation over a left-padded batch: ``(the new tokens, the logits of the first one
+        or None)``, the new tokens padded after each row's stop token.
 
         Where every prompt extends ``dialogue``'s last one (``Dialogue.suffixes``), only the new
         tokens are fed, after the kept keys and values of the last prompt (the answers generated
         after it are dropped: the history holds them as written). Each row's new tokens are left
-        padded among themselves, so padding can sit mid-row; the attention mask hides it and the
-        positions, counted over the mask, are those of the whole prompt."""
+        padded among themselves (graphed decoding: to a multiple of ``SUFFIX_STEP``), so padding can
+        sit mid-row; the attention mask hides it and the positions, counted over the mask, are
+        those of the whole prompt."""
         import torch
 
         from occmllm.conversation import pad_batch
+        from occmllm.decoding import SUFFIX_STEP
         from occmllm.dual import mm_outputs
         device = self.model.device
-        ids = [self.encoder.prompt_ids(p.tiles, p.conversation) for p in prompts]
+        static = self.decoding in ("compiled", "graphed")
+        ids = self.encoder.prompts_ids([(p.tiles, p.conversation) for p in prompts])
         suffixes = dialogue and dialogue.suffixes(prompts, ids, self.model.config.image_token_id)
-        if suffixes and self.decoding == "compiled" and dialogue.cache.get_max_length() < (
-                dialogue.input_ids.shape[1] + max(map(len, suffixes)) + kwargs["max_new_tokens"]):
-            suffixes = None  # the kept buffers cannot take this turn: prompt it whole, in larger ones
+        if suffixes:
+            new_ids, new_mask = pad_batch(suffixes, self.pad_id, "left")
+            if self.decoding == "graphed":  # few widths, few graphs
+                wider = -new_ids.shape[1] % SUFFIX_STEP
+                new_ids = torch.nn.functional.pad(new_ids, (wider, 0), value=self.pad_id)
+                new_mask = torch.nn.functional.pad(new_mask, (wider, 0), value=0)
+            if static and dialogue.cache.get_max_length() < (
+                    dialogue.input_ids.shape[1] + new_ids.shape[1] + max_new_tokens):
+                suffixes = None  # the kept buffers cannot take this turn: prompt it whole, in larger ones
         if suffixes:
             kept = dialogue.input_ids.shape[1]
-            new_ids, new_mask = pad_batch(suffixes, self.pad_id, "left")
             input_ids = torch.cat([dialogue.input_ids, new_ids], dim=1)
             attention_mask = torch.cat([dialogue.attention_mask, new_mask], dim=1)
             cache = rewound(dialogue.cache, kept)
             features = []  # the images' tokens are in the kept part
         else:
+            kept = 0
             input_ids, attention_mask = pad_batch(ids, self.pad_id, "left")  # prompts end at the right
             features = [p.features for p in prompts if p.features is not None and len(p.features)]
             cache = None
-            if self.decoding == "compiled":
-                cache = self._static_cache(len(ids), input_ids.shape[1] + kwargs["max_new_tokens"])
+            if static:
+                cache = self._static_cache(len(ids), input_ids.shape[1] + max_new_tokens)
             elif dialogue is not None:
                 from transformers import DynamicCache
                 cache = DynamicCache()
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        if features:  # tiles in prompt order, matching the image-token runs in input_ids
-            inputs["mm_encoder_outputs"] = mm_outputs(torch.cat(features))
+        if dialogue is not None:
+            dialogue.remember(prompts, ids, input_ids, attention_mask, cache)
+        # tiles in prompt order, matching the image-token runs in input_ids
+        features = mm_outputs(torch.cat(features)) if features else None
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if self.decoding == "graphed":
+            new, logits = self._graphed(input_ids, attention_mask, cache, kept, max_new_tokens, features)
+            return new, logits if first_logits else None
+        kwargs = {"max_new_tokens": max_new_tokens}
+        if features:
+            kwargs["mm_encoder_outputs"] = features
         if cache is not None:
             kwargs["past_key_values"] = cache
         if self.decoding == "compiled":
             kwargs["compile_config"] = self._compile_config
         with self._attention():
-            out = self.model.generate(**inputs, do_sample=False, num_beams=1, pad_token_id=self.pad_id,
-                                      eos_token_id=self.eos_ids, **kwargs)
-        if dialogue is not None:
-            dialogue.remember(prompts, ids, input_ids, attention_mask, cache)
-        return out, input_ids.shape[1]
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                      num_beams=1, pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
+                                      output_logits=first_logits, return_dict_in_generate=True, **kwargs)
+        return out.sequences[:, input_ids.shape[1]:], out.logits[0] if first_logits else None
 
     def p_no(self, prompts: list[Prompt], dialogue: Dialogue | None = None) -> list[float]:
         """P(``No.``) against ``Yes.`` as each prompt's answer: the two answers' first tokens'
@@ -386,7 +408,6 @@ class Answerer:
         if no == yes:
             raise OccError(f"the tokenizer starts {NO!r} and {YES!r} with the same token; the check cannot be read")
         with torch.inference_mode():
-            out, _ = self._generate(prompts, dialogue, max_new_tokens=1, output_logits=True,
-                                    return_dict_in_generate=True)
-        pair = out.logits[0][:, [no, yes]].float()  # (batch, 2): the raw logits of the first answer token
+            _, logits = self._generate(prompts, dialogue, 1, first_logits=True)
+        pair = logits[:, [no, yes]].float()  # (batch, 2): the raw logits of the first answer token
         return torch.softmax(pair, dim=-1)[:, 0].tolist()

@@ -151,20 +151,28 @@ class ConversationEncoder:
 
     # -- generation ---------------------------------------------------------------------------
     def prompt_ids(self, images_tiles: list[int], conversations: list[dict]) -> list[int]:
-        """Token ids of a conversation ending with a user turn, plus the assistant header.
+        """Token ids of a conversation ending with a user turn, plus the assistant header."""
+        return self.prompts_ids([(images_tiles, conversations)])[0]
+
+    def prompts_ids(self, prompts: list[tuple[list[int], list[dict]]]) -> list[list[int]]:
+        """``prompt_ids`` of each ``(images_tiles, conversations)``.
 
         Remembered by content: inference asks the same questions over and over (every record's
         first prompt is the same), and the chat template costs more than the model's forward pass
-        on a small model."""
-        key = conversation_key(images_tiles, conversations)
-        ids = self._prompts.get(key)
-        if ids is None:
-            if len(self._prompts) >= PROMPT_CACHE_SIZE:
+        on a small model. The prompts not remembered are tokenised in one call, which the fast
+        tokenizer spreads over the CPU's cores (a batch's later turns, whose histories differ).
+        ``apply_chat_template`` tokenises its text the same way, without special tokens added."""
+        keys = [conversation_key(tiles, conversations) for tiles, conversations in prompts]
+        new = {key: prompt for key, prompt in zip(keys, prompts) if key not in self._prompts}
+        if new:
+            if len(self._prompts) + len(new) > PROMPT_CACHE_SIZE:
                 self._prompts.clear()
-            messages = self.expand(to_messages(conversations), images_tiles)
-            ids = self._prompts[key] = tuple(self.tokenizer.apply_chat_template(
-                messages, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
-        return list(ids)
+            texts = [self.tokenizer.apply_chat_template(self.expand(to_messages(conversations), tiles),
+                                                        tokenize=False, add_generation_prompt=True)
+                     for tiles, conversations in new.values()]
+            for key, ids in zip(new, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+                self._prompts[key] = tuple(ids)
+        return [list(self._prompts[key]) for key in keys]
 
 
 def pad_id(tokenizer) -> int:

@@ -24,14 +24,14 @@ def test_tiny_configuration_times_every_run(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--shape", "tiny", "--device", "cpu", "--tiles",
                           "dynamic", "--steps", "2", "--warmup", "3", "--batch-size", "2", "--json",
                           str(tmp_path / "out.json"), "--runs",
-                          "full,full-compiled,frozen,lora,mpo,plain,plain-compiled,plain-whole,cot,dual,tta,"
-                          "tta-second-look,frozen-all-logits"],
+                          "full,full-compiled,frozen,lora,mpo,plain,plain-compiled,plain-graphed,plain-whole,cot,dual,"
+                          "tta,tta-second-look,frozen-all-logits"],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((tmp_path / "out.json").read_text())
     rows = {r["run"]: r for r in result["rows"]}
-    assert list(rows) == ["full", "full-compiled", "frozen", "lora", "mpo", "plain", "plain-compiled", "plain-whole",
-                          "cot", "dual", "tta", "tta-second-look", "frozen-all-logits"]
+    assert list(rows) == ["full", "full-compiled", "frozen", "lora", "mpo", "plain", "plain-compiled", "plain-graphed",
+                          "plain-whole", "cot", "dual", "tta", "tta-second-look", "frozen-all-logits"]
     assert result["peak_tflops"] > 0
     for run in ("full", "full-compiled", "frozen", "lora", "mpo", "frozen-all-logits"):
         r = rows[run]
@@ -47,26 +47,33 @@ def test_tiny_configuration_times_every_run(tmp_path):
     # the same work, counted the same way
     assert rows["frozen-all-logits"]["flops"] == rows["frozen"]["flops"]
     assert rows["full-compiled"]["flops"] == rows["full"]["flops"]
-    for run in ("plain", "plain-compiled", "plain-whole", "cot", "dual", "tta", "tta-second-look"):
+    for run in ("plain", "plain-compiled", "plain-graphed", "plain-whole", "cot", "dual", "tta", "tta-second-look"):
         r = rows[run]
         assert r["samples_per_s"] > 0 and r["first_batch_s"] > 0 and r["slowest_over_median"] >= 1
         assert 0 < r["image_prep_s"] and 0 < r["image_prep_share"] < 1
-    # compiled decoding, and prompting every turn whole, answer alike
+    # compiled and graphed decoding, and prompting every turn whole, answer alike
     assert rows["plain-compiled"]["same_answers_as_plain"] == rows["plain-whole"]["same_answers_as_plain"] == 1.0
+    assert rows["plain-graphed"]["same_answers_as_plain"] == 1.0
     assert "TFLOP/s" in out.stdout and json.loads(out.stdout.strip().splitlines()[-1]) == result
 
 
 def test_profile_tells_where_a_training_step_went(tmp_path):
     """--profile: each training run takes one more step under the profiler, not timed; its time
     splits into kinds of work that add up to the whole, matrix multiplies among them, and the
-    operations that took most come largest first."""
+    operations that took most come largest first. An inference run profiles one more batch, and
+    also names the host's Python functions that took most of its own time."""
     out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--shape", "tiny", "--device", "cpu", "--steps",
                           "2", "--warmup", "1", "--batch-size", "2", "--runs", "frozen,plain", "--profile", "--json",
                           str(tmp_path / "out.json")],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     frozen, plain = json.loads((tmp_path / "out.json").read_text())["rows"]
-    assert frozen["steps"] == 2 and "profile" not in plain
+    assert frozen["steps"] == 2
+    batch = plain["profile"]
+    assert batch["wall_ms"] > 0 and batch["kinds"]["matmul"] > 0 and sum(batch["kinds"].values()) == pytest.approx(1.0)
+    host = [share for _, share in batch["host_top"]]
+    assert 0 < len(host) <= 8 and host == sorted(host, reverse=True) and 0 < sum(host) <= 1
+    assert "plain: one batch of" in out.stdout and "the host's own time" in out.stdout
     profile = frozen["profile"]
     assert profile["timed_by"] == "cpu" and profile["step_ms"] > 0
     assert sum(profile["kinds"].values()) == pytest.approx(1.0)
@@ -181,3 +188,15 @@ def test_grouped_batches_pad_less_than_random_ones(capsys):
     with pytest.raises(SystemExit) as refused:
         bench.main(["--batch-sizes", "0"])
     assert refused.value.code == 2
+
+
+def test_grouped_runs_draw_from_a_real_sized_stage1_file(tmp_path):
+    """--group-by-length: the stage-1 file repeats its views (each copy its own id) up to the
+    samples asked, so transformers' sampler sorts whole groups of 50 batches, not groups of 3;
+    the other files keep one record per view."""
+    from occmllm.records import read_records
+    files = _bench().build_data(tmp_path, 32, "dynamic", 8, stage1_samples=30)
+    stage1 = read_records(files["step1"])
+    assert len(stage1) == 32 and len({r["id"] for r in stage1}) == 32  # 4 copies of 8 views
+    assert [r["image"] for r in stage1[8:16]] == [r["image"] for r in stage1[:8]]
+    assert len(read_records(files["test"], "test")) == 8

@@ -137,6 +137,38 @@ def test_compiled_decoding_gives_the_same_answers_and_compiles_once(batched, mod
     torch._dynamo.reset()
 
 
+def test_graphed_decoding_gives_the_same_answers(batched, models, dataset, tmp_path):
+    """--decoding graphed (fixed KV buffers, our own greedy loop; CUDA graphs only on a GPU): the
+    same predictions file as generate's dynamic decoding, for batches of 12, 12 and 8, whose later
+    turns are fed padded to a multiple of SUFFIX_STEP after the kept keys and values."""
+    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", tmp_path,
+        "--batch-size", 12, "--decoding", "graphed")
+    assert (tmp_path / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
+
+
+def test_graphed_decoding_reads_the_check_as_generate_does(models, dataset):
+    """The chain's check after its first answer (Answerer.p_no over a kept dialogue): graphed
+    decoding's P(No.) is generate's, and its answers after the check too."""
+    from occmllm.answering import Answerer, Dialogue, Prompt, load_test, sample_of
+    from occmllm.model import load_model
+    from occmllm.questions import Q1, Q2, answer_in_history
+    model, processor = load_model(models["b"], device="cpu", dtype=torch.float32)
+    samples = [sample_of(r, dataset) for r in load_test(dataset / "test.jsonl", dataset, 6)]
+    out = {}
+    for decoding in ("dynamic", "graphed"):
+        answerer = Answerer(model, processor, 12, decoding)
+        images = answerer.images([s.images for s in samples])
+        dialogue, first = Dialogue(), [{"from": "human", "value": Q1}]
+        answers = answerer([Prompt(first, f, t) for f, t in images], dialogue)
+        turns = [[*first, {"from": "gpt", "value": answer_in_history(a)}, {"from": "human", "value": Q2}]
+                 for a in answers]
+        p_no = answerer.p_no([Prompt(c, f, t) for c, (f, t) in zip(turns, images)], dialogue)
+        out[decoding] = answers, p_no, answerer([Prompt(c, f, t) for c, (f, t) in zip(turns, images)], dialogue)
+    assert out["graphed"][0] == out["dynamic"][0] and out["graphed"][2] == out["dynamic"][2]
+    assert out["graphed"][1] == pytest.approx(out["dynamic"][1], abs=1e-5)
+    assert len(set(out["dynamic"][0])) > 1  # answers that differ between images: a real check
+
+
 def test_workers_make_every_image_and_answer_alike(batched, models, dataset, tmp_path, monkeypatch):
     """--workers 2: worker processes decode and tile every image (the main process decodes none),
     and the predictions file is byte for byte the one made without workers."""

@@ -56,6 +56,25 @@ def test_prompt_ids_are_remembered_by_content(tiny_model):
     assert len(enc._prompts) == 3
 
 
+def test_prompts_tokenised_together_are_the_templates_ids(tiny_model):
+    """A batch's prompts, tokenised in one call (repeats among them, one already remembered), are
+    the ids ``apply_chat_template`` gives each alone: multi-turn histories, answers with odd
+    spacing and punctuation, several tiles."""
+    from occmllm.conversation import to_messages
+    processor = ImageOnlyInternVLProcessor.from_folder(tiny_model)
+    enc = ConversationEncoder(processor)
+    answers = ["It is a mug.", "  No,  it's\tnot!", "a knife\n\nreally", "yes.", ""]
+    prompts = [([k % 3 + 1], [*Q1_Q6[:1], {"from": "gpt", "value": a}, {"from": "human", "value": f"Why {k}?"}])
+               for k, a in enumerate(answers)]
+    prompts += [([1], Q1_Q6[:1]), prompts[1], ([2], Q1_Q6[:3])]
+    enc.prompt_ids([1], Q1_Q6[:1])
+    alone = [list(processor.tokenizer.apply_chat_template(enc.expand(to_messages(c), tiles), tokenize=True,
+                                                          return_dict=True, add_generation_prompt=True)["input_ids"])
+             for tiles, c in prompts]
+    assert enc.prompts_ids(prompts) == alone
+    assert len(enc._prompts) == len(prompts) - 1
+
+
 def _attention_by_distance(tower) -> list[float]:
     """Layer 0's attention among the position embeddings alone, per Manhattan distance on the patch
     grid (mean weight, times the number of patches: 1.0 is uniform), averaged over heads."""
