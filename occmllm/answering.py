@@ -301,8 +301,12 @@ class Answerer:
         return self.encode([self.tiled(paths) for paths in paths_per_sample])
 
     def _pixels(self, tiled: list[tuple[object, list[int]]]):
+        """The batch's tiles on the model's device, in its dtype (``occmllm.model.to_model``: cast
+        there, not on the host)."""
         import torch
-        return torch.cat([p for p, _ in tiled]).to(device=self.model.device, dtype=self.model.dtype)
+
+        from occmllm.model import to_model
+        return to_model(torch.cat([p for p, _ in tiled]), self.model)
 
     @staticmethod
     def _per_sample(features, tiled: list[tuple[object, list[int]]]) -> list[tuple[object, list[int]]]:

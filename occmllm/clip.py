@@ -35,6 +35,7 @@ from occmllm.conversation import load_images
 from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli, positive_int
 from occmllm.fileio import dumps, read_json, replace_folder, resolve_in_root
+from occmllm.model import to_model
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 CLIP_S_WEIGHT = 2.5  # RLCF's (and CLIPScore's) w in CLIP-S = w * max(cos, 0)
@@ -152,7 +153,7 @@ def _pixels(image_processor, images: list[Image.Image]) -> torch.Tensor:
 
 
 def _image_embeds(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    pixel_values = pixel_values.to(model.device, model.dtype)
+    pixel_values = to_model(pixel_values, model)
     return F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
 
 

@@ -101,6 +101,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def to_model(tensor: torch.Tensor, model) -> torch.Tensor:
+    """``tensor`` on ``model``'s device in its dtype, cast there: ``.to(device, dtype)`` in one call
+    casts on the host before a blocking copy (PyTorch's CUDA copy kernel does so to spare device
+    memory), which for a batch of 32 image tiles at 448 px is 19 million values cast by the
+    process that feeds the GPU."""
+    return tensor.to(model.device).to(model.dtype)
+
+
 def default_attention(device: torch.device) -> str:
     """flash-attention 2 on a GPU where it is installed, PyTorch SDPA otherwise."""
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:

@@ -19,6 +19,7 @@ from occmllm import fileio, records
 from occmllm.conversation import ConversationEncoder, load_images, pad_batch, pad_id
 from occmllm.dual import blended_features, mm_outputs, render_at, stack_renders
 from occmllm.errors import OccError
+from occmllm.model import to_model
 from occmllm.questions import CATEGORIES, parse_category, parse_yes_no, question_id
 
 
@@ -210,7 +211,7 @@ def visual_inputs(model, pixel_values: torch.Tensor, render_pixel_values: torch.
                   rendered: torch.Tensor, alpha: float) -> dict:
     """What an InternVL ``model``'s forward or generate takes for the images: their tiles, or,
     where some are blended with renders, the blended visual tokens (``occmllm.dual``)."""
-    pixels = pixel_values.to(device=model.device, dtype=model.dtype)
+    pixels = to_model(pixel_values, model)
     if render_pixel_values is None:
         return {"pixel_values": pixels}
     return {"mm_encoder_outputs": mm_outputs(blended_features(model, pixels, render_pixel_values, alpha, rendered))}

@@ -43,6 +43,7 @@ from torch.func import functional_call, vmap
 from torch.nn.utils.rnn import pad_sequence
 
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, pad_batch, pad_id
+from occmllm.model import to_model
 from occmllm.questions import CATEGORIES, category_answer
 
 
@@ -77,7 +78,7 @@ def projector_inputs(model, pixel_values: torch.Tensor) -> torch.Tensor:
     hook = adapted_module(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:
         with torch.no_grad():
-            model.get_image_features(pixel_values=pixel_values.to(model.device, model.dtype))
+            model.get_image_features(pixel_values=to_model(pixel_values, model))
     finally:
         hook.remove()
     return captured[0]
