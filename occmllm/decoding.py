@@ -36,7 +36,7 @@ class _Batch:
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=device)  # and where it goes
         self.going = torch.ones(rows, dtype=torch.bool, device=device)         # rows not yet ended
         self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)  # a prompt pass's last
-        self.graphs: dict[tuple, tuple] = {}  # (width, prompt?) -> (graph, its input ids, its positions)
+        self.graphs: dict[tuple, tuple] = {}  # (width, prompt?) -> (its replay, its input ids, its positions)
 
     def lengths(self) -> list[torch.Tensor]:
         return [layer.cumulative_length for layer in self.cache.layers]
@@ -84,11 +84,11 @@ class GraphedDecoder:
         key = (ids.shape[1], prompt)
         if key not in batch.graphs:
             self._capture(batch, *key)
-        graph, graph_ids, graph_positions = batch.graphs[key]
+        replay, graph_ids, graph_positions = batch.graphs[key]
         if graph_ids is not ids:
             graph_ids.copy_(ids)
             graph_positions.copy_(positions)
-        graph.replay()
+        replay()
 
     def _capture(self, batch: _Batch, width: int, prompt: bool) -> None:
         """Record ``_pass`` at ``width`` as a graph. Warming up and capturing run real passes, so
@@ -101,17 +101,22 @@ class GraphedDecoder:
             ids = torch.full((batch.token.shape[0], width), int(self.pad), dtype=torch.long, device=self.device)
             positions = torch.zeros_like(ids)
         kept = [t.clone() for t in (*batch.lengths(), batch.token, batch.position, batch.going, batch.logits)]
+        replay = self._record(lambda: self._pass(batch, ids, positions, keep_logits=prompt))
+        for t, saved in zip((*batch.lengths(), batch.token, batch.position, batch.going, batch.logits), kept):
+            t.copy_(saved)
+        batch.graphs[width, prompt] = (replay, ids, positions)
+
+    def _record(self, work):
+        """``work`` warmed up and captured as a CUDA graph: its replay."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # PyTorch's rule: warm up on a side stream before capturing
-            self._pass(batch, ids, positions, keep_logits=prompt)
+            work()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._pass(batch, ids, positions, keep_logits=prompt)
-        for t, saved in zip((*batch.lengths(), batch.token, batch.position, batch.going, batch.logits), kept):
-            t.copy_(saved)
-        batch.graphs[width, prompt] = (graph, ids, positions)
+            work()
+        return graph.replay
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, kept: int,
                  max_new_tokens: int, features: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:

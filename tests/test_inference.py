@@ -146,6 +146,34 @@ def test_graphed_decoding_gives_the_same_answers(batched, models, dataset, tmp_p
     assert (tmp_path / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
 
 
+def test_graphs_bookkeeping_off_a_gpu(batched, models, dataset, tmp_path, monkeypatch):
+    """Graphed decoding's graph bookkeeping, run on the CPU: each pass is "captured" as a recording
+    that later runs it again over the very buffers it was captured with, as a CUDA graph does (new
+    inputs reach it only by being copied into them). The warm-up runs for real, so whatever it
+    changes must be put back. The predictions file is still generate's, and
+    a batch size needs few graphs: a decoding step and a width or two of new tokens."""
+    from occmllm import decoding
+    recorded = []
+
+    def record(self, work):
+        work()  # the warm-up (a capture only records)
+        recorded.append(work)
+        return work
+
+    init = decoding.GraphedDecoder.__init__
+
+    def init_with_graphs(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.graphs_on = True
+
+    monkeypatch.setattr(decoding.GraphedDecoder, "_record", record)
+    monkeypatch.setattr(decoding.GraphedDecoder, "__init__", init_with_graphs)
+    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", tmp_path,
+        "--batch-size", 12, "--decoding", "graphed")
+    assert (tmp_path / "predictions.jsonl").read_bytes() == (batched / "predictions.jsonl").read_bytes()
+    assert 4 <= len(recorded) <= 6  # batch sizes 12 and 8: a decoding step each, and 1-2 widths of new tokens
+
+
 def test_graphed_decoding_reads_the_check_as_generate_does(models, dataset):
     """The chain's check after its first answer (Answerer.p_no over a kept dialogue): graphed
     decoding's P(No.) is generate's, and its answers after the check too."""
