@@ -81,6 +81,11 @@ def test_cot_takes_no_ground_truth_and_reports_its_figures(cot_setup, recon_mode
     _run([*common, "--data", str(stripped), "--out", str(tmp_path / "stripped")])
     full, bare = _predictions(tmp_path / "full"), _predictions(tmp_path / "stripped")
     assert full == bare
+    # graphed decoding (occmllm.decoding) takes the same branches and gives the same answers
+    _run([*common, "--data", str(work / "test.jsonl"), "--out", str(tmp_path / "graphed"), "--decoding", "graphed"])
+    graphed = _predictions(tmp_path / "graphed")
+    assert [p["answers"] for p in graphed] == [p["answers"] for p in full]
+    assert [p["chain"]["p_no"] for p in graphed] == pytest.approx([p["chain"]["p_no"] for p in full], abs=1e-5)
     bare_report = json.loads((tmp_path / "stripped/report.json").read_text())
     assert bare_report["unlabelled"] and bare_report["rows"][0]["final_accuracy"] is None
     assert bare_report["rows"][0]["cot"]["calibration"] is None  # nothing to calibrate against
