@@ -50,7 +50,8 @@ on a CPU (each operator's own time). Inference times its first
 batch (cold: includes any per-shape set-up) and then ``--steps`` warm batches (each of other
 records, so of other prompt widths; the slowest against the median shows any per-shape stall), and
 the time of loading and tiling one batch's images on the CPU, a part of every batch unless
-``--workers`` make them ahead (a batch's time then includes only any wait for them); on a GPU it
+``--workers`` make them ahead (a batch's time then includes only any wait for them; the first
+batch's is also given apart, as the workers may still be starting); on a GPU it
 then profiles one more batch and counts the host's kernel and CUDA-graph launches per record.
 With ``--profile`` an inference run also profiles one more batch: its kernels by kind as above, and
 the Python functions that took most of the host's own time (cProfile).
@@ -429,6 +430,19 @@ def mode_context(mode: str, samples, out: Path):
     return MODE_RUNNERS[mode], context
 
 
+def timed_waits(items, waits: list):
+    """``items`` as they come; for each, (when the wait for it began, how long it took) appended to
+    ``waits``."""
+    it = iter(items)
+    while True:
+        start = time.perf_counter()
+        item = next(it, None)
+        if item is None:
+            return
+        waits.append((start, time.perf_counter() - start))
+        yield item
+
+
 def launches(device: torch.device, work) -> int | None:
     """Kernel and CUDA-graph launches the host makes while ``work()`` runs (None off a GPU)."""
     if device.type != "cuda":
@@ -497,18 +511,19 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
     answerer.warm_up(args.batch_size)  # as inference.py does once per model (Answerer.warm_up)
     synchronize(device)
     warm_up = time.perf_counter() - warm_up
-    times, answers = [], []
+    times, waits, answers = [], [], []
     synchronize(device)
-    start = time.perf_counter()
-    # as inference.py times it: a batch's time includes any wait for its images (--workers)
-    for batch, ready in images:
+    # as inference.py times it: a batch's time includes any wait for its images (--workers); the
+    # wait is also kept apart, since the first batch's can be the workers' start, not the model's
+    for batch, ready in timed_waits(images, waits):
         answerer.ready = ready
         answers += run_batch(batch)
         synchronize(device)
-        times.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        times.append(time.perf_counter() - waits[-1][0])
     answerer.ready = {}
+    waits = [seconds for _, seconds in waits]
     warm = times[1:]
+    warm_work = [t - w for t, w in zip(times[1:], waits[1:])]
     records = sum(len(b) for b in batches[1:])
     launched = launches(device, lambda: run_batch(batches[-1]))
     profiled = batch_profile(device, lambda: run_batch(batches[-1])) if args.profile else None
@@ -520,7 +535,9 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
     return {"run": run, "batch": args.batch_size, "steps": len(warm), "seconds": sum(warm),
             "image_prep_s": prep, "image_prep_share": prep / statistics.median(warm), "warm_up_s": warm_up,
             "samples_per_s": records / sum(warm), "first_batch_s": times[0],
-            "first_over_warm": times[0] / (sum(warm) / len(warm)), "flops": None,
+            "first_over_warm": times[0] / (sum(warm) / len(warm)), "first_image_wait_s": waits[0],
+            # the same without the waits for images: what the model's own set-up costs
+            "first_work_over_warm": (times[0] - waits[0]) / (sum(warm_work) / len(warm_work)), "flops": None,
             "launches_per_record": launched and launched / len(batches[-1]),
             # a warm batch whose prompt widths are new to the process stalls if anything builds per shape
             "slowest_over_median": max(warm) / statistics.median(warm),
@@ -545,7 +562,8 @@ def table(rows: list[dict], peak: float) -> str:
              f"{'TFLOP/s':>8} {'of peak':>7} {'memory GiB':>10}  note"]
     for r in rows:
         tflops = r["flops"] / r["seconds"] / 1e12 if r["flops"] else None
-        note = (f"first batch {r['first_over_warm']:.2f}x a warm one, slowest warm {r['slowest_over_median']:.2f}x "
+        note = (f"first batch {r['first_over_warm']:.2f}x a warm one ({r['first_work_over_warm']:.2f}x without its "
+                f"{r['first_image_wait_s']:.2f} s wait for images), slowest warm {r['slowest_over_median']:.2f}x "
                 "the median" if "first_over_warm" in r else "")
         if r.get("warm_up_s", 0) > 0.01:
             note += f", warmed up in {r['warm_up_s']:.1f} s before the first batch"
