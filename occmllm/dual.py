@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallback
+from transformers import InternVLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from occmllm import fileio
 from occmllm.errors import OccError
-from occmllm.model import AnswerLogitsOnly, GroupsByLength, ResumesInternVL, load_weights_into
+from occmllm.model import load_weights_into
 
 ALPHA_FILE = "dual_alpha.json"
 
@@ -105,8 +105,8 @@ def mm_outputs(features: torch.Tensor) -> dict:
 class DualVisual(nn.Module):
     """A native ``InternVLForConditionalGeneration`` (``self.model``) whose image tokens are the
     blend of the image's and its render's. ``alpha`` is an ``nn.Parameter`` when learnable
-    (trained with the model; the blend reads it clamped to [0, 1], and ``ClampAlpha`` projects it
-    back after each optimizer step) and a buffer when fixed (not a parameter)."""
+    (trained with the model; the blend reads it clamped to [0, 1], and ``occmllm.sft.ClampAlpha``
+    projects it back after each optimizer step) and a buffer when fixed (not a parameter)."""
 
     _keys_to_ignore_on_save = None  # read by the HF Trainer after loading a state dict
 
@@ -236,56 +236,3 @@ def load_weights(dual: DualVisual, checkpoint: str | os.PathLike) -> None:
     load_weights_into(dual.model, checkpoint)
     with torch.no_grad():
         dual.alpha.fill_(alpha)
-
-
-# --- training ----------------------------------------------------------------------------------
-
-class ClampAlpha(TrainerCallback):
-    """Projects a learnable alpha back into [0, 1] after each optimizer step, so it never sticks
-    outside (where the clamped blend passes it no gradient). Without DeepSpeed only: DeepSpeed
-    keeps its own master copy of the weights, and there the blend's clamp alone holds alpha in range."""
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if isinstance(model, DualVisual) and model.learnable:
-            with torch.no_grad():
-                model.alpha.clamp_(0.0, 1.0)
-
-
-class DualTrainer(GroupsByLength, AnswerLogitsOnly, ResumesInternVL, Trainer):
-    """The HF Trainer for a ``DualVisual``: checkpoints are written by ``save`` (each one a plain
-    InternVL folder plus ``dual_alpha.json``), resumed by ``load_weights``, and alpha has no
-    weight decay (it is a mixing weight, not a weight to shrink)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_callback(ClampAlpha)
-
-    def _dual(self, model=None):
-        model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
-        return model if isinstance(model, DualVisual) else None
-
-    def get_decay_parameter_names(self, model) -> list[str]:
-        return [n for n in super().get_decay_parameter_names(model) if n != "alpha"]
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        dual = self._dual()
-        if dual is None:
-            return super()._save(output_dir, state_dict)
-        from transformers.trainer import TRAINING_ARGS_NAME
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False):
-            return
-        if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-        save(dual, output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
-        if not self.args.should_save:
-            return
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        dual = self._dual(model)
-        if dual is None:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_weights(dual, resume_from_checkpoint)

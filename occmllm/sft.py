@@ -8,6 +8,7 @@ Arguments, freezing, LoRA, saving and the stage command are ``occmllm.stage``'s.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,57 @@ class ConversationTrainer(KeepsFirstAnswer, GroupsByLength, AnswerLogitsOnly, Re
     on request (``occmllm.model.GroupsByLength``)."""
 
 
+class ClampAlpha(TrainerCallback):
+    """Projects a learnable alpha back into [0, 1] after each optimizer step, so it never sticks
+    outside (where the clamped blend passes it no gradient). Without DeepSpeed only: DeepSpeed
+    keeps its own master copy of the weights, and there the blend's clamp alone holds alpha in range."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if isinstance(model, dual.DualVisual) and model.learnable:
+            with torch.no_grad():
+                model.alpha.clamp_(0.0, 1.0)
+
+
+class DualTrainer(GroupsByLength, AnswerLogitsOnly, ResumesInternVL, Trainer):
+    """The HF Trainer for an ``occmllm.dual.DualVisual``: checkpoints are written by ``dual.save``
+    (each one a plain InternVL folder plus ``dual_alpha.json``), resumed by ``dual.load_weights``,
+    and alpha has no weight decay (it is a mixing weight, not a weight to shrink)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(ClampAlpha)
+
+    def _dual(self, model=None):
+        model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
+        return model if isinstance(model, dual.DualVisual) else None
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [n for n in super().get_decay_parameter_names(model) if n != "alpha"]
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        wrapper = self._dual()
+        if wrapper is None:
+            return super()._save(output_dir, state_dict)
+        from transformers.trainer import TRAINING_ARGS_NAME
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False):
+            return
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+        dual.save(wrapper, output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+        if not self.args.should_save:
+            return
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        wrapper = self._dual(model)
+        if wrapper is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dual.load_weights(wrapper, resume_from_checkpoint)
+
+
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments,
                   keep: Callable[[dict], bool] | None = None, part: str = "records"):
     """The stage's HF Trainer (model, dataset, collator, callbacks) and the processor it saves.
@@ -315,7 +367,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
                        f"{data_args.train_data}: dual_alpha is set, but no record names a 'render' and no dual_renders "
                        "folder is given: nothing to blend")
     model = build_model(model_args, training, dual_supported=True)
-    trainer_class = dual.DualTrainer if is_dual else ConversationTrainer
+    trainer_class = DualTrainer if is_dual else ConversationTrainer
     trainer = trainer_class(model=model, args=training, train_dataset=dataset,
                             data_collator=Collator(pad_id(processor.tokenizer), data_args.packed),
                             callbacks=[EpochSetter(dataset), SaveProcessor(processor)])

@@ -249,7 +249,7 @@ def is_finished(output_dir: str | os.PathLike) -> bool:
 
 def save_final(trainer: Trainer, processor, output_dir: str) -> None:
     """The stage's checkpoint: a plain InternVL folder (LoRA merged in) with its processor. With
-    the dual visual path, ``occmllm.dual.DualTrainer`` saves it by ``dual.save``: the same folder
+    the dual visual path, ``occmllm.sft.DualTrainer`` saves it by ``dual.save``: the same folder
     plus ``dual_alpha.json``. Trained in fp32, the weights are stored in the dtype of the checkpoint
     the stage started from (a bf16 InternVL stays bf16: half the size); DeepSpeed saves its own."""
     model = trainer.model
