@@ -468,6 +468,18 @@ def test_command_line(models, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_inference_loads_no_trainer():
+    """Inference and every mode's code import neither the HF Trainer nor ``datasets``: on the CPU
+    that import was 1 of the first batch's 1.2 s (benchmarks/RESULTS.md, "Inference no longer
+    imports the trainer")."""
+    modules = ("inference", "occmllm.modes", "occmllm.answering", "occmllm.decoding", "occmllm.dual", "occmllm.tta",
+               "occmllm.clip", "occmllm.chain", "occmllm.report")
+    code = (f"import sys\nfor m in {modules!r}:\n    __import__(m)\n"
+            "print(sorted(m for m in ('transformers.trainer', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_occlusion_bins_edges():
     def rec(x):
         return {"meta": {"occlusion": x}}
