@@ -388,8 +388,7 @@ class Answerer:
         features = mm_outputs(torch.cat(features)) if features else None
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if self.decoding == "graphed":
-            new, logits = self._graphed(input_ids, attention_mask, cache, kept, max_new_tokens, features)
-            return new, logits if first_logits else None
+            return self._graphed(input_ids, attention_mask, cache, kept, max_new_tokens, features, first_logits)
         kwargs = {"max_new_tokens": max_new_tokens}
         if features:
             kwargs["mm_encoder_outputs"] = features

@@ -38,8 +38,11 @@ class _Batch:
         self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)  # a prompt pass's last
         self.graphs: dict[tuple, tuple] = {}  # (width, prompt?) -> (its replay, its input ids, its positions)
 
-    def lengths(self) -> list[torch.Tensor]:
-        return [layer.cumulative_length for layer in self.cache.layers]
+    def written(self) -> list[torch.Tensor]:
+        """What a pass changes besides the keys and values: each layer's kept length and the
+        buffers it writes."""
+        return [*(layer.cumulative_length for layer in self.cache.layers), self.token, self.position, self.going,
+                self.logits]
 
 
 class GraphedDecoder:
@@ -91,18 +94,17 @@ class GraphedDecoder:
         replay()
 
     def _capture(self, batch: _Batch, width: int, prompt: bool) -> None:
-        """Record ``_pass`` at ``width`` as a graph. Warming up and capturing run real passes, so
-        everything they change is put back: the kept lengths and the buffers the passes write (the
-        keys and values they wrote lie past the kept length, overwritten before anything attends
-        to them)."""
+        """Record ``_pass`` at ``width`` as a graph. The warm-up before the capture runs a real pass,
+        so what it changes is put back (``_Batch.written``); the keys and values it wrote lie past
+        the kept length and are overwritten before anything attends to them."""
         if not prompt:  # a decoding step reads the token and position the last pass wrote
             ids, positions = batch.token, batch.position
         else:
             ids = torch.full((batch.token.shape[0], width), int(self.pad), dtype=torch.long, device=self.device)
             positions = torch.zeros_like(ids)
-        kept = [t.clone() for t in (*batch.lengths(), batch.token, batch.position, batch.going, batch.logits)]
+        kept = [t.clone() for t in batch.written()]
         replay = self._record(lambda: self._pass(batch, ids, positions, keep_logits=prompt))
-        for t, saved in zip((*batch.lengths(), batch.token, batch.position, batch.going, batch.logits), kept):
+        for t, saved in zip(batch.written(), kept):
             t.copy_(saved)
         batch.graphs[width, prompt] = (replay, ids, positions)
 
@@ -119,9 +121,11 @@ class GraphedDecoder:
         return graph.replay
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, kept: int,
-                 max_new_tokens: int, features: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_new_tokens: int, features: dict | None = None,
+                 first_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The new tokens of greedy decoding ``(rows, up to max_new_tokens)``, padded after each row's
-        stop token, and the logits of the first one ``(rows, vocabulary)``.
+        stop token, and with ``first_logits`` the logits of the first one ``(rows, vocabulary)``,
+        else None.
 
         ``input_ids`` and ``attention_mask`` are the whole left-padded prompts; ``cache`` holds the
         keys and values of their first ``kept`` columns (0: none, and ``features`` places the image
@@ -148,4 +152,4 @@ class GraphedDecoder:
                     break
                 self._replay(batch, batch.token, batch.position, prompt=False)
                 tokens.append(batch.token.clone())
-        return torch.cat(tokens, dim=1), batch.logits.clone()
+        return torch.cat(tokens, dim=1), batch.logits.clone() if first_logits else None
