@@ -58,6 +58,13 @@ class Settings:
     focal: float = 280.0
     val_frac: float = 0.1
     test_frac: float = 0.1
+    # scenes drawn after the first ``scenes``, all of them test: a larger test split that leaves
+    # every train and val scene (and the split of the first ``scenes``) as it is
+    extra_test: int = 0
+
+    @property
+    def total_scenes(self) -> int:
+        return self.scenes + self.extra_test
 
     def as_dict(self) -> dict:
         return dict(self.__dict__, format_version=FORMAT_VERSION)
@@ -72,20 +79,24 @@ def view_id(scene: str, view: int) -> str:
 
 
 def assign_categories(settings: Settings) -> list[str]:
-    """Balanced categories in a seeded order: every category gets N/8 scenes (+-1)."""
-    rng = np.random.default_rng([settings.seed, 0xC47])
-    cats = [CATEGORIES[i % len(CATEGORIES)] for i in range(settings.scenes)]
-    return [cats[i] for i in rng.permutation(settings.scenes)]
+    """Balanced categories in a seeded order: every category gets N/8 scenes (+-1), and so do the
+    extra test scenes among themselves."""
+    def balanced(n: int, stream: int) -> list[str]:
+        rng = np.random.default_rng([settings.seed, stream])
+        cats = [CATEGORIES[i % len(CATEGORIES)] for i in range(n)]
+        return [cats[i] for i in rng.permutation(n)]
+    return balanced(settings.scenes, 0xC47) + (balanced(settings.extra_test, 0xE7) if settings.extra_test else [])
 
 
 def assign_splits(categories: list[str], settings: Settings) -> dict[str, str]:
     """Scene -> split, whole scenes only (no object is seen in two splits), stratified by
     category: scenes are dealt round-robin over categories, test first, then val, then train, so
-    even a 16-scene set has a test and a val scene of several categories."""
+    even a 16-scene set has a test and a val scene of several categories. The extra test scenes
+    (after the first ``settings.scenes``) are all test."""
     rng = np.random.default_rng([settings.seed, 0x5B17])
     per_cat = []
     for cat in CATEGORIES:
-        members = [scene_id(i) for i, c in enumerate(categories) if c == cat]
+        members = [scene_id(i) for i, c in enumerate(categories[: settings.scenes]) if c == cat]
         per_cat.append([members[i] for i in rng.permutation(len(members))])
     dealt = [m[k] for k in range(max(map(len, per_cat))) for m in per_cat if k < len(m)]
     n = len(dealt)
@@ -94,7 +105,8 @@ def assign_splits(categories: list[str], settings: Settings) -> dict[str, str]:
     if n >= 3:  # a non-zero fraction always gets at least one scene
         n_test = max(n_test, int(settings.test_frac > 0))
         n_val = max(n_val, int(settings.val_frac > 0))
-    return {sid: "test" if k < n_test else "val" if k < n_test + n_val else "train" for k, sid in enumerate(dealt)}
+    splits = {sid: "test" if k < n_test else "val" if k < n_test + n_val else "train" for k, sid in enumerate(dealt)}
+    return splits | {scene_id(i): "test" for i in range(settings.scenes, settings.total_scenes)}
 
 
 def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
@@ -271,8 +283,8 @@ def generate(out: Path, settings: Settings, workers: int = 1, overwrite: bool = 
 
     categories = assign_categories(settings)
     splits = assign_splits(categories, settings)
-    jobs = [(i, categories[i], splits[scene_id(i)], settings, str(staging)) for i in range(settings.scenes)]
-    bar = tqdm(total=settings.scenes * settings.views, unit="view", desc="SynthOcc", disable=not progress)
+    jobs = [(i, categories[i], splits[scene_id(i)], settings, str(staging)) for i in range(settings.total_scenes)]
+    bar = tqdm(total=settings.total_scenes * settings.views, unit="view", desc="SynthOcc", disable=not progress)
     manifest = []
     if workers <= 1:
         results = map(_generate_one, jobs)
@@ -318,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224, help="image width and height in pixels [224]")
     p.add_argument("--val-frac", type=float, default=0.1, help="fraction of scenes per category for val [0.1]")
     p.add_argument("--test-frac", type=float, default=0.1, help="fraction of scenes per category for test [0.1]")
+    p.add_argument("--extra-test-scenes", type=int, default=0,
+                   help="further scenes drawn after the --scenes ones, all of them test: a larger test split "
+                        "that leaves every train and val scene as it is [0]")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="parallel processes; output does not depend on it [min(2, cores)]")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -328,16 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.scenes < 1 or args.views < 1 or args.size < 16:
-        raise OccError("--scenes and --views must be at least 1 and --size at least 16")
+    if args.scenes < 1 or args.views < 1 or args.size < 16 or args.extra_test_scenes < 0:
+        raise OccError("--scenes and --views must be at least 1, --size at least 16 and --extra-test-scenes at "
+                       "least 0")
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         raise OccError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1")
     settings = Settings(args.scenes, args.views, args.seed, args.size,
-                        focal=280.0 * args.size / 224, val_frac=args.val_frac, test_frac=args.test_frac)
+                        focal=280.0 * args.size / 224, val_frac=args.val_frac, test_frac=args.test_frac,
+                        extra_test=args.extra_test_scenes)
     out = generate(args.out, settings, workers=args.workers, overwrite=args.overwrite,
                    progress=not args.no_progress)
     info = fileio.read_json(out / "dataset.json")
-    print(f"wrote {info['views']} views of {args.scenes} scenes to {out} "
+    print(f"wrote {info['views']} views of {settings.total_scenes} scenes to {out} "
           f"(splits {info['scenes_per_split']}, occlusion {info['occlusion']['min']:.2f}-{info['occlusion']['max']:.2f})")
     return 0
 
