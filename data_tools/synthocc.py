@@ -58,13 +58,15 @@ class Settings:
     focal: float = 280.0
     val_frac: float = 0.1
     test_frac: float = 0.1
-    # scenes drawn after the first ``scenes``, all of them test: a larger test split that leaves
-    # every train and val scene (and the split of the first ``scenes``) as it is
+    # scenes drawn after the first ``scenes``: ``extra_test`` of them for test, then ``extra_val`` for
+    # validation. Larger evaluation splits that leave every training scene, and the split of each of
+    # the first ``scenes``, as it is
     extra_test: int = 0
+    extra_val: int = 0
 
     @property
     def total_scenes(self) -> int:
-        return self.scenes + self.extra_test
+        return self.scenes + self.extra_test + self.extra_val
 
     def as_dict(self) -> dict:
         return dict(self.__dict__, format_version=FORMAT_VERSION)
@@ -80,19 +82,19 @@ def view_id(scene: str, view: int) -> str:
 
 def assign_categories(settings: Settings) -> list[str]:
     """Balanced categories in a seeded order: every category gets N/8 scenes (+-1), and so do the
-    extra test scenes among themselves."""
+    extra test scenes and the extra validation scenes, each among themselves."""
     def balanced(n: int, stream: int) -> list[str]:
         rng = np.random.default_rng([settings.seed, stream])
         cats = [CATEGORIES[i % len(CATEGORIES)] for i in range(n)]
         return [cats[i] for i in rng.permutation(n)]
-    return balanced(settings.scenes, 0xC47) + (balanced(settings.extra_test, 0xE7) if settings.extra_test else [])
+    return balanced(settings.scenes, 0xC47) + balanced(settings.extra_test, 0xE7) + balanced(settings.extra_val, 0xE8)
 
 
 def assign_splits(categories: list[str], settings: Settings) -> dict[str, str]:
     """Scene -> split, whole scenes only (no object is seen in two splits), stratified by
     category: scenes are dealt round-robin over categories, test first, then val, then train, so
-    even a 16-scene set has a test and a val scene of several categories. The extra test scenes
-    (after the first ``settings.scenes``) are all test."""
+    even a 16-scene set has a test and a val scene of several categories. The extra scenes after the
+    first ``settings.scenes`` are test (``extra_test``), then val (``extra_val``)."""
     rng = np.random.default_rng([settings.seed, 0x5B17])
     per_cat = []
     for cat in CATEGORIES:
@@ -106,7 +108,8 @@ def assign_splits(categories: list[str], settings: Settings) -> dict[str, str]:
         n_test = max(n_test, int(settings.test_frac > 0))
         n_val = max(n_val, int(settings.val_frac > 0))
     splits = {sid: "test" if k < n_test else "val" if k < n_test + n_val else "train" for k, sid in enumerate(dealt)}
-    return splits | {scene_id(i): "test" for i in range(settings.scenes, settings.total_scenes)}
+    first_val = settings.scenes + settings.extra_test
+    return splits | {scene_id(i): "test" if i < first_val else "val" for i in range(settings.scenes, settings.total_scenes)}
 
 
 def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
@@ -333,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-test-scenes", type=int, default=0,
                    help="further scenes drawn after the --scenes ones, all of them test: a larger test split "
                         "that leaves every train and val scene as it is [0]")
+    p.add_argument("--extra-val-scenes", type=int, default=0,
+                   help="further scenes drawn after those, all of them validation [0]")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="parallel processes; output does not depend on it [min(2, cores)]")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -343,14 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.scenes < 1 or args.views < 1 or args.size < 16 or args.extra_test_scenes < 0:
-        raise OccError("--scenes and --views must be at least 1, --size at least 16 and --extra-test-scenes at "
+    if args.scenes < 1 or args.views < 1 or args.size < 16 or min(args.extra_test_scenes, args.extra_val_scenes) < 0:
+        raise OccError("--scenes and --views must be at least 1, --size at least 16, and the extra scenes at "
                        "least 0")
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         raise OccError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1")
     settings = Settings(args.scenes, args.views, args.seed, args.size,
                         focal=280.0 * args.size / 224, val_frac=args.val_frac, test_frac=args.test_frac,
-                        extra_test=args.extra_test_scenes)
+                        extra_test=args.extra_test_scenes, extra_val=args.extra_val_scenes)
     out = generate(args.out, settings, workers=args.workers, overwrite=args.overwrite,
                    progress=not args.no_progress)
     info = fileio.read_json(out / "dataset.json")

@@ -123,25 +123,30 @@ def test_deterministic_whatever_the_workers(tmp_path):
     assert (a / "scenes/s00000/rgb_00.png").read_bytes() != (c / "scenes/s00000/rgb_00.png").read_bytes()
 
 
-def test_extra_test_scenes_leave_train_and_val_as_they_are(tmp_path):
-    """A larger test split (--extra-test-scenes) must not touch a training or validation scene: the
-    models trained on them, and every choice made on validation, stay valid."""
+def test_extra_scenes_leave_training_as_it_is(tmp_path):
+    """Larger evaluation splits (--extra-test-scenes, --extra-val-scenes) must not touch a training
+    scene, nor move any of the first scenes to another split: the models trained on them stay
+    valid, and the old test and validation views stay among the new ones."""
     base = synthocc.Settings(scenes=16, views=1, seed=4, size=32, focal=40.0)
     plain = synthocc.generate(tmp_path / "plain", base, progress=False)
-    grown = synthocc.generate(tmp_path / "grown", replace(base, extra_test=8), progress=False)
+    grown = synthocc.generate(tmp_path / "grown", replace(base, extra_test=8, extra_val=8), progress=False)
     splits, grown_splits = (fileio.read_json(d / "splits.json") for d in (plain, grown))
-    assert grown_splits["train"] == splits["train"] and grown_splits["val"] == splits["val"]
-    extra = [synthocc.scene_id(i) for i in range(16, 24)]
-    assert grown_splits["test"] == sorted(splits["test"] + extra)
-    lines = {m["id"]: m for m in (m for _, m in fileio.iter_jsonl(plain / "manifest.jsonl"))}
-    grown_lines = {m["id"]: m for m in (m for _, m in fileio.iter_jsonl(grown / "manifest.jsonl"))}
+    extra_test = [synthocc.scene_id(i) for i in range(16, 24)]
+    extra_val = [synthocc.scene_id(i) for i in range(24, 32)]
+    assert grown_splits["train"] == splits["train"]
+    assert grown_splits["test"] == sorted(splits["test"] + extra_test)
+    assert grown_splits["val"] == sorted(splits["val"] + extra_val)
+    lines = {m["id"]: m for _, m in fileio.iter_jsonl(plain / "manifest.jsonl")}
+    grown_lines = {m["id"]: m for _, m in fileio.iter_jsonl(grown / "manifest.jsonl")}
     assert {k: grown_lines[k] for k in lines} == lines  # the first 16 scenes, split included, unchanged
-    for sid in splits["train"] + splits["val"]:
+    for sid in splits["train"] + splits["val"] + splits["test"]:
         _same_tree(plain / "scenes" / sid, grown / "scenes" / sid)
-    # the extra scenes are balanced over the categories, as every scene set is
-    counts = Counter(grown_lines[synthocc.view_id(sid, 0)]["category"] for sid in extra)
-    assert sorted(counts) == sorted(CATEGORIES) and set(counts.values()) == {1}
-    assert fileio.read_json(grown / "dataset.json")["scenes_per_split"]["test"] == len(splits["test"]) + 8
+    # each set of extra scenes is balanced over the categories, as every scene set is
+    for extra in (extra_test, extra_val):
+        counts = Counter(grown_lines[synthocc.view_id(sid, 0)]["category"] for sid in extra)
+        assert sorted(counts) == sorted(CATEGORIES) and set(counts.values()) == {1}
+    per_split = fileio.read_json(grown / "dataset.json")["scenes_per_split"]
+    assert per_split == {"train": len(splits["train"]), "val": len(splits["val"]) + 8, "test": len(splits["test"]) + 8}
 
 
 def test_resume_after_interruption(tmp_path, monkeypatch):
