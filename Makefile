@@ -161,7 +161,7 @@ demo-alpha:
 	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta second-look $(RENDERS) \
 		$(BOTH_SPLITS) $(ANSWER)
 
-# A third sample, to check a lead before keeping it (after make demo; about 5 minutes on 2 cores):
+# A third sample, to check a lead before keeping it (after make demo; about 4 minutes on 2 cores):
 # the demo's checkpoints and modes on 1,920 views of seed 3, which no other dataset uses (the demo
 # is seed 0, the base 1, the reconstruction model 2). Nothing is chosen on it: the chain runs at the
 # gate stored from validation (benchmarks/RESULTS.md, "Evaluation splits of 1,280 views": a
