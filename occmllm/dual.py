@@ -33,7 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from occmllm import fileio
 from occmllm.errors import OccError
-from occmllm.model import load_weights_into
+from occmllm.model import load_weights_into, to_model
 
 ALPHA_FILE = "dual_alpha.json"
 
@@ -74,7 +74,7 @@ def blended_features(model, pixel_values: torch.Tensor, render_pixel_values: tor
         raise ValueError(f"rendered marks {int(rendered.sum())} of {tuple(rendered.shape)} tiles for "
                          f"{tuple(render_pixel_values.shape)} render tiles and {tuple(pixel_values.shape)} image tiles: "
                          "one render tile per marked image tile")
-    both = torch.cat([pixel_values, render_pixel_values.to(pixel_values.device, pixel_values.dtype)])
+    both = torch.cat([pixel_values, to_model(render_pixel_values, pixel_values)])  # renders may come from the host
     tokens = model.get_image_features(pixel_values=both, return_dict=True).pooler_output
     image, render = tokens[:n], tokens[n:]
     if rendered is None:

@@ -102,10 +102,10 @@ def default_device() -> torch.device:
 
 
 def to_model(tensor: torch.Tensor, model) -> torch.Tensor:
-    """``tensor`` on ``model``'s device in its dtype, cast there: ``.to(device, dtype)`` in one call
-    casts on the host before a blocking copy (PyTorch's CUDA copy kernel does so to spare device
-    memory), which for a batch of 32 image tiles at 448 px is 19 million values cast by the
-    process that feeds the GPU."""
+    """``tensor`` on ``model``'s device in its dtype (``model``: a model, or a tensor to match), cast
+    there: ``.to(device, dtype)`` in one call casts on the host before a blocking copy (PyTorch's
+    CUDA copy kernel does so to spare device memory), which for a batch of 32 image tiles at 448 px
+    is 19 million values cast by the process that feeds the GPU."""
     return tensor.to(model.device).to(model.dtype)
 
 
