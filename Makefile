@@ -123,8 +123,9 @@ demo-stages:
 
 # two reports, validation (report_val/, where settings are chosen) and test (report/): every
 # checkpoint in plain mode, then stage 4's chain of thought. On validation the chain first looks
-# again everywhere (row step4-always), and the gate that would have served it best is written into
-# the stage-4 checkpoint (python -m occmllm.chain gate); the step4 cot rows use it. Each command
+# again everywhere (row step4-always), and the gate is chosen on it and written into the stage-4
+# checkpoint (python -m occmllm.chain gate: the best gate where it beats looking again everywhere or
+# nowhere by more than chance, else that); the step4 cot rows use it. Each command
 # answers both splits (a --data/--out pair each), loading its checkpoints once.
 REPORT_CHECKPOINTS = --checkpoint base=$(DEMO)/models/tiny --checkpoint step1=$(DEMO)/checkpoints/step1 \
 	--checkpoint step2=$(DEMO)/checkpoints/step2 --checkpoint step3=$(DEMO)/checkpoints/step3 \

@@ -19,9 +19,11 @@ the report.
 4. **Gate**: at inference the second look is taken where P(``No.``) (the model's probability of
    ``No.`` against ``Yes.`` as the check's answer) is at least the gate. The gate is chosen on the
    validation split (``choose_gate``; ``python -m occmllm.chain gate``) and stored with the
-   checkpoint (``GATE_FILE``); without one it is 0.5, the model's own verdict. Its gain on the
-   views it was chosen on is fitted to them; ``gate_gain_on_fresh_views`` estimates the gain on
-   views it was not chosen on.
+   checkpoint (``GATE_FILE``); without one it is 0.5, the model's own verdict. The check must earn
+   its place: the best gate is kept only where it beats the second look everywhere or nowhere,
+   whichever is better, by more than chance (McNemar's test); else that rule is the gate. Its
+   gain on the views it was chosen on is fitted to them; ``gate_gain_on_fresh_views`` estimates the
+   gain on views it was not chosen on.
 5. **Final answer**: the second look's where it was taken, else the first.
 
 The RL reward (``reward``) pays for a right final answer and for a truthful check (``No.`` exactly
@@ -46,6 +48,7 @@ import numpy as np
 from occmllm import fileio, records
 from occmllm.errors import OccError, cli
 from occmllm.questions import NO, Q1, Q6, YES, answer_in_history, parse_category
+from occmllm.stats import mcnemar_p, paired_difference
 
 FIRST, CHECK, SECOND = "Q1", "Q6", "Q1#2"
 CHECK_QUESTION = Q6
@@ -57,6 +60,7 @@ GATE_FILE = "chain_gate.json"
 # look gets a model of its own")
 SECOND_LOOK_DIR = "second_look"
 DEFAULT_GATE = 0.5
+CHECK_MUST_BEAT_P = 0.05  # a gate that reads the check must beat ignoring it by more than chance (choose_gate)
 HELD_OUT_SHARE = 0.25  # of the training scenes: the chain's views, kept out of stages 1 and 2
 
 
@@ -151,13 +155,35 @@ def gate_table(rows: list[tuple[float, bool, bool]]) -> list[dict]:
             for g, right, looked in zip(gates, first_below + second_from, looked_from)]
 
 
+def best_gate(rows: list[tuple[float, bool, bool]]) -> dict:
+    """The gate with the best final accuracy on ``rows``; among ties, the one that looks again least
+    (the second look costs a reconstruction)."""
+    return max(gate_table(rows), key=lambda r: (round(r["accuracy"], 12), -r["looked"]))
+
+
+def paired_gain(rows: list[tuple[float, bool, bool]], gate: float, reference: float) -> dict:
+    """Final accuracy at ``gate`` against ``reference`` on the same views (``occmllm.stats``): the
+    difference and its se, the views gained and lost, and McNemar's p."""
+    def right(g: float) -> dict:
+        return {i: second if p >= g else first for i, (p, first, second) in enumerate(rows)}
+    diff = paired_difference(right(gate), right(reference), list(range(len(rows))))
+    return {**diff, "p": mcnemar_p(diff["gained"], diff["lost"])}
+
+
 def choose_gate(rows: list[tuple[float, bool, bool]]) -> dict:
-    """The gate with the best final accuracy; among ties, the one that looks again least (the
-    second look costs a reconstruction)."""
+    """The gate. The check must earn its place: the best gate (``best_gate``) is kept only where it
+    beats the better of the two rules that ignore the check, the second look everywhere (gate 0) and
+    nowhere (the first answers; on a tie, as it costs nothing), by more than chance
+    (``paired_gain``'s p under ``CHECK_MUST_BEAT_P``). Else that rule is the gate: a gate fitted to a
+    few validation views' worth of gain skips views on which fresh samples lose
+    (benchmarks/RESULTS.md, "The chain's check does not earn the views it skips")."""
     table = gate_table(rows)
-    best = max(table, key=lambda r: (round(r["accuracy"], 12), -r["looked"]))
-    never = table[-1]
-    return {**best, "first_only_accuracy": never["accuracy"], "n": len(rows)}
+    best, everywhere, nowhere = best_gate(rows), {**table[0], "gate": 0.0}, table[-1]
+    plain = everywhere if everywhere["accuracy"] > nowhere["accuracy"] else nowhere
+    against = paired_gain(rows, best["gate"], plain["gate"])
+    chosen = best if against["gained"] > against["lost"] and against["p"] < CHECK_MUST_BEAT_P else plain
+    return {**chosen, "first_only_accuracy": nowhere["accuracy"], "n": len(rows),
+            "best_gate": best["gate"], "best_against_plain": against}
 
 
 def gate_gain_on_fresh_views(rows: list[tuple[float, bool, bool]], resamples: int = 1000, seed: int = 0) -> dict:
@@ -263,6 +289,10 @@ def main(argv=None) -> int:
         raise OccError(f"{args.predictions}: chain rows of {len(names)} checkpoints ({listed}); pick one with --checkpoint")
     rows = gate_rows(preds, {k: v for k, v in truths.items() if v is not None})
     choice = choose_gate(rows)
+    against = choice["best_against_plain"]
+    print(f"best gate {choice['best_gate']:.4f}: {100 * against['delta']:+.2f} ± {100 * against['se']:.2f} points "
+          f"({against['gained']} views gained, {against['lost']} lost, p {against['p']:.3f}) over the better of "
+          f"looking again everywhere and nowhere; kept where p < {CHECK_MUST_BEAT_P:g}")
     print(f"gate {choice['gate']:.4f}: final accuracy {choice['accuracy']:.4f} with the second look on "
           f"{choice['looked']:.1%} of {choice['n']} views (first answers alone: {choice['first_only_accuracy']:.4f})")
     fresh = choice["gain_on_fresh_views"] = gate_gain_on_fresh_views(rows)

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 
 from occmllm import chain
 from occmllm.errors import OccError
+from occmllm.stats import paired_difference
 from occmllm.questions import CATEGORIES, is_correct, parse_category, parse_yes_no, question_id
 
 OCCLUSION_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -203,21 +204,6 @@ def final_correctness(records: list[dict], predictions: dict) -> dict:
         if fin.reference is not None:
             out[rec["id"]] = is_correct(fin.qid, predictions[rec["id"]]["final"], fin.reference)
     return out
-
-
-def paired_difference(right: dict, right_before: dict, ids: list) -> dict:
-    """Accuracy of one row minus another's on the same records ``ids``, with the standard error of
-    that difference taken record by record (each record's difference is +1, 0 or -1). Two rows that
-    mostly agree have a far smaller se than either accuracy's: this is what tells a gain from noise
-    on one test set. ``gained``/``lost``: records right only in the first row / only in the second."""
-    n = len(ids)
-    gained = sum(right[i] and not right_before[i] for i in ids)
-    lost = sum(right_before[i] and not right[i] for i in ids)
-    if not n:
-        return {"n": 0, "delta": None, "se": None, "gained": 0, "lost": 0}
-    mean = (gained - lost) / n
-    return {"n": n, "delta": mean, "se": math.sqrt(max((gained + lost) / n - mean * mean, 0.0) / n),
-            "gained": gained, "lost": lost}
 
 
 def compared_with(rows: list[dict], i: int) -> int | None:

@@ -1,6 +1,7 @@
 """The chain of thought's rules (occmllm.chain): its turns, the held-out share, the reward, the gate."""
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -44,10 +45,10 @@ def test_always_no_earns_no_more_than_answering_right():
     assert chain.reward(True, None, True, w) == w.correct  # an unreadable check earns nothing
 
 
-def test_chosen_gate_is_the_best_by_brute_force():
+def test_best_gate_is_the_best_by_brute_force():
     rng = np.random.default_rng(0)
     rows = [(float(rng.random()), bool(rng.random() < 0.7), bool(rng.random() < 0.6)) for _ in range(200)]
-    choice = chain.choose_gate(rows)
+    choice = {**chain.best_gate(rows), "first_only_accuracy": chain.choose_gate(rows)["first_only_accuracy"]}
 
     def accuracy(gate):
         return np.mean([second if p >= gate else first for p, first, second in rows])
@@ -61,7 +62,7 @@ def test_chosen_gate_is_the_best_by_brute_force():
     assert gaps[0] > 1e-6
     assert accuracy(choice["gate"]) == np.mean([second if round(p, 6) >= choice["gate"] else first
                                                 for p, first, second in rows])
-    # a second look that never helps: the gate looks nowhere
+    # a second look that never helps: the gate looks nowhere, a gain far beyond its noise
     never = chain.choose_gate([(p, True, False) for p, _, _ in rows])
     assert never["looked"] == 0 and never["accuracy"] == 1.0
     with pytest.raises(OccError, match="no labelled views"):
@@ -74,18 +75,48 @@ def test_chosen_gate_is_the_best_by_brute_force():
         assert row["accuracy"] == pytest.approx(np.mean([s if look else f for look, (_, f, s) in zip(looks, tied)]))
 
 
+def test_the_check_must_earn_its_gate():
+    """A check that tells nothing: the best gate gains a few views by fitting them, within chance,
+    so the gate ignores the check: the second look everywhere where it is better overall, nowhere
+    where the first answers are. A check that does tell keeps its gate."""
+    rng = np.random.default_rng(4)
+    noise = [(float(rng.random()), bool(rng.random() < 0.75), bool(rng.random() < 0.8)) for _ in range(400)]
+    best = chain.best_gate(noise)
+    against = chain.paired_gain(noise, best["gate"], 0.0)
+    assert 0 < best["looked"] < 1 and against["gained"] > against["lost"] and against["p"] > chain.CHECK_MUST_BEAT_P
+    # by hand: the views the best gate skips, first answer against second
+    skipped = [int(f) - int(s) for p, f, s in noise if p < best["gate"]]
+    assert (against["gained"], against["lost"]) == (skipped.count(1), skipped.count(-1))
+    assert against["delta"] == pytest.approx(sum(skipped) / len(noise))
+    n = against["gained"] + against["lost"]
+    assert against["p"] == pytest.approx(2 * sum(math.comb(n, k) for k in range(against["lost"] + 1)) / 2 ** n)
+    choice = chain.choose_gate(noise)
+    assert choice["gate"] == 0.0 and choice["looked"] == 1.0 and all(chain.looks_again(p, 0.0) for p, _, _ in noise)
+    assert choice["accuracy"] == pytest.approx(np.mean([s for _, _, s in noise]))
+    assert choice["best_gate"] == best["gate"] and choice["best_against_plain"] == against
+    # the same second looks worse than the first answers: nowhere, though the best gate gains 4 to 0
+    swapped = chain.choose_gate([(p, s, f) for p, f, s in noise])
+    assert (swapped["best_against_plain"]["gained"], swapped["best_against_plain"]["lost"]) == (4, 0)
+    assert swapped["looked"] == 0.0 and swapped["accuracy"] == swapped["first_only_accuracy"]
+    # first answers right exactly where P(No.) is low, second looks right where it is high: the
+    # check tells, and its gate stays
+    telling = [(p, p < 0.5, p >= 0.5 or s) for p, f, s in noise]
+    kept = chain.choose_gate(telling)
+    assert kept["gate"] == chain.best_gate(telling)["gate"] and 0.3 < kept["looked"] < 0.7
+    assert kept["best_against_plain"]["p"] < 1e-6
+
+
 def test_gate_gain_on_fresh_views_removes_the_choice_s_own_bias():
     """A second look that is a coin of the first's accuracy, whatever P(No.) says: the gate chosen on
     the views gains on them by fitting them, and on views it was not chosen on gains nothing on
     average. A second look right wherever P(No.) is high gains there too."""
     rng = np.random.default_rng(1)
     noise = [(float(rng.random()), bool(rng.random() < 0.8), bool(rng.random() < 0.8)) for _ in range(300)]
-    choice = chain.choose_gate(noise)
-    fitted = 100 * (choice["accuracy"] - choice["first_only_accuracy"])
+    fitted = 100 * (chain.best_gate(noise)["accuracy"] - np.mean([f for _, f, _ in noise]))
     fresh = chain.gate_gain_on_fresh_views(noise, resamples=300)
     assert fitted > 1.0
-    assert fresh["mean"] < fitted - 1.0 and abs(fresh["mean"]) < 1.0
-    assert fresh["p5"] < 0 < fresh["p95"] and fresh["resamples"] == 300
+    assert fresh["mean"] < fitted - 1.0
+    assert fresh["p5"] < 0 <= fresh["p95"] and fresh["resamples"] == 300
     helps = [(p, p < 0.7, True) for p, _, _ in noise]  # first answers wrong where P(No.) >= 0.7
     fresh = chain.gate_gain_on_fresh_views(helps, resamples=300)
     assert fresh["share_positive"] == 1.0 and fresh["mean"] == pytest.approx(100 * np.mean([p >= 0.7 for p, _, _ in helps]), abs=3)
@@ -104,3 +135,12 @@ def test_gate_rows_need_a_run_that_looked_everywhere(tmp_path):
     (tmp_path / chain.GATE_FILE).write_text(json.dumps({"gate": "high"}))
     with pytest.raises(OccError, match="numeric"):
         chain.read_gate(tmp_path)
+
+
+def test_mcnemar_p_is_scipy_s_exact_binomial_test():
+    from scipy.stats import binomtest
+
+    from occmllm.stats import mcnemar_p
+    for gained, lost in [(4, 0), (8, 7), (20, 5), (0, 9), (3, 3), (1, 0), (60, 31)]:
+        assert mcnemar_p(gained, lost) == pytest.approx(binomtest(gained, gained + lost, 0.5).pvalue)
+    assert mcnemar_p(0, 0) == 1.0
