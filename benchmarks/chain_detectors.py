@@ -36,6 +36,7 @@ from occmllm.errors import OccError, cli  # noqa: E402
 from occmllm.model import load_model  # noqa: E402
 from occmllm.questions import CATEGORIES, Q1, category_answer  # noqa: E402
 from occmllm.scoring import truth_category  # noqa: E402
+from occmllm.stats import auc  # noqa: E402
 
 
 def first_look_confidence(checkpoint: Path, recs: list[dict], root: Path, batch_size: int) -> dict[str, float]:
@@ -64,15 +65,6 @@ def first_look_confidence(checkpoint: Path, recs: list[dict], root: Path, batch_
             probs = torch.softmax(logits[:, firsts].float(), dim=-1).max(dim=-1).values
             out.update({str(rec["id"]): float(p) for rec, p in zip(batch, probs)})
     return out
-
-
-def auc(wrong: list[float], right: list[float]) -> float | None:
-    """The chance that a wrong first answer scores above a right one (ties count half); None where
-    every first answer is right, or every one wrong."""
-    if not wrong or not right:
-        return None
-    w, r = np.array(wrong)[:, None], np.array(right)[None, :]
-    return float(np.mean((w > r) + 0.5 * (w == r)))
 
 
 def detector_figures(rows: list[tuple[float, bool, bool]]) -> dict:

@@ -63,13 +63,14 @@ def cot_table(report: dict) -> str:
     rows = [r for r in report["rows"] if "cot" in r]
     if not rows:
         return ""
-    lines = ["| checkpoint | mode | gate | gate's gain where chosen / on views it was not chosen on (5-95%) | said No. "
-             "| calibration | No. when wrong | Yes. when right | render: wrong->right | render: right->wrong |",
-             "|" + " --- |" * 10]
+    lines = ["| checkpoint | mode | gate | gate's gain where chosen / on views it was not chosen on (5-95%) "
+             "| check AUC | said No. | calibration | No. when wrong | Yes. when right | render: wrong->right "
+             "| render: right->wrong |",
+             "|" + " --- |" * 11]
     for r in rows:
         c = r["cot"]
         lines.append(f"| {r['checkpoint']} | {r['mode']} | {_fmt(c.get('gate'))} | {_gate_gains(c.get('gate_choice'))} | "
-                     f"{_fmt(c['no_rate'])} | {_fmt(c['calibration'])} | {_fmt(c['no_when_wrong'])} | "
+                     f"{_fmt(c.get('check_auc'))} | {_fmt(c['no_rate'])} | {_fmt(c['calibration'])} | {_fmt(c['no_when_wrong'])} | "
                      f"{_fmt(c['yes_when_right'])} | {c['wrong_to_right']} | {c['right_to_wrong']} |")
     return "\n".join(lines)
 
@@ -149,9 +150,11 @@ def markdown(report: dict) -> str:
                   "where P(No.) reaches it. Where it is the checkpoint's own (chosen on validation, "
                   "`python -m occmllm.chain gate`), its gain in points over the first answers on the views it was "
                   "chosen on, which it was fitted to, and on views it was not chosen on (a bootstrap over those "
-                  "views): the second is the one to trust. `said No.`: the share of samples "
-                  "the model called unclear (Q6); calibration: the share where it said `No.` exactly when its first "
-                  "answer was wrong; the last columns count answers the render changed."), "", cot, ""]
+                  "views): the second is the one to trust. `check AUC`: the chance that the check's P(No.) "
+                  "ranks a wrong first answer above a right one (0.5: it tells them apart no better than a coin). "
+                  "`said No.`: the share of samples whose check, as the gate read it, took the second look (Q6); "
+                  "calibration: the share where it said `No.` exactly when its first answer was wrong; the last "
+                  "columns count answers the render changed."), "", cot, ""]
     return "\n".join(text)
 
 

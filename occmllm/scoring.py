@@ -26,6 +26,7 @@ outside the question set is ``"T<turn number>"``), as :func:`turns_of` names the
                "seconds": float | null, "samples_per_s": float | null,
                "cot": {"no_rate", "calibration", "no_when_wrong", "yes_when_right",      # chain-of-thought rows only
                        "wrong_to_right", "right_to_wrong", "gate",                # the run's gate (None: several)
+                       "check_auc",                      # P(No.) of wrong first answers above right ones
                        "gate_choice": occmllm.chain.gate_choice's | absent}}],    # added by inference.py
      "gains": [{"row": [checkpoint, mode], "against": [checkpoint, mode],   # see compared_with
                 "final": {"n", "delta", "se", "gained", "lost"},               # paired: see paired_difference
@@ -56,7 +57,7 @@ from dataclasses import dataclass
 
 from occmllm import chain
 from occmllm.errors import OccError
-from occmllm.stats import paired_difference
+from occmllm.stats import auc, paired_difference
 from occmllm.questions import CATEGORIES, is_correct, parse_category, parse_yes_no, question_id
 
 OCCLUSION_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -234,6 +235,7 @@ def cot_stats(records: list[dict], predictions: dict) -> dict:
     """Chain-of-thought figures (``occmllm.chain``): how often the check said ``No.`` (the second look
     taken), how well that matched the first answer being wrong, and what the second look changed."""
     said_no = labelled = wrong = no_when_wrong = yes_when_right = wrong_to_right = right_to_wrong = 0
+    p_no = {True: [], False: []}  # the check's P(No.) by whether the first answer was right
     for rec in records:
         answers = predictions[rec["id"]]["answers"]
         no = parse_yes_no(answers[chain.CHECK]) is False
@@ -246,6 +248,9 @@ def cot_stats(records: list[dict], predictions: dict) -> dict:
         wrong += not first_right
         no_when_wrong += no and not first_right
         yes_when_right += (not no) and first_right
+        p = (predictions[rec["id"]].get("chain") or {}).get("p_no")
+        if p is not None:
+            p_no[first_right].append(float(p))
         if chain.SECOND in answers:
             second_right = parse_category(answers[chain.SECOND]) == truth
             wrong_to_right += second_right and not first_right
@@ -255,7 +260,8 @@ def cot_stats(records: list[dict], predictions: dict) -> dict:
     return {"gate": gates.pop() if len(gates) == 1 else None,
             "no_rate": _rate(said_no, n), "calibration": _rate(no_when_wrong + yes_when_right, labelled),
             "no_when_wrong": _rate(no_when_wrong, wrong), "yes_when_right": _rate(yes_when_right, labelled - wrong),
-            "wrong_to_right": wrong_to_right, "right_to_wrong": right_to_wrong}
+            "wrong_to_right": wrong_to_right, "right_to_wrong": right_to_wrong,
+            "check_auc": auc(p_no[False], p_no[True]) if len(p_no[False]) + len(p_no[True]) == labelled else None}
 
 
 def key_order(key: str):

@@ -28,3 +28,13 @@ def mcnemar_p(gained: int, lost: int) -> float:
         return 1.0
     tail = sum(math.comb(changed, k) for k in range(min(gained, lost) + 1)) / 2 ** changed
     return min(1.0, 2 * tail)
+
+
+def auc(positives: list[float], negatives: list[float]) -> float | None:
+    """The chance that a positive scores above a negative (ties count half): 0.5 where the score
+    tells them apart no better than a coin; None without both."""
+    if not positives or not negatives:
+        return None
+    import numpy as np
+    p, n = np.asarray(positives, dtype=float)[:, None], np.asarray(negatives, dtype=float)[None, :]
+    return float(np.mean((p > n) + 0.5 * (p == n)))

@@ -144,3 +144,13 @@ def test_mcnemar_p_is_scipy_s_exact_binomial_test():
     for gained, lost in [(4, 0), (8, 7), (20, 5), (0, 9), (3, 3), (1, 0), (60, 31)]:
         assert mcnemar_p(gained, lost) == pytest.approx(binomtest(gained, gained + lost, 0.5).pvalue)
     assert mcnemar_p(0, 0) == 1.0
+
+
+def test_auc_is_scipy_s_mann_whitney_u():
+    from scipy.stats import mannwhitneyu
+
+    from occmllm.stats import auc
+    rng = np.random.default_rng(3)
+    wrong, right = list(rng.random(40).round(2) + 0.1), list(rng.random(70).round(2))
+    assert auc(wrong, right) == pytest.approx(mannwhitneyu(wrong, right).statistic / (40 * 70))
+    assert auc([0.9], [0.1, 0.2]) == 1.0 and auc([0.1], [0.1]) == 0.5 and auc([], right) is None

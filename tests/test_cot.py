@@ -11,7 +11,8 @@ import torch
 import inference
 from conftest import stop_inference_in_second_batch
 from occmllm import chain
-from occmllm.questions import category_answer
+from occmllm.questions import category_answer, parse_category
+from occmllm.scoring import truth_category
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -102,6 +103,12 @@ def test_cot_takes_no_ground_truth_and_reports_its_figures(cot_setup, recon_mode
     row = json.loads((tmp_path / "full/report.json").read_text())["rows"][0]
     assert row["mode"] == "cot"
     assert row["cot"]["no_rate"] == pytest.approx(len(unclear) / len(full))
+    # the check's AUC, from the predictions and the records' truths
+    truths = {r["id"]: truth_category(r) for r in map(json.loads, (work / "test.jsonl").read_text().splitlines())}
+    p_no = {right: [p["chain"]["p_no"] for p in full if (parse_category(p["answers"]["Q1"]) == truths[p["id"]]) == right]
+            for right in (True, False)}
+    pairs = [(w > r) + 0.5 * (w == r) for w in p_no[False] for r in p_no[True]]
+    assert row["cot"]["check_auc"] == (pytest.approx(sum(pairs) / len(pairs)) if pairs else None)
     assert "Chain of thought" in (tmp_path / "full/report.md").read_text()
 
 
