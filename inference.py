@@ -224,7 +224,7 @@ def load_clip(args):
 def mode_context(args, data: Path, root: Path, out: Path, test: list[dict], clip) -> Context:
     """The mode's extra inputs for one test file, checked before any model runs."""
     from occmllm.model import default_device
-    context = Context()
+    context = Context(mirror=not args.no_mirror)
     if renders_needed(args):
         from reconstruction.reconstruct import RenderCache
         context.renders = RenderCache(args.recon, records.dataset_folder(data, root), out / "renders",
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", type=float, help="--mode cot: take the second look where P(No.) >= GATE; 0 looks "
                                               "everywhere (to choose the gate on validation: python -m occmllm.chain "
                                               "gate) [the checkpoint's chain_gate.json, else 0.5]")
+    p.add_argument("--no-mirror", action="store_true",
+                   help="--mode cot, --tta second-look: the second look reads the image and render only as they "
+                        "are [also both flipped left to right, the category scored over both readings]")
     p.add_argument("--recon", type=Path, help="--mode cot/dual, --tta second-look: reconstruction model folder")
     p.add_argument("--recon-resolution", type=int, default=64,
                    help="--mode cot/dual, --tta second-look: marching-cubes grid per axis [64]")

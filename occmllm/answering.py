@@ -277,15 +277,22 @@ class Answerer:
             cache.reset()
         return cache
 
-    def tiled(self, paths: list) -> tuple[object, list[int]]:
+    def tiled(self, paths: list, mirrored: bool = False) -> tuple[object, list[int]]:
         """The images' tiles, concatenated, and how many tiles each image gave: from ``ready``
-        where the batch's images were made beforehand, else decoded and tiled now."""
+        where the batch's images were made beforehand, else decoded and tiled now. ``mirrored``:
+        of the images flipped left to right."""
+        from occmllm.augment import flipped_tiles, hflip
+        from occmllm.conversation import load_images
+
+        def made_now():
+            images = load_images(paths)
+            return self.encoder.pixel_values([hflip(image) for image in images] if mirrored else images)
         ready = [self.ready.get(p) for p in paths]
         if paths and None not in ready:
             import torch
-            return torch.cat([pixels for pixels, _, _ in ready]), [tiles for _, tiles, _ in ready]
-        from occmllm.conversation import load_images
-        return self.encoder.pixel_values(load_images(paths))
+            pixels, tiles = torch.cat([pixels for pixels, _, _ in ready]), [tiles for _, tiles, _ in ready]
+            return (flipped_tiles(pixels, len(paths), lambda: made_now()[0]) if mirrored else pixels), tiles
+        return made_now()
 
     def decoded(self, paths: list) -> list:
         """The images themselves (PIL): kept in ``ready`` where the main process made them, else

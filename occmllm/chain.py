@@ -15,7 +15,10 @@ the report.
    inside the stage-4 checkpoint, with its alpha): one model that learnt both looks answered
    worse at first look. Blended, the render speaks through the image's own token positions; shown as a
    second image beside it, the same renders moved the answers less (benchmarks/RESULTS.md, "Where
-   the second look's gain comes from").
+   the second look's gain comes from"). Its answer is the category whose answer it finds likeliest,
+   read twice: as they are and with image and render both flipped left to right, as training's
+   flips showed them, the log-likelihoods summed (``occmllm.modes.second_look_log_likelihoods``;
+   benchmarks/RESULTS.md, "The chain's check does not earn the views it skips").
 4. **Gate**: at inference the second look is taken where P(``No.``) (the model's probability of
    ``No.`` against ``Yes.`` as the check's answer) is at least the gate. The gate is chosen on the
    validation split (``choose_gate``; ``python -m occmllm.chain gate``) and stored with the

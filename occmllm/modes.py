@@ -30,6 +30,7 @@ class Context:
     clip: tuple | None = None           # (model, tokenizer, image processor) from occmllm.clip.load
     tta: object | None = None           # occmllm.tta.TTASettings
     second_look: Answerer | None = None  # cot, tta's second-look judge: the checkpoint's own second-look model
+    mirror: bool = True                 # cot, tta's second-look judge: the second look reads mirrored too
 
 
 def run_plain(answerer: Answerer, batch: list[Sample], context: Context | None = None) -> list[dict]:
@@ -64,9 +65,9 @@ def run_cot(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     """The chain of thought of ``occmllm.chain``: the first answer (Q1); the check (Q6 after it),
     read as P(``No.``); where P(``No.``) reaches the gate, the render is made and Q1 is asked again in
     a fresh conversation over the image blended with the render (``context.alpha``, the
-    checkpoint's), by the checkpoint's second-look model where it has one (``context.second_look``).
-    Only the models' own answers decide."""
-    from occmllm.dual import blend
+    checkpoint's), by the checkpoint's second-look model where it has one (``context.second_look``),
+    its answer the category ``second_look_log_likelihoods`` finds likeliest. Only the models' own
+    answers decide."""
     tiled = [answerer.tiled(s.images[:1]) for s in batch]
     encoded = answerer.encode(tiled)
     dialogue = Dialogue()  # the check continues the first answer's conversation
@@ -76,21 +77,46 @@ def run_cot(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     look = [i for i, p in enumerate(p_no) if chain.looks_again(p, context.gate)]
     second: dict[int, str] = {}
     if look:
-        reader = context.second_look or answerer
-        renders = rendered_like([batch[i] for i in look], [tiled[i] for i in look], answerer, context)
-        # one model: only the renders are new to it, the images' features are already made
-        images = encoded if reader is answerer else dict(zip(look, reader.encode([tiled[i] for i in look])))
-        prompts = [Prompt(chain.second_look_turns(), blend(images[i][0], render_features, context.alpha),
-                          images[i][1]) for i, (render_features, _) in zip(look, reader.encode(renders))]
-        second = dict(zip(look, reader(prompts)))
+        scores = second_look_log_likelihoods(answerer, [batch[i] for i in look], [tiled[i] for i in look],
+                                             [list(CATEGORIES)] * len(look), context)
+        second = {i: category_answer(CATEGORIES[int(row.argmax())]) for i, row in zip(look, scores)}
     out = []
     for i in range(len(batch)):
         answers = {chain.FIRST: first[i], chain.CHECK: NO if i in second else YES}
         if i in second:
             answers[chain.SECOND] = second[i]
         out.append({"answers": answers, "final": chain.final_answer(first[i], second.get(i)),
-                    "chain": {"p_no": round(p_no[i], 6), "gate": context.gate}})
+                    "chain": {"p_no": round(p_no[i], 6), "gate": context.gate, "mirror": context.mirror}})
     return out
+
+
+def second_look_log_likelihoods(answerer: Answerer, batch: list[Sample], tiled: list[tuple],
+                                candidates: list[list[str]], context: Context) -> list:
+    """The chain's second look (``occmllm.chain``): its model (``context.second_look``, else the
+    checkpoint) reads each record's image blended with its reconstruction render, and with
+    ``context.mirror`` also both flipped left to right, as training's flips showed them; per
+    record, the log-likelihood of each candidate category's answer (teacher-forced), summed over
+    the readings. A category's answer is scored whole, so it is always one of the candidates."""
+    import torch
+
+    from occmllm import tta
+    from occmllm.dual import blend
+    reader = context.second_look or answerer
+    renders = rendered_like(batch, tiled, answerer, context)
+    readings = [(tiled, renders)]
+    if context.mirror:
+        render_paths = context.renders.paths([s.id for s in batch])
+        readings.append(([answerer.tiled(s.images[:1], mirrored=True) for s in batch],
+                         [answerer.tiled([path], mirrored=True) for path in render_paths]))
+    rows = tta.answer_batch(reader.encoder, chain.SECOND_LOOK, [[category_answer(c) for c in cs] for cs in candidates],
+                            [t for _, t in tiled])
+    total = 0
+    for images, image_renders in readings:
+        features = [blend(image, render, context.alpha)
+                    for (image, _), (render, _) in zip(reader.encode(images), reader.encode(image_renders))]
+        with torch.inference_mode():
+            total = total + tta.answer_log_likelihoods(reader.model, rows, features).float().cpu()
+    return list(total.split([len(cs) for cs in candidates]))
 
 
 def rendered_like(batch: list[Sample], tiled: list[tuple], answerer: Answerer, context: Context) -> list[tuple]:
@@ -155,22 +181,10 @@ def clip_scores(answerer: Answerer, batch: list[Sample], tiled: list[tuple], can
 
 def second_look_scores(answerer: Answerer, batch: list[Sample], tiled: list[tuple], candidates: list[list[str]],
                        context: Context) -> list:
-    """TTA judge ``second-look``: the chain's second look (``context.second_look``, else the
-    checkpoint) over the image blended with its render, as ``run_cot`` asks it; its probability of
-    each candidate's answer, teacher-forced and renormalised over the candidates."""
-    import torch
-
-    from occmllm import tta
-    from occmllm.dual import blend
-    reader = context.second_look or answerer
-    renders = rendered_like(batch, tiled, answerer, context)
-    features = [blend(image, render, context.alpha)
-                for (image, _), (render, _) in zip(reader.encode(tiled), reader.encode(renders))]
-    rows = tta.answer_batch(reader.encoder, chain.SECOND_LOOK, [[category_answer(c) for c in cs] for cs in candidates],
-                            [t for _, t in tiled])
-    with torch.inference_mode():
-        log_pi = tta.answer_log_likelihoods(reader.model, rows, features).float().cpu()
-    return [row.softmax(0) for row in log_pi.split([len(cs) for cs in candidates])]
+    """TTA judge ``second-look``: the chain's second look (``second_look_log_likelihoods``, as
+    ``run_cot`` asks it): its probability of each candidate's answer, renormalised over the
+    candidates."""
+    return [row.softmax(0) for row in second_look_log_likelihoods(answerer, batch, tiled, candidates, context)]
 
 
 # --tta JUDGE -> its scores(answerer, batch, tiled images, candidates per record, context):

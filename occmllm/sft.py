@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
 
 from occmllm import dual, fileio, records
-from occmllm.augment import flip_draw, hflip
+from occmllm.augment import flip_draw, flipped_tiles, hflip
 from occmllm.conversation import (IGNORE_INDEX, ConversationEncoder, conversation_key, load_images, pad_batch,
                                   pad_id)
 from occmllm.errors import OccError
@@ -129,7 +129,7 @@ class ConversationDataset(Dataset):
         if path not in self._renders:
             self._renders[path] = self._encode_render(index, False)
         pixels = self._renders[path]
-        return _flipped(pixels, 1, lambda: self._encode_render(index, True)) if flip else pixels
+        return flipped_tiles(pixels, 1, lambda: self._encode_render(index, True)) if flip else pixels
 
     def _pixels(self, index: int, flip: bool) -> tuple[torch.Tensor, list[int]]:
         if not self.cache:
@@ -138,7 +138,7 @@ class ConversationDataset(Dataset):
         if key not in self._images:
             self._images[key] = self._tiled(index, False)
         pixels, tiles = self._images[key]
-        return (_flipped(pixels, len(tiles), lambda: self._tiled(index, True)[0]) if flip else pixels), tiles
+        return (flipped_tiles(pixels, len(tiles), lambda: self._tiled(index, True)[0]) if flip else pixels), tiles
 
     def _token_ids(self, index: int, tiles: list[int]) -> tuple[list[int], list[int]]:
         turns = self.items[index][1]["conversations"]
@@ -166,12 +166,6 @@ class ConversationDataset(Dataset):
         if self._render_paths[index] is not None:
             item["render_pixel_values"] = self._render_pixels(index, flip)
         return item
-
-
-def _flipped(pixels: torch.Tensor, images: int, encode_flipped) -> torch.Tensor:
-    """Cached tiles of ``images`` images, flipped: each tile in place when every image is one tile;
-    otherwise ``encode_flipped()`` (a flipped image cut into several tiles has them in other places)."""
-    return pixels.flip(-1) if len(pixels) == images else encode_flipped()
 
 
 @dataclass

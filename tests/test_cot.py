@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import inference
 from conftest import stop_inference_in_second_batch
@@ -122,8 +123,9 @@ def test_the_gate_decides_the_second_look(tiny_model, cot_setup, recon_model, tm
     assert everywhere and all("Q1#2" in p["answers"] for p in everywhere)
     top = max(p["chain"]["p_no"] for p in everywhere)
     assert top < 1
-    _run([*common, "--gate", str(min(1.0, top + 1e-4)), "--out", str(tmp_path / "none")])
+    _run([*common, "--gate", str(min(1.0, top + 1e-4)), "--out", str(tmp_path / "none"), "--no-mirror"])
     nowhere = _predictions(tmp_path / "none")
+    assert all(p["chain"]["mirror"] for p in everywhere) and not any(p["chain"]["mirror"] for p in nowhere)
     assert all("Q1#2" not in p["answers"] and p["final"] == p["answers"]["Q1"] for p in nowhere)
     assert [p["answers"]["Q1"] for p in nowhere] == [p["answers"]["Q1"] for p in everywhere]
     assert not list((tmp_path / "none/renders").glob("*.png"))
@@ -395,18 +397,24 @@ def test_tta_judged_by_the_second_look(tiny_model, synth, cot_setup, recon_model
         def paths(self, ids):
             return [self.path_of(i) for i in ids]
 
-    def judged(path_of) -> list[torch.Tensor]:
-        context = modes.Context(renders=Renders(path_of), alpha=alpha, second_look=second)
+    def judged(path_of, mirror=True) -> list[torch.Tensor]:
+        context = modes.Context(renders=Renders(path_of), alpha=alpha, second_look=second, mirror=mirror)
         return modes.second_look_scores(first, batch, tiled, cands, context)
 
-    def independent(path_of) -> list[torch.Tensor]:
+    def independent(path_of, mirror=True) -> list[torch.Tensor]:
+        """Each record's image and render decoded here, flipped by PIL for the mirrored reading."""
         out = []
-        for rec, (pixels, tiles), cs in zip(records, tiled, cands):
-            render_pixels, _ = encoder.pixel_values(load_images([path_of(rec["id"])]))
-            with torch.no_grad():
-                blended = blended_features(second.model, pixels, render_pixels, alpha)
-                ll = tta.answer_log_likelihoods(second.model, tta.answer_batch(
-                    encoder, chain.SECOND_LOOK, [[category_answer(c) for c in cs]], [tiles]), [blended])
+        for rec, (_, tiles), cs in zip(records, tiled, cands):
+            ll = 0
+            for flip in (False, True) if mirror else (False,):
+                image, render = load_images([synth / rec["image"], path_of(rec["id"])])
+                if flip:
+                    image, render = (x.transpose(Image.FLIP_LEFT_RIGHT) for x in (image, render))
+                (pixels, _), (render_pixels, _) = encoder.pixel_values([image]), encoder.pixel_values([render])
+                with torch.no_grad():
+                    blended = blended_features(second.model, pixels, render_pixels, alpha)
+                    ll = ll + tta.answer_log_likelihoods(second.model, tta.answer_batch(
+                        encoder, chain.SECOND_LOOK, [[category_answer(c) for c in cs]], [tiles]), [blended])
             out.append(ll.softmax(0))
         return out
 
@@ -419,6 +427,11 @@ def test_tta_judged_by_the_second_look(tiny_model, synth, cot_setup, recon_model
     scores = judged(renders)
     for got, want in zip(scores, independent(renders)):
         assert torch.allclose(got, want, rtol=0, atol=1e-6) and abs(got.sum().item() - 1) < 1e-5
+    as_they_are = judged(renders, mirror=False)
+    for got, want in zip(as_they_are, independent(renders, mirror=False)):
+        assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    # the mirrored reading is not the same reading again
+    assert max((a - b).abs().max().item() for a, b in zip(scores, as_they_are)) > 1e-4
     assert [category_answer(cs[int(s.argmax())]) for cs, s in zip(cands, scores)] == \
         [p["final"] for p in lines if p["mode"] == "best-of-3-second-look"]
     as_images = judged(images)  # no render: the blend is the image alone
