@@ -64,7 +64,7 @@ def cot_table(report: dict) -> str:
     if not rows:
         return ""
     lines = ["| checkpoint | mode | gate | gate's gain where chosen / on views it was not chosen on (5-95%) "
-             "| check AUC | said No. | calibration | No. when wrong | Yes. when right | render: wrong->right "
+             "| check AUC | looked again | calibration | No. when wrong | Yes. when right | render: wrong->right "
              "| render: right->wrong |",
              "|" + " --- |" * 11]
     for r in rows:
@@ -103,8 +103,8 @@ def gains_table(report: dict) -> str:
 
 def unlabelled_table(report: dict) -> str:
     """Rows of an unlabelled run: what was answered and how fast (and, for the chain of thought,
-    how often the model asked for the render)."""
-    lines = ["| checkpoint | mode | n | said No. (CoT) | samples/s |", "|" + " --- |" * 5]
+    how often the gate took the second look)."""
+    lines = ["| checkpoint | mode | n | looked again (CoT) | samples/s |", "|" + " --- |" * 5]
     for r in report["rows"]:
         said_no = _fmt(r["cot"]["no_rate"]) if "cot" in r else "-"
         speed = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.2f}"
@@ -152,7 +152,8 @@ def markdown(report: dict) -> str:
                   "chosen on, which it was fitted to, and on views it was not chosen on (a bootstrap over those "
                   "views): the second is the one to trust. `check AUC`: the chance that the check's P(No.) "
                   "ranks a wrong first answer above a right one (0.5: it tells them apart no better than a coin). "
-                  "`said No.`: the share of samples whose check, as the gate read it, took the second look (Q6); "
+                  "`looked again`: the share of samples whose check, read at the gate, took the second look "
+                  "(Q6 `No.`); "
                   "calibration: the share where it said `No.` exactly when its first answer was wrong; the last "
                   "columns count answers the render changed."), "", cot, ""]
     return "\n".join(text)
