@@ -108,15 +108,15 @@ def second_look_log_likelihoods(answerer: Answerer, batch: list[Sample], tiled: 
         render_paths = context.renders.paths([s.id for s in batch])
         readings.append(([answerer.tiled(s.images[:1], mirrored=True) for s in batch],
                          [answerer.tiled([path], mirrored=True) for path in render_paths]))
-    rows = tta.answer_batch(reader.encoder, chain.SECOND_LOOK, [[category_answer(c) for c in cs] for cs in candidates],
-                            [t for _, t in tiled])
-    total = 0
+    answers = [[category_answer(c) for c in cs] for cs in candidates]
+    total = [torch.zeros(len(cs)) for cs in candidates]
     for images, image_renders in readings:
         features = [blend(image, render, context.alpha)
                     for (image, _), (render, _) in zip(reader.encode(images), reader.encode(image_renders))]
-        with torch.inference_mode():
-            total = total + tta.answer_log_likelihoods(reader.model, rows, features).float().cpu()
-    return list(total.split([len(cs) for cs in candidates]))
+        scores = tta.candidate_log_likelihoods(reader.model, reader.encoder, chain.SECOND_LOOK, answers, features,
+                                               [t for _, t in images])
+        total = [t + s for t, s in zip(total, scores)]
+    return total
 
 
 def rendered_like(batch: list[Sample], tiled: list[tuple], answerer: Answerer, context: Context) -> list[tuple]:

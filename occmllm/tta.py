@@ -43,6 +43,7 @@ from torch.func import functional_call, vmap
 from torch.nn.utils.rnn import pad_sequence
 
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, pad_batch, pad_id
+from occmllm.errors import OccError
 from occmllm.model import to_model
 from occmllm.questions import CATEGORIES, category_answer
 
@@ -141,6 +142,52 @@ def answer_log_likelihoods(model, batch: AnswerBatch, features: list[torch.Tenso
     keep = targets != IGNORE_INDEX
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * keep).sum(dim=1)
+
+
+def candidate_log_likelihoods(model, encoder: ConversationEncoder, question: str, answers: list[list[str]],
+                              features: list[torch.Tensor], tiles: list[list[int]]) -> list[torch.Tensor]:
+    """Per image, log pi of each of its ``answers[i]`` to ``question`` (as ``answer_log_likelihoods``
+    scores ``answer_batch`` rows), without gradient. Each image's prompt, its visual tokens
+    included, runs through the language model once, and its keys and values serve all of its
+    answers: rows of the whole prompt per answer would prefill the image once per answer."""
+    from transformers import DynamicCache
+
+    from occmllm.dual import mm_outputs
+    device = model.device
+    prompts, continuations, labelled = [], [], []
+    for image_answers, image_tiles in zip(answers, tiles):
+        for k, answer in enumerate(image_answers):
+            ids, labels = encoder.tokens(image_tiles, [{"from": "human", "value": question},
+                                                       {"from": "gpt", "value": answer}])
+            start = next(j for j, label in enumerate(labels) if label != IGNORE_INDEX)
+            if k == 0:
+                prompts.append(ids[:start])
+            elif ids[:start] != prompts[-1]:
+                raise OccError("an answer changed the tokens of its prompt; score it with answer_log_likelihoods")
+            continuations.append(ids[start:])
+            labelled.append([label != IGNORE_INDEX for label in labels[start:]])
+    pad = pad_id(encoder.tokenizer)
+    prompt_ids, prompt_mask = pad_batch(prompts, pad, "left")
+    per_image = torch.tensor([len(a) for a in answers])
+    row_image = torch.repeat_interleave(torch.arange(len(answers)), per_image)
+    cont_ids, cont_mask = pad_batch(continuations, pad, "right")
+    keep, _ = pad_batch([[int(x) for x in row] for row in labelled], 0, "right")
+    with torch.inference_mode():
+        cache = DynamicCache()
+        prompted = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                         position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                         mm_encoder_outputs=mm_outputs(torch.cat(features).to(device)), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        cache.batch_select_indices(row_image.to(device))
+        mask = torch.cat([prompt_mask[row_image], cont_mask], dim=1)
+        positions = prompt_mask.sum(-1)[row_image, None] + torch.arange(cont_ids.shape[1])
+        answered = model(input_ids=cont_ids.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), past_key_values=cache, use_cache=True)
+        # the answer's first token is predicted at the prompt's last position, each later one at the one before it
+        logits = torch.cat([prompted.logits[row_image.to(device)], answered.logits[:, :-1]], dim=1).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, cont_ids.to(device).unsqueeze(-1)).squeeze(-1)
+        total = (logp * keep.to(device)).sum(dim=1).cpu()
+    return list(total.split(per_image.tolist()))
 
 
 def candidates(model, encoder: ConversationEncoder, question: str, features: list[torch.Tensor],

@@ -156,6 +156,24 @@ def test_candidates_are_the_likeliest_answers(setup):
         assert top[i] == [CATEGORIES[j] for j in ll.argsort(descending=True)[:3].tolist()]
 
 
+def test_one_prompt_serves_all_of_an_image_s_answers(setup):
+    """``candidate_log_likelihoods`` (each image's prompt prefilled once, its keys and values shared
+    by its answers) scores what ``answer_log_likelihoods`` scores row by row. Prompts of different
+    lengths (one image shown as two tiles: its tile's tokens twice), each image with its own
+    number of candidates."""
+    model, encoder, tiled, inputs = setup
+    features = plain_features(model, inputs)
+    tiles = [t for _, t in tiled]
+    features[1], tiles[1] = torch.cat([features[1], features[1]]), [2 * tiles[1][0]]
+    answers = [[category_answer(c) for c in CATEGORIES[:k]] for k in (1, 3, 8)]
+    got = tta.candidate_log_likelihoods(model, encoder, Q1, answers, features, tiles)
+    with torch.no_grad():
+        want = tta.answer_log_likelihoods(model, tta.answer_batch(encoder, Q1, answers, tiles), features)
+    assert [len(g) for g in got] == [1, 3, 8]
+    assert torch.allclose(torch.cat(got), want, rtol=0, atol=1e-5)
+    assert want[4:].max() - want[4:].min() > 1e-2  # the eight answers to one image: far apart against that
+
+
 # --- the command ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
