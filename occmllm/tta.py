@@ -195,9 +195,7 @@ def candidates(model, encoder: ConversationEncoder, question: str, features: lis
     """Per image (its visual tokens and tiles), the K categories whose answers the model finds
     likeliest, likeliest first."""
     everything = [category_answer(c) for c in CATEGORIES]
-    with torch.no_grad():
-        ll = answer_log_likelihoods(model, answer_batch(encoder, question, [everything] * len(features), tiles),
-                                    features).view(len(features), len(CATEGORIES))
+    ll = candidate_log_likelihoods(model, encoder, question, [everything] * len(features), features, tiles)
     return [[CATEGORIES[i] for i in row.topk(min(k, len(CATEGORIES))).indices.tolist()] for row in ll]
 
 
