@@ -10,8 +10,8 @@ For one test image:
    baseline: the rewards of one image sum to zero). Two judges (``occmllm.modes.TTA_JUDGES``):
    - ``clip`` (RLCF's): CLIP-S(caption of the candidate, image) = 2.5 max(cos, 0);
    - ``second-look``: the checkpoint's second look (``occmllm.chain``) reading the image blended
-     with its reconstruction render: its probability of the candidate's answer, renormalised over
-     the K candidates. It sees what the policy does not, the render, and it is right where the
+     with its reconstruction render, as the chain reads it (as they are and mirrored): its
+     probability of the candidate's answer, renormalised over the K candidates. It sees what the policy does not, the render, and it is right where the
      policy is; an image-only CLIP of the demo's size is neither (benchmarks/RESULTS.md, "A judge
      that sees the render");
 3. a few steps of REINFORCE on the candidates' log-likelihoods,
