@@ -20,7 +20,6 @@ def hflip(image: Image.Image) -> Image.Image:
     return image.transpose(Image.FLIP_LEFT_RIGHT)
 
 
-
 def flipped_tiles(pixels: torch.Tensor, images: int, encode_flipped) -> torch.Tensor:
     """The tiles of ``images`` images, each image flipped: each tile in place when every image is
     one tile; otherwise ``encode_flipped()`` (a flipped image cut into several tiles has them in

@@ -158,10 +158,11 @@ def gate_table(rows: list[tuple[float, bool, bool]]) -> list[dict]:
             for g, right, looked in zip(gates, first_below + second_from, looked_from)]
 
 
-def best_gate(rows: list[tuple[float, bool, bool]]) -> dict:
-    """The gate with the best final accuracy on ``rows``; among ties, the one that looks again least
-    (the second look costs a reconstruction)."""
-    return max(gate_table(rows), key=lambda r: (round(r["accuracy"], 12), -r["looked"]))
+def best_gate(rows: list[tuple[float, bool, bool]], table: list[dict] | None = None) -> dict:
+    """The gate with the best final accuracy on ``rows`` (``table``: their ``gate_table``, where
+    made already); among ties, the one that looks again least (the second look costs a
+    reconstruction)."""
+    return max(table or gate_table(rows), key=lambda r: (round(r["accuracy"], 12), -r["looked"]))
 
 
 def paired_gain(rows: list[tuple[float, bool, bool]], gate: float, reference: float) -> dict:
@@ -181,7 +182,7 @@ def choose_gate(rows: list[tuple[float, bool, bool]]) -> dict:
     few validation views' worth of gain skips views on which fresh samples lose
     (benchmarks/RESULTS.md, "The chain's check does not earn the views it skips")."""
     table = gate_table(rows)
-    best, everywhere, nowhere = best_gate(rows), {**table[0], "gate": 0.0}, table[-1]
+    best, everywhere, nowhere = best_gate(rows, table), {**table[0], "gate": 0.0}, table[-1]
     plain = everywhere if everywhere["accuracy"] > nowhere["accuracy"] else nowhere
     against = paired_gain(rows, best["gate"], plain["gate"])
     chosen = best if against["gained"] > against["lost"] and against["p"] < CHECK_MUST_BEAT_P else plain

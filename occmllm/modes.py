@@ -78,7 +78,7 @@ def run_cot(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     second: dict[int, str] = {}
     if look:
         scores = second_look_log_likelihoods(answerer, [batch[i] for i in look], [tiled[i] for i in look],
-                                             [list(CATEGORIES)] * len(look), context)
+                                             [list(CATEGORIES)] * len(look), context, [encoded[i] for i in look])
         second = {i: category_answer(CATEGORIES[int(row.argmax())]) for i, row in zip(look, scores)}
     out = []
     for i in range(len(batch)):
@@ -91,38 +91,38 @@ def run_cot(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
 
 
 def second_look_log_likelihoods(answerer: Answerer, batch: list[Sample], tiled: list[tuple],
-                                candidates: list[list[str]], context: Context) -> list:
+                                candidates: list[list[str]], context: Context, encoded: list[tuple] | None = None) -> list:
     """The chain's second look (``occmllm.chain``): its model (``context.second_look``, else the
     checkpoint) reads each record's image blended with its reconstruction render, and with
     ``context.mirror`` also both flipped left to right, as training's flips showed them; per
     record, the log-likelihood of each candidate category's answer (teacher-forced), summed over
-    the readings. A category's answer is scored whole, so it is always one of the candidates."""
+    the readings. A category's answer is scored whole, so it is always one of the candidates.
+    ``encoded``: the images' features as ``answerer`` made them, reused where it is the reader."""
     import torch
 
     from occmllm import tta
     from occmllm.dual import blend
     reader = context.second_look or answerer
-    renders = rendered_like(batch, tiled, answerer, context)
-    readings = [(tiled, renders)]
+    readings = [(tiled, rendered_like(batch, tiled, answerer, context), encoded if reader is answerer else None)]
     if context.mirror:
-        render_paths = context.renders.paths([s.id for s in batch])
-        readings.append(([answerer.tiled(s.images[:1], mirrored=True) for s in batch],
-                         [answerer.tiled([path], mirrored=True) for path in render_paths]))
+        mirrored = [answerer.tiled(s.images[:1], mirrored=True) for s in batch]
+        readings.append((mirrored, rendered_like(batch, mirrored, answerer, context, mirrored=True), None))
     answers = [[category_answer(c) for c in cs] for cs in candidates]
     total = [torch.zeros(len(cs)) for cs in candidates]
-    for images, image_renders in readings:
-        features = [blend(image, render, context.alpha)
-                    for (image, _), (render, _) in zip(reader.encode(images), reader.encode(image_renders))]
+    for images, image_renders, image_features in readings:
+        features = [blend(image, render, context.alpha) for (image, _), (render, _)
+                    in zip(image_features or reader.encode(images), reader.encode(image_renders))]
         scores = tta.candidate_log_likelihoods(reader.model, reader.encoder, chain.SECOND_LOOK, answers, features,
                                                [t for _, t in images])
         total = [t + s for t, s in zip(total, scores)]
     return total
 
 
-def rendered_like(batch: list[Sample], tiled: list[tuple], answerer: Answerer, context: Context) -> list[tuple]:
-    """Each sample's reconstruction render, tiled; a one-line error where a render's tiles differ
-    from its image's (the blend is tile by tile)."""
-    renders = [answerer.tiled([path]) for path in context.renders.paths([s.id for s in batch])]
+def rendered_like(batch: list[Sample], tiled: list[tuple], answerer: Answerer, context: Context,
+                  mirrored: bool = False) -> list[tuple]:
+    """Each sample's reconstruction render, tiled (``mirrored``: flipped left to right); a one-line
+    error where a render's tiles differ from its image's (the blend is tile by tile)."""
+    renders = [answerer.tiled([path], mirrored) for path in context.renders.paths([s.id for s in batch])]
     for s, (_, tiles), (_, render_tiles) in zip(batch, tiled, renders):
         if tiles != render_tiles:
             raise OccError(f"record {s.id!r}: its image makes {tiles} tiles and its render {render_tiles}; the "

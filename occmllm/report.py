@@ -70,8 +70,9 @@ def cot_table(report: dict) -> str:
     for r in rows:
         c = r["cot"]
         lines.append(f"| {r['checkpoint']} | {r['mode']} | {_fmt(c.get('gate'))} | {_gate_gains(c.get('gate_choice'))} | "
-                     f"{_fmt(c.get('check_auc'))} | {_fmt(c['no_rate'])} | {_fmt(c['calibration'])} | {_fmt(c['no_when_wrong'])} | "
-                     f"{_fmt(c['yes_when_right'])} | {c['wrong_to_right']} | {c['right_to_wrong']} |")
+                     f"{_fmt(c.get('check_auc'))} | {_fmt(c['no_rate'])} | {_fmt(c['calibration'])} | "
+                     f"{_fmt(c['no_when_wrong'])} | {_fmt(c['yes_when_right'])} | {c['wrong_to_right']} | "
+                     f"{c['right_to_wrong']} |")
     return "\n".join(lines)
 
 
@@ -153,8 +154,7 @@ def markdown(report: dict) -> str:
                   "views): the second is the one to trust. `check AUC`: the chance that the check's P(No.) "
                   "ranks a wrong first answer above a right one (0.5: it tells them apart no better than a coin). "
                   "`looked again`: the share of samples whose check, read at the gate, took the second look "
-                  "(Q6 `No.`); "
-                  "calibration: the share where it said `No.` exactly when its first answer was wrong; the last "
+                  "(Q6 `No.`); calibration: the share where it said `No.` exactly when its first answer was wrong; the last "
                   "columns count answers the render changed."), "", cot, ""]
     return "\n".join(text)
 

@@ -57,8 +57,8 @@ from dataclasses import dataclass
 
 from occmllm import chain
 from occmllm.errors import OccError
-from occmllm.stats import auc, paired_difference
 from occmllm.questions import CATEGORIES, is_correct, parse_category, parse_yes_no, question_id
+from occmllm.stats import auc, paired_difference
 
 OCCLUSION_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 NO_CATEGORY = "(none)"

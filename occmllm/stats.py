@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 
 def paired_difference(right: dict, right_before: dict, ids: list) -> dict:
     """Accuracy of one row minus another's on the same records ``ids``, with the standard error of
@@ -35,6 +37,5 @@ def auc(positives: list[float], negatives: list[float]) -> float | None:
     tells them apart no better than a coin; None without both."""
     if not positives or not negatives:
         return None
-    import numpy as np
     p, n = np.asarray(positives, dtype=float)[:, None], np.asarray(negatives, dtype=float)[None, :]
     return float(np.mean((p > n) + 0.5 * (p == n)))

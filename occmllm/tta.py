@@ -11,9 +11,9 @@ For one test image:
    - ``clip`` (RLCF's): CLIP-S(caption of the candidate, image) = 2.5 max(cos, 0);
    - ``second-look``: the checkpoint's second look (``occmllm.chain``) reading the image blended
      with its reconstruction render, as the chain reads it (as they are and mirrored): its
-     probability of the candidate's answer, renormalised over the K candidates. It sees what the policy does not, the render, and it is right where the
-     policy is; an image-only CLIP of the demo's size is neither (benchmarks/RESULTS.md, "A judge
-     that sees the render");
+     probability of the candidate's answer, renormalised over the K candidates. It sees what the
+     policy does not, the render, and it is right where the policy is; an image-only CLIP of the
+     demo's size is neither (benchmarks/RESULTS.md, "A judge that sees the render");
 3. a few steps of REINFORCE on the candidates' log-likelihoods,
        L = -1/K sum_k r_k log pi(answer_k | image, Q1)     (log pi summed over the answer's tokens),
    by plain SGD by default, so the update's size follows the reward: where CLIP barely tells
