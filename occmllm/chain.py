@@ -51,7 +51,7 @@ import numpy as np
 from occmllm import fileio, records
 from occmllm.errors import OccError, cli
 from occmllm.questions import NO, Q1, Q6, YES, answer_in_history, parse_category
-from occmllm.stats import mcnemar_p, paired_difference
+from occmllm.stats import paired_difference
 
 FIRST, CHECK, SECOND = "Q1", "Q6", "Q1#2"
 CHECK_QUESTION = Q6
@@ -170,8 +170,7 @@ def paired_gain(rows: list[tuple[float, bool, bool]], gate: float, reference: fl
     difference and its se, the views gained and lost, and McNemar's p."""
     def right(g: float) -> dict:
         return {i: second if p >= g else first for i, (p, first, second) in enumerate(rows)}
-    diff = paired_difference(right(gate), right(reference), list(range(len(rows))))
-    return {**diff, "p": mcnemar_p(diff["gained"], diff["lost"])}
+    return paired_difference(right(gate), right(reference), list(range(len(rows))))
 
 
 def choose_gate(rows: list[tuple[float, bool, bool]]) -> dict:

@@ -88,13 +88,14 @@ def _gate_gains(choice: dict | None) -> str:
 def _signed(diff: dict) -> str:
     if diff["delta"] is None:
         return "-"
-    return f"{diff['delta']:+.3f} ± {diff['se']:.3f} (+{diff['gained']} / -{diff['lost']})"
+    p = "p < 0.001" if diff["p"] < 0.001 else f"p {diff['p']:.3f}"
+    return f"{diff['delta']:+.3f} ± {diff['se']:.3f} (+{diff['gained']} / -{diff['lost']}, {p})"
 
 
 def gains_table(report: dict) -> str:
     if not report.get("gains"):
         return ""
-    lines = ["| row | against | final: gain ± se (records gained / lost) | most-occluded third: gain ± se |",
+    lines = ["| row | against | final: gain ± se (records gained / lost, McNemar's p) | most-occluded third: gain ± se |",
              "|" + " --- |" * 4]
     for g in report["gains"]:
         lines.append(f"| {g['row'][0]} ({g['row'][1]}) | {g['against'][0]} ({g['against'][1]}) | "
@@ -143,7 +144,9 @@ def markdown(report: dict) -> str:
                   "records differ "
                   "with a far smaller se than either accuracy has, so a gain over about twice this se is signal on "
                   "this test set. Records gained / lost: right only in the row / only in the one it is compared "
-                  "with."), "", paired, ""]
+                  "with; McNemar's p: the chance of a split at least this uneven were each changed record as "
+                  "likely gained as lost (honest where a handful changed: 4 gained and 0 lost is p 0.125)."),
+                 "", paired, ""]
     cot = cot_table(report)
     if cot:
         text += ["## Chain of thought", "",

@@ -29,8 +29,8 @@ outside the question set is ``"T<turn number>"``), as :func:`turns_of` names the
                        "check_auc",                      # P(No.) of wrong first answers above right ones
                        "gate_choice": occmllm.chain.gate_choice's | absent}}],    # added by inference.py
      "gains": [{"row": [checkpoint, mode], "against": [checkpoint, mode],   # see compared_with
-                "final": {"n", "delta", "se", "gained", "lost"},               # paired: see paired_difference
-                "most_occluded_third": {"n", "delta", "se", "gained", "lost"}}],
+                "final": {"n", "delta", "se", "gained", "lost", "p"},          # paired: see paired_difference
+                "most_occluded_third": {"n", "delta", "se", "gained", "lost", "p"}}],
      "confusion": {"checkpoint": str, "mode": str, "truth": [categories], "predicted": [categories + "(none)"],
                    "matrix": [[count]]} | null}
 

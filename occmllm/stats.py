@@ -10,15 +10,16 @@ def paired_difference(right: dict, right_before: dict, ids: list) -> dict:
     """Accuracy of one row minus another's on the same records ``ids``, with the standard error of
     that difference taken record by record (each record's difference is +1, 0 or -1). Two rows that
     mostly agree have a far smaller se than either accuracy's: this is what tells a gain from noise
-    on one test set. ``gained``/``lost``: records right only in the first row / only in the second."""
+    on one test set. ``gained``/``lost``: records right only in the first row / only in the second;
+    ``p``: McNemar's p of that split (``mcnemar_p``), honest where few records changed."""
     n = len(ids)
     gained = sum(right[i] and not right_before[i] for i in ids)
     lost = sum(right_before[i] and not right[i] for i in ids)
     if not n:
-        return {"n": 0, "delta": None, "se": None, "gained": 0, "lost": 0}
+        return {"n": 0, "delta": None, "se": None, "gained": 0, "lost": 0, "p": None}
     mean = (gained - lost) / n
     return {"n": n, "delta": mean, "se": math.sqrt(max((gained + lost) / n - mean * mean, 0.0) / n),
-            "gained": gained, "lost": lost}
+            "gained": gained, "lost": lost, "p": mcnemar_p(gained, lost)}
 
 
 def mcnemar_p(gained: int, lost: int) -> float:

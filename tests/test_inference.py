@@ -489,9 +489,10 @@ def test_occlusion_bins_edges():
 
 
 def test_paired_gains_match_an_independent_computation():
-    """Each row's gain over the row it is compared with, and the se of the per-record differences,
-    recomputed here with numpy; every row against the last plain row above it."""
+    """Each row's gain over the row it is compared with, the se of the per-record differences and
+    McNemar's p, recomputed here with numpy and scipy; every row against the last plain row above it."""
     import numpy as np
+    from scipy.stats import binomtest
     rng = np.random.default_rng(0)
     n = 60
     records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": "What's the object in the hand?\n<image>"},
@@ -521,10 +522,15 @@ def test_paired_gains_match_an_independent_computation():
             assert got["delta"] == pytest.approx(d.mean())
             assert got["se"] == pytest.approx(d.std() / np.sqrt(len(idx)))
             assert (got["gained"], got["lost"]) == (int((d > 0).sum()), int((d < 0).sum()))
+            changed = int((d != 0).sum())
+            assert got["p"] == pytest.approx(binomtest(int((d > 0).sum()), changed, 0.5).pvalue if changed else 1.0)
     # agreeing rows: the paired se is below the se either accuracy has alone
     s2 = rep["gains"][0]["final"]
     assert s2["se"] < min(r["final_se"] for r in rep["rows"][:2])
-    assert "## Gains, record by record" in report.markdown(rep)
+    text = report.markdown(rep)
+    assert "## Gains, record by record" in text
+    first = rep["gains"][0]["final"]
+    assert f"(+{first['gained']} / -{first['lost']}, p {first['p']:.3f})" in text
 
 
 def test_a_turn_continues_the_last_only_where_each_row_extends_it():
