@@ -29,7 +29,7 @@ Files in DIR:
   timing.jsonl        seconds per batch, with any wait for its images (kept out of the predictions so they
                       stay reproducible)
   run.json            the settings the predictions were made with (a resumed run must match them)
-  report.json, report.md, accuracy.png, accuracy_vs_occlusion.png, confusion.png   (occmllm.report)
+  report.json, report.md, accuracy.png, accuracy_vs_occlusion.png, confusion.png, gains.png   (occmllm.report)
 
 ``--score-reference`` scores a predictions file in the reference implementation's format
 (``{id: "The object is X."}``) against the Q1 answers of the test set and writes the same report.

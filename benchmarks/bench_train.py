@@ -25,12 +25,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from bench_gpu import Shape  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from occmllm import sft  # noqa: E402
-from bench_gpu import Shape  # noqa: E402
 from occmllm.config import parse_config  # noqa: E402
 from occmllm.stage import DataArguments, ModelArguments  # noqa: E402
 

@@ -13,7 +13,7 @@ from occmllm import fileio
 from occmllm.scoring import OCCLUSION_EDGES, key_order
 
 FILES = {"json": "report.json", "markdown": "report.md", "accuracy_plot": "accuracy.png",
-         "occlusion_plot": "accuracy_vs_occlusion.png", "confusion_plot": "confusion.png"}
+         "occlusion_plot": "accuracy_vs_occlusion.png", "confusion_plot": "confusion.png", "gains_plot": "gains.png"}
 
 
 # --- markdown ----------------------------------------------------------------------------------
@@ -145,7 +145,8 @@ def markdown(report: dict) -> str:
                   "with a far smaller se than either accuracy has, so a gain over about twice this se is signal on "
                   "this test set. Records gained / lost: right only in the row / only in the one it is compared "
                   "with; McNemar's p: the chance of a split at least this uneven were each changed record as "
-                  "likely gained as lost (honest where a handful changed: 4 gained and 0 lost is p 0.125)."),
+                  "likely gained as lost (honest where a handful changed: 4 gained and 0 lost is p 0.125). "
+                  f"Plot: `{FILES['gains_plot']}`."),
                  "", paired, ""]
     cot = cot_table(report)
     if cot:
@@ -257,8 +258,30 @@ def plot_confusion(report: dict, path: Path) -> None:
     fig.savefig(path, format="png")
 
 
+def plot_gains(report: dict, path: Path) -> None:
+    """Each paired gain in points with a bar of two standard errors either side, on all records and
+    on the most-occluded third: a bar that crosses zero is within the noise of this test set."""
+    gains = report.get("gains") or []
+    fig, ax = _figure(10.0, 1.2 + 0.45 * max(1, len(gains)))
+    if not gains:
+        return _no_data(fig, ax, path, UNLABELLED if report.get("unlabelled") else "no rows to compare")
+    for offset, part, marker, label in ((-0.15, "final", "o", "all records"),
+                                        (0.15, "most_occluded_third", "s", "most-occluded third")):
+        shown = [(i, g[part]) for i, g in enumerate(gains) if g[part]["delta"] is not None]
+        ax.errorbar([100 * d["delta"] for _, d in shown], [i + offset for i, _ in shown],
+                    xerr=[200 * d["se"] for _, d in shown], fmt=marker, capsize=3, label=label)
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_yticks(range(len(gains)), [f"{g['row'][0]} ({g['row'][1]}) vs {g['against'][0]} ({g['against'][1]})"
+                                      for g in gains])
+    ax.invert_yaxis()  # in the table's order, top to bottom
+    ax.set_xlabel("gain in final accuracy, points (bars: ± 2 paired standard errors)")
+    ax.set_title("Gains, record by record")
+    _legend_outside(ax)
+    fig.savefig(path, format="png")
+
+
 def write_report(out_dir: str | os.PathLike, report: dict) -> dict[str, Path]:
-    """Write report.json, report.md and the three plots into ``out_dir``. Every file is rendered to
+    """Write report.json, report.md and the four plots into ``out_dir``. Every file is rendered to
     a temporary name first and all of them replace their targets only once all are done, so a
     failure leaves no partial report. Returns the paths by kind."""
     out_dir = Path(out_dir)
@@ -271,4 +294,5 @@ def write_report(out_dir: str | os.PathLike, report: dict) -> dict[str, Path]:
         plot_accuracy(report, tmp["accuracy_plot"])
         plot_occlusion(report, tmp["occlusion_plot"])
         plot_confusion(report, tmp["confusion_plot"])
+        plot_gains(report, tmp["gains_plot"])
     return paths

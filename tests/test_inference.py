@@ -386,7 +386,7 @@ def test_report_matches_an_independent_count(batched, models, dataset, tmp_path)
     assert rep["q1_majority_rate"] == pytest.approx(max(map(cats.count, CATEGORIES)) / 32)
     assert rep["q1_chance_rate"] == 1 / 8 and rep["test_file"].endswith("test.jsonl")
     assert sum(map(sum, rep["confusion"]["matrix"])) == 32
-    for name in ("report.md", "accuracy.png", "accuracy_vs_occlusion.png", "confusion.png"):
+    for name in ("report.md", "accuracy.png", "accuracy_vs_occlusion.png", "confusion.png", "gains.png"):
         assert (batched / name).stat().st_size > 0
     assert "| a | plain | 32 |" in (batched / "report.md").read_text()
     assert not list(batched.glob(".*.tmp"))
@@ -488,7 +488,7 @@ def test_occlusion_bins_edges():
     assert scoring.occlusion_bin({"meta": {}}) is None and scoring.occlusion_bin({}) is None
 
 
-def test_paired_gains_match_an_independent_computation():
+def test_paired_gains_match_an_independent_computation(tmp_path):
     """Each row's gain over the row it is compared with, the se of the per-record differences and
     McNemar's p, recomputed here with numpy and scipy; every row against the last plain row above it."""
     import numpy as np
@@ -531,6 +531,11 @@ def test_paired_gains_match_an_independent_computation():
     assert "## Gains, record by record" in text
     first = rep["gains"][0]["final"]
     assert f"(+{first['gained']} / -{first['lost']}, p {first['p']:.3f})" in text
+    # gains.png: a row a gain, so a report with fewer gains draws a shorter plot
+    from matplotlib.image import imread
+    report.plot_gains(rep, tmp_path / "all.png")
+    report.plot_gains({**rep, "gains": rep["gains"][:1]}, tmp_path / "one.png")
+    assert imread(tmp_path / "all.png").shape[0] > imread(tmp_path / "one.png").shape[0]
 
 
 def test_a_turn_continues_the_last_only_where_each_row_extends_it():
