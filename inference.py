@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=Path, help="--tta clip: CLIP model folder (python -m occmllm.clip)")
     p.add_argument("--tta-k", type=int, default=4, help="--tta: candidate answers per record [4]")
     p.add_argument("--tta-steps", type=int, default=3, help="--tta: optimizer steps per record [3]")
-    p.add_argument("--tta-lr", type=float, help="--tta: learning rate of the steps [clip: 1e-3, second-look: 1e-2]")
+    p.add_argument("--tta-lr", type=float, help="--tta: learning rate of the steps [clip: 1e-3, second-look: 0.3]")
     p.add_argument("--tta-optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="--tta: sgd (the update's size follows the reward) or adamw (RLCF's) [sgd]")
     p.add_argument("--limit", type=int, help="only the first N test records")
