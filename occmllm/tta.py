@@ -113,18 +113,28 @@ class AnswerBatch:
     image: torch.Tensor           # (n,) the image each row shows
 
 
+def answer_tokens(encoder: ConversationEncoder, question: str, answers: list[list[str]],
+                  tiles: list[list[int]]) -> list[list[tuple[list[int], list[int]]]]:
+    """Per image i (made of ``tiles[i]``), ``encoder.tokens`` of ``question`` answered by each of
+    ``answers[i]``. The images of a batch mostly share their tiling, so each (tiling, answer) pair
+    is encoded once: the chat template costs more than a small model's forward pass."""
+    seen: dict[tuple, tuple[list[int], list[int]]] = {}
+
+    def encoded(image_tiles: list[int], answer: str) -> tuple[list[int], list[int]]:
+        key = (tuple(image_tiles), answer)
+        if key not in seen:
+            seen[key] = encoder.tokens(image_tiles, [{"from": "human", "value": question},
+                                                     {"from": "gpt", "value": answer}])
+        return seen[key]
+    return [[encoded(image_tiles, a) for a in image_answers] for image_answers, image_tiles in zip(answers, tiles)]
+
+
 def answer_batch(encoder: ConversationEncoder, question: str, answers: list[list[str]],
                  tiles: list[list[int]]) -> AnswerBatch:
     """Rows for image i (made of ``tiles[i]``) asked ``question`` and answering each of ``answers[i]``."""
-    encoded, image, seen = [], [], {}
-    for i, (image_answers, image_tiles) in enumerate(zip(answers, tiles)):
-        for a in image_answers:
-            key = (tuple(image_tiles), a)  # images of a batch mostly share their tiling: encode each pair once
-            if key not in seen:
-                seen[key] = encoder.tokens(image_tiles, [{"from": "human", "value": question},
-                                                         {"from": "gpt", "value": a}])
-            encoded.append(seen[key])
-            image.append(i)
+    per_image = answer_tokens(encoder, question, answers, tiles)
+    encoded = [pair for pairs in per_image for pair in pairs]
+    image = [i for i, pairs in enumerate(per_image) for _ in pairs]
     pad = pad_id(encoder.tokenizer)
     ids, mask = pad_batch([i for i, _ in encoded], pad, "right")
     labels, _ = pad_batch([lab for _, lab in encoded], pad, "right", value_for_labels=IGNORE_INDEX)
@@ -156,10 +166,8 @@ def candidate_log_likelihoods(model, encoder: ConversationEncoder, question: str
     from occmllm.dual import mm_outputs
     device = model.device
     prompts, continuations, labelled = [], [], []
-    for image_answers, image_tiles in zip(answers, tiles):
-        for k, answer in enumerate(image_answers):
-            ids, labels = encoder.tokens(image_tiles, [{"from": "human", "value": question},
-                                                       {"from": "gpt", "value": answer}])
+    for pairs in answer_tokens(encoder, question, answers, tiles):
+        for k, (ids, labels) in enumerate(pairs):
             start = next(j for j, label in enumerate(labels) if label != IGNORE_INDEX)
             if k == 0:
                 prompts.append(ids[:start])
