@@ -40,7 +40,7 @@ import argparse
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from occmllm import fileio, records, report
@@ -92,9 +92,10 @@ def run_inference(args) -> list[Path]:
     for data in args.data:
         if not data.is_file():
             raise OccError(f"{data}: test file not found")
-    for _, path in checkpoints:  # every checkpoint before running any, and before any file is written
+    answering = {}  # every checkpoint before running any, and before any file is written
+    for name, path in checkpoints:
         check_checkpoint(path)
-        blend_weight(args, path)
+        answering[name] = answer_settings(args, path)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise OccError("--device cuda: no CUDA device is available here; use --device cpu")
     clip = load_clip(args)
@@ -109,7 +110,8 @@ def run_inference(args) -> list[Path]:
         target.out.mkdir(parents=True, exist_ok=True)
         target.log = PredictionLog(target.out)
         check_run_settings(target.out, target.data, args.max_new_tokens, checkpoints, resuming=bool(target.log.done),
-                           recon=args.recon, clip=args.clip, recon_resolution=args.recon_resolution)
+                           recon=args.recon, clip=args.clip, recon_resolution=args.recon_resolution,
+                           mode=args.mode, answering=answering)
     hf_logging.disable_progress_bar()
     runner = MODE_RUNNERS[args.mode]
     device = torch.device(args.device) if args.device else default_device()
@@ -231,12 +233,39 @@ def mode_context(args, data: Path, root: Path, out: Path, test: list[dict], clip
                                       args.recon_resolution, args.device or str(default_device()))
         context.renders.check([rec["id"] for rec in test])
     if args.tta is not None:
-        from occmllm.tta import LEARNING_RATES, TTASettings
         context.clip = clip
-        lr = args.tta_lr if args.tta_lr is not None else LEARNING_RATES[args.tta]
-        context.tta = TTASettings(k=args.tta_k, steps=args.tta_steps, lr=lr, optimizer=args.tta_optimizer,
-                                  judge=args.tta)
+        context.tta = tta_settings(args)
     return context
+
+
+def tta_settings(args):
+    """--tta's settings, its judge's default learning rate where --tta-lr is not given."""
+    from occmllm.tta import LEARNING_RATES, TTASettings
+    lr = args.tta_lr if args.tta_lr is not None else LEARNING_RATES[args.tta]
+    return TTASettings(k=args.tta_k, steps=args.tta_steps, lr=lr, optimizer=args.tta_optimizer, judge=args.tta)
+
+
+def chain_gate(args, path: Path) -> float:
+    """cot: --gate, else the checkpoint's own (``occmllm.chain.read_gate``)."""
+    from occmllm.chain import read_gate
+    return args.gate if args.gate is not None else read_gate(path)
+
+
+def answer_settings(args, path: Path) -> dict:
+    """What decides a checkpoint's answers in this mode beside its weights, the data and the run's
+    settings (run.json): the blend weight, the gate, the mirrored reading, TTA's steps. A resumed run
+    must keep them (``occmllm.predictions.check_run_settings``): the gate, say, lives in the
+    checkpoint and changes when ``python -m occmllm.chain gate --save`` chooses another."""
+    settings: dict = {}
+    if renders_needed(args):
+        settings["alpha"] = blend_weight(args, path)
+    if args.mode == "cot":
+        settings["gate"] = chain_gate(args, path)
+    if reads_second_look(args):
+        settings["mirror"] = not args.no_mirror
+    if args.tta is not None:
+        settings["tta"] = {k: v for k, v in asdict(tta_settings(args)).items() if k != "judge"}
+    return settings
 
 
 def set_checkpoint_context(args, context: Context, path: Path, second_look=None) -> None:
@@ -244,8 +273,7 @@ def set_checkpoint_context(args, context: Context, path: Path, second_look=None)
     (cot) and the second-look model (cot, tta's second-look judge)."""
     context.alpha = blend_weight(args, path)
     if args.mode == "cot":
-        from occmllm.chain import read_gate
-        context.gate = args.gate if args.gate is not None else read_gate(path)
+        context.gate = chain_gate(args, path)
     if reads_second_look(args):
         context.second_look = second_look
 

@@ -258,12 +258,15 @@ def read_gate(checkpoint: str | Path) -> float:
 def gate_choice(checkpoint: str | Path, gate: float | None) -> dict | None:
     """How the checkpoint's stored gate was chosen, where ``gate`` (a run's, as its predictions keep
     it: six digits) is that gate: its gain fitted on the validation views and its gain on views it
-    was not chosen on (``gate_gain_on_fresh_views``; absent from gates stored before it)."""
+    was not chosen on (``gate_gain_on_fresh_views``; absent from gates stored before it). None for
+    a gate written by hand, which ``read_gate`` takes but which records no choice."""
     path = Path(checkpoint) / GATE_FILE
     if gate is None or not path.is_file():
         return None
     stored = fileio.read_json(path)
     if not isinstance(stored.get("gate"), (int, float)) or abs(stored["gate"] - gate) > 1e-6:
+        return None
+    if not all(isinstance(stored.get(k), (int, float)) for k in ("accuracy", "first_only_accuracy")):
         return None
     return {"n": stored.get("n"), "fitted_gain": 100 * (stored["accuracy"] - stored["first_only_accuracy"]),
             "gain_on_fresh_views": stored.get("gain_on_fresh_views")}

@@ -129,15 +129,19 @@ def done_predictions(path: Path) -> dict[tuple, dict]:
 
 def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: list[tuple[str, Path]],
                        resuming: bool, recon: Path | None = None, clip: Path | None = None,
-                       recon_resolution: int | None = None) -> None:
+                       recon_resolution: int | None = None, mode: str = "plain",
+                       answering: dict[str, dict] | None = None) -> None:
     """Record the settings in run.json; a resumed run must use the same ones, or its predictions
-    would mix answers made differently (and the cached renders would be another model's)."""
+    would mix answers made differently (and the cached renders would be another model's).
+    ``answering``: each checkpoint's settings that decide its answers in ``mode`` (blend weight,
+    gate, ...), kept per checkpoint and mode."""
     path = out / RUN
     settings = {"data": str(data.resolve()), "max_new_tokens": max_new_tokens,
                 "checkpoints": {name: str(p.resolve()) for name, p in checkpoints},
                 "recon": str(recon.resolve()) if recon is not None else None,
                 "recon_resolution": recon_resolution if recon is not None else None,
-                "clip": str(clip.resolve()) if clip is not None else None}
+                "clip": str(clip.resolve()) if clip is not None else None,
+                "answering": {f"{name} ({mode})": s for name, s in (answering or {}).items()}}
     old = fileio.read_json(path) if path.is_file() else {}
     problems = []
     if resuming and old:
@@ -147,6 +151,11 @@ def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: 
             if old.get("checkpoints", {}).get(name, p) != p:
                 problems.append(f"checkpoint {name!r} was {old['checkpoints'][name]}, now {p}")
         settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
+        for row, now in settings["answering"].items():
+            was = old.get("answering", {}).get(row, now)
+            if was != now:
+                problems.append(f"{row} answered with {_described(was)}, now {_described(now)}")
+        settings["answering"] = {**old.get("answering", {}), **settings["answering"]}
     for model in ("recon", "recon_resolution", "clip"):
         if old.get(model) and settings[model] and old[model] != settings[model]:
             why = f" (its renders are cached in {out})" if model.startswith("recon") else ""
@@ -156,6 +165,10 @@ def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: 
         raise OccError(f"{out / PREDICTIONS} holds predictions made with other settings ({'; '.join(problems)}); "
                        "use another --out, or remove the folder to start over")
     fileio.write_json(path, settings)
+
+
+def _described(settings: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.items()) or "no settings"
 
 
 def timings(path: Path) -> dict[tuple[str, str], tuple[float, int]]:

@@ -324,6 +324,32 @@ def test_interrupted_cot_and_dual_runs_resume_to_the_same_file(cot_setup, recon_
     assert scores("resumed") == scores("full")
 
 
+def test_a_run_resumed_with_another_gate_or_reading_is_refused(cot_setup, recon_model, tmp_path, capsys):
+    """The gate lives in the checkpoint and changes when one is chosen (``occmllm.chain gate --save``):
+    asked again into the same folder, the chain must not keep the answers of the old gate beside
+    those of the new one. A changed gate, or the mirrored reading turned off, is a one-line error
+    that leaves the predictions as they were; the same settings resume with nothing to redo."""
+    import shutil
+    work, model = cot_setup
+    ckpt = shutil.copytree(model, tmp_path / "ckpt")
+    (ckpt / chain.GATE_FILE).write_text(json.dumps({"gate": 0.0}))
+    out = tmp_path / "out"
+    argv = ["--checkpoint", f"m={ckpt}", "--data", str(work / "test.jsonl"), "--mode", "cot", "--recon",
+            str(recon_model), "--recon-resolution", "24", "--limit", "2", "--out", str(out)]
+    _run(argv)
+    before = (out / "predictions.jsonl").read_bytes()
+    assert json.loads((out / "run.json").read_text())["answering"]["m (cot)"]["gate"] == 0.0
+    (ckpt / chain.GATE_FILE).write_text(json.dumps({"gate": 0.9}))
+    for changed, said in ((argv, "gate 0.9"), ([*argv, "--gate", "0", "--no-mirror"], "mirror False")):
+        with pytest.raises(SystemExit) as exc:
+            inference.main(changed)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and "\n" not in err and "m (cot)" in err and said in err, err
+        assert (out / "predictions.jsonl").read_bytes() == before
+    _run([*argv, "--gate", "0"])  # the settings it answered with: all done, nothing added
+    assert (out / "predictions.jsonl").read_bytes() == before
+
+
 def test_inference_benchmark_runs_every_mode_on_tiny_models(cot_setup, recon_model, tmp_path):
     """benchmarks/bench_inference.py (make bench) on the tiny models, so it cannot rot: the batched
     answers, each turn fed after the last one's kept keys and values, are word for word those of
