@@ -168,6 +168,36 @@ def test_a_second_look_model_answers_the_second_look(tiny_model, cot_setup, reco
     assert [p["answers"]["Q1#2"] for p in both] != [p["answers"]["Q1#2"] for p in first]
 
 
+def test_chain_parts_benchmark_asks_each_reading_as_inference_does(tiny_model, cot_setup, recon_model, tmp_path,
+                                                                  capsys):
+    """benchmarks/chain_parts.py on a checkpoint with its own second-look model: six readings, each
+    an inference.py run whose report gives the accuracy the script prints; its chain row is the
+    chain itself, and its first-look rows ask the checkpoint without its second-look model."""
+    import shutil
+    work, model = cot_setup
+    ckpt = shutil.copytree(tiny_model, tmp_path / "ckpt")
+    shutil.copytree(model, ckpt / chain.SECOND_LOOK_DIR)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import chain_parts
+    out = tmp_path / "parts"
+    assert chain_parts.main(["--checkpoint", str(ckpt), "--recon", str(recon_model), "--recon-resolution", "24",
+                             "--data", str(work / "test.jsonl"), "--out", str(out), "--limit", "6"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [r["reading"] for r in rows] == [name for name, *_ in chain_parts.READINGS]
+    for row, (_, folder, _, _) in zip(rows, chain_parts.READINGS):
+        report = json.loads((out / folder / "report.json").read_text())["rows"][0]
+        assert row["n"] == 6 and row["accuracy"] == pytest.approx(report["final_accuracy"])
+    assert rows[0]["against_plain"]["final"]["delta"] == 0
+    assert not (out / "first_look_checkpoint" / chain.SECOND_LOOK_DIR).exists()
+    assert len(list((out / "renders").glob("*.png"))) == 6  # made once, read by every chain run
+    _run(["--checkpoint", f"step4={ckpt}", "--data", str(work / "test.jsonl"), "--mode", "cot", "--gate", "0",
+          "--recon", str(recon_model), "--recon-resolution", "24", "--limit", "6", "--batch-size", "32",
+          "--max-new-tokens", "16", "--out", str(tmp_path / "chain")])
+    assert _predictions(out / "chain") == _predictions(tmp_path / "chain")
+    first = [p["answers"]["Q1"] for p in _predictions(out / "first_scored")]
+    assert first == [p["answers"]["Q1"] for p in _predictions(tmp_path / "chain")]  # the checkpoint's first look
+
+
 def test_gate_chosen_on_one_run_predicts_the_next(cot_setup, recon_model, tmp_path):
     """``python -m occmllm.chain gate`` on a run that looked everywhere writes the checkpoint's gate;
     a run with it (read from the checkpoint) scores the accuracy the choice predicted."""
