@@ -180,3 +180,29 @@ def test_cli_help_and_errors(tmp_path):
     out = run("--out", str(tmp_path / "exists"), "--scenes", "1")
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "already exists" in out.stderr
     assert out.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_fingerprints_tell_where_two_demos_part(synth, tmp_path, capsys):
+    """benchmarks/fingerprint.py: the same dataset in two places has the same fingerprint, one
+    changed pixel gives another, and the parts a demo has not made yet read as absent."""
+    import shutil
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fingerprint import main as fingerprint
+
+    def prints(demo):
+        assert fingerprint(["--demo", str(demo)]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(synth, one / "data")
+    shutil.copytree(synth, two / "data")
+    first = prints(one)
+    assert first == prints(two)
+    assert first["dataset"]["files"] > len(list(synth.glob("scenes/*")))
+    assert first["checkpoint step1"] is None and first["predictions report"] is None
+    image = next((two / "data").glob("scenes/**/*.png"))
+    pixels = np.array(Image.open(image))
+    pixels.flat[0] ^= 1
+    Image.fromarray(pixels).save(image)
+    assert prints(two)["dataset"]["sha256"] != first["dataset"]["sha256"]
