@@ -149,7 +149,7 @@ def run_inference(args) -> list[Path]:
                 if model_answerer is not None:
                     model_answerer.warm_up(args.batch_size)
             for target, _ in todo:
-                set_checkpoint_context(args, target.context, path, second_look)
+                set_checkpoint_context(target.context, answering[name], second_look)
             t0 = time.perf_counter()
             for (target, _, progress), (batch, ready) in zip(batches, images):
                 answerer.ready = ready
@@ -245,22 +245,18 @@ def tta_settings(args):
     return TTASettings(k=args.tta_k, steps=args.tta_steps, lr=lr, optimizer=args.tta_optimizer, judge=args.tta)
 
 
-def chain_gate(args, path: Path) -> float:
-    """cot: --gate, else the checkpoint's own (``occmllm.chain.read_gate``)."""
-    from occmllm.chain import read_gate
-    return args.gate if args.gate is not None else read_gate(path)
-
-
 def answer_settings(args, path: Path) -> dict:
     """What decides a checkpoint's answers in this mode beside its weights, the data and the run's
     settings (run.json): the blend weight, the gate, the mirrored reading, TTA's steps. A resumed run
     must keep them (``occmllm.predictions.check_run_settings``): the gate, say, lives in the
-    checkpoint and changes when ``python -m occmllm.chain gate --save`` chooses another."""
+    checkpoint and changes when ``python -m occmllm.chain gate --save`` chooses another. Read once,
+    before any model runs, and given to the mode as they are recorded (``set_checkpoint_context``)."""
+    from occmllm.chain import read_gate
     settings: dict = {}
     if renders_needed(args):
         settings["alpha"] = blend_weight(args, path)
-    if args.mode == "cot":
-        settings["gate"] = chain_gate(args, path)
+    if args.mode == "cot":  # --gate, else the checkpoint's own
+        settings["gate"] = args.gate if args.gate is not None else read_gate(path)
     if reads_second_look(args):
         settings["mirror"] = not args.no_mirror
     if args.tta is not None:
@@ -268,14 +264,13 @@ def answer_settings(args, path: Path) -> dict:
     return settings
 
 
-def set_checkpoint_context(args, context: Context, path: Path, second_look=None) -> None:
-    """What a mode reads from the checkpoint itself: the blend weight (``blend_weight``), the gate
-    (cot) and the second-look model (cot, tta's second-look judge)."""
-    context.alpha = blend_weight(args, path)
-    if args.mode == "cot":
-        context.gate = chain_gate(args, path)
-    if reads_second_look(args):
-        context.second_look = second_look
+def set_checkpoint_context(context: Context, settings: dict, second_look=None) -> None:
+    """What a mode reads from the checkpoint itself: the blend weight and the gate (cot) as
+    ``answer_settings`` read them, and the second-look model (cot, tta's second-look judge; else None)."""
+    context.alpha = settings.get("alpha")
+    if "gate" in settings:
+        context.gate = settings["gate"]
+    context.second_look = second_look
 
 
 def blend_weight(args, path: Path) -> float | None:
