@@ -15,6 +15,12 @@ export ATEN_CPU_CAPABILITY ?= avx2
 export MKL_CBWR ?= AVX2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 endif
+# glibc's malloc gives a freed large block (a step's activations and gradients) back to the kernel,
+# and the next step faults the same pages in again, zeroed: on the demo's tiny models that was a
+# tenth of a training step. Large blocks stay in the heap instead (never returned before exit); the
+# same results, bit for bit (benchmarks/RESULTS.md, "The demo's time on a slower machine")
+export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
+export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
 .PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha demo-fresh test bench bench-gpu clean-demo base recon-base
 
@@ -125,8 +131,9 @@ demo-stages:
 # checkpoint in plain mode, then stage 4's chain of thought. On validation the chain first looks
 # again everywhere (row step4-always), and the gate is chosen on it and written into the stage-4
 # checkpoint (python -m occmllm.chain gate: the best gate where it beats looking again everywhere or
-# nowhere by more than chance, else that); the step4 cot rows use it. Each command
-# answers both splits (a --data/--out pair each), loading its checkpoints once.
+# nowhere by more than chance, else that); the step4 cot rows use it (at gate 0 inference copies
+# validation's from step4-always: the same checkpoint asked the same way). Each command answers
+# both splits (a --data/--out pair each), loading its checkpoints once.
 REPORT_CHECKPOINTS = --checkpoint base=$(DEMO)/models/tiny --checkpoint step1=$(DEMO)/checkpoints/step1 \
 	--checkpoint step2=$(DEMO)/checkpoints/step2 --checkpoint step3=$(DEMO)/checkpoints/step3 \
 	--checkpoint step4=$(DEMO)/checkpoints/step4

@@ -46,8 +46,8 @@ from pathlib import Path
 from occmllm import fileio, records, report
 from occmllm.answering import DECODINGS, dataset_root, image_encoder, load_test, sample_of, with_ready_images
 from occmllm.errors import OccError, cli
-from occmllm.modes import MODE_RUNNERS, TTA_JUDGES, Context, tta_mode
-from occmllm.predictions import RUN, PredictionLog, check_run_settings
+from occmllm.modes import MODE_RUNNERS, TTA_JUDGES, TTA_MODES, Context, tta_mode
+from occmllm.predictions import RUN, PredictionLog, answered_alike, check_run_settings
 from occmllm.scoring import build_report, turns_of
 
 SEED = 0
@@ -119,7 +119,7 @@ def run_inference(args) -> list[Path]:
         for target in targets:
             logs.enter_context(target.log)
         for name, path in checkpoints:
-            todo = [(target, target.log.todo(name, args.mode, target.samples)) for target in targets]
+            todo = [(target, copied_or_todo(target, name, args.mode)) for target in targets]
             for target, samples in todo:
                 where = f" on {target.data}" if len(targets) > 1 else ""
                 if not samples:
@@ -163,6 +163,23 @@ def run_inference(args) -> list[Path]:
                 torch.cuda.empty_cache()
     return [finish(t.out, with_gate_choices(build_report(t.data, t.test, t.log.runs([s.id for s in t.samples])), t.out),
                    t.log.path) for t in targets]
+
+
+def copied_or_todo(target: Target, name: str, mode: str) -> list:
+    """The samples ``name`` has yet to answer in ``mode``, after copying those that another name for
+    the same checkpoint, asked the same way, has answered (the demo's validation chain at the gate
+    it chose, 0, is its row looking again everywhere). TTA's runs are always made: they also write
+    best-of-K rows."""
+    samples = target.log.todo(name, mode, target.samples)
+    if not samples or mode in TTA_MODES:
+        return samples
+    for other in answered_alike(target.out, name, mode):
+        if not target.log.todo(other, mode, samples):
+            target.log.copy(name, mode, other, samples)
+            print(f"{name} ({mode}): {len(samples)} samples answered as {other} ({mode}), the same checkpoint "
+                  f"and settings; copied into {target.log.path}")
+            return []
+    return samples
 
 
 def with_gate_choices(rep: dict, out: Path) -> dict:

@@ -72,6 +72,17 @@ class PredictionLog:
                                     "seconds": round(seconds, 4)}) + "\n")
         time_fh.flush()
 
+    def copy(self, name: str, mode: str, source: str, samples: list) -> None:
+        """``source``'s answers in ``mode`` to ``samples``, written as ``name``'s (``answered_alike``:
+        the same checkpoint asked the same way). No timing line: nothing was generated."""
+        pred_fh, _ = self._files
+        lines = [{**self.done[(source, mode, s.id)], "checkpoint": name} for s in samples]
+        pred_fh.write("".join(fileio.dumps(line) + "\n" for line in lines))
+        pred_fh.flush()
+        os.fsync(pred_fh.fileno())
+        for line in lines:
+            self.done[(name, mode, line["id"])] = line
+
     def runs(self, ids: list) -> list[dict]:
         """One run per checkpoint and mode in the folder that answered every id (a later run in
         another mode adds its rows), in the order they were first written, for the report."""
@@ -165,6 +176,17 @@ def check_run_settings(out: Path, data: Path, max_new_tokens: int, checkpoints: 
         raise OccError(f"{out / PREDICTIONS} holds predictions made with other settings ({'; '.join(problems)}); "
                        "use another --out, or remove the folder to start over")
     fileio.write_json(path, settings)
+
+
+def answered_alike(out: Path, name: str, mode: str) -> list[str]:
+    """The other checkpoint names that run.json records with ``name``'s checkpoint folder and the
+    same settings in ``mode``: whatever they answered, ``name`` would answer the same."""
+    settings = fileio.read_json(out / RUN)
+    paths, answering = settings["checkpoints"], settings["answering"]
+    row = answering.get(f"{name} ({mode})")
+    return [other for other, path in paths.items()
+            if other != name and path == paths[name] and f"{other} ({mode})" in answering
+            and answering[f"{other} ({mode})"] == row]
 
 
 def _described(settings: dict) -> str:

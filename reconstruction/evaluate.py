@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 from PIL import Image, ImageDraw
-from scipy.spatial import cKDTree
+from pykdtree.kdtree import KDTree
 from tqdm import tqdm
 
 from occmllm import fileio, records
@@ -38,7 +38,8 @@ from occmllm.dataset import load_dataset, resolve_in_roots
 from occmllm.errors import cli
 from occmllm.questions import OBJECT_COLOURS
 from occmllm.render import RayCaster, render_rgb
-from reconstruction.metrics import by_occlusion, mean_metrics, sample_surface, silhouette_iou, surface_metrics
+from reconstruction.metrics import (by_occlusion, mean_metrics, point_tree, sample_surface, silhouette_iou,
+                                    surface_metrics)
 from reconstruction.reconstruct import Reconstructor, add_common_arguments, depth_scale_of, render, save_render
 from reconstruction.truth import true_mesh
 from reconstruction.views import backproject, load_view, to_world
@@ -51,7 +52,7 @@ PROTOCOL = ("10k points uniformly on each surface, world frame, metres, no align
             "back-projected with depth.")
 
 
-def _scores(pred_points: np.ndarray, true_surface: tuple[np.ndarray, cKDTree] | None, silhouette: np.ndarray,
+def _scores(pred_points: np.ndarray, true_surface: tuple[np.ndarray, KDTree] | None, silhouette: np.ndarray,
             amodal: np.ndarray | None) -> dict:
     """A view's metrics against the true surface (its points and their KD-tree); those whose truth
     is missing (None) are None."""
@@ -81,7 +82,7 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
     on_sheet = {lines[i]["id"] for row in picks for i in row} if sheet is not None else set()
     declined: Counter = Counter()
     # per mesh: the true mesh and its surface (points, their KD-tree), shared by the model's and the baseline's scores
-    true_cache: dict[str, tuple[trimesh.Trimesh | None, tuple[np.ndarray, cKDTree] | None]] = {}
+    true_cache: dict[str, tuple[trimesh.Trimesh | None, tuple[np.ndarray, KDTree] | None]] = {}
     for start in tqdm(range(0, len(lines), batch_size), desc="evaluate", unit="batch", disable=not progress):
         chunk = lines[start: start + batch_size]
         views = [load_view(dataset.roots, line, scale) for line in chunk]
@@ -93,7 +94,7 @@ def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | 
                 if mesh is None:
                     declined[f"chamfer and F-scores: {why}"] += 1
                 points = sample_surface(mesh, SURFACE_SAMPLES, seed=1) if mesh is not None else None
-                true_cache[key] = (mesh, (points, cKDTree(points)) if mesh is not None else None)
+                true_cache[key] = (mesh, (points, point_tree(points)) if mesh is not None else None)
             truth, true_surface = true_cache[key]
             amodal = None
             if "mask_amodal" in line:

@@ -380,6 +380,33 @@ def test_a_run_resumed_with_another_gate_or_reading_is_refused(cot_setup, recon_
     assert (out / "predictions.jsonl").read_bytes() == before
 
 
+def test_a_checkpoint_asked_again_alike_under_another_name_is_copied(cot_setup, recon_model, tmp_path, capsys):
+    """The demo asks stage 4's chain on validation at gate 0 (row step4-always), then at the gate
+    chosen on it (row step4). Where that gate is 0 the second row is the first: it is copied, with no
+    timing since nothing ran, and reported alike. A name asked with another gate is answered afresh."""
+    import shutil
+    work, model = cot_setup
+    ckpt = shutil.copytree(model, tmp_path / "ckpt")
+    (ckpt / chain.GATE_FILE).write_text(json.dumps({"gate": 0.0}))
+    out = tmp_path / "out"
+    common = ["--data", str(work / "test.jsonl"), "--mode", "cot", "--recon", str(recon_model),
+              "--recon-resolution", "24", "--limit", "3", "--out", str(out)]
+    _run(["--checkpoint", f"always={ckpt}", "--gate", "0", *common])
+    capsys.readouterr()
+    _run(["--checkpoint", f"chosen={ckpt}", *common])  # the checkpoint's own gate, 0
+    assert "3 samples answered as always (cot)" in capsys.readouterr().out
+    rows = _predictions(out)
+    always, chosen = ([r for r in rows if r["checkpoint"] == name] for name in ("always", "chosen"))
+    assert len(always) == 3 and [dict(r, checkpoint="always") for r in chosen] == always
+    assert {json.loads(t)["checkpoint"] for t in (out / "timing.jsonl").read_text().splitlines()} == {"always"}
+    scored = {r["checkpoint"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert scored["chosen"]["final_accuracy"] == scored["always"]["final_accuracy"]
+    assert scored["chosen"]["samples_per_s"] is None
+    _run(["--checkpoint", f"gated={ckpt}", "--gate", "0.9", *common])
+    assert "answered as" not in capsys.readouterr().out
+    assert sum(r["checkpoint"] == "gated" for r in _predictions(out)) == 3
+
+
 def test_inference_benchmark_runs_every_mode_on_tiny_models(cot_setup, recon_model, tmp_path):
     """benchmarks/bench_inference.py (make bench) on the tiny models, so it cannot rot: the batched
     answers, each turn fed after the last one's kept keys and values, are word for word those of

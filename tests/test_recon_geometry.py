@@ -4,11 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import trimesh
-from scipy.spatial import cKDTree
 
 from occmllm.render import Camera, RayCaster, render_rgb, render_vertex_colours
 from reconstruction.extract import extract_mesh, level_sizes
-from reconstruction.metrics import (by_occlusion, mean_metrics, sample_surface, silhouette_iou,
+from reconstruction.metrics import (by_occlusion, mean_metrics, point_tree, sample_surface, silhouette_iou,
                                     surface_metrics)
 
 BOX_LO, BOX_HI = (-0.15, -0.15, -0.15), (0.15, 0.15, 0.15)  # a 0.3 m box, hand-object scale
@@ -39,10 +38,29 @@ def test_chamfer_of_concentric_spheres_is_the_radius_gap():
     inner, outer = sample_surface(_sphere(r1), 20000, seed=0), sample_surface(_sphere(r2), 20000, seed=1)
     assert inner.shape == (20000, 3) and inner.dtype == np.float64
     m = surface_metrics(inner, outer, thresholds=(0.005, 0.02))
-    assert m == surface_metrics(inner, outer, thresholds=(0.005, 0.02), true_tree=cKDTree(outer))  # a tree built once
+    assert m == surface_metrics(inner, outer, thresholds=(0.005, 0.02), true_tree=point_tree(outer))  # a tree built once
     assert m["chamfer_mm"] == pytest.approx(1000 * (r2 - r1), rel=0.03)
     assert m["fscore_5mm"] == 0.0 and m["precision_5mm"] == 0.0 and m["recall_5mm"] == 0.0
     assert m["fscore_20mm"] == 1.0 and m["precision_20mm"] == 1.0 and m["recall_20mm"] == 1.0
+
+
+def test_metrics_match_every_pairwise_distance():
+    # nearest neighbours from the full distance matrix, independent of the KD-tree; float32 and
+    # strided input (a column slice) give the same figures as float64
+    rng = np.random.default_rng(0)
+    pred = rng.normal(scale=0.02, size=(700, 3))
+    true = np.concatenate([pred[:100] + 0.004, rng.normal(scale=0.03, size=(500, 3))])
+    dist = np.linalg.norm(pred[:, None] - true[None], axis=2)
+    to_true, to_pred = dist.min(axis=1), dist.min(axis=0)
+    m = surface_metrics(pred, true)
+    assert m["chamfer_mm"] == pytest.approx(1000 * 0.5 * (to_true.mean() + to_pred.mean()), rel=1e-12)
+    for tau, label in ((0.005, "5mm"), (0.01, "10mm")):
+        precision, recall = np.mean(to_true <= tau), np.mean(to_pred <= tau)
+        assert m[f"precision_{label}"] == precision and m[f"recall_{label}"] == recall
+        assert m[f"fscore_{label}"] == pytest.approx(2 * precision * recall / (precision + recall))
+    wide = np.zeros((len(pred), 6))
+    wide[:, ::2] = pred
+    assert surface_metrics(wide[:, ::2], true.astype(np.float32))["chamfer_mm"] == pytest.approx(m["chamfer_mm"], rel=1e-6)
 
 
 def test_fscore_of_identical_and_distant_surfaces():
