@@ -16,9 +16,9 @@ export MKL_CBWR ?= AVX2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 endif
 # glibc's malloc gives a freed large block (a step's activations and gradients) back to the kernel,
-# and the next step faults the same pages in again, zeroed: on the demo's tiny models that was a
-# tenth of a training step. Large blocks stay in the heap instead (never returned before exit); the
-# same results, bit for bit (benchmarks/RESULTS.md, "The demo's time on a slower machine")
+# and the next step faults the same pages in again, zeroed: on the demo's tiny models that was up to
+# a sixth of a training step (stage 3). Large blocks stay in the heap instead (never returned before
+# exit); the same results, bit for bit (benchmarks/RESULTS.md, "The demo's time on a slower machine")
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 

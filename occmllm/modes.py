@@ -202,6 +202,7 @@ def tta_mode(judge: str) -> str:
     """The mode (and the adapted answer's report row) of a TTA run with ``judge``."""
     return f"tta{judge_suffix(judge)}"
 
+
 TTA_MODES = {tta_mode(judge) for judge in TTA_JUDGES}
 
 # --mode NAME -> its function(answerer, batch, context)

@@ -44,8 +44,8 @@ def threshold_label(tau: float) -> str:
 
 def point_tree(points: np.ndarray) -> KDTree:
     """A KD-tree for nearest-neighbour distances to ``points`` (n, 3). pykdtree's: the same distances
-    as SciPy's cKDTree in well under half the time (benchmarks/RESULTS.md, "The demo's reconstruction
-    evaluation")."""
+    as SciPy's cKDTree in about half the time (benchmarks/RESULTS.md, "The demo's time on a slower
+    machine")."""
     return KDTree(np.ascontiguousarray(points, dtype=np.float64))
 
 
