@@ -57,17 +57,12 @@ class PredictionLog:
     def append(self, name: str, mode: str, batch: list, results: list[dict], seconds: float) -> None:
         """One batch's predictions (a result's ``"also"`` rows, e.g. TTA's best-of-K, beside its
         own) and its generation time."""
-        pred_fh, time_fh = self._files
+        _, time_fh = self._files
         lines = [{"checkpoint": name, "mode": row_mode, "id": s.id, "answers": r["answers"], "final": r["final"],
                   "question_ids": s.question_ids, **({"chain": r["chain"]} if "chain" in r else {})}
                  for s, result in zip(batch, results)
                  for row_mode, r in [(mode, result), *result.get("also", {}).items()]]
-        # one write per batch, flushed and synced: a kill leaves at most one unfinished line
-        pred_fh.write("".join(fileio.dumps(line) + "\n" for line in lines))
-        pred_fh.flush()
-        os.fsync(pred_fh.fileno())
-        for line in lines:
-            self.done[(name, line["mode"], line["id"])] = line
+        self._write(lines)
         time_fh.write(fileio.dumps({"checkpoint": name, "mode": mode, "n": len(batch),
                                     "seconds": round(seconds, 4)}) + "\n")
         time_fh.flush()
@@ -75,13 +70,17 @@ class PredictionLog:
     def copy(self, name: str, mode: str, source: str, samples: list) -> None:
         """``source``'s answers in ``mode`` to ``samples``, written as ``name``'s (``answered_alike``:
         the same checkpoint asked the same way). No timing line: nothing was generated."""
+        self._write([{**self.done[(source, mode, s.id)], "checkpoint": name} for s in samples])
+
+    def _write(self, lines: list[dict]) -> None:
+        """Prediction lines in one write, flushed and synced (a kill leaves at most one unfinished
+        line), and remembered as done."""
         pred_fh, _ = self._files
-        lines = [{**self.done[(source, mode, s.id)], "checkpoint": name} for s in samples]
         pred_fh.write("".join(fileio.dumps(line) + "\n" for line in lines))
         pred_fh.flush()
         os.fsync(pred_fh.fileno())
         for line in lines:
-            self.done[(name, mode, line["id"])] = line
+            self.done[(line["checkpoint"], line["mode"], line["id"])] = line
 
     def runs(self, ids: list) -> list[dict]:
         """One run per checkpoint and mode in the folder that answered every id (a later run in
