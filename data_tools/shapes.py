@@ -151,8 +151,9 @@ def mesh_shape(shape: list[dict], cell: float, min_samples: int = 32) -> trimesh
     lo, hi = sdf.conservative_bounds(shape)
     lo, hi = lo - 2 * cell, hi + 2 * cell
     counts = [int(max(min_samples, np.ceil((hi[i] - lo[i]) / cell) + 1)) for i in range(3)]
-    points, spacing = meshing.grid_points(lo, hi, tuple(counts))
-    values = sdf.evaluate(shape, points).reshape(counts)
+    axes, spacing = meshing.grid_axes(lo, hi, tuple(counts))
+    # exact within two cell diagonals: every corner of a cell the surface crosses is within one
+    values = sdf.evaluate_grid(shape, axes, exact_within=2 * float(np.linalg.norm(spacing)))
     return meshing.mesh_from_sdf_grid(values, lo, spacing)
 
 

@@ -6,12 +6,17 @@ import trimesh
 from skimage import measure
 
 
-def grid_points(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Grid vertices over the box [lo, hi] as (N, 3) points and the per-axis spacing."""
-    axes = [np.linspace(lo[i], hi[i], shape[i]) for i in range(3)]
+def grid_axes(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, int, int]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """The coordinates along each axis of a grid over the box [lo, hi], and the per-axis spacing."""
+    axes = tuple(np.linspace(lo[i], hi[i], shape[i]) for i in range(3))
     spacing = np.array([(hi[i] - lo[i]) / (shape[i] - 1) for i in range(3)])
-    points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    return points, spacing
+    return axes, spacing
+
+
+def grid_points(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Grid vertices over the box [lo, hi] as (N, 3) points (``ij`` order) and the per-axis spacing."""
+    axes, spacing = grid_axes(lo, hi, shape)
+    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3), spacing
 
 
 def mesh_from_sdf_grid(values: np.ndarray, lo: np.ndarray, spacing: np.ndarray) -> trimesh.Trimesh:

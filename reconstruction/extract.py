@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import trimesh
 
-from occmllm.meshing import grid_points, mesh_from_sdf_grid
+from occmllm.meshing import grid_axes, grid_points, mesh_from_sdf_grid
 
 SdfFn = Callable[[np.ndarray], np.ndarray]
 MODES = ("dense", "coarse_to_fine")
@@ -124,7 +124,7 @@ def _coarse_to_fine_grid(evaluate: _ChunkedEvaluator, lo: np.ndarray, hi: np.nda
         to_evaluate &= ~fine_exact
         index = np.nonzero(to_evaluate)
         if len(index[0]):
-            axes = [np.linspace(lo[i], hi[i], fine_size) for i in range(3)]  # as grid_points places them
+            axes = grid_axes(lo, hi, (fine_size,) * 3)[0]
             points = np.stack([axes[i][index[i]] for i in range(3)], axis=1)
             fine_values[index] = evaluate(points)
             fine_exact[index] = True
