@@ -22,7 +22,7 @@ endif
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha demo-fresh test bench bench-gpu clean-demo base recon-base
+.PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha demo-fresh test bench bench-gpu bench-gpu-next clean-demo base recon-base
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -289,6 +289,25 @@ bench-gpu:
 	$(PY) benchmarks/bench_gpu.py --runs plain,plain-graphed --batch-size 32 --workers 8 --fp32 --steps 4 \
 		--json outputs/bench-gpu/inference_fp32.json
 	$(PY) benchmarks/bench_gpu.py --runs plain --batch-size 32 --workers 0 --json outputs/bench-gpu/inference_no_workers.json
+
+# The GPU figures benchmarks/RESULTS.md still lacks, most wanted first, in a few minutes: where a
+# graphed inference batch's time goes, graphed decoding's first batch with its images made in the
+# batch (no workers to start), its answers against plain's in float32, and the dynamic-tile runs
+# grouped by length over a whole sorted group. BENCH_GPU_FLAGS adds flags to each (on a CPU,
+# "--shape tiny --device cpu" tries the target in seconds)
+BENCH_GPU_FLAGS ?=
+bench-gpu-next:
+	mkdir -p outputs/bench-gpu
+	$(PY) benchmarks/bench_gpu.py --runs plain,plain-graphed --batch-size 32 --workers 8 --profile $(BENCH_GPU_FLAGS) \
+		--json outputs/bench-gpu/inference_profiled.json
+	$(PY) benchmarks/bench_gpu.py --runs plain-graphed,plain --batch-size 32 --workers 0 $(BENCH_GPU_FLAGS) \
+		--json outputs/bench-gpu/inference_no_workers.json
+	$(PY) benchmarks/bench_gpu.py --runs plain,plain-graphed --batch-size 32 --workers 8 --fp32 --steps 4 $(BENCH_GPU_FLAGS) \
+		--json outputs/bench-gpu/inference_fp32.json
+	$(PY) benchmarks/bench_gpu.py --tiles dynamic --runs full-compiled --batch-size 12 --workers 8 --group-by-length \
+		--steps 50 $(BENCH_GPU_FLAGS) --json outputs/bench-gpu/train_dynamic_grouped_batch12.json
+	$(PY) benchmarks/bench_gpu.py --tiles dynamic --runs full-compiled --batch-size 8 --workers 8 --group-by-length \
+		--steps 50 $(BENCH_GPU_FLAGS) --json outputs/bench-gpu/train_dynamic_grouped.json
 
 clean-demo:
 	rm -rf $(DEMO)
