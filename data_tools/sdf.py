@@ -113,9 +113,10 @@ def evaluate(shape: list[dict], points: np.ndarray) -> np.ndarray:
 
 
 def evaluate_grid(shape: list[dict], axes: tuple[np.ndarray, np.ndarray, np.ndarray], exact_within: float) -> np.ndarray:
-    """Signed distance of ``shape`` on the grid ``axes[0] x axes[1] x axes[2]`` (``ij`` order), exact
-    (bit for bit ``evaluate``'s) wherever it is under ``exact_within`` in size; elsewhere of the right
-    sign and at least that size.
+    """Signed distance of ``shape`` on the grid ``axes[0] x axes[1] x axes[2]`` (``ij`` order): the
+    values of ``evaluate`` wherever they are under ``exact_within`` in size (bit for bit where NumPy
+    rounds a point's products alike in any array, as measured on the demo's scenes); elsewhere of
+    the right sign and at least that size.
 
     A primitive that adds or removes material is evaluated only on the block of the grid within
     ``exact_within`` of its bounding box: farther away its distance is at least that, so it cannot

@@ -109,9 +109,10 @@ def test_shapes_keep_their_attributes_and_sizes():
 
 def test_grid_sdf_is_exact_near_the_surface_and_meshes_as_the_full_field():
     """``sdf.evaluate_grid`` skips each primitive far from its box: near the surface its values are
-    ``evaluate``'s bit for bit, farther away only the sign and a lower bound on the size hold, and
-    the mesh is the one the fully evaluated grid gives, byte for byte (objects of every family, with
-    their subtractions and intersections, and hands)."""
+    ``evaluate``'s, farther away only the sign and a lower bound on the size hold, and the mesh is
+    the one the fully evaluated grid gives (objects of every family, with their subtractions and
+    intersections, and hands). On the demo's scenes both were the same bit for bit; the check
+    allows a last-bit difference, as a BLAS may round a product differently in a shorter array."""
     from data_tools import shapes
     from occmllm import meshing
     rng = np.random.default_rng(5)
@@ -128,13 +129,13 @@ def test_grid_sdf_is_exact_near_the_surface_and_meshes_as_the_full_field():
                 grid = sdf.evaluate_grid(part, meshing.grid_axes(lo, hi, counts)[0], exact_within=band)
                 near = np.abs(full) < band
                 assert 0 < near.sum() < near.size
-                assert np.array_equal(grid[near], full[near])
+                np.testing.assert_allclose(grid[near], full[near], rtol=0, atol=1e-12)
                 assert np.array_equal(grid[~near] < 0, full[~near] < 0) and np.all(np.abs(grid[~near]) >= band)
                 expected = meshing.mesh_from_sdf_grid(full, lo, spacing)
                 got = shapes.mesh_shape(part, cell)
                 assert len(got.faces) > 100
-                assert got.vertices.tobytes() == expected.vertices.tobytes()
-                assert got.faces.tobytes() == expected.faces.tobytes()
+                assert np.array_equal(got.faces, expected.faces)
+                np.testing.assert_allclose(got.vertices, expected.vertices, rtol=0, atol=1e-12)
 
 def _same_tree(a, b):
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
