@@ -64,6 +64,8 @@ DEMO_STEP3_STEPS ?= 208
 # path (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU" and "Reconstruction at a lower cost")
 DEMO_RENDER_RES ?= 33
 SUBMAKE = $(MAKE) --no-print-directory
+# when make read this file, before it built .venv
+MAKE_STARTED := $(shell date +%s)
 # inference settings of every report line: the demo's longest reference answer is 10 tokens, so 16
 # new tokens cut short only the rambling of checkpoints that never learnt a question (base and step1 on Q2-Q5)
 ANSWER = --batch-size 32 --max-new-tokens 16
@@ -75,6 +77,7 @@ demo: $(VENV)/.installed
 	@TIMEFORMAT="demo-stages took %0R s"; time $(SUBMAKE) demo-stages
 	@TIMEFORMAT="demo-report took %0R s"; time $(SUBMAKE) demo-report
 	@TIMEFORMAT="demo-alpha took %0R s"; time $(SUBMAKE) demo-alpha
+	@echo "make demo took $$(( $$(date +%s) - $(MAKE_STARTED) )) s in all (building .venv included, where this run built it)"
 	@echo
 	@echo "dataset:        $(DEMO)/data  (manifest.jsonl, splits.json, dataset.json, scenes/)"
 	@echo "contact sheet:  $(DEMO)/contact_sheet.png"
