@@ -260,39 +260,6 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_train.py
 
-# The GPU figures of benchmarks/RESULTS.md in one go, on a CUDA machine (each run 3 warm-up and 10
-# timed steps, or 11 batches): the stage trainers at 1 tile (batch 16 and 32) and with dynamic tiles
-# (batch 8; the compiled run also with batches grouped by length, at batch 8 and 12, over 50 steps:
-# a whole sorted group of lengths); the full fine-tune also with
-# compiled layers, with dataloader workers and once without, to show the wait for data; at batch 16
-# and with dynamic tiles each run also profiles one step, to show where its time goes. Then inference
-# at batch 32: plain with kept keys and values, whole prompts, the cot, dual and tta modes (both
-# judges), compiled and graphed decoding, their images made ahead by 8 workers (each image stands in
-# for its render: the renders' cost is bench_recon.py's to time); plain and graphed again profiled,
-# and in float32 (their answers should then match exactly); and plain once with the images made in
-# each batch. A JSON line each in outputs/bench-gpu/. bench_padding.py needs no GPU.
-# With a CUDA environment of your own: make bench-gpu PY=python
-bench-gpu:
-	mkdir -p outputs/bench-gpu
-	$(PY) benchmarks/bench_gpu.py --runs full,full-compiled,frozen,lora,mpo --workers 8 --profile \
-		--json outputs/bench-gpu/train_1tile.json
-	$(PY) benchmarks/bench_gpu.py --runs full,full-compiled --batch-size 32 --workers 8 \
-		--json outputs/bench-gpu/train_1tile_batch32.json
-	$(PY) benchmarks/bench_gpu.py --runs full --workers 0 --json outputs/bench-gpu/train_1tile_no_workers.json
-	$(PY) benchmarks/bench_gpu.py --tiles dynamic --runs full,full-compiled,frozen --batch-size 8 --workers 8 \
-		--profile --json outputs/bench-gpu/train_dynamic.json
-	$(PY) benchmarks/bench_gpu.py --tiles dynamic --runs full-compiled --batch-size 8 --workers 8 --group-by-length \
-		--steps 50 --json outputs/bench-gpu/train_dynamic_grouped.json
-	$(PY) benchmarks/bench_gpu.py --tiles dynamic --runs full-compiled --batch-size 12 --workers 8 --group-by-length \
-		--steps 50 --json outputs/bench-gpu/train_dynamic_grouped_batch12.json
-	$(PY) benchmarks/bench_gpu.py --runs plain,plain-graphed,plain-whole,cot,dual,tta,tta-second-look,plain-compiled \
-		--batch-size 32 --workers 8 --json outputs/bench-gpu/inference.json
-	$(PY) benchmarks/bench_gpu.py --runs plain,plain-graphed --batch-size 32 --workers 8 --profile \
-		--json outputs/bench-gpu/inference_profiled.json
-	$(PY) benchmarks/bench_gpu.py --runs plain,plain-graphed --batch-size 32 --workers 8 --fp32 --steps 4 \
-		--json outputs/bench-gpu/inference_fp32.json
-	$(PY) benchmarks/bench_gpu.py --runs plain --batch-size 32 --workers 0 --json outputs/bench-gpu/inference_no_workers.json
-
 # The GPU figures benchmarks/RESULTS.md still lacks, most wanted first, in a few minutes: where a
 # graphed inference batch's time goes, graphed decoding's first batch with its images made in the
 # batch (no workers to start), its answers against plain's in float32, and the dynamic-tile runs
@@ -311,6 +278,26 @@ bench-gpu-next:
 		--steps 50 $(BENCH_GPU_FLAGS) --json outputs/bench-gpu/train_dynamic_grouped_batch12.json
 	$(PY) benchmarks/bench_gpu.py --tiles dynamic --runs full-compiled --batch-size 8 --workers 8 --group-by-length \
 		--steps 50 $(BENCH_GPU_FLAGS) --json outputs/bench-gpu/train_dynamic_grouped.json
+
+# The GPU figures of benchmarks/RESULTS.md in one go, on a CUDA machine (each run 3 warm-up and 10
+# timed steps, or 11 batches): first bench-gpu-next's runs, then the stage trainers at 1 tile (batch
+# 16 and 32) and with dynamic tiles (batch 8); the full fine-tune also with compiled layers, with
+# dataloader workers and once without, to show the wait for data; at batch 16 and with dynamic tiles
+# each run also profiles one step, to show where its time goes. Then inference at batch 32: plain
+# with kept keys and values, whole prompts, the cot, dual and tta modes (both judges), compiled and
+# graphed decoding, their images made ahead by 8 workers (each image stands in for its render: the
+# renders' cost is bench_recon.py's to time). A JSON line each in outputs/bench-gpu/.
+# bench_padding.py needs no GPU. With a CUDA environment of your own: make bench-gpu PY=python
+bench-gpu: bench-gpu-next
+	$(PY) benchmarks/bench_gpu.py --runs full,full-compiled,frozen,lora,mpo --workers 8 --profile \
+		--json outputs/bench-gpu/train_1tile.json
+	$(PY) benchmarks/bench_gpu.py --runs full,full-compiled --batch-size 32 --workers 8 \
+		--json outputs/bench-gpu/train_1tile_batch32.json
+	$(PY) benchmarks/bench_gpu.py --runs full --workers 0 --json outputs/bench-gpu/train_1tile_no_workers.json
+	$(PY) benchmarks/bench_gpu.py --tiles dynamic --runs full,full-compiled,frozen --batch-size 8 --workers 8 \
+		--profile --json outputs/bench-gpu/train_dynamic.json
+	$(PY) benchmarks/bench_gpu.py --runs plain,plain-graphed,plain-whole,cot,dual,tta,tta-second-look,plain-compiled \
+		--batch-size 32 --workers 8 --json outputs/bench-gpu/inference.json
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -145,15 +145,24 @@ FAMILIES = {
 GRIP_RANGE = {"knife": (-0.75, -0.35)}
 
 
-def mesh_shape(shape: list[dict], cell: float, min_samples: int = 32) -> trimesh.Trimesh:
-    """Watertight marching-cubes mesh of a shape, sampled every ``cell`` metres but with at least
-    ``min_samples`` samples across each axis (so a 2 mm knife blade is never missed)."""
+# mesh_shape's values are exact within this many cell diagonals of the surface: every corner of a
+# cell the surface crosses is within one
+EXACT_DIAGONALS = 2
+
+
+def mesh_grid(shape: list[dict], cell: float, min_samples: int = 32) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """The box and the samples per axis of the grid ``mesh_shape`` samples: ``cell`` apart, but at
+    least ``min_samples`` across each axis (so a 2 mm knife blade is never missed)."""
     lo, hi = sdf.conservative_bounds(shape)
     lo, hi = lo - 2 * cell, hi + 2 * cell
-    counts = [int(max(min_samples, np.ceil((hi[i] - lo[i]) / cell) + 1)) for i in range(3)]
-    axes, spacing = meshing.grid_axes(lo, hi, tuple(counts))
-    # exact within two cell diagonals: every corner of a cell the surface crosses is within one
-    values = sdf.evaluate_grid(shape, axes, exact_within=2 * float(np.linalg.norm(spacing)))
+    return lo, hi, tuple(int(max(min_samples, np.ceil((hi[i] - lo[i]) / cell) + 1)) for i in range(3))
+
+
+def mesh_shape(shape: list[dict], cell: float, min_samples: int = 32) -> trimesh.Trimesh:
+    """Watertight marching-cubes mesh of a shape on its ``mesh_grid``."""
+    lo, hi, counts = mesh_grid(shape, cell, min_samples)
+    axes, spacing = meshing.grid_axes(lo, hi, counts)
+    values = sdf.evaluate_grid(shape, axes, exact_within=EXACT_DIAGONALS * float(np.linalg.norm(spacing)))
     return meshing.mesh_from_sdf_grid(values, lo, spacing)
 
 

@@ -106,7 +106,6 @@ def test_shapes_keep_their_attributes_and_sizes():
             assert (change < 1e-6) == attrs["round"], (cat, change)
 
 
-
 def test_grid_sdf_is_exact_near_the_surface_and_meshes_as_the_full_field():
     """``sdf.evaluate_grid`` skips each primitive far from its box: near the surface its values are
     ``evaluate``'s, farther away only the sign and a lower bound on the size hold, and the mesh is
@@ -120,12 +119,10 @@ def test_grid_sdf_is_exact_near_the_surface_and_meshes_as_the_full_field():
         for cell in (0.0025, 0.005):
             shape, mesh = shapes.make_object(cat, rng, cell)
             for part in (shape, shapes.make_hand(cat, mesh.extents / 2, rng)):
-                lo, hi = sdf.conservative_bounds(part)
-                lo, hi = lo - 2 * cell, hi + 2 * cell
-                counts = tuple(int(max(32, np.ceil((hi[i] - lo[i]) / cell) + 1)) for i in range(3))
+                lo, hi, counts = shapes.mesh_grid(part, cell)
                 points, spacing = meshing.grid_points(lo, hi, counts)
                 full = sdf.evaluate(part, points).reshape(counts)
-                band = 2 * float(np.linalg.norm(spacing))
+                band = shapes.EXACT_DIAGONALS * float(np.linalg.norm(spacing))
                 grid = sdf.evaluate_grid(part, meshing.grid_axes(lo, hi, counts)[0], exact_within=band)
                 near = np.abs(full) < band
                 assert 0 < near.sum() < near.size
@@ -136,6 +133,7 @@ def test_grid_sdf_is_exact_near_the_surface_and_meshes_as_the_full_field():
                 assert len(got.faces) > 100
                 assert np.array_equal(got.faces, expected.faces)
                 np.testing.assert_allclose(got.vertices, expected.vertices, rtol=0, atol=1e-12)
+
 
 def _same_tree(a, b):
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
