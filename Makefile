@@ -84,6 +84,7 @@ demo: $(VENV)/.installed
 	@echo "stage files:    $(DEMO)/stages/  (each .jsonl with its InternVL .meta.json)"
 	@echo "reconstruction: $(DEMO)/recon/  (model/, metrics.json, contact_sheet.png)"
 	@echo "checkpoints:    $(DEMO)/models/tiny (the shipped base), $(DEMO)/checkpoints/step1 ... step4, step4_dual"
+	@echo "                (each with training.png and train_log.jsonl: what its trainer logged, against the step)"
 	@echo "reports:        $(DEMO)/report/ (test) and $(DEMO)/report_val/ (validation): report.md, report.json, plots"
 
 demo-data:
@@ -220,7 +221,9 @@ BASE_ERASE ?= 0.8
 # when complete, so an interrupted run leaves none to reuse
 BASE_DATA := outputs/base-scenes/seed$(BASE_SEED)-$(BASE_SCENES)
 base: $(VENV)/.installed
-	rm -rf outputs/base
+	# a fresh start, but for an interrupted pretraining's state (outputs/base/tower.partial): occmllm.pretrain
+	# resumes from its last whole epoch where the settings are the same, and refuses other ones
+	mkdir -p outputs/base && find outputs/base -mindepth 1 -maxdepth 1 ! -name tower.partial -exec rm -rf {} +
 	test -d $(BASE_DATA) || $(PY) -m data_tools.synthocc --out $(BASE_DATA) --scenes $(BASE_SCENES) --views 2 \
 		--size 128 --seed $(BASE_SEED) --val-frac 0.05 --test-frac 0 --no-progress
 	$(PY) -m step1_sft.make_data --data $(BASE_DATA) --out outputs/base/train.jsonl --part all $(BASE_NO_HAND)

@@ -18,12 +18,18 @@ synthetic distribution flatters the demo compared with real data, and must never
 validation or test scenes.
 
     python -m occmllm.pretrain --train TRAIN.jsonl [--val VAL.jsonl] --out DIR [--head projector] [--epochs 8]
+
+DIR also gets ``pretrain.json`` (the data, the settings, the time and the final accuracies) and
+``train_log.jsonl`` with ``training.png`` (the loss every 50 steps and, with --val, the validation
+accuracy after each epoch: ``occmllm.curves``).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import InternVLForConditionalGeneration, InternVLVisionModel
 
-from occmllm import fileio, records
+from occmllm import curves, fileio, records
 from occmllm.conversation import ConversationEncoder, load_images
 from occmllm.errors import OccError, cli
 from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint
@@ -102,6 +108,8 @@ class ViTClassifier(nn.Module):
         return self.head(self.tower(pixel_values=pixels).last_hidden_state[:, 1:])
 
 
+PARTIAL_STATE = "pretrain_state.pt"  # in OUT.partial/: an interrupted run's state after its last whole epoch
+LOG_STEPS = 50  # pretraining's log: the mean loss over this many steps
 # random erasing's rectangle: its smallest and (by default) largest share of the image
 ERASE_AREA = (0.02, 0.4)
 
@@ -159,17 +167,43 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
                      seed: int, attributes: torch.Tensor | None = None, shift: int = 0,
                      permute_colours: bool = False, erase: float = 0.0, erase_area: float = ERASE_AREA[1],
-                     progress: bool = False) -> float:
+                     progress: bool = False, log: list | None = None,
+                     val: tuple[torch.Tensor, torch.Tensor] | None = None, partial: Path | None = None,
+                     settings: dict | None = None) -> float:
     """AdamW with 100 warm-up steps and cosine decay (stage 1's schedule); cross-entropy on the
-    category, plus binary cross-entropy on the attributes when given. Returns the seconds taken."""
+    category, plus binary cross-entropy on the attributes when given. Returns the seconds taken.
+    ``log`` gets the mean loss and the learning rate every ``LOG_STEPS`` steps and, with ``val``
+    (images, categories), the category accuracy on it after each epoch; neither changes the
+    training (no random draw). With ``partial``, a folder, the run's state goes there after each
+    epoch but the last, and a run that finds one there resumes after its epoch, as if never
+    stopped; ``settings`` (what the caller's run depends on) must be the ones it was saved with."""
     steps = epochs * (len(x) // batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=min(100 / steps, 0.3),
                                                 anneal_strategy="cos")
     rng = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    bar = tqdm(total=steps, desc="pretraining", unit="step", disable=not progress)
-    for _epoch in range(epochs):
+    losses: list[float] = []
+    done = step = 0
+    seconds = 0.0
+    if partial is not None and (partial / PARTIAL_STATE).is_file():
+        state = torch.load(partial / PARTIAL_STATE, weights_only=True)  # tensors and plain data only
+        if state["settings"] != settings:
+            changed = sorted(k for k in {**state["settings"], **(settings or {})}
+                             if state["settings"].get(k) != (settings or {}).get(k))
+            raise OccError(f"{partial}: an interrupted run with other settings ({', '.join(changed)}); rerun it with "
+                           f"those, or remove {partial} to start afresh")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        done, step, losses, seconds = state["epoch"], state["step"], state["losses"], state["seconds"]
+        if log is not None:
+            log[:] = state["log"]
+        print(f"resuming from {partial} after epoch {done} of {epochs}", flush=True)
+    start = time.perf_counter() - seconds
+    bar = tqdm(total=steps, initial=step, desc="pretraining", unit="step", disable=not progress)
+    for epoch in range(done, epochs):
         order = torch.randperm(len(x), generator=rng)
         for i in range(len(x) // batch):
             idx = order[i * batch:(i + 1) * batch]
@@ -181,8 +215,23 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            step += 1
+            losses.append(loss.item())
+            if len(losses) == LOG_STEPS:
+                if log is not None:
+                    log.append({"step": step, "epoch": round(step * batch / len(x), 3),
+                                "loss": round(sum(losses) / len(losses), 5), "learning_rate": sched.get_last_lr()[0]})
+                losses.clear()
             sched.step()
             bar.update()
+        if log is not None and val is not None:
+            log.append({"step": step, "epoch": epoch + 1, "val_accuracy": round(accuracy(model, *val), 4)})
+        if partial is not None and epoch + 1 < epochs:
+            with fileio.replace_folder(partial) as tmp:
+                torch.save({"settings": settings, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "rng": rng.get_state(), "torch_rng": torch.get_rng_state(),
+                            "epoch": epoch + 1, "step": step, "losses": losses, "log": log or [],
+                            "seconds": time.perf_counter() - start}, tmp / PARTIAL_STATE)
     bar.close()
     return time.perf_counter() - start
 
@@ -193,7 +242,9 @@ def pretrain(base: Path, train: Path, val: Path | None, out: Path, epochs: int, 
     """Train ``base``'s vision tower on ``train`` through ``head`` (``patches``: a throw-away MLP over
     its patch tokens, ``ViTClassifier``; ``projector``: the model's own projector and a linear map,
     ``ProjectorClassifier``, so the projector trains too) and write the whole checkpoint to ``out``
-    (atomically), with ``pretrain.json``: the data, the settings, the time and the category accuracy."""
+    (atomically), with ``pretrain.json``: the data, the settings, the time and the category accuracy.
+    After each epoch the run's state goes to ``out``.partial/; a run stopped there resumes from it
+    when started again with the same settings."""
     if head not in HEADS:
         raise OccError(f"head {head!r}: expected one of {', '.join(HEADS)}")
     check_checkpoint(base)
@@ -201,21 +252,29 @@ def pretrain(base: Path, train: Path, val: Path | None, out: Path, epochs: int, 
     encoder = ConversationEncoder(processor)
     model = InternVLForConditionalGeneration.from_pretrained(base, use_safetensors=True, dtype=torch.float32)
     x, y, attrs = load_labelled_images(train, encoder, progress)
+    val_images = load_labelled_images(val, encoder, progress)[:2] if val is not None else None
     torch.manual_seed(seed)
     classifier = (ViTClassifier(model.model.vision_tower, attributes=3) if head == "patches"
                   else ProjectorClassifier(model, attributes=3))
+    log: list[dict] = []
+    partial = out.with_name(out.name + ".partial")
+    settings = {"base": hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest(), "train": str(train.resolve()),
+                "train_images": len(y), "val": str(val.resolve()) if val is not None else None, "head": head,
+                "epochs": epochs, "batch": batch, "learning_rate": lr, "seed": seed, "erase": erase,
+                "erase_area": erase_area}
     seconds = train_classifier(classifier, x, y, epochs, batch, lr, seed, attrs, erase=erase, erase_area=erase_area,
-                               progress=progress)
+                               progress=progress, log=log, val=val_images, partial=partial, settings=settings)
     info = {"train": str(train), "train_images": len(y), "head": head, "epochs": epochs, "batch": batch,
             "learning_rate": lr, "erase": erase, "erase_area": erase_area, "seed": seed, "seconds": round(seconds, 1),
             "train_accuracy": round(accuracy(classifier, x, y), 4)}
-    if val is not None:
-        vx, vy, _ = load_labelled_images(val, encoder, progress)
-        info.update(val=str(val), val_images=len(vy), val_accuracy=round(accuracy(classifier, vx, vy), 4))
+    if val_images is not None:
+        info.update(val=str(val), val_images=len(val_images[1]), val_accuracy=round(accuracy(classifier, *val_images), 4))
     with fileio.replace_folder(out) as tmp:  # the tower is the model's own module: trained in place
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         fileio.write_json(tmp / INFO, info)
+        curves.save_training_log(log, tmp, f"vision tower pretrained through its {head} head")
+    shutil.rmtree(partial, ignore_errors=True)
     return info
 
 

@@ -18,7 +18,7 @@ import torch
 from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from occmllm import dual
+from occmllm import curves, dual
 from occmllm.config import parse_config
 from occmllm.errors import OccError, cli
 from occmllm.model import check_checkpoint, checkpoint_dtype, default_attention
@@ -304,10 +304,13 @@ def missing_checkpoint_hint(stage: str | None) -> str:
 
 def fit(trainer: Trainer, processor, resume: bool) -> Path:
     """Train (with ``resume``, from the last checkpoint in output_dir if there is one) and save the
-    stage checkpoint there."""
+    stage checkpoint there, with its logged figures and their plot (``occmllm.curves``; a resumed
+    run's include the first run's). The processor's files, which mark a finished stage, come last."""
     out = trainer.args.output_dir
     resume = resume and any(Path(out).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
+    if trainer.args.should_save:
+        curves.save_training_log(trainer.state.log_history, out, f"{Path(out).resolve().name}: {type(trainer).__name__}")
     save_final(trainer, processor, out)
     return Path(out)
 

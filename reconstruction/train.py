@@ -10,7 +10,8 @@ Loss per view (weights are flags):
               occlusion-aware multi-view supervision);
   colour      L1 between the colour head and the hand-free image at surface points.
 Every ``save_steps`` the model, optimizer and step go to OUTPUT_DIR.partial/, and a run started
-again resumes from there; the final model is OUTPUT_DIR itself (config.json + model.safetensors).
+again resumes from there; the final model is OUTPUT_DIR itself (config.json + model.safetensors),
+with train_log.jsonl (the losses every log_steps) and training.png (each against the step).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from occmllm import fileio
+from occmllm import curves, fileio
 from occmllm.config import parse_config
 from occmllm.dataset import load_dataset
 from occmllm.errors import OccError, cli
@@ -193,7 +194,7 @@ def train(args: ReconTrainArguments, model_args: ReconConfig) -> Path:
 
     with fileio.replace_folder(out) as tmp:  # the final model replaces the folder whole
         model.eval().save(tmp)
-        fileio.write_jsonl(tmp / "train_log.jsonl", log)
+        curves.save_training_log(log, tmp, f"reconstruction model, {args.steps} steps")
         fileio.write_json(tmp / "train_args.json", {**asdict(args), **asdict(model.cfg)})
     shutil.rmtree(last, ignore_errors=True)
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from occmllm.conversation import IGNORE_INDEX, ConversationEncoder, conversation_key
 from occmllm.errors import OccError
@@ -22,7 +23,6 @@ Q1_Q6 = [{"from": "human", "value": Q1}, {"from": "gpt", "value": "The object is
 
 
 def _image():
-    from PIL import Image
     return Image.new("RGB", (40, 40), (120, 30, 200))
 
 
@@ -450,6 +450,11 @@ def test_stage1_trains_saves_and_resumes(tiny_model, synth_small, tmp_path):
     state = json.loads((tmp_path / "ckpt/checkpoint-4/trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
     assert steps == [1, 2, 3, 4]  # steps 1-2 come from the first run: resumed, not restarted
+    # the stage's logged figures and their plot lie beside its checkpoint, the first run's included
+    log = [json.loads(x) for x in (tmp_path / "ckpt/train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log if "loss" in h] == [1, 2, 3, 4]
+    assert [h["loss"] for h in log if "loss" in h] == [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert Image.open(tmp_path / "ckpt/training.png").size[0] > 0
 
 
 def test_dataloader_workers_train_as_the_main_process(tiny_model, synth_small, tmp_path):

@@ -29,6 +29,59 @@ def test_pretraining_trains_the_tower_and_keeps_the_rest(tiny_model, synth_small
     load_model(out)
 
 
+def test_pretraining_logs_its_loss_and_validation_accuracy_without_changing_its_training(tiny_model, synth_small,
+                                                                                         tmp_path, monkeypatch):
+    """The log (train_log.jsonl, training.png beside the checkpoint): the mean loss every
+    LOG_STEPS steps and the validation accuracy after each epoch, which is the closing figure of
+    pretrain.json; reading the validation set between epochs leaves the weights as a run without one."""
+    import occmllm.pretrain
+    monkeypatch.setattr(occmllm.pretrain, "LOG_STEPS", 2)
+    data = synth_small / "stages/step1.jsonl"
+    info = pretrain(tiny_model, data, data, tmp_path / "logged", epochs=2, batch=4, lr=1e-3, seed=0, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "logged/train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "loss" in e] == [2, 4, 6, 8]  # 16 images, batches of 4, 2 epochs
+    assert all(e["loss"] > 0 and e["learning_rate"] > 0 for e in log if "loss" in e)
+    assert [(e["step"], e["epoch"]) for e in log if "val_accuracy" in e] == [(4, 1), (8, 2)]
+    assert log[-1]["val_accuracy"] == info["val_accuracy"]
+    assert (tmp_path / "logged/training.png").is_file()
+    pretrain(tiny_model, data, None, tmp_path / "quiet", epochs=2, batch=4, lr=1e-3, seed=0, progress=False)
+    assert (tmp_path / "logged/model.safetensors").read_bytes() == (tmp_path / "quiet/model.safetensors").read_bytes()
+
+
+def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_tower(tiny_model, synth_small, tmp_path,
+                                                                      monkeypatch):
+    """Stopped in its second epoch, a run leaves OUT.partial/ (its state after the first) and no
+    OUT; started again it resumes there and writes the uninterrupted run's weights and log, byte for
+    byte. A restart with other settings is refused while the partial run is there."""
+    import occmllm.pretrain
+    from occmllm.errors import OccError
+    monkeypatch.setattr(occmllm.pretrain, "LOG_STEPS", 3)  # a window that spans the interruption
+    data = synth_small / "stages/step1.jsonl"
+    run = dict(epochs=3, batch=4, lr=1e-3, seed=0, progress=False, head="projector", erase=0.5)
+    pretrain(tiny_model, data, data, tmp_path / "whole", **run)
+
+    augment, calls = occmllm.pretrain.augment, []
+
+    def stops_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # 4 batches an epoch
+            raise KeyboardInterrupt
+        return augment(*args, **kwargs)
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(occmllm.pretrain, "augment", stops_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_model, data, data, out, **run)
+    assert not out.exists() and (tmp_path / "stopped.partial" / occmllm.pretrain.PARTIAL_STATE).is_file()
+    with pytest.raises(OccError, match="other settings .learning_rate."):
+        pretrain(tiny_model, data, data, out, **{**run, "lr": 2e-3})
+    pretrain(tiny_model, data, data, out, **run)
+    assert len(calls) == 6 + 8  # the stopped run's batches, then epochs 2 and 3 only
+    for name in ("model.safetensors", "train_log.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert not (tmp_path / "stopped.partial").exists()
+
+
 def test_pretraining_through_the_projector_trains_it_with_the_tower(tiny_model, synth_small, tmp_path):
     """--head projector: the tower and the model's own projector train together (their read-out is
     thrown away); the language model keeps its weights. An unknown head is refused."""

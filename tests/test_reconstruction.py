@@ -108,6 +108,7 @@ def test_training_writes_a_loadable_model(trained):
     assert (trained / "config.json").is_file() and (trained / "model.safetensors").is_file()
     log = [json.loads(x) for x in (trained / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [3, 6]
+    assert (trained / "training.png").is_file()
     assert not trained.with_name(trained.name + ".partial").exists()
     load_reconstructor(trained)
 

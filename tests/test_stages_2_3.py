@@ -275,6 +275,9 @@ def test_mpo_raises_chosen_over_rejected(tiny_model, synth_small, step3_file, tm
     reference, processor = load_model(tiny_model)
     trained, _ = load_model(out)  # a plain InternVL checkpoint with its processor
     assert (out / "processor_config.json").is_file()
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "rewards/margins" in e] == list(range(1, 9))  # TRL's figures, every step
+    assert Image.open(out / "training.png").size[0] > 0
     encoder = ConversationEncoder(processor)
     recs = records.read_records(step3_file, "preference")
     before = _log_ratio_margins(reference, reference, encoder, synth_small, recs)

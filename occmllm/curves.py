@@ -1,0 +1,87 @@
+"""A training run's logged figures, kept beside its checkpoint: ``train_log.jsonl`` (one line per
+logging step, as the trainer logged it) and ``training.png`` (each figure against the step).
+
+Every stage writes both into its checkpoint folder (``occmllm.stage.fit``), and so does the
+reconstruction model (``reconstruction.train``): a run whose loss never fell, or whose preference
+margin never grew, shows at a glance, without a logging service.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from occmllm import fileio
+
+LOG = "train_log.jsonl"
+PLOT = "training.png"
+# logged, but not figures to plot against the step: the step itself, and bookkeeping
+NOT_PLOTTED = frozenset({"step", "epoch", "seconds", "max_rss_mb", "num_tokens", "total_flos"})
+# the Trainer's closing summary carries these; it is a line of the log, not a point of a curve
+SUMMARY_KEYS = frozenset({"train_runtime", "train_loss"})
+MAX_PANELS = 12
+OPTIMISER_PANELS = ("grad_norm", "learning_rate")
+
+
+def logged_steps(log: list[dict]) -> list[dict]:
+    """The entries of ``log`` that are points of a curve: each has its step, and none is the
+    closing summary."""
+    return [e for e in log if isinstance(e.get("step"), (int, float)) and not SUMMARY_KEYS & e.keys()]
+
+
+def panels(log: list[dict]) -> dict[str, list[str]]:
+    """The figures to plot, grouped by panel: every key ending in ``loss`` shares the panel
+    ``loss``, which comes first; a key ``group/name`` (TRL's ``rewards/margins``, stage 4's
+    ``rl/reward``) shares the panel ``group``, unless it is a share (``rewards/accuracies``, on a
+    scale of its own); any other numeric key has a panel of its own. The
+    optimiser's own figures (``OPTIMISER_PANELS``) come last."""
+    out: dict[str, list[str]] = {"loss": []}
+    for entry in logged_steps(log):
+        for key, value in entry.items():
+            if key in NOT_PLOTTED or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            group = ("loss" if key.endswith("loss") else key if key.endswith(("accuracy", "accuracies"))
+                     else key.split("/", 1)[0])
+            if key not in out.setdefault(group, []):
+                out[group].append(key)
+    last = [g for g in OPTIMISER_PANELS if g in out]
+    return {g: keys for g, keys in out.items() if keys and g not in last} | {g: out[g] for g in last}
+
+
+def plot_training(log: list[dict], path: str | Path, title: str) -> list[str]:
+    """``training.png``: one panel per group of ``panels`` (at most ``MAX_PANELS``), each figure
+    against the step, written atomically to ``path``; returns the panels' names."""
+    from matplotlib.figure import Figure
+
+    steps = logged_steps(log)
+    groups = dict(list(panels(log).items())[:MAX_PANELS])
+    columns = 2 if len(groups) > 1 else 1
+    rows = max(1, math.ceil(len(groups) / columns))
+    fig = Figure(figsize=(5.0 * columns, 2.6 * rows + 0.4), dpi=100, layout="constrained")
+    fig.suptitle(title)
+    if not groups:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no logged steps (logging_steps larger than the run?)", ha="center", va="center")
+        ax.set_axis_off()
+    for k, (group, keys) in enumerate(groups.items()):
+        ax = fig.add_subplot(rows, columns, k + 1)
+        for key in keys:
+            points = [(e["step"], e[key]) for e in steps if isinstance(e.get(key), (int, float))
+                      and math.isfinite(e[key])]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None,
+                    label=key)
+        ax.set_title(group, fontsize="medium")
+        ax.set_xlabel("step", fontsize="small")
+        if group == "learning_rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        if len(keys) > 1:
+            ax.legend(fontsize="x-small")
+    with fileio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    return list(groups)
+
+
+def save_training_log(log: list[dict], folder: str | Path, title: str) -> None:
+    """``train_log.jsonl`` and ``training.png`` of ``log`` in ``folder``."""
+    folder = Path(folder)
+    fileio.write_jsonl(folder / LOG, log)
+    plot_training(log, folder / PLOT, title)
