@@ -19,6 +19,7 @@ NOT_PLOTTED = frozenset({"step", "epoch", "seconds", "max_rss_mb", "num_tokens",
 # the Trainer's closing summary carries these; it is a line of the log, not a point of a curve
 SUMMARY_KEYS = frozenset({"train_runtime", "train_loss"})
 MAX_PANELS = 12
+LOG_SCALE_RANGE = 20  # see log_scale
 OPTIMISER_PANELS = ("grad_norm", "learning_rate")
 
 
@@ -47,6 +48,14 @@ def panels(log: list[dict]) -> dict[str, list[str]]:
     return {g: keys for g, keys in out.items() if keys and g not in last} | {g: out[g] for g in last}
 
 
+def log_scale(group: str, values: list[float]) -> bool:
+    """Whether a panel's figures want a log scale: all positive and spanning more than
+    ``LOG_SCALE_RANGE`` (a loss that falls tenfold early would flatten the rest of its curve); never
+    the learning rate, whose schedule reads best as it is set."""
+    return (group != "learning_rate" and bool(values) and min(values) > 0
+            and max(values) > LOG_SCALE_RANGE * min(values))
+
+
 def plot_training(log: list[dict], path: str | Path, title: str) -> list[str]:
     """``training.png``: one panel per group of ``panels`` (at most ``MAX_PANELS``), each figure
     against the step, written atomically to ``path``; returns the panels' names."""
@@ -64,11 +73,15 @@ def plot_training(log: list[dict], path: str | Path, title: str) -> list[str]:
         ax.set_axis_off()
     for k, (group, keys) in enumerate(groups.items()):
         ax = fig.add_subplot(rows, columns, k + 1)
+        values = []
         for key in keys:
             points = [(e["step"], e[key]) for e in steps if isinstance(e.get(key), (int, float))
                       and math.isfinite(e[key])]
+            values += [p[1] for p in points]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None,
                     label=key)
+        if log_scale(group, values):
+            ax.set_yscale("log")
         ax.set_title(group, fontsize="medium")
         ax.set_xlabel("step", fontsize="small")
         if group == "learning_rate":

@@ -42,3 +42,11 @@ def test_a_run_that_logged_no_step_still_gets_a_plot(tmp_path):
     assert curves.plot_training([MPO_LOG[-1]], tmp_path / "empty.png", "t") == []
     assert imread(tmp_path / "empty.png").shape[0] > 0
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
+
+
+def test_a_panel_spanning_orders_of_magnitude_is_drawn_on_a_log_scale():
+    assert curves.log_scale("loss", [9.6, 0.5, 0.03])  # stage 1's loss: a fall of 300x
+    assert not curves.log_scale("loss", [0.99, 0.95, 0.97])  # MPO's: within a few percent
+    assert not curves.log_scale("rewards", [-0.08, 0.0, 0.08])  # signed figures
+    assert not curves.log_scale("learning_rate", [1e-4, 5e-4, 3e-7])  # a schedule, as it is set
+    assert not curves.log_scale("loss", [])
