@@ -65,7 +65,12 @@ def plot_training(log: list[dict], path: str | Path, title: str) -> list[str]:
     groups = dict(list(panels(log).items())[:MAX_PANELS])
     columns = 2 if len(groups) > 1 else 1
     rows = max(1, math.ceil(len(groups) / columns))
-    fig = Figure(figsize=(5.0 * columns, 2.6 * rows + 0.4), dpi=100, layout="constrained")
+    width, height = 5.0 * columns, 2.6 * rows + 0.6
+    fig = Figure(figsize=(width, height), dpi=100)
+    # margins in inches, set by hand: matplotlib's constrained layout doubled the time a stage spends
+    # on its plot
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.15 / width, top=1 - 0.85 / height, bottom=0.5 / height,
+                        hspace=0.65, wspace=0.8 / 4.05)
     fig.suptitle(title)
     if not groups:
         ax = fig.add_subplot()
