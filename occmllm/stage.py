@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from occmllm.config import parse_config
 from occmllm.errors import OccError, cli
 from occmllm.model import check_checkpoint, checkpoint_dtype, default_attention
 
+PLOT_EVERY_S = 300  # a training stage refreshes its train_log.jsonl and training.png at most this often
 LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -93,6 +95,21 @@ class SaveProcessor(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 self.processor.save_pretrained(folder)
+
+
+class PlotsTraining(TrainerCallback):
+    """``train_log.jsonl`` and ``training.png`` in the output folder while a stage trains, at most
+    every ``every_s`` seconds of logging (``fit`` writes the final ones), so a long run's curves
+    can be looked at before it ends."""
+
+    def __init__(self, title: str, every_s: float = PLOT_EVERY_S):
+        self.title, self.every_s = title, every_s
+        self.last = time.monotonic()
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and time.monotonic() - self.last >= self.every_s:
+            curves.save_training_log(state.log_history, args.output_dir, self.title)
+            self.last = time.monotonic()
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -305,12 +322,15 @@ def missing_checkpoint_hint(stage: str | None) -> str:
 def fit(trainer: Trainer, processor, resume: bool) -> Path:
     """Train (with ``resume``, from the last checkpoint in output_dir if there is one) and save the
     stage checkpoint there, with its logged figures and their plot (``occmllm.curves``; a resumed
-    run's include the first run's). The processor's files, which mark a finished stage, come last."""
+    run's include the first run's, and ``PlotsTraining`` keeps them current while it trains). The
+    processor's files, which mark a finished stage, come last."""
     out = trainer.args.output_dir
     resume = resume and any(Path(out).glob("checkpoint-*"))
+    title = f"{Path(out).resolve().name}: {type(trainer).__name__}"
+    trainer.add_callback(PlotsTraining(title))
     trainer.train(resume_from_checkpoint=True if resume else None)
     if trainer.args.should_save:
-        curves.save_training_log(trainer.state.log_history, out, f"{Path(out).resolve().name}: {type(trainer).__name__}")
+        curves.save_training_log(trainer.state.log_history, out, title)
     save_final(trainer, processor, out)
     return Path(out)
 

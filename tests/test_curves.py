@@ -50,3 +50,22 @@ def test_a_panel_spanning_orders_of_magnitude_is_drawn_on_a_log_scale():
     assert not curves.log_scale("rewards", [-0.08, 0.0, 0.08])  # signed figures
     assert not curves.log_scale("learning_rate", [1e-4, 5e-4, 3e-7])  # a schedule, as it is set
     assert not curves.log_scale("loss", [])
+
+
+def test_a_training_stage_refreshes_its_plot_while_it_trains_at_most_so_often(tmp_path):
+    from types import SimpleNamespace
+
+    from occmllm.stage import PlotsTraining
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = SimpleNamespace(is_world_process_zero=True, log_history=MPO_LOG[:1])
+    PlotsTraining("step3", every_s=3600).on_log(args, state, None)
+    assert not (tmp_path / curves.PLOT).exists()  # too soon after the run began
+    PlotsTraining("step3", every_s=0).on_log(args, SimpleNamespace(**{**vars(state), "is_world_process_zero": False}),
+                                             None)
+    assert not (tmp_path / curves.PLOT).exists()  # another rank of a distributed run writes nothing
+    callback = PlotsTraining("step3", every_s=0)
+    callback.on_log(args, state, None)
+    assert (tmp_path / curves.PLOT).is_file() and len((tmp_path / curves.LOG).read_text().splitlines()) == 1
+    state.log_history = MPO_LOG[:2]
+    callback.on_log(args, state, None)
+    assert len((tmp_path / curves.LOG).read_text().splitlines()) == 2
