@@ -16,7 +16,8 @@ null for that view, and the command says in one line per cause which metric it c
 Baseline, "visible only": the object pixels the hand does not cover, back-projected with the
 depth map, i.e. exactly the visible surface and nothing else (its silhouette is the visible mask).
 
-metrics.json: ``chamfer``, ``fscore_5mm``, ``fscore_10mm``, ``silhouette_iou`` (means), ``n``,
+Beside metrics.json, metrics_by_occlusion.png plots the model's metrics and the baseline's against
+occlusion. metrics.json: ``chamfer``, ``fscore_5mm``, ``fscore_10mm``, ``silhouette_iou`` (means), ``n``,
 ``by_occlusion`` (bins with ``n`` and the same means), ``baseline`` (the same for the
 baseline), ``samples`` (per view), ``declined`` (cause -> views), ``protocol``.
 """
@@ -45,6 +46,7 @@ from reconstruction.truth import true_mesh
 from reconstruction.views import backproject, load_view, to_world
 
 SURFACE_SAMPLES = 10_000
+PLOT_SUFFIX = "_by_occlusion.png"  # metrics.json -> metrics_by_occlusion.png beside it
 KEYS = ("chamfer", "fscore_5mm", "fscore_10mm", "silhouette_iou")
 PROTOCOL = ("10k points uniformly on each surface, world frame, metres, no alignment; chamfer = mean of the two "
             "directed mean nearest-neighbour distances in mm; F-score from precision and recall at 5 and 10 mm; "
@@ -167,6 +169,34 @@ def contact_sheet(rows: list[list[tuple]], out: Path) -> Path:
     return out
 
 
+PLOTTED = (("chamfer", "Chamfer (mm), lower is better"), ("fscore_10mm", "F-score at 10 mm"),
+           ("silhouette_iou", "silhouette IoU"))
+
+
+def plot_by_occlusion(result: dict, path: Path) -> Path:
+    """The metrics against occlusion, the model's beside the visible-only baseline's: one panel per
+    metric, a point per occlusion bin that holds views (its view count on the axis)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(12.0, 3.4), dpi=100, layout="constrained")
+    fig.suptitle(f"Reconstruction against occlusion: {result['n']} {result['split']} views")
+    bins = [(b, bb) for b, bb in zip(result["by_occlusion"], result["baseline"]["by_occlusion"]) if b["n"]]
+    centres = [(b["lo"] + min(b["hi"], 1.0)) / 2 for b, _ in bins]
+    for k, (key, title) in enumerate(PLOTTED):
+        ax = fig.add_subplot(1, len(PLOTTED), k + 1)
+        for rows, label, style in ((0, "reconstruction", "-o"), (1, "visible only", "--s")):
+            values = [pair[rows][key] for pair in bins]
+            ax.plot(centres, [float("nan") if v is None else v for v in values], style, label=label)
+        ax.set_xticks(centres, [f"{b['bin']}\n{b['n']} views" for b, _ in bins], fontsize="x-small")
+        ax.set_xlabel("occlusion ratio", fontsize="small")
+        ax.set_title(title, fontsize="medium")
+        if key != "chamfer":
+            ax.set_ylim(0, 1)
+    fig.axes[0].legend(fontsize="small")
+    with fileio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
 def table(result: dict) -> str:
     def fmt(x):
         return "-" if x is None else f"{x:.3f}"
@@ -196,10 +226,11 @@ def main(argv=None) -> int:
                       sheet=args.sheet, renders=args.renders)
     result["checkpoint"] = str(args.checkpoint)
     fileio.write_json(args.out, result)
+    plot = plot_by_occlusion(result, args.out.with_name(args.out.stem + PLOT_SUFFIX))
     print(table(result))
     for why, n in result["declined"].items():
         print(f"not computed for {n} of {result['n']} views: {why}")
-    print(f"wrote {args.out}" + (f" and {args.sheet}" if args.sheet else ""))
+    print(f"wrote {args.out}, {plot}" + (f" and {args.sheet}" if args.sheet else ""))
     return 0
 
 

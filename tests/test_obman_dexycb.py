@@ -323,6 +323,7 @@ def test_obman_evaluate_reports_metrics_with_models_and_declines_without(obman_c
     m2 = json.loads((tmp_path / "m2.json").read_text())
     assert m2["chamfer"] is None and m2["baseline"]["fscore_10mm"] is None
     assert m2["silhouette_iou"] == m["silhouette_iou"]  # ObMan's amodal masks still score the silhouette
+    assert (tmp_path / "m2_by_occlusion.png").stat().st_size > 0  # plotted with the metrics it has
 
 
 @pytest.mark.slow

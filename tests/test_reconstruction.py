@@ -213,6 +213,8 @@ def test_evaluate_writes_metrics_with_baseline_and_bins(trained, synth, tmp_path
     assert m["n"] == len(m["samples"]) == sum(b["n"] for b in m["by_occlusion"])
     assert 0 <= m["baseline"]["fscore_10mm"] <= 1 and m["baseline"]["n"] == m["n"]
     assert (tmp_path / "sheet.png").stat().st_size > 0
+    from matplotlib.image import imread
+    assert imread(tmp_path / "metrics_by_occlusion.png").shape[1] > 0  # the metrics against occlusion, beside them
     # --renders: the images reconstruct writes, for every view it scored (inference then finds them made)
     from PIL import Image
     assert reconstruct_cmd.main(["--checkpoint", str(trained), "--data", str(synth), "--split", "test", "--out",
