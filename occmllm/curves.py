@@ -21,6 +21,7 @@ SUMMARY_KEYS = frozenset({"train_runtime", "train_loss"})
 MAX_PANELS = 12
 LOG_SCALE_RANGE = 20  # see log_scale
 OPTIMISER_PANELS = ("grad_norm", "learning_rate")
+PAIRED = frozenset({"chosen", "rejected", "margins"})  # TRL's figures of a preference pair's two answers
 
 
 def logged_steps(log: list[dict]) -> list[dict]:
@@ -31,17 +32,17 @@ def logged_steps(log: list[dict]) -> list[dict]:
 
 def panels(log: list[dict]) -> dict[str, list[str]]:
     """The figures to plot, grouped by panel: every key ending in ``loss`` shares the panel
-    ``loss``, which comes first; a key ``group/name`` (TRL's ``rewards/margins``, stage 4's
-    ``rl/reward``) shares the panel ``group``, unless it is a share (``rewards/accuracies``, on a
-    scale of its own); any other numeric key has a panel of its own. The
-    optimiser's own figures (``OPTIMISER_PANELS``) come last."""
+    ``loss``, which comes first; TRL's chosen-against-rejected figures (``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margins``; ``logps/...``) share the panel of their prefix; any
+    other numeric key (``rewards/accuracies``, stage 4's ``rl/reward`` and ``rl/kl``, each on a scale
+    of its own) has a panel of its own. The optimiser's own figures (``OPTIMISER_PANELS``) come last."""
     out: dict[str, list[str]] = {"loss": []}
     for entry in logged_steps(log):
         for key, value in entry.items():
             if key in NOT_PLOTTED or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            group = ("loss" if key.endswith("loss") else key if key.endswith(("accuracy", "accuracies"))
-                     else key.split("/", 1)[0])
+            prefix, _, name = key.rpartition("/")
+            group = "loss" if key.endswith("loss") else prefix if name in PAIRED else key
             if key not in out.setdefault(group, []):
                 out[group].append(key)
     last = [g for g in OPTIMISER_PANELS if g in out]

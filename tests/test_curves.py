@@ -19,10 +19,14 @@ MPO_LOG = [
 
 def test_figures_share_a_panel_by_kind_and_bookkeeping_is_left_out():
     groups = curves.panels(MPO_LOG + [{"eval_loss": 1.1, "step": 200, "smoothed": True}])
+    rl = curves.panels([{"loss": 0.3, "rl/reward": 0.8, "rl/kl": 0.01, "rl/said_no": 0.4, "step": 10}])
     assert list(groups.items()) == [
         ("loss", ["loss", "eval_loss"]), ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
         ("rewards/accuracies", ["rewards/accuracies"]), ("logps", ["logps/chosen"]), ("entropy", ["entropy"]), ("grad_norm", ["grad_norm"]),
         ("learning_rate", ["learning_rate"])]
+    # stage 4's rollout figures are on scales of their own: a panel each
+    assert list(rl.items()) == [("loss", ["loss"]), ("rl/reward", ["rl/reward"]), ("rl/kl", ["rl/kl"]),
+                                ("rl/said_no", ["rl/said_no"])]
     # the closing summary is no point of a curve, though it has a step and a loss
     assert [e["step"] for e in curves.logged_steps(MPO_LOG)] == [20, 200]
 
