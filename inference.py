@@ -161,7 +161,7 @@ def run_inference(args) -> list[Path]:
             del model, processor, answerer, second_look, images
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    return [finish(t.out, with_gate_choices(build_report(t.data, t.test, t.log.runs([s.id for s in t.samples])), t.out),
+    return [finish(t.out, with_checkpoint_files(build_report(t.data, t.test, t.log.runs([s.id for s in t.samples])), t.out),
                    t.log.path) for t in targets]
 
 
@@ -182,16 +182,27 @@ def copied_or_todo(target: Target, name: str, mode: str) -> list:
     return samples
 
 
-def with_gate_choices(rep: dict, out: Path) -> dict:
-    """Each chain row whose gate is its checkpoint's stored one gets how that gate was chosen
-    (``occmllm.chain.gate_choice``), the checkpoint found by its name in run.json."""
-    from occmllm.chain import gate_choice
+def with_checkpoint_files(rep: dict, out: Path) -> dict:
+    """What the checkpoints' folders add to the report, each checkpoint found by its name in
+    run.json: each chain row whose gate is its checkpoint's stored one gets how that gate was chosen
+    (``occmllm.chain.gate_choice``), and ``training`` lists each trained checkpoint's log
+    (``occmllm.curves.summary``) and its second-look model's, in the order of the rows, each folder
+    once."""
+    from occmllm import curves
+    from occmllm.chain import SECOND_LOOK_DIR, gate_choice
     checkpoints = fileio.read_json(out / RUN).get("checkpoints", {}) if (out / RUN).is_file() else {}
     for row in rep["rows"]:
         if "cot" in row and row["checkpoint"] in checkpoints:
             choice = gate_choice(checkpoints[row["checkpoint"]], row["cot"]["gate"])
             if choice is not None:
                 row["cot"]["gate_choice"] = choice
+    folders: dict[str, str] = {}  # folder -> the first name it goes by
+    for name in dict.fromkeys(row["checkpoint"] for row in rep["rows"]):
+        if name in checkpoints:
+            folders.setdefault(checkpoints[name], name)
+            folders.setdefault(str(Path(checkpoints[name]) / SECOND_LOOK_DIR), f"{name} second look")
+    summaries = [(name, curves.summary(folder)) for folder, name in folders.items()]
+    rep["training"] = [{"checkpoint": name, **s} for name, s in summaries if s is not None]
     return rep
 
 

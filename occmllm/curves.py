@@ -99,6 +99,18 @@ def plot_training(log: list[dict], path: str | Path, title: str) -> list[str]:
     return list(groups)
 
 
+def summary(folder: str | Path) -> dict | None:
+    """A checkpoint's training at a glance, from its ``train_log.jsonl``: the last logged step and
+    the loss at the first and last logged steps (None where it logged none); None without a log."""
+    path = Path(folder) / LOG
+    if not path.is_file():
+        return None
+    losses = [(e["step"], e["loss"]) for e in logged_steps([e for _, e in fileio.iter_jsonl(path)])
+              if isinstance(e.get("loss"), (int, float))]
+    return {"log": str(path), "plot": str(Path(folder) / PLOT), "steps": losses[-1][0] if losses else None,
+            "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None}
+
+
 def save_training_log(log: list[dict], folder: str | Path, title: str) -> None:
     """``train_log.jsonl`` and ``training.png`` of ``log`` in ``folder``."""
     folder = Path(folder)

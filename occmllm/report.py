@@ -114,6 +114,18 @@ def unlabelled_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def training_table(report: dict) -> str:
+    """One line per trained checkpoint (``report["training"]``); empty where none logged."""
+    def loss(x):
+        return "-" if x is None else f"{x:.4g}"
+    lines = [f"| {t['checkpoint']} | {t['steps'] if t['steps'] is not None else '-'} | "
+             f"{loss(t['first_loss'])} -> {loss(t['last_loss'])} | {t['plot']} |" for t in report.get("training", [])]
+    if not lines:
+        return ""
+    return "\n".join(["| checkpoint | last logged step | loss, first -> last logged | plot |",
+                      "| --- | --- | --- | --- |", *lines])
+
+
 def markdown(report: dict) -> str:
     if report.get("unlabelled"):
         return "\n".join([f"# Answers to {report['test_file']}", "",
@@ -148,6 +160,12 @@ def markdown(report: dict) -> str:
                   "likely gained as lost (honest where a handful changed: 4 gained and 0 lost is p 0.125). "
                   f"Plot: `{FILES['gains_plot']}`."),
                  "", paired, ""]
+    training = training_table(report)
+    if training:
+        text += ["## Training", "",
+                 ("Each checkpoint's own training, from the log its trainer wrote beside it (`train_log.jsonl`; "
+                  "`training.png` plots every logged figure against the step): a checkpoint whose loss never "
+                  "fell is no stage to compare."), "", training, ""]
     cot = cot_table(report)
     if cot:
         text += ["## Chain of thought", "",

@@ -389,7 +389,33 @@ def test_report_matches_an_independent_count(batched, models, dataset, tmp_path)
     for name in ("report.md", "accuracy.png", "accuracy_vs_occlusion.png", "confusion.png", "gains.png"):
         assert (batched / name).stat().st_size > 0
     assert "| a | plain | 32 |" in (batched / "report.md").read_text()
+    assert rep["training"] == [] and "## Training" not in (batched / "report.md").read_text()  # an untrained model
     assert not list(batched.glob(".*.tmp"))
+
+
+def test_the_report_lists_each_trained_checkpoints_log(tmp_path):
+    """Each checkpoint that run.json names and whose folder holds a training log gets a line, and so
+    does its second-look model: its last logged step and its loss at the first and last (the closing
+    summary is no step). A folder named twice is listed once, under its first name."""
+    from occmllm import curves
+    trained = tmp_path / "step4"
+    curves.save_training_log([{"loss": 2.0, "step": 10}, {"loss": 0.5, "step": 20},
+                              {"train_runtime": 3.0, "train_loss": 1.2, "step": 20}], trained, "step4")
+    curves.save_training_log([{"loss": 0.1, "step": 5}], trained / "second_look", "second look")
+    (tmp_path / "untrained").mkdir()
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"checkpoints": {"base": str(tmp_path / "untrained"),
+                                                              "step4": str(trained), "step4-again": str(trained)}}))
+    rows = [{"checkpoint": "base", "mode": "plain"}, {"checkpoint": "step4", "mode": "plain"},
+            {"checkpoint": "step4-again", "mode": "cot"}]
+    rep = inference.with_checkpoint_files({"rows": rows}, out)
+    assert rep["training"] == [
+        {"checkpoint": "step4", "log": str(trained / "train_log.jsonl"), "plot": str(trained / "training.png"),
+         "steps": 20, "first_loss": 2.0, "last_loss": 0.5},
+        {"checkpoint": "step4 second look", "log": str(trained / "second_look/train_log.jsonl"),
+         "plot": str(trained / "second_look/training.png"), "steps": 5, "first_loss": 0.1, "last_loss": 0.1}]
+    assert report.training_table(rep).splitlines()[2] == f"| step4 | 20 | 2 -> 0.5 | {trained / 'training.png'} |"
 
 
 def test_score_reference(dataset, tmp_path):
