@@ -1,9 +1,10 @@
 """A training run's logged figures, kept beside its checkpoint: ``train_log.jsonl`` (one line per
 logging step, as the trainer logged it) and ``training.png`` (each figure against the step).
 
-Every stage writes both into its checkpoint folder (``occmllm.stage.fit``), and so does the
-reconstruction model (``reconstruction.train``): a run whose loss never fell, or whose preference
-margin never grew, shows at a glance, without a logging service.
+Every stage writes both into its checkpoint folder (``occmllm.stage.PlotsTraining``), and so do the
+reconstruction model (``reconstruction.train``) and the tower's pretraining (``occmllm.pretrain``):
+a run whose loss never fell, or whose preference margin never grew, shows at a glance, without a
+logging service.
 """
 from __future__ import annotations
 

@@ -258,14 +258,13 @@ def pretrain(base: Path, train: Path, val: Path | None, out: Path, epochs: int, 
                   else ProjectorClassifier(model, attributes=3))
     log: list[dict] = []
     partial = out.with_name(out.name + ".partial")
+    run = {"head": head, "epochs": epochs, "batch": batch, "learning_rate": lr, "erase": erase, "erase_area": erase_area,
+           "seed": seed}  # recorded in pretrain.json, and what a resumed run must share
     settings = {"base": hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest(), "train": str(train.resolve()),
-                "train_images": len(y), "val": str(val.resolve()) if val is not None else None, "head": head,
-                "epochs": epochs, "batch": batch, "learning_rate": lr, "seed": seed, "erase": erase,
-                "erase_area": erase_area}
+                "train_images": len(y), "val": str(val.resolve()) if val is not None else None, **run}
     seconds = train_classifier(classifier, x, y, epochs, batch, lr, seed, attrs, erase=erase, erase_area=erase_area,
                                progress=progress, log=log, val=val_images, partial=partial, settings=settings)
-    info = {"train": str(train), "train_images": len(y), "head": head, "epochs": epochs, "batch": batch,
-            "learning_rate": lr, "erase": erase, "erase_area": erase_area, "seed": seed, "seconds": round(seconds, 1),
+    info = {"train": str(train), "train_images": len(y), **run, "seconds": round(seconds, 1),
             "train_accuracy": round(accuracy(classifier, x, y), 4)}
     if val_images is not None:
         info.update(val=str(val), val_images=len(val_images[1]), val_accuracy=round(accuracy(classifier, *val_images), 4))

@@ -98,18 +98,22 @@ class SaveProcessor(TrainerCallback):
 
 
 class PlotsTraining(TrainerCallback):
-    """``train_log.jsonl`` and ``training.png`` in the output folder while a stage trains, at most
-    every ``every_s`` seconds of logging (``fit`` writes the final ones), so a long run's curves
-    can be looked at before it ends."""
+    """``train_log.jsonl`` and ``training.png`` in the output folder: while a stage trains, at most
+    every ``every_s`` seconds of logging, so a long run's curves can be looked at before it ends,
+    and once more when it ends (a resumed run's include the first run's points)."""
 
     def __init__(self, title: str, every_s: float = PLOT_EVERY_S):
         self.title, self.every_s = title, every_s
         self.last = time.monotonic()
 
     def on_log(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and time.monotonic() - self.last >= self.every_s:
-            curves.save_training_log(state.log_history, args.output_dir, self.title)
+        if time.monotonic() - self.last >= self.every_s:
+            self.on_train_end(args, state, control)
             self.last = time.monotonic()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            curves.save_training_log(state.log_history, args.output_dir, self.title)
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -321,16 +325,12 @@ def missing_checkpoint_hint(stage: str | None) -> str:
 
 def fit(trainer: Trainer, processor, resume: bool) -> Path:
     """Train (with ``resume``, from the last checkpoint in output_dir if there is one) and save the
-    stage checkpoint there, with its logged figures and their plot (``occmllm.curves``; a resumed
-    run's include the first run's, and ``PlotsTraining`` keeps them current while it trains). The
+    stage checkpoint there, with its logged figures and their plot (``PlotsTraining``). The
     processor's files, which mark a finished stage, come last."""
     out = trainer.args.output_dir
     resume = resume and any(Path(out).glob("checkpoint-*"))
-    title = f"{Path(out).resolve().name}: {type(trainer).__name__}"
-    trainer.add_callback(PlotsTraining(title))
+    trainer.add_callback(PlotsTraining(f"{Path(out).resolve().name}: {type(trainer).__name__}"))
     trainer.train(resume_from_checkpoint=True if resume else None)
-    if trainer.args.should_save:
-        curves.save_training_log(trainer.state.log_history, out, title)
     save_final(trainer, processor, out)
     return Path(out)
 
