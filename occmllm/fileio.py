@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -91,6 +92,43 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, ensure_ascii=False, indent=2, allow_nan=False)
         fh.write("\n")
+
+
+def append_jsonl(fh, records: Iterable[Any]) -> None:
+    """Append records to an open JSONL file in one write, flushed and synced: a kill leaves at
+    most one unfinished last line, which ``read_appended`` drops."""
+    fh.write("".join(dumps(rec) + "\n" for rec in records))
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def read_appended(path: str | os.PathLike, repair: bool, remedy: str = "remove it to start over") -> list[dict]:
+    """Complete lines of a JSONL file that a run appends to as it goes. A last line without its
+    newline is what a kill mid-write leaves: it is dropped (and, with ``repair``, cut from the file
+    so appending goes on from a clean end). A malformed complete line is an error: the file was
+    edited or mixed; ``remedy`` says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        print(f"{path}: dropping an unfinished last line (interrupted run); it is computed again", file=sys.stderr)
+        if repair:
+            with open(path, "r+b") as fh:
+                fh.truncate(end)
+    out = []
+    for lineno, line in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            raise OccError(f"{where(path, lineno)}: not a JSON object; the file is damaged: {remedy}")
+        out.append(rec)
+    return out
 
 
 BOM = b"\xef\xbb\xbf"

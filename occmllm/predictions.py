@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,9 +75,7 @@ class PredictionLog:
         """Prediction lines in one write, flushed and synced (a kill leaves at most one unfinished
         line), and remembered as done."""
         pred_fh, _ = self._files
-        pred_fh.write("".join(fileio.dumps(line) + "\n" for line in lines))
-        pred_fh.flush()
-        os.fsync(pred_fh.fileno())
+        fileio.append_jsonl(pred_fh, lines)
         for line in lines:
             self.done[(line["checkpoint"], line["mode"], line["id"])] = line
 
@@ -95,32 +92,12 @@ class PredictionLog:
         return runs
 
 
+REMEDY = "remove it (or use another --out) to start over"
+
+
 def read_lines(path: Path, repair: bool) -> list[dict]:
-    """Complete lines of an appended JSONL file. A last line without its newline is what a kill
-    mid-write leaves: it is dropped (and, with ``repair``, cut from the file so appending goes on
-    from a clean end). A malformed complete line is an error: the file was edited or mixed."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        print(f"{path}: dropping an unfinished last line (interrupted run); it is computed again", file=sys.stderr)
-        if repair:
-            with open(path, "r+b") as fh:
-                fh.truncate(end)
-    out = []
-    for lineno, line in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-        if not isinstance(rec, dict):
-            raise OccError(f"{path}:{lineno}: not a JSON object; the file is damaged: remove it (or use another "
-                           "--out) to start over")
-        out.append(rec)
-    return out
+    """Complete lines of a run's appended log (``fileio.read_appended``)."""
+    return fileio.read_appended(path, repair, REMEDY)
 
 
 def done_predictions(path: Path) -> dict[tuple, dict]:

@@ -20,10 +20,18 @@ Beside metrics.json, metrics_by_occlusion.png plots the model's metrics and the 
 occlusion. metrics.json: ``chamfer``, ``fscore_5mm``, ``fscore_10mm``, ``silhouette_iou`` (means), ``n``,
 ``by_occlusion`` (bins with ``n`` and the same means), ``baseline`` (the same for the
 baseline), ``samples`` (per view), ``declined`` (cause -> views), ``protocol``.
+
+Resumable: each batch's scores are appended to ``OUT.partial/`` (e.g. ``metrics.json.partial/``) as
+it is scored; started again with the same checkpoint, data, split, limit and resolution, a stopped
+run scores only the views it had not, and ends with the uninterrupted run's metrics.json. The
+folder goes when metrics.json is written.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -36,7 +44,7 @@ from tqdm import tqdm
 
 from occmllm import fileio, records
 from occmllm.dataset import load_dataset, resolve_in_roots
-from occmllm.errors import cli
+from occmllm.errors import OccError, cli
 from occmllm.questions import OBJECT_COLOURS
 from occmllm.render import RayCaster, render_rgb
 from reconstruction.metrics import (by_occlusion, mean_metrics, point_tree, sample_surface, silhouette_iou,
@@ -70,62 +78,103 @@ def _summary(rows: list[dict]) -> dict:
     return {"n": len(rows), **mean_metrics(rows, KEYS), "by_occlusion": by_occlusion(rows, keys=KEYS)}
 
 
+PARTIAL_VIEWS, PARTIAL_SETTINGS = "views.jsonl", "settings.json"  # in OUT.partial/, while a run is unfinished
+
+
+def scored_views(partial: Path, settings: dict) -> dict[str, dict]:
+    """``{id: row}`` of the views an interrupted run scored, from ``partial`` (created, with
+    ``settings``, when absent). A run with other settings is refused: its rows would mix two
+    evaluations."""
+    settings_path = partial / PARTIAL_SETTINGS
+    if settings_path.is_file():
+        old = fileio.read_json(settings_path)
+        changed = sorted(k for k in {**old, **settings} if old.get(k) != settings.get(k))
+        if changed:
+            raise OccError(f"{partial}: an interrupted evaluation with other settings ({', '.join(changed)}); rerun "
+                           f"it with those, or remove {partial} to start afresh")
+    else:
+        partial.mkdir(parents=True, exist_ok=True)
+        fileio.write_json(settings_path, settings)
+    rows = fileio.read_appended(partial / PARTIAL_VIEWS, repair=True, remedy=f"remove {partial} to start afresh")
+    return {row["id"]: row for row in rows}
+
+
 def evaluate(reconstructor: Reconstructor, data: Path, split: str, limit: int | None, batch_size: int = 8,
-             progress: bool = True, sheet: Path | None = None, renders: Path | None = None) -> dict:
+             progress: bool = True, sheet: Path | None = None, renders: Path | None = None,
+             partial: Path | None = None, settings: dict | None = None) -> dict:
     """The metrics of ``reconstructor`` on a split; with ``renders``, each view's render is also
     written there as ``reconstruction.reconstruct`` writes it (``<id>.png``; existing ones are kept),
-    so that inference's ``--mode cot`` and ``dual`` find them made."""
+    so that inference's ``--mode cot`` and ``dual`` find them made. With ``partial``, a folder, each
+    batch's rows are appended there as it is scored, and the batches an interrupted run with the same
+    ``settings`` scored are not scored again (those with a view on the contact sheet are
+    reconstructed again for its pictures); the result is the uninterrupted run's."""
     dataset = load_dataset(data)
     scale = depth_scale_of(data)
     lines = dataset.split(split)
     lines = lines[:limit] if limit else lines
-    ours, baseline, sheet_cells = [], [], {}
     picks = sheet_picks([line["occlusion"] for line in lines])
     on_sheet = {lines[i]["id"] for row in picks for i in row} if sheet is not None else set()
-    declined: Counter = Counter()
-    # per mesh: the true mesh and its surface (points, their KD-tree), shared by the model's and the baseline's scores
-    true_cache: dict[str, tuple[trimesh.Trimesh | None, tuple[np.ndarray, KDTree] | None]] = {}
-    for start in tqdm(range(0, len(lines), batch_size), desc="evaluate", unit="batch", disable=not progress):
-        chunk = lines[start: start + batch_size]
-        views = [load_view(dataset.roots, line, scale) for line in chunk]
-        for line, view, rec in zip(chunk, views, reconstructor(views)):
-            key = line.get("mesh", line["id"])  # SynthOcc's views of a scene share one mesh
-            if key not in true_cache:
-                true_cache.clear()
-                mesh, why = true_mesh(dataset, line)
-                if mesh is None:
-                    declined[f"chamfer and F-scores: {why}"] += 1
-                points = sample_surface(mesh, SURFACE_SAMPLES, seed=1) if mesh is not None else None
-                true_cache[key] = (mesh, (points, point_tree(points)) if mesh is not None else None)
-            truth, true_surface = true_cache[key]
-            amodal = None
-            if "mask_amodal" in line:
-                amodal = np.asarray(fileio.read_image(
-                    resolve_in_roots(dataset.roots, line["mask_amodal"], line["id"]), None, "L")) > 127
-            else:
-                declined["silhouette IoU: the manifest has no amodal masks (mask_amodal)"] += 1
-            caster = RayCaster([rec.mesh])
-            hits = caster.render(view.camera)  # one cast for the silhouette, the render and the sheet
-            image = None  # the render, made once for the renders folder and the sheet
-            if renders is not None and not Path(records.render_path(renders, rec.id)).is_file():
-                image = render(rec, view.camera, caster, hits)
-                save_render(image, renders, rec.id)
-            pred_sil = (hits.label >= 0).reshape(view.size)
-            pred_points = sample_surface(rec.mesh, SURFACE_SAMPLES, seed=2)
-            meta = {"id": line["id"], "category": line["category"], "occlusion": line["occlusion"]}
-            ours.append({**meta, **_scores(pred_points, true_surface, pred_sil, amodal), "empty": rec.empty,
-                         "evaluations": rec.evaluations})
-            visible_points = to_world(backproject(view.visible, view.depth, view.camera.intrinsics), view.camera)
-            baseline.append({**meta, **_scores(visible_points, true_surface, view.visible, amodal)})
-            if line["id"] in on_sheet and truth is not None:
-                colour = tuple(c / 255 for c in OBJECT_COLOURS.get(line.get("colour"), (200, 200, 200)))
-                truth_image = render_rgb(RayCaster([truth]), view.camera, [colour])
-                sheet_cells[line["id"]] = (ours[-1], baseline[-1], view.rgb, truth_image,
-                                           image if image is not None else render(rec, view.camera, caster, hits))
+    done = scored_views(partial, settings or {}) if partial is not None else {}
+    if done:
+        print(f"resuming: {len(done)} of {len(lines)} views already scored in {partial}", flush=True)
+    # whole batches as an uninterrupted run makes them: the model encodes a batch's views together,
+    # and another batch would change their meshes in the last bits
+    batches = [lines[start: start + batch_size] for start in range(0, len(lines), batch_size)]
+    todo = [chunk for chunk in batches if any(line["id"] not in done or line["id"] in on_sheet for line in chunk)]
+    rows, sheet_cells = dict(done), {}
+    # per mesh: the true mesh, its surface (points, their KD-tree) and why it is missing, shared by the
+    # model's and the baseline's scores
+    true_cache: dict[str, tuple[trimesh.Trimesh | None, tuple[np.ndarray, KDTree] | None, str | None]] = {}
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(open(partial / PARTIAL_VIEWS, "a", encoding="utf-8")) if partial else None
+        for chunk in tqdm(todo, desc="evaluate", unit="batch", disable=not progress):
+            views = [load_view(dataset.roots, line, scale) for line in chunk]
+            scored = []
+            for line, view, rec in zip(chunk, views, reconstructor(views)):
+                key = line.get("mesh", line["id"])  # SynthOcc's views of a scene share one mesh
+                if key not in true_cache:
+                    true_cache.clear()
+                    mesh, why = true_mesh(dataset, line)
+                    points = sample_surface(mesh, SURFACE_SAMPLES, seed=1) if mesh is not None else None
+                    true_cache[key] = (mesh, (points, point_tree(points)) if mesh is not None else None, why)
+                truth, true_surface, why = true_cache[key]
+                declined = [] if truth is not None else [f"chamfer and F-scores: {why}"]
+                amodal = None
+                if "mask_amodal" in line:
+                    amodal = np.asarray(fileio.read_image(
+                        resolve_in_roots(dataset.roots, line["mask_amodal"], line["id"]), None, "L")) > 127
+                else:
+                    declined.append("silhouette IoU: the manifest has no amodal masks (mask_amodal)")
+                caster = RayCaster([rec.mesh])
+                hits = caster.render(view.camera)  # one cast for the silhouette, the render and the sheet
+                image = None  # the render, made once for the renders folder and the sheet
+                if renders is not None and not Path(records.render_path(renders, rec.id)).is_file():
+                    image = render(rec, view.camera, caster, hits)
+                    save_render(image, renders, rec.id)
+                pred_sil = (hits.label >= 0).reshape(view.size)
+                pred_points = sample_surface(rec.mesh, SURFACE_SAMPLES, seed=2)
+                meta = {"id": line["id"], "category": line["category"], "occlusion": line["occlusion"]}
+                visible_points = to_world(backproject(view.visible, view.depth, view.camera.intrinsics), view.camera)
+                row = {"id": line["id"], "declined": declined,
+                       "ours": {**meta, **_scores(pred_points, true_surface, pred_sil, amodal), "empty": rec.empty,
+                                "evaluations": rec.evaluations},
+                       "baseline": {**meta, **_scores(visible_points, true_surface, view.visible, amodal)}}
+                if line["id"] not in rows:
+                    rows[line["id"]] = row
+                    scored.append(row)
+                if line["id"] in on_sheet and truth is not None:
+                    colour = tuple(c / 255 for c in OBJECT_COLOURS.get(line.get("colour"), (200, 200, 200)))
+                    truth_image = render_rgb(RayCaster([truth]), view.camera, [colour])
+                    sheet_cells[line["id"]] = (row["ours"], row["baseline"], view.rgb, truth_image,
+                                               image if image is not None else render(rec, view.camera, caster, hits))
+            if log is not None and scored:
+                fileio.append_jsonl(log, scored)
+    ordered = [rows[line["id"]] for line in lines]
+    ours, baseline = [r["ours"] for r in ordered], [r["baseline"] for r in ordered]
     result = {"protocol": PROTOCOL, "checkpoint": None, "data": str(data), "split": split, **_summary(ours),
               "baseline": {"name": "visible only (back-projected visible depth)", **_summary(baseline)},
               "empty_reconstructions": sum(r["empty"] for r in ours), "samples": ours,
-              "baseline_samples": baseline, "declined": dict(declined)}
+              "baseline_samples": baseline, "declined": dict(Counter(why for r in ordered for why in r["declined"]))}
     if sheet is not None and sheet_cells:
         contact_sheet([[sheet_cells[lines[i]["id"]] for i in row if lines[i]["id"] in sheet_cells] for row in picks],
                       sheet)
@@ -222,10 +271,16 @@ def main(argv=None) -> int:
                    "where inference --mode cot/dual then finds it (its --out/renders)")
     args = p.parse_args(argv)
     reconstructor = Reconstructor(args.checkpoint, args.resolution, args.device)
+    # what a view's scores depend on: a resumed run must share it
+    settings = {"checkpoint": hashlib.sha256((args.checkpoint / "model.safetensors").read_bytes()).hexdigest(),
+                "data": str(args.data.resolve()), "split": args.split, "limit": args.limit,
+                "resolution": args.resolution, "protocol": PROTOCOL}
+    partial = args.out.with_name(args.out.name + ".partial")
     result = evaluate(reconstructor, args.data, args.split, args.limit, progress=not args.no_progress,
-                      sheet=args.sheet, renders=args.renders)
+                      sheet=args.sheet, renders=args.renders, partial=partial, settings=settings)
     result["checkpoint"] = str(args.checkpoint)
     fileio.write_json(args.out, result)
+    shutil.rmtree(partial)
     plot = plot_by_occlusion(result, args.out.with_name(args.out.stem + PLOT_SUFFIX))
     print(table(result))
     for why, n in result["declined"].items():

@@ -226,6 +226,52 @@ def test_evaluate_writes_metrics_with_baseline_and_bins(trained, synth, tmp_path
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(again))), path.name
 
 
+def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_metrics(trained, synth, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Stopped in its second batch, evaluate keeps the first batch's scores in metrics.json.partial/;
+    started again it scores only the batches left (and a scored one again if the contact sheet shows
+    one of its views),
+    drops the unfinished line a kill mid-write leaves, and ends with the uninterrupted run's
+    metrics.json and sheet, byte for byte. A restart with other settings is refused in one line."""
+    def run(folder: str, *extra: str) -> int:
+        return evaluate_cmd.main(["--checkpoint", str(trained), "--data", str(synth), "--split", "train", "--limit",
+                                  "20", "--resolution", "16", "--no-progress", "--out", str(tmp_path / folder /
+                                  "metrics.json"), "--sheet", str(tmp_path / folder / "sheet.png"), *extra])
+
+    assert run("whole") == 0
+    assert not (tmp_path / "whole/metrics.json.partial").exists()
+    real, batches, stop = Reconstructor.__call__, [], [True]
+
+    def stops_in_the_second_batch(self, views):
+        batches.append(len(views))
+        if stop[0] and len(batches) == 2:
+            raise KeyboardInterrupt
+        return real(self, views)
+
+    monkeypatch.setattr(Reconstructor, "__call__", stops_in_the_second_batch)
+    with pytest.raises(SystemExit) as stopped:
+        run("cut")
+    assert stopped.value.code == 130  # the command's exit on Ctrl-C
+    partial = tmp_path / "cut/metrics.json.partial"
+    assert not (tmp_path / "cut/metrics.json").exists()
+    assert len((partial / "views.jsonl").read_text().splitlines()) == 8
+    with open(partial / "views.jsonl", "a") as fh:
+        fh.write('{"id": "half-writ')  # what a kill in the middle of a write leaves
+    with pytest.raises(SystemExit) as refused:
+        run("cut", "--resolution", "24")
+    assert refused.value.code == 2 and "other settings (resolution)" in capsys.readouterr().err
+    batches.clear()
+    stop[0] = False
+    assert run("cut") == 0
+    lines = load_dataset(synth).split("train")[:20]
+    on_sheet = {i for row in evaluate_cmd.sheet_picks([line["occlusion"] for line in lines]) for i in row}
+    # the batches left, and the first again if it holds a view of the sheet
+    assert batches == [8] * bool(on_sheet & set(range(8))) + [8, 4]
+    assert (tmp_path / "cut/metrics.json").read_bytes() == (tmp_path / "whole/metrics.json").read_bytes()
+    assert (tmp_path / "cut/sheet.png").read_bytes() == (tmp_path / "whole/sheet.png").read_bytes()
+    assert not partial.exists()
+
+
 def test_sheet_picks_spread_each_occlusion_bin():
     """One row per occlusion bin, up to four views spread over the bin in order (first and last
     included), views without an occlusion ratio left out, a fully occluded view in the last bin."""
