@@ -29,6 +29,7 @@ import datasets
 from trl import DPOConfig, DPOTrainer
 
 from occmllm import records
+from occmllm.conversation import to_messages
 from occmllm.errors import OccError
 from occmllm.fileio import resolve_in_root
 from occmllm.model import ImageOnlyInternVLProcessor, ResumesInternVL
@@ -70,20 +71,27 @@ class PreferenceFormatter:
     def __init__(self, processor):
         self.tokenizer = processor.tokenizer
         self.image_token = processor.image_token  # expanded into the image's tiles by the processor
+        # each distinct conversation's text, rendered once: pairs share few (the demo's 6,640 pairs
+        # have 33 prompts and 701 prompt-answer pairs), and the template is most of a row's time
+        self._rendered: dict[tuple, str] = {}
 
-    def _messages(self, turns: list[dict]) -> list[dict]:
-        return [{"role": "user" if turn["from"] == "human" else "assistant",
-                 "content": turn["value"].replace(IMAGE_TOKEN, self.image_token)} for turn in turns]
+    def _render(self, turns: list[dict], add_generation_prompt: bool) -> str:
+        key = (tuple((turn["from"], turn["value"]) for turn in turns), add_generation_prompt)
+        if key not in self._rendered:
+            messages = [{**m, "content": m["content"].replace(IMAGE_TOKEN, self.image_token)}
+                        for m in to_messages(turns)]
+            self._rendered[key] = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                     add_generation_prompt=add_generation_prompt)
+        return self._rendered[key]
 
     def prompt(self, turns: list[dict]) -> str:
         """The conversation up to the assistant's answer to its last (human) turn."""
-        return self.tokenizer.apply_chat_template(self._messages(turns), tokenize=False, add_generation_prompt=True)
+        return self._render(turns, add_generation_prompt=True)
 
     def answer(self, prompt: str, turns: list[dict], answer: str) -> str:
         """The assistant turn after ``prompt``: the answer and the end-of-turn token (the newline
         after it is not supervised, as in SFT)."""
-        full = self.tokenizer.apply_chat_template(self._messages([*turns, {"from": "gpt", "value": answer}]),
-                                                  tokenize=False)
+        full = self._render([*turns, {"from": "gpt", "value": answer}], add_generation_prompt=False)
         if not full.startswith(prompt):
             raise OccError("the checkpoint's chat template renders a user turn differently with and without the "
                            "assistant's answer; preference training needs the prompt to be a prefix")
