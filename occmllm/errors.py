@@ -1,5 +1,5 @@
-"""User-facing errors, the command-line wrapper that prints them as one line, and the shared
-argparse type for counts."""
+"""User-facing errors, the command-line wrapper that prints them as one line, the refusal to
+resume an interrupted run under other settings, and the shared argparse type for counts."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,15 @@ class OccError(Exception):
 def where(path, line: int | None = None) -> str:
     """``file:line`` (or ``file``) for error messages."""
     return f"{path}:{line}" if line is not None else str(path)
+
+
+def refuse_other_settings(partial, saved: dict, now: dict, what: str = "run") -> None:
+    """An interrupted ``what``'s state in ``partial`` was saved with ``saved``: resuming it with
+    other settings would mix two runs, so it stops in one line naming the settings that differ."""
+    changed = sorted(k for k in {**saved, **now} if saved.get(k) != now.get(k))
+    if changed:
+        raise OccError(f"{partial}: an interrupted {what} with other settings ({', '.join(changed)}); rerun it with "
+                       f"those, or remove {partial} to start afresh")
 
 
 def cli(main: Callable[..., int | None]) -> Callable[..., int | None]:

@@ -42,7 +42,7 @@ from transformers import InternVLForConditionalGeneration, InternVLVisionModel
 
 from occmllm import curves, fileio, records
 from occmllm.conversation import ConversationEncoder, load_images
-from occmllm.errors import OccError, cli
+from occmllm.errors import OccError, cli, refuse_other_settings
 from occmllm.model import ImageOnlyInternVLProcessor, check_checkpoint
 from occmllm.questions import CATEGORIES, CATEGORY_ATTRIBUTES
 from occmllm.tiny import MERGE_HELP, build
@@ -187,11 +187,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
     seconds = 0.0
     if partial is not None and (partial / PARTIAL_STATE).is_file():
         state = torch.load(partial / PARTIAL_STATE, weights_only=True)  # tensors and plain data only
-        if state["settings"] != settings:
-            changed = sorted(k for k in {**state["settings"], **(settings or {})}
-                             if state["settings"].get(k) != (settings or {}).get(k))
-            raise OccError(f"{partial}: an interrupted run with other settings ({', '.join(changed)}); rerun it with "
-                           f"those, or remove {partial} to start afresh")
+        refuse_other_settings(partial, state["settings"], settings or {})
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -23,7 +23,7 @@ baseline), ``samples`` (per view), ``declined`` (cause -> views), ``protocol``.
 
 Resumable: each batch's scores are appended to ``OUT.partial/`` (e.g. ``metrics.json.partial/``) as
 it is scored; started again with the same checkpoint, data, split, limit and resolution, a stopped
-run scores only the views it had not, and ends with the uninterrupted run's metrics.json. The
+run scores only the batches it had not, and ends with the uninterrupted run's metrics.json. The
 folder goes when metrics.json is written.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from occmllm import fileio, records
 from occmllm.dataset import load_dataset, resolve_in_roots
-from occmllm.errors import OccError, cli
+from occmllm.errors import cli, refuse_other_settings
 from occmllm.questions import OBJECT_COLOURS
 from occmllm.render import RayCaster, render_rgb
 from reconstruction.metrics import (by_occlusion, mean_metrics, point_tree, sample_surface, silhouette_iou,
@@ -87,11 +87,7 @@ def scored_views(partial: Path, settings: dict) -> dict[str, dict]:
     evaluations."""
     settings_path = partial / PARTIAL_SETTINGS
     if settings_path.is_file():
-        old = fileio.read_json(settings_path)
-        changed = sorted(k for k in {**old, **settings} if old.get(k) != settings.get(k))
-        if changed:
-            raise OccError(f"{partial}: an interrupted evaluation with other settings ({', '.join(changed)}); rerun "
-                           f"it with those, or remove {partial} to start afresh")
+        refuse_other_settings(partial, fileio.read_json(settings_path), settings, "evaluation")
     else:
         partial.mkdir(parents=True, exist_ok=True)
         fileio.write_json(settings_path, settings)

@@ -230,9 +230,9 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_metrics(trained,
                                                                         capsys):
     """Stopped in its second batch, evaluate keeps the first batch's scores in metrics.json.partial/;
     started again it scores only the batches left (and a scored one again if the contact sheet shows
-    one of its views),
-    drops the unfinished line a kill mid-write leaves, and ends with the uninterrupted run's
-    metrics.json and sheet, byte for byte. A restart with other settings is refused in one line."""
+    one of its views), drops the unfinished line a kill mid-write leaves, and ends with the
+    uninterrupted run's metrics.json and sheet, byte for byte. A restart with other settings is
+    refused in one line."""
     def run(folder: str, *extra: str) -> int:
         return evaluate_cmd.main(["--checkpoint", str(trained), "--data", str(synth), "--split", "train", "--limit",
                                   "20", "--resolution", "16", "--no-progress", "--out", str(tmp_path / folder /
