@@ -22,7 +22,9 @@ endif
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha demo-fresh test bench bench-gpu bench-gpu-next clean-demo base recon-base
+.PHONY: demo demo-data demo-recon demo-stages demo-report demo-alpha demo-fresh test bench bench-gpu bench-gpu-next clean-demo base recon-base \
+	demo-recon-test demo-recon-heldout demo-report-val demo-report-val-renders demo-report-val-plain demo-report-test \
+	demo-report-test-plain demo-alpha-val demo-alpha-test
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +45,11 @@ test: $(VENV)/.installed
 # part is a target of its own (demo-data, demo-recon, demo-stages, demo-report, demo-alpha) for re-running it.
 # The parts run one after the other: reconstruction training (DEMO_RECON_STEPS > 0) is far slower
 # on one thread than on two, so running it beside the VLM stages would not save time on 2 cores
-# (benchmarks/RESULTS.md, "Figures behind settings in the code").
+# (benchmarks/RESULTS.md, "Figures behind settings in the code"). Within a part, inference and the
+# reconstruction's renders run two jobs at a time (DEMO_JOBS), each on its share of the cores: on
+# the demo's tiny models one such job keeps about one core busy whatever its thread count, and gives
+# the same files on one thread as on two (benchmarks/RESULTS.md, "Two jobs at a time"). Training
+# keeps every core, since on fewer it rounds otherwise. DEMO_JOBS=1 runs every command in turn.
 DEMO_SCENES ?= 3200
 DEMO_VIEWS ?= 2
 # scenes drawn after the 3,200 for test alone, then for validation alone (data_tools.synthocc
@@ -67,6 +73,12 @@ DEMO_STEP3_STEPS ?= 208
 # path (benchmarks/RESULTS.md, "2026-11-23, 2-core CPU" and "Reconstruction at a lower cost")
 DEMO_RENDER_RES ?= 33
 SUBMAKE = $(MAKE) --no-print-directory
+DEMO_JOBS ?= 2
+# a job's threads: its share of the cores, at least one
+JOB_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$(( n / $(DEMO_JOBS) )); echo $$(( t > 0 ? t : 1 )))
+JOB = OMP_NUM_THREADS=$(JOB_THREADS)
+# the named targets, DEMO_JOBS at a time, each one's output printed whole when it ends
+JOBS = $(SUBMAKE) -j$(DEMO_JOBS) --output-sync=target
 # when make read this file, before it built .venv
 MAKE_STARTED := $(shell date +%s)
 # inference settings of every report line: the demo's longest reference answer is 10 tokens, so 16
@@ -112,10 +124,13 @@ demo-recon:
 	rm -rf $(DEMO)/recon/model && mkdir -p $(DEMO)/recon
 	if [ $(DEMO_RECON_STEPS) -gt 0 ]; then $(PY) -m reconstruction.train --init_from $(RECON_BASE) --progress false \
 		--log_steps 300 --steps $(DEMO_RECON_STEPS); else cp -r $(RECON_BASE) $(DEMO)/recon/model; fi
-	$(PY) -m reconstruction.evaluate --checkpoint $(DEMO)/recon/model --data $(DEMO)/data --split test \
+	$(JOBS) demo-recon-test demo-recon-heldout
+demo-recon-test:
+	$(JOB) $(PY) -m reconstruction.evaluate --checkpoint $(DEMO)/recon/model --data $(DEMO)/data --split test \
 		--resolution $(DEMO_RENDER_RES) --out $(DEMO)/recon/metrics.json --sheet $(DEMO)/recon/contact_sheet.png \
-		--renders $(DEMO)/report/renders --no-progress
-	$(PY) -m reconstruction.reconstruct --checkpoint $(DEMO)/recon/model --data $(DEMO)/data \
+		--renders $(DEMO)/report/renders --batch-size 32 --no-progress
+demo-recon-heldout:
+	$(JOB) $(PY) -m reconstruction.reconstruct --checkpoint $(DEMO)/recon/model --data $(DEMO)/data \
 		--records $(DEMO)/stages/heldout_q1.jsonl --out renders/recon --resolution $(DEMO_RENDER_RES) --batch-size 32 \
 		--no-progress
 
@@ -139,22 +154,36 @@ demo-stages:
 # again everywhere (row step4-always), and the gate is chosen on it and written into the stage-4
 # checkpoint (python -m occmllm.chain gate: the best gate where it beats looking again everywhere or
 # nowhere by more than chance, else that); the step4 cot rows use it (at gate 0 inference copies
-# validation's from step4-always: the same checkpoint asked the same way). Each command answers
-# both splits (a --data/--out pair each), loading its checkpoints once.
+# validation's from step4-always: the same checkpoint asked the same way). The two splits are two
+# lines of jobs, each command writing one report folder; the validation views' renders are made
+# ahead, beside the plain rows (the test views' came with the reconstruction's evaluation). Each
+# command answers its checkpoints in turn, loading each once.
 REPORT_CHECKPOINTS = --checkpoint base=$(DEMO)/models/tiny --checkpoint step1=$(DEMO)/checkpoints/step1 \
 	--checkpoint step2=$(DEMO)/checkpoints/step2 --checkpoint step3=$(DEMO)/checkpoints/step3 \
 	--checkpoint step4=$(DEMO)/checkpoints/step4
-BOTH_SPLITS = --data $(DEMO)/stages/val.jsonl --out $(DEMO)/report_val --data $(DEMO)/stages/test.jsonl --out $(DEMO)/report
+VAL = --data $(DEMO)/stages/val.jsonl --out $(DEMO)/report_val
+TEST = --data $(DEMO)/stages/test.jsonl --out $(DEMO)/report
 # the reconstruction model and grid of every mode that blends a render (cot, dual, TTA's second-look judge)
 RENDERS = --recon $(DEMO)/recon/model --recon-resolution $(DEMO_RENDER_RES)
 COT = --mode cot $(RENDERS) $(ANSWER)
 demo-report:
-	$(PY) inference.py $(REPORT_CHECKPOINTS) $(BOTH_SPLITS) $(ANSWER)
-	$(PY) inference.py --checkpoint step4-always=$(DEMO)/checkpoints/step4 $(COT) --gate 0 \
-		--data $(DEMO)/stages/val.jsonl --out $(DEMO)/report_val
+	$(JOBS) demo-report-val demo-report-test
+demo-report-val-renders:
+	$(JOB) $(PY) -m reconstruction.reconstruct --checkpoint $(DEMO)/recon/model --data $(DEMO)/data \
+		--records $(DEMO)/stages/val.jsonl --renders $(DEMO)/report_val/renders --resolution $(DEMO_RENDER_RES) \
+		--batch-size 32 --no-progress
+demo-report-val-plain:
+	$(JOB) $(PY) inference.py $(REPORT_CHECKPOINTS) $(VAL) $(ANSWER)
+demo-report-val: demo-report-val-renders demo-report-val-plain
+	$(JOB) $(PY) inference.py --checkpoint step4-always=$(DEMO)/checkpoints/step4 $(COT) --gate 0 $(VAL)
 	$(PY) -m occmllm.chain gate --predictions $(DEMO)/report_val/predictions.jsonl --checkpoint step4-always \
 		--data $(DEMO)/stages/val.jsonl --save $(DEMO)/checkpoints/step4
-	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 $(COT) $(BOTH_SPLITS)
+	$(JOB) $(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 $(COT) $(VAL)
+demo-report-test-plain:
+	$(JOB) $(PY) inference.py $(REPORT_CHECKPOINTS) $(TEST) $(ANSWER)
+# after the gate is chosen on validation
+demo-report-test: demo-report-test-plain demo-report-val
+	$(JOB) $(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 $(COT) $(TEST)
 
 # OCC-MLLM-Alpha on the final checkpoint: the dual visual path (a short fine-tune with a learnable
 # alpha on the held-out views' Q1-Q5, so Q2-Q5 are kept, and their reconstruction renders; steps
@@ -163,7 +192,7 @@ demo-report:
 # chain's second look over the image and its render (its learning rate, the default, chosen on
 # validation). RLCF's own judge, a CLIP (`--tta clip`, occmllm.clip), gains nothing at the demo's
 # size: an image-only tiny CLIP is wrong where the policy is (benchmarks/RESULTS.md, "A judge that
-# sees the render")
+# sees the render"). Each split's two rows are a job of their own.
 DEMO_DUAL_STEPS ?= 160
 demo-alpha:
 	$(PY) -m step2_multiquery.make_data --data $(DEMO)/data --out $(DEMO)/stages/dual_train.jsonl --part held-out
@@ -171,10 +200,14 @@ demo-alpha:
 		--train_data $(DEMO)/stages/dual_train.jsonl --dual_renders renders/recon \
 		--output_dir $(DEMO)/checkpoints/step4_dual --dual_alpha 0.5 --dual_learnable true \
 		--freeze_vision true --cache_vision true --max_steps $(DEMO_DUAL_STEPS) --warmup_steps 20 --learning_rate 0.0002 --disable_tqdm true
-	$(PY) inference.py --checkpoint step4-dual=$(DEMO)/checkpoints/step4_dual --mode dual $(RENDERS) \
-		$(BOTH_SPLITS) $(ANSWER)
-	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta second-look $(RENDERS) \
-		$(BOTH_SPLITS) $(ANSWER)
+	$(JOBS) demo-alpha-val demo-alpha-test
+demo-alpha-val demo-alpha-test: demo-alpha-%:
+	$(JOB) $(PY) inference.py --checkpoint step4-dual=$(DEMO)/checkpoints/step4_dual --mode dual $(RENDERS) \
+		$(SPLIT_$*) $(ANSWER)
+	$(JOB) $(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta second-look $(RENDERS) \
+		$(SPLIT_$*) $(ANSWER)
+SPLIT_val = $(VAL)
+SPLIT_test = $(TEST)
 
 # A third sample, to check a lead before keeping it (after make demo; about 4 minutes on 2 cores):
 # the demo's checkpoints and modes on 1,920 views of seed 3, which no other dataset uses (the demo

@@ -1,7 +1,7 @@
 """Evaluate a reconstruction model on held-out views against the true object surfaces.
 
     python -m reconstruction.evaluate --checkpoint CKPT --data DATA [--split test] --out metrics.json
-                                      [--sheet sheet.png] [--limit N] [--renders FOLDER]
+                                      [--sheet sheet.png] [--limit N] [--renders FOLDER] [--batch-size 8]
 
 Protocol: the reconstructed mesh (world frame, metres; the model works in the input camera's
 frame with depth, so no alignment is applied) and the true object mesh are each sampled with
@@ -22,8 +22,8 @@ occlusion. metrics.json: ``chamfer``, ``fscore_5mm``, ``fscore_10mm``, ``silhoue
 baseline), ``samples`` (per view), ``declined`` (cause -> views), ``protocol``.
 
 Resumable: each batch's scores are appended to ``OUT.partial/`` (e.g. ``metrics.json.partial/``) as
-it is scored; started again with the same checkpoint, data, split, limit and resolution, a stopped
-run scores only the batches it had not, and ends with the uninterrupted run's metrics.json. The
+it is scored; started again with the same checkpoint, data, split, limit, resolution and batch
+size, a stopped run scores only the batches it had not, and ends with the uninterrupted run's metrics.json. The
 folder goes when metrics.json is written.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from occmllm import fileio, records
 from occmllm.dataset import load_dataset, resolve_in_roots
-from occmllm.errors import cli, refuse_other_settings
+from occmllm.errors import cli, positive_int, refuse_other_settings
 from occmllm.questions import OBJECT_COLOURS
 from occmllm.render import RayCaster, render_rgb
 from reconstruction.metrics import (by_occlusion, mean_metrics, point_tree, sample_surface, silhouette_iou,
@@ -265,14 +265,17 @@ def main(argv=None) -> int:
     p.add_argument("--sheet", type=Path, help="also write a contact sheet PNG here")
     p.add_argument("--renders", type=Path, help="also write each view's render into this folder (<id>.png), "
                    "where inference --mode cot/dual then finds it (its --out/renders)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="views the model encodes together; inference's --batch-size makes the renders inference "
+                        "would make itself [8]")
     args = p.parse_args(argv)
     reconstructor = Reconstructor(args.checkpoint, args.resolution, args.device)
     # what a view's scores depend on: a resumed run must share it
     settings = {"checkpoint": hashlib.sha256((args.checkpoint / "model.safetensors").read_bytes()).hexdigest(),
                 "data": str(args.data.resolve()), "split": args.split, "limit": args.limit,
-                "resolution": args.resolution, "protocol": PROTOCOL}
+                "resolution": args.resolution, "batch_size": args.batch_size, "protocol": PROTOCOL}
     partial = args.out.with_name(args.out.name + ".partial")
-    result = evaluate(reconstructor, args.data, args.split, args.limit, progress=not args.no_progress,
+    result = evaluate(reconstructor, args.data, args.split, args.limit, args.batch_size, progress=not args.no_progress,
                       sheet=args.sheet, renders=args.renders, partial=partial, settings=settings)
     result["checkpoint"] = str(args.checkpoint)
     fileio.write_json(args.out, result)

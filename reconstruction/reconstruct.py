@@ -2,11 +2,14 @@
 vision-language model reads.
 
     python -m reconstruction.reconstruct --checkpoint CKPT --data DATA [--split test | --records TEST.jsonl]
-                                         [--out renders/recon] [--resolution 96] [--limit N]
+                                         [--out renders/recon | --renders DIR] [--resolution 96] [--limit N]
 
 Renders go to ``DATA/<out>/<view id>.png`` (``occmllm.records.render_path``), shaded and
 coloured by the model's colour head, seen from the input camera; existing renders are kept, so
-an interrupted run resumes. A view whose reconstruction is empty (the SDF never crosses zero) is
+an interrupted run resumes. ``--renders DIR`` writes them into any folder instead: a report
+folder's ``renders/``, say, where inference's modes that blend a render look first (``RenderCache``).
+Made in batches of inference's size, in the test file's order, they are the renders inference
+would make itself, byte for byte, so they can be made ahead, beside another job. A view whose reconstruction is empty (the SDF never crosses zero) is
 reported and rendered as a blank image; the batch goes on.
 """
 from __future__ import annotations
@@ -225,17 +228,21 @@ def main(argv=None) -> int:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--split", default="test", help="views of this split [test]")
     which.add_argument("--records", type=Path, help="the views whose ids this JSONL names (e.g. a test file)")
-    p.add_argument("--out", default=records.RECON_RENDERS,
-                   help=f"folder under the dataset root [{records.RECON_RENDERS}]")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", default=records.RECON_RENDERS,
+                       help=f"folder under the dataset root [{records.RECON_RENDERS}]")
+    where.add_argument("--renders", type=Path, help="any folder instead, e.g. a report folder's renders/, where "
+                       "inference's modes that blend a render read them (with inference's --batch-size, the same files)")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
     reconstructor = Reconstructor(args.checkpoint, args.resolution, args.device)
     dataset = load_dataset(args.data)
     lines = select_views(dataset, args.split, args.records, args.limit)
-    folder = fileio.resolve_in_root(dataset.root, args.out, "--out")
+    folder = args.renders if args.renders is not None else fileio.resolve_in_root(dataset.root, args.out, "--out")
     counts = reconstruct_views(reconstructor, dataset.roots, lines, depth_scale_of(dataset.folder), folder,
                                args.batch_size, not args.no_progress)
-    print(f"rendered {counts['rendered']} views into {dataset.root / args.out} ({counts['kept']} already there, "
+    shown = folder if args.renders is not None else dataset.root / args.out
+    print(f"rendered {counts['rendered']} views into {shown} ({counts['kept']} already there, "
           f"{len(counts['empty'])} empty reconstructions)")
     return 0
 

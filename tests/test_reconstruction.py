@@ -186,6 +186,27 @@ def test_reconstruct_writes_one_render_per_view_and_resumes(trained, synth, caps
     assert f"({len(test_ids)} already there" in capsys.readouterr().out
 
 
+def test_renders_made_ahead_are_the_files_inference_makes(trained, synth, tmp_path):
+    """``reconstruct --renders DIR`` over a test file, in inference's batches, writes the files that
+    inference's own ``RenderCache`` writes batch by batch: the demo makes a split's renders ahead,
+    beside another job, and its chain reads them as if it had made them."""
+    from reconstruction.reconstruct import RenderCache
+    ids = [v["id"] for v in load_dataset(synth).split("test")][::-1]  # the file's order, not the manifest's
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+    assert reconstruct_cmd.main(["--checkpoint", str(trained), "--data", str(synth), "--records", str(test_file),
+                                 "--renders", str(tmp_path / "ahead"), "--batch-size", "3", "--resolution", "24",
+                                 "--no-progress"]) == 0
+    cache = RenderCache(trained, synth, tmp_path / "inference", 24, "cpu")
+    for start in range(0, len(ids), 3):
+        cache.paths(ids[start: start + 3])
+    made = sorted(p.name for p in (tmp_path / "inference").iterdir())
+    assert len(ids) > 3 and made == sorted(f"{i}.png" for i in ids)
+    assert sorted(p.name for p in (tmp_path / "ahead").iterdir()) == made
+    for name in made:
+        assert (tmp_path / "ahead" / name).read_bytes() == (tmp_path / "inference" / name).read_bytes(), name
+
+
 def test_an_empty_reconstruction_renders_blank_and_the_batch_goes_on(trained, synth, tmp_path, capsys):
     model = load_reconstructor(trained)
     with torch.no_grad():
@@ -260,6 +281,9 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_metrics(trained,
     with pytest.raises(SystemExit) as refused:
         run("cut", "--resolution", "24")
     assert refused.value.code == 2 and "other settings (resolution)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # another batch would change the meshes in the last bits
+        run("cut", "--batch-size", "4")
+    assert refused.value.code == 2 and "other settings (batch_size)" in capsys.readouterr().err
     batches.clear()
     stop[0] = False
     assert run("cut") == 0
