@@ -51,6 +51,7 @@ from occmllm.predictions import RUN, PredictionLog, answered_alike, check_run_se
 from occmllm.scoring import build_report, turns_of
 
 SEED = 0
+PROGRESS_LINES = 10  # a run's progress lines in a log (on a terminal: one per batch)
 
 
 def parse_checkpoints(specs: list[str]) -> list[tuple[str, Path]]:
@@ -129,10 +130,16 @@ def run_inference(args) -> list[Path]:
                           f"batches of {args.batch_size}", flush=True)
             if not any(samples for _, samples in todo):
                 continue
-            # each batch with its target and how far into that target's samples it reaches
-            batches = [(target, samples[start: start + args.batch_size],
-                        f"{min(start + args.batch_size, len(samples))}/{len(samples)}")
-                       for target, samples in todo for start in range(0, len(samples), args.batch_size)]
+            # each batch with its target, how far into that target's samples it reaches, and whether it
+            # prints a progress line
+            terminal = sys.stdout.isatty()
+            batches = []
+            for target, samples in todo:
+                starts = range(0, len(samples), args.batch_size)
+                marks = progress_marks(len(starts), terminal)
+                batches += [(target, samples[start: start + args.batch_size],
+                             f"{min(start + args.batch_size, len(samples))}/{len(samples)}" if k in marks else None)
+                            for k, start in enumerate(starts)]
             with checkpoint_errors(path, name, targets):
                 encoder = image_encoder(path)
             # --workers start making the images now, while the model loads
@@ -150,19 +157,30 @@ def run_inference(args) -> list[Path]:
                     model_answerer.warm_up(args.batch_size)
             for target, _ in todo:
                 set_checkpoint_context(target.context, answering[name], second_look)
-            t0 = time.perf_counter()
+            t0, since_line = time.perf_counter(), [0, 0.0]  # samples and seconds since the last progress line
             for (target, _, progress), (batch, ready) in zip(batches, images):
                 answerer.ready = ready
                 results = runner(answerer, batch, target.context)
                 seconds = time.perf_counter() - t0  # with any wait for the batch's images (--workers)
                 target.log.append(name, args.mode, batch, results, seconds)
-                print(f"  {name}: {progress} ({len(batch) / seconds:.2f} samples/s)", flush=True)
+                since_line = [since_line[0] + len(batch), since_line[1] + seconds]
+                if progress is not None:
+                    print(f"  {name}: {progress} ({since_line[0] / since_line[1]:.2f} samples/s)", flush=True)
+                    since_line = [0, 0.0]
                 t0 = time.perf_counter()
             del model, processor, answerer, second_look, images
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return [finish(t.out, with_checkpoint_files(build_report(t.data, t.test, t.log.runs([s.id for s in t.samples])), t.out),
                    t.log.path) for t in targets]
+
+
+def progress_marks(batches: int, terminal: bool) -> set[int]:
+    """The batches of a run that print a progress line: every one on a terminal; in a log, about ten
+    evenly spaced, the last included (each line gives the rate since the one before)."""
+    if terminal or batches <= PROGRESS_LINES:
+        return set(range(batches))
+    return {round((i + 1) * batches / PROGRESS_LINES) - 1 for i in range(PROGRESS_LINES)}
 
 
 def copied_or_todo(target: Target, name: str, mode: str) -> list:

@@ -335,6 +335,18 @@ def test_several_test_files_in_one_command_are_each_as_alone(models, dataset, tm
     assert exc.value.code == 2 and not (tmp_path / "x").exists()
 
 
+def test_a_log_gets_about_ten_progress_lines_a_run(models, dataset, tmp_path, capsys):
+    """Written to a log (not a terminal), a run of 24 batches prints 10 progress lines, the last
+    at the end; each gives the rate since the line before. On a terminal, a line per batch."""
+    run("--checkpoint", f"a={models['a']}", "--data", dataset / "test.jsonl", "--out", tmp_path / "log",
+        "--limit", 24, "--batch-size", 1, "--max-new-tokens", 2)
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  a: ")]
+    assert len(progress) == 10 and progress[-1].startswith("  a: 24/24 (") and progress[-1].endswith(" samples/s)")
+    assert [int(line.split()[1].split("/")[0]) for line in progress] == [2, 5, 7, 10, 12, 14, 17, 19, 22, 24]
+    assert inference.progress_marks(24, terminal=True) == set(range(24))
+    assert inference.progress_marks(7, terminal=False) == set(range(7))
+
+
 def _independent_scores(preds: list[dict], recs: list[dict]):
     by_id = {r["id"]: r for r in recs}
     correct, total, final = {}, {}, []
