@@ -201,6 +201,7 @@ demo-alpha:
 		--output_dir $(DEMO)/checkpoints/step4_dual --dual_alpha 0.5 --dual_learnable true \
 		--freeze_vision true --cache_vision true --max_steps $(DEMO_DUAL_STEPS) --warmup_steps 20 --learning_rate 0.0002 --disable_tqdm true
 	$(JOBS) demo-alpha-val demo-alpha-test
+# $* is the split: val or test
 demo-alpha-val demo-alpha-test: demo-alpha-%:
 	$(JOB) $(PY) inference.py --checkpoint step4-dual=$(DEMO)/checkpoints/step4_dual --mode dual $(RENDERS) \
 		$(SPLIT_$*) $(ANSWER)
