@@ -83,7 +83,13 @@ JOBS = $(SUBMAKE) -j$(DEMO_JOBS) --output-sync=target
 MAKE_STARTED := $(shell date +%s)
 # inference settings of every report line: the demo's longest reference answer is 10 tokens, so 16
 # new tokens cut short only the rambling of checkpoints that never learnt a question (base and step1 on Q2-Q5)
-ANSWER = --batch-size 32 --max-new-tokens 16
+ANSWER = --batch-size $(DEMO_BATCH) --max-new-tokens 16
+# records a batch in inference, and views a batch wherever the demo renders reconstructions ahead of
+# it: renders made in inference's batches are the files it would make itself (and the same on one
+# thread as on two, which a batch of 8 is not: benchmarks/RESULTS.md, "Two jobs at a time")
+DEMO_BATCH = 32
+RENDER_AHEAD = $(PY) -m reconstruction.reconstruct --checkpoint $(DEMO)/recon/model --resolution $(DEMO_RENDER_RES) \
+	--batch-size $(DEMO_BATCH) --no-progress
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)/data $(DEMO)/data.partial $(DEMO)/models $(DEMO)/checkpoints $(DEMO)/report $(DEMO)/report_val \
 		$(DEMO)/recon $(DEMO)/predictions $(DEMO)/stages $(DEMO)/fresh $(DEMO)/report_fresh
@@ -128,11 +134,9 @@ demo-recon:
 demo-recon-test:
 	$(JOB) $(PY) -m reconstruction.evaluate --checkpoint $(DEMO)/recon/model --data $(DEMO)/data --split test \
 		--resolution $(DEMO_RENDER_RES) --out $(DEMO)/recon/metrics.json --sheet $(DEMO)/recon/contact_sheet.png \
-		--renders $(DEMO)/report/renders --batch-size 32 --no-progress
+		--renders $(DEMO)/report/renders --batch-size $(DEMO_BATCH) --no-progress
 demo-recon-heldout:
-	$(JOB) $(PY) -m reconstruction.reconstruct --checkpoint $(DEMO)/recon/model --data $(DEMO)/data \
-		--records $(DEMO)/stages/heldout_q1.jsonl --out renders/recon --resolution $(DEMO_RENDER_RES) --batch-size 32 \
-		--no-progress
+	$(JOB) $(RENDER_AHEAD) --data $(DEMO)/data --records $(DEMO)/stages/heldout_q1.jsonl --out renders/recon
 
 # the vision-language model: stages 1-4, each from the previous stage's checkpoint; the stage-2
 # model's answers to the held-out views label stage 3's pairs and the chain's check
@@ -169,9 +173,7 @@ COT = --mode cot $(RENDERS) $(ANSWER)
 demo-report:
 	$(JOBS) demo-report-val demo-report-test
 demo-report-val-renders:
-	$(JOB) $(PY) -m reconstruction.reconstruct --checkpoint $(DEMO)/recon/model --data $(DEMO)/data \
-		--records $(DEMO)/stages/val.jsonl --renders $(DEMO)/report_val/renders --resolution $(DEMO_RENDER_RES) \
-		--batch-size 32 --no-progress
+	$(JOB) $(RENDER_AHEAD) --data $(DEMO)/data --records $(DEMO)/stages/val.jsonl --renders $(DEMO)/report_val/renders
 demo-report-val-plain:
 	$(JOB) $(PY) inference.py $(REPORT_CHECKPOINTS) $(VAL) $(ANSWER)
 demo-report-val: demo-report-val-renders demo-report-val-plain
@@ -229,9 +231,7 @@ demo-fresh:
 	$(PY) inference.py --checkpoint step4=$(DEMO)/checkpoints/step4 --tta second-look $(RENDERS) $(FRESH) $(ANSWER)
 # the fresh views' renders made ahead, beside the plain rows
 demo-fresh-renders:
-	$(JOB) $(PY) -m reconstruction.reconstruct --checkpoint $(DEMO)/recon/model --data $(DEMO)/fresh \
-		--records $(DEMO)/stages/fresh.jsonl --renders $(DEMO)/report_fresh/renders --resolution $(DEMO_RENDER_RES) \
-		--batch-size 32 --no-progress
+	$(JOB) $(RENDER_AHEAD) --data $(DEMO)/fresh --records $(DEMO)/stages/fresh.jsonl --renders $(DEMO)/report_fresh/renders
 demo-fresh-plain:
 	$(JOB) $(PY) inference.py $(REPORT_CHECKPOINTS) $(FRESH) $(ANSWER)
 

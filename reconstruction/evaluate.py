@@ -23,8 +23,8 @@ baseline), ``samples`` (per view), ``declined`` (cause -> views), ``protocol``.
 
 Resumable: each batch's scores are appended to ``OUT.partial/`` (e.g. ``metrics.json.partial/``) as
 it is scored; started again with the same checkpoint, data, split, limit, resolution and batch
-size, a stopped run scores only the batches it had not, and ends with the uninterrupted run's metrics.json. The
-folder goes when metrics.json is written.
+size, a stopped run scores only the batches it had not, and ends with the uninterrupted run's
+metrics.json. The folder goes when metrics.json is written.
 """
 from __future__ import annotations
 

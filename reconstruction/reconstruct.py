@@ -9,8 +9,9 @@ coloured by the model's colour head, seen from the input camera; existing render
 an interrupted run resumes. ``--renders DIR`` writes them into any folder instead: a report
 folder's ``renders/``, say, where inference's modes that blend a render look first (``RenderCache``).
 Made in batches of inference's size, in the test file's order, they are the renders inference
-would make itself, byte for byte, so they can be made ahead, beside another job. A view whose reconstruction is empty (the SDF never crosses zero) is
-reported and rendered as a blank image; the batch goes on.
+would make itself, byte for byte, so they can be made ahead, beside another job. A view whose
+reconstruction is empty (the SDF never crosses zero) is reported and rendered as a blank image;
+the batch goes on.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from occmllm import fileio, records
 from occmllm.dataset import load_dataset
-from occmllm.errors import OccError, cli
+from occmllm.errors import OccError, cli, positive_int
 from occmllm.render import Camera, Hits, RayCaster, render_vertex_colours
 from reconstruction.extract import extract_mesh
 from reconstruction.model import load_reconstructor, view_batch
@@ -233,15 +234,17 @@ def main(argv=None) -> int:
                        help=f"folder under the dataset root [{records.RECON_RENDERS}]")
     where.add_argument("--renders", type=Path, help="any folder instead, e.g. a report folder's renders/, where "
                        "inference's modes that blend a render read them (with inference's --batch-size, the same files)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     args = p.parse_args(argv)
     reconstructor = Reconstructor(args.checkpoint, args.resolution, args.device)
     dataset = load_dataset(args.data)
     lines = select_views(dataset, args.split, args.records, args.limit)
-    folder = args.renders if args.renders is not None else fileio.resolve_in_root(dataset.root, args.out, "--out")
+    if args.renders is not None:
+        folder = shown = args.renders
+    else:
+        folder, shown = fileio.resolve_in_root(dataset.root, args.out, "--out"), dataset.root / args.out
     counts = reconstruct_views(reconstructor, dataset.roots, lines, depth_scale_of(dataset.folder), folder,
                                args.batch_size, not args.no_progress)
-    shown = folder if args.renders is not None else dataset.root / args.out
     print(f"rendered {counts['rendered']} views into {shown} ({counts['kept']} already there, "
           f"{len(counts['empty'])} empty reconstructions)")
     return 0
