@@ -116,7 +116,8 @@ demo: $(VENV)/.installed
 	@echo "contact sheet:  $(DEMO)/contact_sheet.png"
 	@echo "stage files:    $(DEMO)/stages/  (each .jsonl with its InternVL .meta.json)"
 	@echo "reconstruction: $(DEMO)/recon/  (model/, metrics.json, metrics_by_occlusion.png, contact_sheet.png)"
-	@echo "checkpoints:    $(DEMO)/models/tiny (the shipped base), $(DEMO)/checkpoints/step1 ... step4, step4_dual"
+	@echo "checkpoints:    $(DEMO)/models/tiny (the shipped base), $(DEMO)/checkpoints/step1, step2, step4, step4_dual"
+	@echo "                (step3 with DEMO_STAGE3=1)"
 	@echo "                (each with training.png and train_log.jsonl: what its trainer logged, against the step)"
 	@echo "reports:        $(DEMO)/report/ (test) and $(DEMO)/report_val/ (validation): report.md, report.json, plots"
 

@@ -311,16 +311,31 @@ def stage_of(config: str | os.PathLike | None) -> str | None:
     return folder if folder in STAGE_FOLDERS else None
 
 
-def missing_checkpoint_hint(stage: str | None) -> str:
-    """What to do when ``stage``'s starting checkpoint (``--model_name_or_path``) does not exist."""
+def _writer_before(stage: int, checkpoint: str) -> int | None:
+    """The stage before ``stage`` (1-4) whose default config writes ``checkpoint`` (its
+    ``output_dir``), or None."""
+    import yaml
+    for k, folder in enumerate(STAGE_FOLDERS[: stage - 1], 1):
+        config = Path(__file__).resolve().parents[1] / folder / "config.yaml"
+        out = (yaml.safe_load(config.read_text()) or {}).get("output_dir") if config.is_file() else None
+        if out is not None and Path(out) == Path(checkpoint):
+            return k
+    return None
+
+
+def missing_checkpoint_hint(stage: str | None, checkpoint: str | None = None) -> str:
+    """What to do when ``stage``'s starting checkpoint (``--model_name_or_path``: ``checkpoint``)
+    does not exist: run the stage whose default config writes it (the demo's stage 4 starts from
+    stage 2's, stage 3 being left out of it), else the stage before."""
     if stage is None:
         return "pass --model_name_or_path an InternVL checkpoint folder"
     k = STAGE_FOLDERS.index(stage) + 1
     if k == 1:
         return ("stage 1 trains from a base model: build the tiny one (python -m occmllm.tiny --out DIR), or "
                 "download an InternVL '-hf' checkpoint, and pass --model_name_or_path")
-    return (f"stage {k} trains from stage {k - 1}'s checkpoint: run stage {k - 1} first "
-            f"(bash {STAGE_FOLDERS[k - 2]}/run.sh) or pass --model_name_or_path")
+    writer = (checkpoint is not None and _writer_before(k, checkpoint)) or k - 1
+    return (f"stage {k} trains from stage {writer}'s checkpoint: run stage {writer} first "
+            f"(bash {STAGE_FOLDERS[writer - 1]}/run.sh) or pass --model_name_or_path")
 
 
 def fit(trainer: Trainer, processor, resume: bool) -> Path:
@@ -340,7 +355,8 @@ def run_stage(train_fn, dataclass_types: tuple, argv=None, default_config: Path 
     first, training arguments last), its starting checkpoint checked (a missing one names the stage
     that writes it), then ``train_fn(*arguments)``."""
     model_args, *rest = parse_config(dataclass_types, argv, default_config)
-    check_checkpoint(model_args.model_name_or_path, missing_checkpoint_hint(stage_of(default_config)))
+    check_checkpoint(model_args.model_name_or_path,
+                     missing_checkpoint_hint(stage_of(default_config), model_args.model_name_or_path))
     out = train_fn(model_args, *rest)
     if rest[-1].should_save:
         print(f"saved the stage checkpoint to {out}")

@@ -1,9 +1,10 @@
-"""Stage 4 training from the stage-3 checkpoint, in two phases (``config.yaml`` beside this file):
+"""Stage 4 training from the stage-3 checkpoint (the demo: stage 2's), in two phases
+(``config.yaml`` beside this file):
 
 1. chain-of-thought SFT on the stage-4 records (``occmllm.sft``) into ``sft_output_dir``;
 2. self-correction RL from that checkpoint (``occmllm.selfcorrect``) into ``output_dir``.
 
-With ``second_look_model`` (the demo's config), phase 1 trains two models from the stage-3
+With ``second_look_model`` (the demo's config), phase 1 trains two models from the start
 checkpoint: the blended second-look records into its ``second_look/`` folder (``occmllm.chain``),
 and the records without a render (first answer, check, replay, plan) into the checkpoint itself,
 so that learning to read the blend cannot move the first look. The RL phase samples a chain from

@@ -264,7 +264,7 @@ def test_stage4_config_and_views(stage4_file):
     from step4_selfconsistency.train import PhaseArguments
     model, data, phases, rl, training = parse_config(
         (ModelArguments, DataArguments, PhaseArguments, sc.SelfCorrectArguments, TrainingArguments), [], CONFIG)
-    assert model.model_name_or_path == "outputs/demo/checkpoints/step3"
+    assert model.model_name_or_path == "outputs/demo/checkpoints/step2"  # the demo leaves stage 3 out
     assert data.train_data == "outputs/demo/stages/step4_train.jsonl"
     assert training.output_dir == "outputs/demo/checkpoints/step4" and phases.phases == "sft"
     assert (rl.reward_correct, rl.reward_calibration, rl.kl_beta) == (1.0, 0.5, 0.02)
@@ -357,6 +357,20 @@ def test_missing_stage3_checkpoint_is_one_line_error(tmp_path, capsys):
                                        "checkpoint: run stage 3 first (bash step3_mpo/run.sh) or pass "
                                        "--model_name_or_path\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_demo_start_checkpoint_names_the_stage_that_writes_it():
+    """The demo's stage 4 starts from stage 2's checkpoint (stage 3 is left out of it): the hint for
+    the config's own start names stage 2, and any other missing folder the stage before, stage 3."""
+    from occmllm.stage import missing_checkpoint_hint
+    assert missing_checkpoint_hint("step4_selfconsistency", "outputs/demo/checkpoints/step2") == (
+        "stage 4 trains from stage 2's checkpoint: run stage 2 first (bash step2_multiquery/run.sh) or pass "
+        "--model_name_or_path")
+    assert missing_checkpoint_hint("step4_selfconsistency", "outputs/demo/checkpoints/step3").startswith(
+        "stage 4 trains from stage 3's checkpoint: run stage 3 first (bash step3_mpo/run.sh)")
+    for other in ("elsewhere/ckpt", "outputs/demo/checkpoints/step4"):  # stage 4's own output is no start
+        assert missing_checkpoint_hint("step4_selfconsistency", other).startswith(
+            "stage 4 trains from stage 3's checkpoint")
 
 
 def test_launcher_reports_missing_stage3_checkpoint(tmp_path):
