@@ -359,6 +359,29 @@ def test_missing_stage3_checkpoint_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_demo_trains_stage4_from_stage2_unless_asked_for_stage3():
+    """make demo leaves stage 3 out (no gain on validation): stage 4 starts from stage 2 and the
+    reports ask no step3; DEMO_STAGE3=1 trains stage 3 after stage 2's held-out answers, starts
+    stage 4 from it and reports it."""
+    def commands(*targets, flags=()):
+        out = subprocess.run(["make", "-n", *targets, "PY=python", *flags], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.replace("\\\n", " ")
+
+    stages, reports = commands("demo-stages"), commands("demo-report-val-plain", "demo-report-test-plain")
+    assert "step3" not in stages and "demo-stage3" not in stages
+    assert "step4_selfconsistency/run.sh --disable_tqdm true --model_name_or_path outputs/demo/checkpoints/step2" \
+        in stages
+    assert "step2=outputs/demo/checkpoints/step2" in reports and "step3=" not in reports
+    stages = commands("demo-stages", flags=["DEMO_STAGE3=1"])
+    assert stages.index("step2_heldout") < stages.index("demo-stage3") < stages.index("step4_selfconsistency/run.sh")
+    assert "--model_name_or_path outputs/demo/checkpoints/step3" in stages
+    assert commands("demo-report-val-plain", flags=["DEMO_STAGE3=1"]).count("step3=outputs/demo/checkpoints/step3") == 1
+    stage3 = commands("demo-stage3")
+    assert "step3_mpo.make_data" in stage3 and "--predictions outputs/demo/predictions/step2_heldout" in stage3
+    assert "step3_mpo/run.sh" in stage3
+
+
 def test_missing_demo_start_checkpoint_names_the_stage_that_writes_it():
     """The demo's stage 4 starts from stage 2's checkpoint (stage 3 is left out of it): the hint for
     the config's own start names stage 2, and any other missing folder the stage before, stage 3."""
