@@ -74,9 +74,11 @@ DEMO_STAGE3 ?= 0
 # under 20 minutes")
 DEMO_STEP3_STEPS ?= 208
 ifeq ($(DEMO_STAGE3),1)
+STAGE3 = $(SUBMAKE) demo-stage3
 STEP4_FROM = step3
 STEP3_ROW = --checkpoint step3=$(DEMO)/checkpoints/step3
 else
+STAGE3 =
 STEP4_FROM = step2
 STEP3_ROW =
 endif
@@ -160,7 +162,7 @@ demo-stages:
 	PYTHON=$(PY) bash step2_multiquery/run.sh --disable_tqdm true --max_steps $(DEMO_STEP2_STEPS)
 	$(PY) inference.py --checkpoint step2=$(DEMO)/checkpoints/step2 --data $(DEMO)/stages/heldout_q1.jsonl \
 		--out $(DEMO)/predictions/step2_heldout $(ANSWER)
-	$(if $(filter 1,$(DEMO_STAGE3)),$(SUBMAKE) demo-stage3)
+	$(STAGE3)
 	$(PY) -m step4_selfconsistency.make_data --data $(DEMO)/data --out $(DEMO)/stages/step4_train.jsonl \
 		--predictions $(DEMO)/predictions/step2_heldout/predictions.jsonl --renders renders/recon
 	PYTHON=$(PY) bash step4_selfconsistency/run.sh --disable_tqdm true --model_name_or_path $(DEMO)/checkpoints/$(STEP4_FROM)

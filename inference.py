@@ -157,16 +157,16 @@ def run_inference(args) -> list[Path]:
                     model_answerer.warm_up(args.batch_size)
             for target, _ in todo:
                 set_checkpoint_context(target.context, answering[name], second_look)
-            t0, since_line = time.perf_counter(), [0, 0.0]  # samples and seconds since the last progress line
+            t0, line_samples, line_seconds = time.perf_counter(), 0, 0.0  # since the last progress line
             for (target, _, progress), (batch, ready) in zip(batches, images):
                 answerer.ready = ready
                 results = runner(answerer, batch, target.context)
                 seconds = time.perf_counter() - t0  # with any wait for the batch's images (--workers)
                 target.log.append(name, args.mode, batch, results, seconds)
-                since_line = [since_line[0] + len(batch), since_line[1] + seconds]
+                line_samples, line_seconds = line_samples + len(batch), line_seconds + seconds
                 if progress is not None:
-                    print(f"  {name}: {progress} ({since_line[0] / since_line[1]:.2f} samples/s)", flush=True)
-                    since_line = [0, 0.0]
+                    print(f"  {name}: {progress} ({line_samples / line_seconds:.2f} samples/s)", flush=True)
+                    line_samples, line_seconds = 0, 0.0
                 t0 = time.perf_counter()
             del model, processor, answerer, second_look, images
             if torch.cuda.is_available():

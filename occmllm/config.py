@@ -33,6 +33,22 @@ def _yaml_as_flags(values: dict) -> list[str]:
     return flags
 
 
+def read_config(path: Path) -> dict:
+    """A YAML config file's option: value mapping; a one-line error for a missing file, invalid YAML
+    (with its line) or anything but a mapping."""
+    if not path.is_file():
+        raise OccError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(read_text(path)) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise OccError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(values, dict):
+        raise OccError(f"{path}: expected a mapping of option: value")
+    return values
+
+
 def parse_config(dataclass_types: tuple, argv: list[str] | None = None, default_config: Path | None = None):
     """Parse ``--config FILE`` (default ``default_config``) plus flags into the dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -45,16 +61,7 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None, default_
     yaml_flags: list[str] = []
     if known.config is not None:
         path = known.config
-        if not path.is_file():
-            raise OccError(f"{path}: config file not found")
-        try:
-            values = yaml.safe_load(read_text(path)) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise OccError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(values, dict):
-            raise OccError(f"{path}: expected a mapping of option: value")
+        values = read_config(path)
         valid = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
         unknown = sorted(set(values) - valid)
         if unknown:

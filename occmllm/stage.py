@@ -20,7 +20,7 @@ from transformers import InternVLForConditionalGeneration, Trainer, TrainerCallb
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from occmllm import curves, dual
-from occmllm.config import parse_config
+from occmllm.config import parse_config, read_config
 from occmllm.errors import OccError, cli
 from occmllm.model import check_checkpoint, checkpoint_dtype, default_attention
 
@@ -314,10 +314,9 @@ def stage_of(config: str | os.PathLike | None) -> str | None:
 def _writer_before(stage: int, checkpoint: str) -> int | None:
     """The stage before ``stage`` (1-4) whose default config writes ``checkpoint`` (its
     ``output_dir``), or None."""
-    import yaml
     for k, folder in enumerate(STAGE_FOLDERS[: stage - 1], 1):
         config = Path(__file__).resolve().parents[1] / folder / "config.yaml"
-        out = (yaml.safe_load(config.read_text()) or {}).get("output_dir") if config.is_file() else None
+        out = read_config(config).get("output_dir") if config.is_file() else None
         if out is not None and Path(out) == Path(checkpoint):
             return k
     return None
@@ -355,8 +354,9 @@ def run_stage(train_fn, dataclass_types: tuple, argv=None, default_config: Path 
     first, training arguments last), its starting checkpoint checked (a missing one names the stage
     that writes it), then ``train_fn(*arguments)``."""
     model_args, *rest = parse_config(dataclass_types, argv, default_config)
-    check_checkpoint(model_args.model_name_or_path,
-                     missing_checkpoint_hint(stage_of(default_config), model_args.model_name_or_path))
+    start = model_args.model_name_or_path
+    # the hint reads the stages' configs: only for a start that is missing
+    check_checkpoint(start, None if Path(start).is_dir() else missing_checkpoint_hint(stage_of(default_config), start))
     out = train_fn(model_args, *rest)
     if rest[-1].should_save:
         print(f"saved the stage checkpoint to {out}")
