@@ -54,7 +54,10 @@ the time of loading and tiling one batch's images on the CPU, a part of every ba
 batch's is also given apart, as the workers may still be starting); on a GPU it
 then profiles one more batch and counts the host's kernel and CUDA-graph launches per record.
 With ``--profile`` an inference run also profiles one more batch: its kernels by kind as above, and
-the Python functions that took most of the host's own time (cProfile).
+the Python functions that took most of the host's own time (cProfile); and times one more batch
+part by part (``INFERENCE_PHASES``: the tiles' copy to the device, the vision tower, the language
+model's eager passes and graph replays, the turns' host work, the rest), the device synchronised
+at each part's edges, so that a GPU run shows which part a warm batch's time goes to.
 
 Model FLOPs of a step, counted from the batch itself (tiles, and each sequence's tokens): each part
 costs 2 x parameters x tokens forward (the vision tower on 1,025 tokens a tile, the projector on
@@ -454,10 +457,77 @@ def launches(device: torch.device, work) -> int | None:
     return sum(1 for e in prof.events() if "LaunchKernel" in e.name or "GraphLaunch" in e.name)
 
 
-def batch_profile(device: torch.device, work) -> dict:
+# the parts of an inference batch that ``phase_times`` times: (name, where it is, its attribute);
+# where is "model" for the model itself, else a class of the inference path
+INFERENCE_PHASES = (("tiles to the device", "Answerer", "_pixels"),
+                    ("vision tower and projector", "Answerer", "encode"),
+                    ("dual blend of image and render", "Answerer", "encode_dual"),
+                    ("language model, eager passes", "model", "forward"),
+                    ("language model, graph replays", "GraphedDecoder", "_replay"),
+                    ("turns' own host work", "Answerer", "_generate"))
+OUTSIDE_PHASES = "the rest, on the host"
+
+
+def phase_times(device: torch.device, model, work) -> dict:
+    """``work()`` once more with each part of ``INFERENCE_PHASES`` timed, the device synchronised at
+    its edges, as its own time in ms (a part's nested parts are counted apart: the eager passes
+    inside a turn are not the turn's own work), and the rest of the batch's wall time as
+    ``OUTSIDE_PHASES``; also that wall time, ``serialised_ms``. Synchronising removes the overlap of
+    host and device, so on a GPU the batch takes longer than a timed one: the excess is about how
+    much of the device's work the host hides today. Inside a CUDA-graph capture a
+    part runs untimed (a capture cannot synchronise)."""
+    import functools
+
+    from occmllm.answering import Answerer
+    from occmllm.decoding import GraphedDecoder
+    owners = {"Answerer": Answerer, "GraphedDecoder": GraphedDecoder, "model": model}
+    spent = {name: 0.0 for name, _, _ in INFERENCE_PHASES}
+    nested: list[float] = []  # per open part, the time of the parts inside it
+
+    def timed(name: str, fn):
+        @functools.wraps(fn)
+        def part(*args, **kwargs):
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return fn(*args, **kwargs)
+            synchronize(device)
+            start = time.perf_counter()
+            nested.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                synchronize(device)
+                took = time.perf_counter() - start
+                spent[name] += took - nested.pop()
+                if nested:
+                    nested[-1] += took
+        return part
+
+    patched = []
+    for name, where, attr in INFERENCE_PHASES:
+        owner = owners[where]
+        patched.append((owner, attr, owner.__dict__.get(attr)))  # the model's forward: None, its class's
+        setattr(owner, attr, timed(name, getattr(owner, attr)))
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        work()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    finally:
+        for owner, attr, original in patched:
+            if original is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
+    parts = {name: 1e3 * seconds for name, seconds in spent.items() if seconds > 0}
+    return {"serialised_ms": 1e3 * wall, "parts_ms": {**parts, OUTSIDE_PHASES: 1e3 * wall - sum(parts.values())}}
+
+
+def batch_profile(device: torch.device, work, model=None) -> dict:
     """Where one more batch's time goes (``--profile``): its wall time; ``profile_summary`` of its
-    kernels (on a CPU, its operators); and the host's Python functions that took most of their own
-    time (cProfile), which show what a GPU waits for when the kernels fill little of the wall."""
+    kernels (on a CPU, its operators); the host's Python functions that took most of their own
+    time (cProfile), which show what a GPU waits for when the kernels fill little of the wall; and
+    with ``model`` (inference), one more batch timed part by part (``phase_times``)."""
     import cProfile
     import pstats
 
@@ -481,7 +551,7 @@ def batch_profile(device: torch.device, work) -> dict:
     top = sorted(stats.items(), key=lambda item: -item[1][2])[:TOP_OPS]
     return {**profile_summary(prof, device), "wall_ms": wall * 1e3,
             "host_top": [[f"{Path(f).name}:{line}({name})", own / host_wall] for (f, line, name), (_, _, own, *_)
-                         in top]}
+                         in top], **(phase_times(device, model, work) if model is not None else {})}
 
 
 def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.device, out: Path) -> dict:
@@ -526,7 +596,7 @@ def inference_row(run: str, checkpoint: Path, files: dict, args, device: torch.d
     warm_work = [t - w for t, w in zip(times[1:], waits[1:])]
     records = sum(len(b) for b in batches[1:])
     launched = launches(device, lambda: run_batch(batches[-1]))
-    profiled = batch_profile(device, lambda: run_batch(batches[-1])) if args.profile else None
+    profiled = batch_profile(device, lambda: run_batch(batches[-1]), model) if args.profile else None
     # the CPU's share of a batch: loading and tiling its images, which the timed batches include
     # unless --workers make them
     prep = time.perf_counter()
@@ -593,6 +663,11 @@ def table(rows: list[dict], peak: float) -> str:
             if "host_top" in p:
                 lines.append("  the host's own time by Python function, as shares of the batch's wall time:")
                 lines += [f"    {100 * share:5.1f}%  {name}" for name, share in p["host_top"]]
+            if "parts_ms" in p:
+                lines.append(f"  one more batch, each part timed with the device synchronised at its edges "
+                             f"({p['serialised_ms']:.1f} ms so, against {1e3 * r['seconds'] / r['steps']:.1f} for "
+                             "a warm batch unsynchronised):")
+                lines += [f"    {ms:7.1f} ms  {name}" for name, ms in p["parts_ms"].items()]
     return "\n".join(lines)
 
 

@@ -63,7 +63,8 @@ def test_profile_tells_where_a_training_step_went(tmp_path):
     """--profile: each training run takes one more step under the profiler, not timed; its time
     splits into kinds of work that add up to the whole, matrix multiplies among them, and the
     operations that took most come largest first. An inference run profiles one more batch, and
-    also names the host's Python functions that took most of its own time."""
+    also names the host's Python functions that took most of its own time, and times one more
+    batch part by part."""
     out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--shape", "tiny", "--device", "cpu", "--steps",
                           "2", "--warmup", "1", "--batch-size", "2", "--runs", "frozen,plain", "--profile", "--json",
                           str(tmp_path / "out.json")],
@@ -76,6 +77,13 @@ def test_profile_tells_where_a_training_step_went(tmp_path):
     host = [share for _, share in batch["host_top"]]
     assert 0 < len(host) <= 8 and host == sorted(host, reverse=True) and 0 < sum(host) <= 1
     assert "plain: one batch of" in out.stdout and "the host's own time" in out.stdout
+    # one more batch part by part: the tower and the language model's passes took time, and the
+    # parts (the rest on the host among them) add up to that batch's wall time
+    parts = batch["parts_ms"]
+    assert parts["vision tower and projector"] > 0 and parts["language model, eager passes"] > 0
+    assert "language model, graph replays" not in parts  # plain decodes with generate
+    assert sum(parts.values()) == pytest.approx(batch["serialised_ms"]) and min(parts.values()) >= 0
+    assert "each part timed with the device synchronised" in out.stdout
     profile = frozen["profile"]
     assert profile["timed_by"] == "cpu" and profile["step_ms"] > 0
     assert sum(profile["kinds"].values()) == pytest.approx(1.0)
