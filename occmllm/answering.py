@@ -249,20 +249,31 @@ class Answerer:
         own sizes, where the compiler may tie the two), and on a GPU each kernel's first load,
         which made the first batch 3.95x a warm one (benchmarks/RESULTS.md, "The first GPU
         measurements"), and graphed decoding's graphs for ``batch_size`` rows (a decoding step, and
-        a turn's new tokens at the commonest width). The batch is what a record's questioning does:
-        a question over a blank image, then one more turn continuing it. Dynamic and graphed
-        decoding on a CPU: nothing to set up."""
-        if self.decoding != "compiled" and self.model.device.type != "cuda":
-            return
+        a turn's new tokens at the commonest width). Dynamic and graphed decoding on a CPU: nothing
+        to set up."""
+        if self.decoding == "compiled" or self.model.device.type == "cuda":
+            self._answer_made_up_batch(batch_size)
+
+    def _answer_made_up_batch(self, batch_size: int) -> None:
+        """``warm_up``'s batch, what a record's questioning does: ``batch_size`` blank images through
+        the vision tower together, as a real batch's are (one blank tile left the tower's first pass
+        at a batch's size, its kernels' set-up and its memory, to the first real batch), a question
+        over each, then two more turns continuing it: a short one, and the widest a turn can be, an answer of
+        ``max_new_tokens`` tokens and the longest question after it (graphed decoding records a
+        graph for each width of new tokens it meets, so a real turn meets none new)."""
         from PIL import Image
 
-        from occmllm.questions import Q1, answer_in_history
-        (features, tiles), = self.encode([self.encoder.pixel_values([Image.new("RGB", (64, 64))])])
+        from occmllm.questions import IMAGE_TOKEN, Q1, QUESTIONS, answer_in_history
+        encoded = self.encode([self.encoder.pixel_values([Image.new("RGB", (64, 64))])] * batch_size)
         dialogue, conversation = Dialogue(), [{"from": "human", "value": Q1}]
-        answer = self([Prompt(conversation, features, tiles)] * batch_size, dialogue)[0]
-        conversation = [*conversation, {"from": "gpt", "value": answer_in_history(answer)},
-                        {"from": "human", "value": "What colour is it?"}]
-        self([Prompt(conversation, features, tiles)] * batch_size, dialogue)
+        answer = self([Prompt(conversation, features, tiles) for features, tiles in encoded], dialogue)[0]
+        filler = self.tokenizer.encode(" mug", add_special_tokens=False)[0]
+        longest = max((q for q in QUESTIONS.values() if IMAGE_TOKEN not in q),
+                      key=lambda q: len(self.tokenizer.encode(q, add_special_tokens=False)))
+        for answer, question in ((answer_in_history(answer), "What colour is it?"),
+                                 (self.tokenizer.decode([filler] * self.max_new_tokens), longest)):
+            conversation = [*conversation, {"from": "gpt", "value": answer}, {"from": "human", "value": question}]
+            self([Prompt(conversation, features, tiles) for features, tiles in encoded], dialogue)
 
     def _static_cache(self, batch: int, need: int):
         """compiled, graphed: this batch size's static KV buffers, reset, grown to the next multiple of

@@ -606,3 +606,39 @@ def test_cudnn_attention_is_off_only_while_generating():
         out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
     assert torch.allclose(out, torch.softmax(q @ q.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ q, atol=1e-5)
+
+
+def test_warm_up_sets_up_what_a_real_batch_uses(models, dataset, monkeypatch):
+    """Answerer.warm_up's made-up batch (on a GPU, and for compiled decoding): the vision tower
+    reads a batch's worth of tiles at once, as a real batch's first pass does, and graphed decoding
+    records the graphs that a real batch of that size replays, so that the first real batch
+    records none (run here with the graph bookkeeping on, as in the test above)."""
+    from occmllm import decoding
+    from occmllm.answering import Answerer, load_test, sample_of
+    from occmllm.model import load_model
+    from occmllm.modes import MODE_RUNNERS, Context
+    recorded = []
+
+    def record(self, work):
+        work()
+        recorded.append(work)
+        return work
+
+    monkeypatch.setattr(decoding.GraphedDecoder, "_record", record)
+    model, processor = load_model(models["a"], device="cpu", dtype=torch.float32)
+    tiles_read = []
+    features = model.get_image_features
+
+    def read(*args, **kwargs):
+        tiles_read.append(len(kwargs["pixel_values"]))
+        return features(*args, **kwargs)
+
+    monkeypatch.setattr(model, "get_image_features", read)
+    answerer = Answerer(model, processor, 16, "graphed")
+    answerer._graphed.graphs_on = True
+    answerer._answer_made_up_batch(12)
+    assert tiles_read == [12] and recorded
+    made_up = len(recorded)
+    samples = [sample_of(r, dataset) for r in load_test(dataset / "test.jsonl", dataset, 12)]
+    MODE_RUNNERS["plain"](answerer, samples, Context())
+    assert tiles_read == [12, 12] and len(recorded) == made_up
