@@ -459,7 +459,7 @@ def launches(device: torch.device, work) -> int | None:
 
 # the parts of an inference batch that ``phase_times`` times: (name, where it is, its attribute);
 # where is "model" for the model itself, else a class of the inference path
-INFERENCE_PHASES = (("tiles to the device", "Answerer", "_pixels"),
+INFERENCE_PHASES = (("tiles to the device", "Answerer", "pixels_on_device"),
                     ("vision tower and projector", "Answerer", "encode"),
                     ("dual blend of image and render", "Answerer", "encode_dual"),
                     ("language model, eager passes", "model", "forward"),

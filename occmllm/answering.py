@@ -258,21 +258,21 @@ class Answerer:
         """``warm_up``'s batch, what a record's questioning does: ``batch_size`` blank images through
         the vision tower together, as a real batch's are (one blank tile left the tower's first pass
         at a batch's size, its kernels' set-up and its memory, to the first real batch), a question
-        over each, then two more turns continuing it: a short one, and the widest a turn can be, an answer of
-        ``max_new_tokens`` tokens and the longest question after it (graphed decoding records a
-        graph for each width of new tokens it meets, so a real turn meets none new)."""
+        over each, then two more turns continuing it: a short one, and the widest a turn can be, an
+        answer of ``max_new_tokens`` tokens and the longest question after it (graphed decoding
+        records a graph for each width of new tokens it meets, so a real turn meets none new)."""
         from PIL import Image
 
         from occmllm.questions import IMAGE_TOKEN, Q1, QUESTIONS, answer_in_history
         encoded = self.encode([self.encoder.pixel_values([Image.new("RGB", (64, 64))])] * batch_size)
         dialogue, conversation = Dialogue(), [{"from": "human", "value": Q1}]
-        answer = self([Prompt(conversation, features, tiles) for features, tiles in encoded], dialogue)[0]
+        first = self([Prompt(conversation, features, tiles) for features, tiles in encoded], dialogue)[0]
         filler = self.tokenizer.encode(" mug", add_special_tokens=False)[0]
         longest = max((q for q in QUESTIONS.values() if IMAGE_TOKEN not in q),
                       key=lambda q: len(self.tokenizer.encode(q, add_special_tokens=False)))
-        for answer, question in ((answer_in_history(answer), "What colour is it?"),
-                                 (self.tokenizer.decode([filler] * self.max_new_tokens), longest)):
-            conversation = [*conversation, {"from": "gpt", "value": answer}, {"from": "human", "value": question}]
+        for said, question in ((answer_in_history(first), "What colour is it?"),
+                               (self.tokenizer.decode([filler] * self.max_new_tokens), longest)):
+            conversation = [*conversation, {"from": "gpt", "value": said}, {"from": "human", "value": question}]
             self([Prompt(conversation, features, tiles) for features, tiles in encoded], dialogue)
 
     def _static_cache(self, batch: int, need: int):
@@ -319,7 +319,7 @@ class Answerer:
         reuses them: a record's five questions do not encode its image five times."""
         return self.encode([self.tiled(paths) for paths in paths_per_sample])
 
-    def _pixels(self, tiled: list[tuple[object, list[int]]]):
+    def pixels_on_device(self, tiled: list[tuple[object, list[int]]]):
         """The batch's tiles on the model's device, in its dtype (``occmllm.model.to_model``: cast
         there, not on the host). Each sample's tiles go to the device as they are and are joined
         there: joined on the host, the whole batch (77 MB at 32 tiles of 448 px) was copied once
@@ -337,7 +337,8 @@ class Answerer:
         """``images`` for samples already tiled: (pixel tiles, tiles per image) each."""
         import torch
         with torch.inference_mode():
-            features = self.model.get_image_features(pixel_values=self._pixels(tiled), return_dict=True).pooler_output
+            pixels = self.pixels_on_device(tiled)
+            features = self.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
         return self._per_sample(features, tiled)
 
     def encode_dual(self, tiled: list[tuple[object, list[int]]], render_tiled: list[tuple[object, list[int]]],
@@ -348,7 +349,8 @@ class Answerer:
 
         from occmllm.dual import blended_features
         with torch.inference_mode():
-            features = blended_features(self.model, self._pixels(tiled), self._pixels(render_tiled), alpha)
+            features = blended_features(self.model, self.pixels_on_device(tiled), self.pixels_on_device(render_tiled),
+                                        alpha)
         return self._per_sample(features, tiled)
 
     def __call__(self, prompts: list[Prompt], dialogue: Dialogue | None = None) -> list[str]:

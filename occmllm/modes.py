@@ -148,7 +148,7 @@ def run_tta(answerer: Answerer, batch: list[Sample], context: Context) -> list[d
     model, encoder, settings = answerer.model, answerer.encoder, context.tta
     tiled = [answerer.tiled(s.images[:1]) for s in batch]
     tiles = [t for _, t in tiled]
-    inputs = list(tta.projector_inputs(model, torch.cat([p for p, _ in tiled])).split([len(p) for p, _ in tiled]))
+    inputs = list(tta.projector_inputs(model, answerer.pixels_on_device(tiled)).split([len(p) for p, _ in tiled]))
     with torch.no_grad():
         plain = [tta.adapted_module(model)(x) for x in inputs]
     cands = tta.candidates(model, encoder, Q1, plain, tiles, settings.k)
